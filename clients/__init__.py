@@ -1,0 +1,1 @@
+"""radcache.clients: talk to a radcache service without torch."""

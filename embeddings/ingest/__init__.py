@@ -1,0 +1,131 @@
+"""Ingest: files in, :class:`~radcache.embeddings.volume.Volume` values out.
+
+The entry point is :func:`scan`: it expands inputs (files, directories, zips, uploaded
+bytes), reads every header once, assembles DICOM series, and returns one
+:class:`Candidate` per volume to be — each decoded only when ``load()`` is called, so a
+large mixed upload is processed one series at a time. Bad files become
+:class:`~radcache.embeddings.errors.InputError` values in ``errors``; the rest go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from ..keys import Pseudonymizer
+from ..volume import Volume
+from ._dicom import DicomSeries, Frame, Skipped, assemble, errors_for, read_frames, to_volume
+from ._sources import InputItem, Source, expand, sniff
+from ._volumes import open_itk, open_nifti
+
+__all__ = ["Candidate", "ScanResult", "Source", "load_volumes", "scan"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Candidate:
+    """A volume found in the input, not decoded yet."""
+
+    name: str  # for messages: a file name, or the first file of a series
+    source_format: str
+    n_slices: int
+    study: str
+    series: str
+    part: str
+    loader: Callable[[], Volume] = field(repr=False)
+
+    def load(self) -> Volume:
+        """Decode the pixels; raises :class:`InputError` naming the file on failure."""
+        try:
+            return self.loader()
+        except InputError:
+            raise
+        except Exception as exc:
+            raise errors_for(exc, self.name) from exc
+
+
+@dataclass
+class ScanResult:
+    candidates: list[Candidate]
+    errors: list[InputError]
+    skipped: list[tuple[str, str]]  # (file, reason) for valid non-image objects
+
+
+def scan(
+    inputs: Iterable[InputItem],
+    pseudonymizer: Pseudonymizer,
+    *,
+    modality: str | None = None,
+) -> ScanResult:
+    """Find every volume in ``inputs``.
+
+    ``modality`` labels non-DICOM volumes (NIfTI, NRRD carry none), so the right
+    intensity recipe applies to them.
+    """
+    errors: list[InputError] = []
+    skipped: list[tuple[str, str]] = []
+    frames: list[Frame] = []
+    candidates: list[Candidate] = []
+    for item in expand(inputs):
+        if isinstance(item, InputError):
+            errors.append(item)
+            continue
+        try:
+            kind = sniff(item)
+            if kind == "dicom":
+                frames.extend(read_frames(item))
+            elif kind in ("nifti", "itk"):
+                vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
+                for t in range(vf.n_volumes):
+                    candidates.append(
+                        Candidate(
+                            name=item.name,
+                            source_format=kind,
+                            n_slices=vf.n_slices,
+                            study=vf.key,
+                            series=vf.key,
+                            part=f"t={t}" if vf.n_volumes > 1 else "",
+                            loader=lambda vf=vf, t=t: vf.load(t),
+                        )
+                    )
+        except Skipped as note:
+            skipped.append((item.name, str(note)))
+        except InputError as exc:
+            errors.append(exc)
+    for series in assemble(frames):
+        candidates.append(_dicom_candidate(series, pseudonymizer))
+    for exc in errors:
+        log.warning("input rejected: %s [%s]", exc, exc.code)
+    return ScanResult(candidates=candidates, errors=errors, skipped=skipped)
+
+
+def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
+    f0 = series.frames[0]
+    return Candidate(
+        name=series.name,
+        source_format="dicom",
+        n_slices=series.n_slices,
+        study=pseudo.name("study", f0.study_uid),
+        series=pseudo.name("series", f0.series_uid),
+        part=series.part,
+        loader=lambda: to_volume(series, pseudo),
+    )
+
+
+def load_volumes(
+    inputs: Iterable[InputItem], pseudonymizer: Pseudonymizer, *, modality: str | None = None
+) -> tuple[list[Volume], list[InputError]]:
+    """Scan and decode everything at once (convenient for small inputs and tests)."""
+    result = scan(inputs, pseudonymizer, modality=modality)
+    volumes: list[Volume] = []
+    errors = list(result.errors)
+    for cand in result.candidates:
+        try:
+            volumes.append(cand.load())
+        except InputError as exc:
+            errors.append(exc)
+    return volumes, errors
+

@@ -1,0 +1,72 @@
+"""Keyed pseudonyms for DICOM identifiers, and the secret they are keyed with.
+
+Studies, series and patients are named by ``HMAC-SHA256(secret, kind + ":" + uid)``
+(first 32 hex digits), so the store never holds a UID or patient ID, while the same
+study always maps to the same name within one deployment. The secret lives outside the
+store (an environment variable or a key file); the store records only a fingerprint of
+it, so a store opened with the wrong secret is noticed rather than silently forked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .errors import ConfigError
+
+__all__ = ["Pseudonymizer", "load_or_create_secret"]
+
+Kind = Literal["study", "series", "patient"]
+_DIGITS = 32
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """Read the deployment secret from ``path``, creating it (mode 0600) on first use."""
+    try:
+        data = path.read_bytes().strip()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_hex(32).encode()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key + b"\n")
+        return key
+    if len(data) < 16:
+        raise ConfigError(
+            f"pseudonym key file {path} holds {len(data)} bytes; expected at least 16. "
+            "Delete it to have a new one made, or set RADCACHE_PSEUDONYM_KEY."
+        )
+    return data
+
+
+@dataclass(frozen=True)
+class Pseudonymizer:
+    """Maps DICOM UIDs and patient IDs to keyed pseudonyms (or keeps UIDs when asked)."""
+
+    secret: bytes
+    keep_uids: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.secret) < 16:
+            raise ConfigError(
+                f"the pseudonym secret has {len(self.secret)} bytes; expected at least 16."
+            )
+
+    def __repr__(self) -> str:  # never print the secret
+        return f"Pseudonymizer(keep_uids={self.keep_uids})"
+
+    def name(self, kind: Kind, value: str) -> str:
+        """Pseudonym of ``value``; original UIDs pass through if ``keep_uids`` (never patient IDs)."""
+        if self.keep_uids and kind != "patient":
+            return value
+        mac = hmac.new(self.secret, f"{kind}:{value}".encode(), hashlib.sha256)
+        return mac.hexdigest()[:_DIGITS]
+
+    def fingerprint(self) -> str:
+        """A short public fingerprint of the secret, recorded in the store."""
+        return hmac.new(self.secret, b"radcache-fingerprint", hashlib.sha256).hexdigest()[:16]

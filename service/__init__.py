@@ -1,0 +1,1 @@
+"""radcache.service: the CLI and (later) the HTTP service composing radcache.embeddings."""
