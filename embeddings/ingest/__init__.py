@@ -98,7 +98,7 @@ def scan(
     for series in assemble(frames):
         candidates.append(_dicom_candidate(series, pseudonymizer))
     for exc in errors:
-        log.warning("input rejected: %s [%s]", exc, exc.code)
+        log.info("input rejected: %s [%s]", exc, exc.code)
     return ScanResult(candidates=candidates, errors=errors, skipped=skipped)
 
 

@@ -182,6 +182,24 @@ def _read(source: Source) -> Dataset:
     return ds
 
 
+def _check_length(ds: Dataset, name: str) -> None:
+    """Catch native (uncompressed) pixel data that is shorter than its header promises."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or tsyntax.is_compressed or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    n_px = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
+    n_px *= int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (n_px * bits + 7) // 8
+    got = len(ds.PixelData)
+    if bits and got < expected:
+        raise TruncatedFileError(
+            f"the pixel data holds {got} bytes but the header describes {expected}; the file was "
+            "cut short in transfer — send it again.",
+            path=name,
+        )
+
+
 class Skipped(Exception):
     """A valid DICOM object that holds no image to embed (SR, RT plan, localizer…)."""
 
@@ -218,6 +236,7 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
         )
     if _is_localizer(ds):
         raise Skipped("localizer (scout) image")
+    _check_length(ds, source.name)
     study = str(ds.get("StudyInstanceUID", "")) or "unknown-study"
     series = str(ds.get("SeriesInstanceUID", "")) or f"unknown-series:{source.name}"
     patient = _str(ds, "PatientID")
@@ -348,6 +367,11 @@ def _projections(frames: list[Frame]) -> np.ndarray | None:
     return np.asarray([float(np.dot(f.ipp, normal)) for f in frames])  # type: ignore[arg-type]
 
 
+def _distinct_positions(frames: list[Frame]) -> bool:
+    proj = _projections(frames)
+    return proj is not None and len(set(np.round(proj / _DUP_TOL_MM).tolist())) == len(frames)
+
+
 def _split_duplicates(frames: list[Frame], part: str) -> list[DicomSeries]:
     """Split a stack whose positions repeat by acquisition number, if that explains it."""
     proj = _projections(frames)
@@ -359,10 +383,7 @@ def _split_duplicates(frames: list[Frame], part: str) -> list[DicomSeries]:
     by_acq: dict[Any, list[Frame]] = defaultdict(list)
     for f in frames:
         by_acq[str(f.acquisition)].append(f)
-    if len(by_acq) > 1 and all(
-        len({round(p / _DUP_TOL_MM) for p in _projections(g) or []}) == len(g)
-        for g in by_acq.values()
-    ):
+    if len(by_acq) > 1 and all(_distinct_positions(g) for g in by_acq.values()):
         return [
             DicomSeries(frames=g, part=",".join(p for p in (part, f"acquisition={a}") if p))
             for a, g in sorted(by_acq.items())

@@ -1,0 +1,157 @@
+"""Encode: model-ready tensors → CLS, patch-token and last-block CLS embeddings.
+
+Entry point :func:`load_encoder` (registry name or checkpoint directory) returning an
+:class:`Encoder`. Precision ``auto`` runs bf16 where the hardware runs it fast (CUDA
+with bf16, or a CPU with AVX-512 BF16/AMX) and fp32 otherwise; the choice is recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Literal
+
+import numpy as np
+import torch
+import xxhash
+
+from .errors import ConfigError
+from .models import ModelCfg, load_backbone
+
+__all__ = ["Device", "Encoder", "Precision", "SliceEmbeddings", "load_encoder", "resolve_device", "resolve_precision"]
+
+log = logging.getLogger(__name__)
+Device = Literal["auto", "cpu", "cuda"]
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto.")
+    if device not in ("cpu", "cuda"):
+        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda.")
+    return torch.device(device)
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision not in ("auto", *_DTYPES):
+        raise ConfigError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+@dataclass
+class SliceEmbeddings:
+    """Per-slice outputs, as numpy arrays ready for the store."""
+
+    cls: np.ndarray  # (n, D) float32
+    mean_patch: np.ndarray  # (n, D) float32
+    patch: np.ndarray | None  # (n, h, w, D) float16, registers dropped
+    cls_last: np.ndarray | None  # (n, k, D) float32: CLS after the final norm, last k blocks
+
+    @property
+    def pooled(self) -> np.ndarray:
+        """Series vector: the mean of slice CLS tokens."""
+        return self.cls.mean(axis=0).astype(np.float32)
+
+
+class Encoder:
+    """A frozen DINOv2-family backbone on one device, at one precision."""
+
+    def __init__(self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str) -> None:
+        self.cfg = cfg
+        self.device = device
+        self.precision = precision
+        self.dtype = _DTYPES[precision]
+        self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
+        self.forward_count = 0  # number of model forward passes run (tests use it)
+
+    @cached_property
+    def weights_hash(self) -> str:
+        """Hash of every weight tensor (fp32 bytes, name order): identifies the exact weights."""
+        h = xxhash.xxh3_128()
+        for name, t in sorted(self.model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
+        """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
+        x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            out = self.model(pixel_values=x, output_hidden_states=last_n > 0)
+        self.forward_count += 1
+        tokens = out.last_hidden_state
+        cls = tokens[:, 0]
+        patches = tokens[:, 1 + self.cfg.num_registers :]
+        n, _, s_h, s_w = x.shape
+        h, w = s_h // self.cfg.patch_size, s_w // self.cfg.patch_size
+        grid = patches.reshape(n, h, w, -1)
+        if last_n > 0:
+            norm = self.model.layernorm
+            with torch.inference_mode():
+                last = torch.stack([norm(hs[:, 0]) for hs in out.hidden_states[1:][-last_n:]], dim=1)
+        else:
+            last = torch.empty(0)
+        return cls, grid, last
+
+    def encode(
+        self,
+        batches: Iterable[torch.Tensor],
+        *,
+        patch_tokens: bool = True,
+        last_n: int = 4,
+        progress: Callable[[int], None] | None = None,
+    ) -> SliceEmbeddings:
+        """Run every batch; collect CLS, mean patch token, patch grid (fp16) and last-``n`` CLS."""
+        cls_l, mean_l, patch_l, last_l = [], [], [], []
+        for pixels in batches:
+            cls, grid, last = self.forward(pixels, last_n=last_n)
+            cls_l.append(cls.float().cpu().numpy())
+            mean_l.append(grid.float().mean(dim=(1, 2)).cpu().numpy())
+            if patch_tokens:
+                patch_l.append(grid.to(torch.float16).cpu().numpy())
+            if last_n > 0:
+                last_l.append(last.float().cpu().numpy())
+            if progress is not None:
+                progress(int(pixels.shape[0]))
+        d = self.cfg.dim
+        return SliceEmbeddings(
+            cls=np.concatenate(cls_l) if cls_l else np.zeros((0, d), np.float32),
+            mean_patch=np.concatenate(mean_l) if mean_l else np.zeros((0, d), np.float32),
+            patch=np.concatenate(patch_l) if patch_l else None,
+            cls_last=np.concatenate(last_l) if last_l else None,
+        )
+
+
+def load_encoder(
+    spec: str,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    cache_dir: str | None = None,
+    offline: bool | None = None,
+) -> Encoder:
+    """Load ``spec`` (registry name or HF checkpoint directory) for inference."""
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
+    enc = Encoder(cfg, model, dev, prec)
+    log.info("loaded %s on %s at %s", cfg.label, dev, prec)
+    return enc

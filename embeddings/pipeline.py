@@ -1,0 +1,201 @@
+"""Pipeline: ingest → preprocess → encode → store, one volume at a time.
+
+Entry point :class:`Pipeline` (``Pipeline.embed(inputs)``). It composes the stage
+modules and adds only the cache logic: a volume whose key (pixels + geometry, weights,
+recipe, precision) is already stored runs no model forward.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from .encode import Encoder
+from .errors import InputError, RadcacheError
+from .ingest import Candidate, scan
+from .ingest._sources import InputItem
+from .keys import Pseudonymizer, entry_key
+from .preprocess import prepare
+from .recipe import Recipe
+from .store import EmbeddingStore, EntryInfo, space_id
+from .volume import Volume
+
+__all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult"]
+
+log = logging.getLogger(__name__)
+
+try:
+    __version__ = version("radcache")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+
+class Progress(Protocol):
+    """Where the pipeline reports progress (a terminal bar, a job record…)."""
+
+    def total(self, slices: int) -> None: ...
+    def advance(self, slices: int) -> None: ...
+
+
+@dataclass
+class SeriesResult:
+    """What happened to one volume."""
+
+    study: str
+    series: str
+    part: str
+    entry: str
+    modality: str | None
+    slices: int
+    cache: Literal["hit", "miss"]
+    seconds: float
+    warnings: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "study": self.study, "series": self.series, "part": self.part, "entry": self.entry,
+            "modality": self.modality, "slices": self.slices, "cache": self.cache,
+            "seconds": round(self.seconds, 3), "warnings": list(self.warnings),
+        }
+
+
+@dataclass
+class EmbedReport:
+    series: list[SeriesResult] = field(default_factory=list)
+    errors: list[RadcacheError] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "series": [s.to_dict() for s in self.series],
+            "errors": [e.to_dict() for e in self.errors],
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+        }
+
+
+class Pipeline:
+    """Embeds volumes with one encoder into one store, skipping what is cached."""
+
+    def __init__(
+        self,
+        encoder: Encoder,
+        store: EmbeddingStore,
+        pseudonymizer: Pseudonymizer,
+        *,
+        recipe: Recipe | None = None,
+        patch_tokens: bool = True,
+        cls_last_n: int = 4,
+        batch_size: int = 32,
+    ) -> None:
+        self.encoder = encoder
+        self.store = store
+        self.pseudonymizer = pseudonymizer
+        self.recipe = recipe or Recipe()
+        self.patch_tokens = patch_tokens
+        self.cls_last_n = min(cls_last_n, encoder.cfg.depth)
+        self.batch_size = batch_size
+        store.bind_pseudonyms(pseudonymizer.fingerprint())
+
+    def embed(
+        self, inputs: Iterable[InputItem], *, modality: str | None = None, progress: Progress | None = None
+    ) -> EmbedReport:
+        """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on."""
+        found = scan(inputs, self.pseudonymizer, modality=modality)
+        report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
+        if progress is not None:
+            progress.total(sum(c.n_slices for c in found.candidates))
+        for cand in found.candidates:
+            try:
+                report.series.append(self._embed_candidate(cand, progress))
+            except InputError as exc:
+                report.errors.append(exc)
+                log.info("series rejected: %s [%s]", exc, exc.code)
+        return report
+
+    def _embed_candidate(self, cand: Candidate, progress: Progress | None) -> SeriesResult:
+        volume = cand.load()
+        result = self.embed_volume(volume, progress=progress)
+        if progress is not None and result.cache == "hit":
+            progress.advance(cand.n_slices)
+        return result
+
+    def key_for(self, volume: Volume) -> tuple[str, Recipe]:
+        """The cache key of ``volume`` under this pipeline's model, recipe and precision."""
+        cfg = self.encoder.cfg
+        recipe = self.recipe.resolve(volume.meta.modality, cfg, photometric=volume.meta.photometric)
+        key = entry_key(volume.content_hash(), self.encoder.weights_hash, recipe.hash(), self.encoder.precision)
+        return key, recipe
+
+    def embed_volume(self, volume: Volume, *, progress: Progress | None = None) -> SeriesResult:
+        """Embed one volume, or return the stored entry if its key is cached."""
+        t0 = time.perf_counter()
+        key, recipe = self.key_for(volume)
+        meta = volume.meta
+        cached = self.store.get(key)
+        if cached is not None:
+            self.store.ensure_indexed(cached)
+            self.store.add_alias(key, {"study": meta.study, "series": meta.series, "part": meta.part})
+            return self._result(cached, "hit", t0, meta.warnings)
+        prepared = prepare(volume, recipe, self.encoder.cfg)
+        emb = self.encoder.encode(
+            prepared.batches(self.batch_size),
+            patch_tokens=self.patch_tokens,
+            last_n=self.cls_last_n,
+            progress=progress.advance if progress is not None else None,
+        )
+        arrays: dict[str, np.ndarray] = {
+            "cls": emb.cls,
+            "mean_patch": emb.mean_patch,
+            "pooled": emb.pooled,
+            "positions": prepared.positions.astype(np.float64),
+            "slice_index": prepared.indices.astype(np.int32),
+        }
+        if emb.patch is not None:
+            arrays["patch"] = emb.patch
+        if emb.cls_last is not None:
+            arrays["cls_last"] = emb.cls_last
+        info = self.store.write(key, self._attrs(volume, prepared.volume, recipe, prepared.grid, prepared.n), arrays)
+        return self._result(info, "miss", t0, meta.warnings)
+
+    def _attrs(self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int) -> dict[str, Any]:
+        enc, cfg = self.encoder, self.encoder.cfg
+        return {
+            "volume": volume.meta.to_dict(),
+            "geometry": {**sliced.geometry.to_dict(), "shape": list(sliced.shape)},
+            "content_hash": volume.content_hash(),
+            "n_slices": n,
+            "volume_slices": sliced.n_slices,
+            "model": {
+                "name": cfg.name, "label": cfg.label, "hf_id": cfg.hf_id, "arch": cfg.arch,
+                "dim": cfg.dim, "patch_size": cfg.patch_size, "image_size": cfg.image_size,
+                "num_registers": cfg.num_registers, "random_weights": cfg.random_weights,
+                "weights_hash": enc.weights_hash,
+            },
+            "recipe": recipe.model_dump(mode="json"),
+            "recipe_hash": recipe.hash(),
+            "precision": enc.precision,
+            "device": enc.device.type,
+            "grid": list(grid),
+            "cls_last_n": self.cls_last_n,
+            "pooled": "mean of slice CLS tokens",
+            "space": space_id(cfg.name, enc.weights_hash, recipe.hash()),
+            "radcache_version": __version__,
+        }
+
+    @staticmethod
+    def _result(info: EntryInfo, cache: Literal["hit", "miss"], t0: float, warnings: tuple[str, ...]) -> SeriesResult:
+        return SeriesResult(
+            study=info.study, series=info.series, part=info.part, entry=info.key,
+            modality=info.modality, slices=info.n_slices, cache=cache,
+            seconds=time.perf_counter() - t0, warnings=warnings,
+        )

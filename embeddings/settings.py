@@ -1,0 +1,60 @@
+"""All settings in one place: ``RADCACHE_*`` environment variables, overridden by CLI flags."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .keys import Pseudonymizer, load_or_create_secret
+from .models import DEFAULT_MODEL
+
+__all__ = ["Settings", "get_settings"]
+
+
+class Settings(BaseSettings):
+    """radcache configuration. Every field reads ``RADCACHE_<NAME>`` from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="RADCACHE_", extra="ignore", validate_default=True)
+
+    model: str = Field(DEFAULT_MODEL, description="registry name or Hugging Face checkpoint directory")
+    store: str = Field("./radcache-store", description="Zarr store: a directory or an fsspec URL")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the encoder runs")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 where the hardware runs it fast, else fp32"
+    )
+    batch_size: int = Field(32, ge=1, le=4096, description="slices per forward pass")
+    patch_tokens: bool = Field(True, description="store patch-token grids (fp16)")
+    cls_last_n: int = Field(4, ge=0, le=40, description="store CLS of the last n blocks (0: off)")
+    recipe: Path | None = Field(None, description="preprocessing recipe file (JSON/YAML); None: defaults")
+    pseudonym_key: SecretStr | None = Field(None, description="secret for UID pseudonyms (≥16 chars)")
+    pseudonym_key_file: Path = Field(
+        Path("~/.config/radcache/pseudonym.key"), description="secret file, made on first use"
+    )
+    keep_uids: bool = Field(False, description="store original Study/Series UIDs instead of pseudonyms")
+    hf_cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME)")
+    offline: bool | None = Field(None, description="never download weights (default: HF_HUB_OFFLINE)")
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _long_enough(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < 16:
+            raise ValueError("RADCACHE_PSEUDONYM_KEY must be at least 16 characters")
+        return v
+
+    def pseudonymizer(self) -> Pseudonymizer:
+        """The keyed pseudonymizer, from the key setting or the key file (made on first use)."""
+        if self.pseudonym_key is not None:
+            secret = self.pseudonym_key.get_secret_value().encode()
+        else:
+            secret = load_or_create_secret(self.pseudonym_key_file.expanduser())
+        return Pseudonymizer(secret=secret, keep_uids=self.keep_uids)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings built once, on first use (not at import)."""
+    return Settings()

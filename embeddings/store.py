@@ -1,0 +1,375 @@
+"""Store: embeddings in one Zarr v3 store (a local directory or any fsspec URL).
+
+Entry point :func:`open_store`. Layout (documented for readers without radcache in
+docs/STORE.md)::
+
+    <root>/zarr.json                    attrs.radcache = {format, pseudonym_fingerprint, …}
+    <root>/entries/<key>/               one embedded volume; attrs.radcache = metadata
+        cls        (n, D)      float32  CLS token per slice
+        mean_patch (n, D)      float32  mean patch token per slice
+        pooled     (D,)        float32  mean of slice CLS (the series vector)
+        positions  (n, 3)      float64  LPS position of each embedded slice
+        slice_index (n,)       int32    index of each embedded slice in the volume
+        cls_last   (n, k, D)   float32  optional: CLS of the last k blocks (after norm)
+        patch      (n, h, w, D) float16 optional: patch tokens, one chunk per slice
+    <root>/tables/<space>/              every entry of one (model, recipe) space, appendable
+        keys   (N, 2) uint64   entry keys (128-bit)
+        pooled (N, D) float32  series vectors
+        offsets (N+1,) int64   rows of ``cls`` belonging to entry i: offsets[i]:offsets[i+1]
+        cls    (S, D) float32  all slice CLS tokens, concatenated
+
+An entry becomes visible only when its metadata, written last, says ``complete``; a table
+row only when the table's ``count`` (written last) covers it. A crash mid-write leaves
+nothing visible, and the next write of the same key replaces the debris.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.storage
+
+from .errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
+
+__all__ = ["ARRAY_KINDS", "STORE_FORMAT", "EmbeddingStore", "EntryInfo", "Table", "open_store"]
+
+STORE_FORMAT = 1
+ARRAY_KINDS = ("cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch")
+Kind = Literal["cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch"]
+_TABLE_CHUNK = 4096
+_PATCH_SHARD = 32
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class EntryInfo:
+    """Metadata of one stored entry (no arrays); every field is non-identifying."""
+
+    key: str
+    study: str
+    series: str
+    part: str
+    n_slices: int
+    dim: int
+    model: str
+    weights_hash: str
+    recipe_hash: str
+    precision: str
+    space: str
+    kinds: tuple[str, ...]
+    created: str
+    attrs: Mapping[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def modality(self) -> str | None:
+        return self.attrs.get("volume", {}).get("modality")
+
+    @property
+    def patient(self) -> str | None:
+        return self.attrs.get("volume", {}).get("patient")
+
+    @classmethod
+    def from_attrs(cls, key: str, a: Mapping[str, Any]) -> EntryInfo:
+        vol = a.get("volume", {})
+        return cls(
+            key=key,
+            study=vol.get("study", ""),
+            series=vol.get("series", ""),
+            part=vol.get("part", ""),
+            n_slices=int(a["n_slices"]),
+            dim=int(a["model"]["dim"]),
+            model=str(a["model"]["name"]),
+            weights_hash=str(a["model"]["weights_hash"]),
+            recipe_hash=str(a["recipe_hash"]),
+            precision=str(a["precision"]),
+            space=str(a["space"]),
+            kinds=tuple(a.get("kinds", ())),
+            created=str(a.get("created", "")),
+            attrs=a,
+        )
+
+
+@dataclass
+class Table:
+    """All series-level vectors of one space, read in one pass."""
+
+    space: str
+    keys: list[str]
+    pooled: np.ndarray  # (N, D)
+    offsets: np.ndarray  # (N+1,)
+    cls: np.ndarray  # (S, D)
+    attrs: Mapping[str, Any]
+
+    def slice_cls(self, i: int) -> np.ndarray:
+        return self.cls[self.offsets[i] : self.offsets[i + 1]]
+
+
+def space_id(model_name: str, weights_hash: str, recipe_hash: str) -> str:
+    """Name of the table holding one (model weights, recipe) space."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:48]
+    return f"{safe}.{weights_hash[:8]}.{recipe_hash[:8]}"
+
+
+def _key_words(key: str) -> tuple[int, int]:
+    v = int(key, 16)
+    return v >> 64, v & ((1 << 64) - 1)
+
+
+def _words_key(hi: int, lo: int) -> str:
+    return f"{(int(hi) << 64) | int(lo):032x}"
+
+
+class EmbeddingStore:
+    """Read and write radcache entries in a Zarr v3 store."""
+
+    def __init__(self, url: str | Path, *, mode: Literal["r", "a"] = "a",
+                 storage_options: dict[str, Any] | None = None) -> None:
+        self.url = str(url)
+        self.read_only = mode == "r"
+        self._lock = threading.RLock()
+        self._table_keys: dict[str, set[str]] = {}
+        store: zarr.abc.store.Store
+        if "://" in self.url and not self.url.startswith("file://"):
+            store = zarr.storage.FsspecStore.from_url(
+                self.url, storage_options=storage_options, read_only=self.read_only
+            )
+        else:
+            path = Path(self.url.removeprefix("file://")).expanduser()
+            if self.read_only and not (path / "zarr.json").exists():
+                raise NotFoundError(
+                    f"no radcache store at {path}; expected a directory made by `radcache embed --store`."
+                )
+            store = zarr.storage.LocalStore(path, read_only=self.read_only)
+        try:
+            self.root = zarr.open_group(store=store, mode="r" if self.read_only else "a", zarr_format=3)
+        except Exception as exc:
+            raise StoreError(f"could not open the store at {self.url} ({exc}).") from exc
+        meta = dict(self.root.attrs.get("radcache", {}))
+        if not meta:
+            if self.read_only:
+                raise NotFoundError(f"{self.url} is a Zarr store but not a radcache store.")
+            meta = {"format": STORE_FORMAT, "created": _now()}
+            self.root.attrs["radcache"] = meta
+        if int(meta.get("format", 0)) != STORE_FORMAT:
+            raise StoreMismatchError(
+                f"store {self.url} has format {meta.get('format')}; this radcache reads format "
+                f"{STORE_FORMAT}. Use a matching radcache version or a new store."
+            )
+
+    # -- identity ----------------------------------------------------------------------
+    def bind_pseudonyms(self, fingerprint: str) -> None:
+        """Record (first use) or check the fingerprint of the pseudonym secret."""
+        meta = dict(self.root.attrs["radcache"])
+        known = meta.get("pseudonym_fingerprint")
+        if known is None and not self.read_only:
+            meta["pseudonym_fingerprint"] = fingerprint
+            self.root.attrs["radcache"] = meta
+        elif known is not None and known != fingerprint:
+            raise StoreMismatchError(
+                f"store {self.url} was written with another pseudonym secret (fingerprint {known}, "
+                f"now {fingerprint}); the same study would get a different name. Use the original "
+                "secret (RADCACHE_PSEUDONYM_KEY or its key file) or a new store."
+            )
+
+    # -- entries -----------------------------------------------------------------------
+    def _entries(self) -> zarr.Group | None:
+        try:
+            g = self.root["entries"]
+        except KeyError:
+            return None
+        return g if isinstance(g, zarr.Group) else None
+
+    def get(self, key: str) -> EntryInfo | None:
+        """The complete entry ``key``, or None (missing or half-written)."""
+        entries = self._entries()
+        if entries is None:
+            return None
+        try:
+            g = entries[key]
+        except KeyError:
+            return None
+        attrs = dict(g.attrs.get("radcache", {}))
+        if not attrs.get("complete"):
+            return None
+        return EntryInfo.from_attrs(key, attrs)
+
+    def write(self, key: str, attrs: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> EntryInfo:
+        """Write one entry atomically (arrays first, metadata last), then index it in its table."""
+        if self.read_only:
+            raise StoreError(f"store {self.url} is open read-only.")
+        with self._lock:
+            entries = self.root.require_group("entries")
+            g = entries.create_group(key, overwrite=True)
+            for name, arr in arrays.items():
+                if name == "patch":
+                    n = arr.shape[0]
+                    shard = (max(1, min(n, _PATCH_SHARD)), *arr.shape[1:])
+                    a = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, *arr.shape[1:]),
+                                       shards=shard, compressors=None)
+                else:
+                    a = g.create_array(name, shape=arr.shape, dtype=arr.dtype,
+                                       chunks=arr.shape if arr.size else None)
+                if arr.size:
+                    a[...] = arr
+            full = {**attrs, "kinds": sorted(arrays), "created": _now(), "complete": True}
+            g.attrs["radcache"] = full
+            info = EntryInfo.from_attrs(key, full)
+            self._append(info, arrays["pooled"], arrays["cls"])
+            return info
+
+    def ensure_indexed(self, info: EntryInfo) -> None:
+        """Add an entry to its table if a crash left it out."""
+        if info.key not in self._keys_of(info.space):
+            with self._lock:
+                arr = self.root[f"entries/{info.key}"]
+                assert isinstance(arr, zarr.Group)
+                self._append(info, np.asarray(arr["pooled"][...]), np.asarray(arr["cls"][...]))
+
+    def add_alias(self, key: str, ref: dict[str, str]) -> None:
+        """Record another study/series that delivered the same content as entry ``key``."""
+        with self._lock:
+            g = self.root[f"entries/{key}"]
+            attrs = dict(g.attrs["radcache"])
+            aliases = list(attrs.get("aliases", []))
+            if ref not in aliases and ref != {k: attrs["volume"].get(k) for k in ref}:
+                aliases.append(ref)
+                attrs["aliases"] = aliases
+                g.attrs["radcache"] = attrs
+
+    def iter_entries(self) -> Iterator[EntryInfo]:
+        entries = self._entries()
+        if entries is None:
+            return
+        for key in sorted(entries.group_keys()):
+            info = self.get(key)
+            if info is not None:
+                yield info
+
+    def series(self) -> list[EntryInfo]:
+        """Every complete entry with its metadata."""
+        return list(self.iter_entries())
+
+    def resolve(self, ref: str, *, model: str | None = None) -> EntryInfo:
+        """An entry by key, or by series name (``series`` or ``series#part``)."""
+        info = self.get(ref) if re.fullmatch(r"[0-9a-f]{32}", ref) else None
+        if info is not None:
+            return info
+        series, _, part = ref.partition("#")
+        hits = [
+            e for e in self.iter_entries()
+            if (e.series == series or any(a.get("series") == series for a in e.attrs.get("aliases", [])))
+            and (not part or e.part == part)
+            and (model is None or e.model == model)
+        ]
+        if not hits:
+            raise NotFoundError(f"no entry for {ref!r} in {self.url}; `radcache show {self.url}` lists them.")
+        if len(hits) > 1:
+            listing = "; ".join(f"{e.key} ({e.model}, recipe {e.recipe_hash}, part {e.part or '-'})" for e in hits)
+            raise AmbiguousReferenceError(
+                f"{ref!r} matches {len(hits)} entries: {listing}. Pass an entry key, series#part, or a model."
+            )
+        return hits[0]
+
+    def read(self, ref: str, kind: Kind = "cls", *, model: str | None = None) -> np.ndarray:
+        """One array of one entry, as numpy."""
+        if kind not in ARRAY_KINDS:
+            raise StoreError(f"unknown array kind {kind!r}; expected one of {', '.join(ARRAY_KINDS)}.")
+        info = self.resolve(ref, model=model)
+        if kind not in info.kinds:
+            raise NotFoundError(
+                f"entry {info.key} has no {kind!r} array (it has {', '.join(info.kinds)}); "
+                "embed with --patch-tokens to keep patch tokens."
+            )
+        arr = self.root[f"entries/{info.key}/{kind}"]
+        assert isinstance(arr, zarr.Array)
+        return np.asarray(arr[...])
+
+    # -- tables ------------------------------------------------------------------------
+    def spaces(self) -> list[str]:
+        try:
+            t = self.root["tables"]
+        except KeyError:
+            return []
+        assert isinstance(t, zarr.Group)
+        return sorted(t.group_keys())
+
+    def _table_group(self, info: EntryInfo, dim: int) -> zarr.Group:
+        tables = self.root.require_group("tables")
+        if info.space in tables:
+            g = tables[info.space]
+            assert isinstance(g, zarr.Group)
+            return g
+        g = tables.create_group(info.space)
+        g.create_array("keys", shape=(0, 2), dtype="uint64", chunks=(_TABLE_CHUNK, 2))
+        g.create_array("pooled", shape=(0, dim), dtype="float32", chunks=(_TABLE_CHUNK, dim))
+        g.create_array("cls", shape=(0, dim), dtype="float32", chunks=(_TABLE_CHUNK, dim))
+        off = g.create_array("offsets", shape=(1,), dtype="int64", chunks=(_TABLE_CHUNK,))
+        off[0] = 0
+        g.attrs["radcache"] = {
+            "count": 0, "slices": 0, "dim": dim, "model": info.model,
+            "weights_hash": info.weights_hash, "recipe_hash": info.recipe_hash,
+            "recipe": info.attrs.get("recipe"), "level": "series+slice",
+        }
+        return g
+
+    def _keys_of(self, space: str) -> set[str]:
+        if space not in self._table_keys:
+            self._table_keys[space] = set(self.table(space).keys) if space in self.spaces() else set()
+        return self._table_keys[space]
+
+    def _append(self, info: EntryInfo, pooled: np.ndarray, cls: np.ndarray) -> None:
+        g = self._table_group(info, int(pooled.shape[-1]))
+        meta = dict(g.attrs["radcache"])
+        n, s = int(meta["count"]), int(meta["slices"])
+        keys_a, pooled_a, cls_a, off_a = (g[k] for k in ("keys", "pooled", "cls", "offsets"))
+        assert isinstance(keys_a, zarr.Array) and isinstance(pooled_a, zarr.Array)
+        assert isinstance(cls_a, zarr.Array) and isinstance(off_a, zarr.Array)
+        m = int(cls.shape[0])
+        cls_a.resize((s + m, cls_a.shape[1]))
+        if m:
+            cls_a[s : s + m] = cls
+        off_a.resize((n + 2,))
+        off_a[n + 1] = s + m
+        pooled_a.resize((n + 1, pooled_a.shape[1]))
+        pooled_a[n] = pooled
+        keys_a.resize((n + 1, 2))
+        keys_a[n] = np.asarray(_key_words(info.key), dtype=np.uint64)
+        meta.update(count=n + 1, slices=s + m)
+        g.attrs["radcache"] = meta  # the commit point
+        self._keys_of(info.space).add(info.key)
+
+    def table(self, space: str) -> Table:
+        """Every row of a space's table in one pass (rows past the committed count ignored)."""
+        try:
+            g = self.root[f"tables/{space}"]
+        except KeyError:
+            raise NotFoundError(f"no table {space!r}; known: {', '.join(self.spaces()) or 'none'}.") from None
+        assert isinstance(g, zarr.Group)
+        meta = dict(g.attrs["radcache"])
+        n, s = int(meta["count"]), int(meta["slices"])
+        words = np.asarray(g["keys"][:n])  # type: ignore[index]
+        return Table(
+            space=space,
+            keys=[_words_key(hi, lo) for hi, lo in words],
+            pooled=np.asarray(g["pooled"][:n]),  # type: ignore[index]
+            offsets=np.asarray(g["offsets"][: n + 1]),  # type: ignore[index]
+            cls=np.asarray(g["cls"][:s]),  # type: ignore[index]
+            attrs=meta,
+        )
+
+
+def open_store(url: str | Path, *, mode: Literal["r", "a"] = "r",
+               storage_options: dict[str, Any] | None = None) -> EmbeddingStore:
+    """Open a radcache store: ``.series()`` lists entries, ``.read(ref, kind)`` gives arrays."""
+    return EmbeddingStore(url, mode=mode, storage_options=storage_options)
