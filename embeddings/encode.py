@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Literal
 
 import numpy as np
@@ -20,7 +19,15 @@ import xxhash
 from .errors import ConfigError
 from .models import ModelCfg, load_backbone
 
-__all__ = ["Device", "Encoder", "Precision", "SliceEmbeddings", "load_encoder", "resolve_device", "resolve_precision"]
+__all__ = [
+    "Device",
+    "Encoder",
+    "Precision",
+    "SliceEmbeddings",
+    "load_encoder",
+    "resolve_device",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 Device = Literal["auto", "cpu", "cuda"]
@@ -32,7 +39,9 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto.")
+        raise ConfigError(
+            "device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto."
+        )
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda.")
     return torch.device(device)
@@ -68,28 +77,31 @@ class SliceEmbeddings:
     @property
     def pooled(self) -> np.ndarray:
         """Series vector: the mean of slice CLS tokens."""
-        return self.cls.mean(axis=0).astype(np.float32)
+        return np.asarray(self.cls.mean(axis=0), dtype=np.float32)
+
+
+def weights_hash(model: torch.nn.Module) -> str:
+    """Hash of every weight tensor (name order, fp32 bytes): identifies the exact weights."""
+    h = xxhash.xxh3_128()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 class Encoder:
     """A frozen DINOv2-family backbone on one device, at one precision."""
 
-    def __init__(self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str) -> None:
+    def __init__(
+        self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str
+    ) -> None:
         self.cfg = cfg
         self.device = device
         self.precision = precision
         self.dtype = _DTYPES[precision]
+        self.weights_hash = weights_hash(model)  # of the weights as loaded, before any cast
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         self.forward_count = 0  # number of model forward passes run (tests use it)
-
-    @cached_property
-    def weights_hash(self) -> str:
-        """Hash of every weight tensor (fp32 bytes, name order): identifies the exact weights."""
-        h = xxhash.xxh3_128()
-        for name, t in sorted(self.model.state_dict().items()):
-            h.update(name.encode())
-            h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-        return h.hexdigest()
 
     def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
         """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
@@ -104,9 +116,11 @@ class Encoder:
         h, w = s_h // self.cfg.patch_size, s_w // self.cfg.patch_size
         grid = patches.reshape(n, h, w, -1)
         if last_n > 0:
-            norm = self.model.layernorm
+            norm: torch.nn.Module = self.model.layernorm  # type: ignore[assignment]
             with torch.inference_mode():
-                last = torch.stack([norm(hs[:, 0]) for hs in out.hidden_states[1:][-last_n:]], dim=1)
+                last = torch.stack(
+                    [norm(hs[:, 0]) for hs in out.hidden_states[1:][-last_n:]], dim=1
+                )
         else:
             last = torch.empty(0)
         return cls, grid, last

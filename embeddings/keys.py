@@ -61,7 +61,7 @@ class Pseudonymizer:
         return f"Pseudonymizer(keep_uids={self.keep_uids})"
 
     def name(self, kind: Kind, value: str) -> str:
-        """Pseudonym of ``value``; original UIDs pass through if ``keep_uids`` (never patient IDs)."""
+        """Pseudonym of ``value``; UIDs pass through if ``keep_uids`` (patient IDs never do)."""
         if self.keep_uids and kind != "patient":
             return value
         mac = hmac.new(self.secret, f"{kind}:{value}".encode(), hashlib.sha256)

@@ -59,9 +59,15 @@ class SeriesResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "study": self.study, "series": self.series, "part": self.part, "entry": self.entry,
-            "modality": self.modality, "slices": self.slices, "cache": self.cache,
-            "seconds": round(self.seconds, 3), "warnings": list(self.warnings),
+            "study": self.study,
+            "series": self.series,
+            "part": self.part,
+            "entry": self.entry,
+            "modality": self.modality,
+            "slices": self.slices,
+            "cache": self.cache,
+            "seconds": round(self.seconds, 3),
+            "warnings": list(self.warnings),
         }
 
 
@@ -107,7 +113,11 @@ class Pipeline:
         store.bind_pseudonyms(pseudonymizer.fingerprint())
 
     def embed(
-        self, inputs: Iterable[InputItem], *, modality: str | None = None, progress: Progress | None = None
+        self,
+        inputs: Iterable[InputItem],
+        *,
+        modality: str | None = None,
+        progress: Progress | None = None,
     ) -> EmbedReport:
         """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on."""
         found = scan(inputs, self.pseudonymizer, modality=modality)
@@ -133,7 +143,9 @@ class Pipeline:
         """The cache key of ``volume`` under this pipeline's model, recipe and precision."""
         cfg = self.encoder.cfg
         recipe = self.recipe.resolve(volume.meta.modality, cfg, photometric=volume.meta.photometric)
-        key = entry_key(volume.content_hash(), self.encoder.weights_hash, recipe.hash(), self.encoder.precision)
+        key = entry_key(
+            volume.content_hash(), self.encoder.weights_hash, recipe.hash(), self.encoder.precision
+        )
         return key, recipe
 
     def embed_volume(self, volume: Volume, *, progress: Progress | None = None) -> SeriesResult:
@@ -144,7 +156,9 @@ class Pipeline:
         cached = self.store.get(key)
         if cached is not None:
             self.store.ensure_indexed(cached)
-            self.store.add_alias(key, {"study": meta.study, "series": meta.series, "part": meta.part})
+            self.store.add_alias(
+                key, {"study": meta.study, "series": meta.series, "part": meta.part}
+            )
             return self._result(cached, "hit", t0, meta.warnings)
         prepared = prepare(volume, recipe, self.encoder.cfg)
         emb = self.encoder.encode(
@@ -164,10 +178,14 @@ class Pipeline:
             arrays["patch"] = emb.patch
         if emb.cls_last is not None:
             arrays["cls_last"] = emb.cls_last
-        info = self.store.write(key, self._attrs(volume, prepared.volume, recipe, prepared.grid, prepared.n), arrays)
+        info = self.store.write(
+            key, self._attrs(volume, prepared.volume, recipe, prepared.grid, prepared.n), arrays
+        )
         return self._result(info, "miss", t0, meta.warnings)
 
-    def _attrs(self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int) -> dict[str, Any]:
+    def _attrs(
+        self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int
+    ) -> dict[str, Any]:
         enc, cfg = self.encoder, self.encoder.cfg
         return {
             "volume": volume.meta.to_dict(),
@@ -176,9 +194,15 @@ class Pipeline:
             "n_slices": n,
             "volume_slices": sliced.n_slices,
             "model": {
-                "name": cfg.name, "label": cfg.label, "hf_id": cfg.hf_id, "arch": cfg.arch,
-                "dim": cfg.dim, "patch_size": cfg.patch_size, "image_size": cfg.image_size,
-                "num_registers": cfg.num_registers, "random_weights": cfg.random_weights,
+                "name": cfg.name,
+                "label": cfg.label,
+                "hf_id": cfg.hf_id,
+                "arch": cfg.arch,
+                "dim": cfg.dim,
+                "patch_size": cfg.patch_size,
+                "image_size": cfg.image_size,
+                "num_registers": cfg.num_registers,
+                "random_weights": cfg.random_weights,
                 "weights_hash": enc.weights_hash,
             },
             "recipe": recipe.model_dump(mode="json"),
@@ -193,9 +217,17 @@ class Pipeline:
         }
 
     @staticmethod
-    def _result(info: EntryInfo, cache: Literal["hit", "miss"], t0: float, warnings: tuple[str, ...]) -> SeriesResult:
+    def _result(
+        info: EntryInfo, cache: Literal["hit", "miss"], t0: float, warnings: tuple[str, ...]
+    ) -> SeriesResult:
         return SeriesResult(
-            study=info.study, series=info.series, part=info.part, entry=info.key,
-            modality=info.modality, slices=info.n_slices, cache=cache,
-            seconds=time.perf_counter() - t0, warnings=warnings,
+            study=info.study,
+            series=info.series,
+            part=info.part,
+            entry=info.key,
+            modality=info.modality,
+            slices=info.n_slices,
+            cache=cache,
+            seconds=time.perf_counter() - t0,
+            warnings=warnings,
         )

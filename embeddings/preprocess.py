@@ -37,8 +37,14 @@ def reslice(volume: Volume, axis: str) -> Volume:
     slice_axis = lps.index(target)
     if slice_axis == 0:
         return volume
-    return Volume.from_array(volume.voxels, dirs, spacing, np.asarray(volume.geometry.origin), volume.meta,
-                             slice_axis=slice_axis)
+    return Volume.from_array(
+        volume.voxels,
+        dirs,
+        spacing,
+        np.asarray(volume.geometry.origin),
+        volume.meta,
+        slice_axis=slice_axis,
+    )
 
 
 def select_slices(n: int, sel: SliceSelection) -> np.ndarray:
@@ -79,7 +85,7 @@ class Prepared:
 
     @property
     def positions(self) -> np.ndarray:
-        return self.volume.geometry.positions[self.indices]
+        return np.asarray(self.volume.geometry.positions[self.indices])
 
     def _intensity(self, x: torch.Tensor) -> torch.Tensor:
         """(n, r, c[, 3]) raw → (n, C, r, c) in [0, 1]."""
@@ -97,9 +103,9 @@ class Prepared:
             return ((x - lo) / max(hi - lo, 1e-6)).clamp_(0, 1)
         if isinstance(policy, VoiMinMax | MinMax):
             flat = x.reshape(x.shape[0], -1)
-            lo = flat.amin(dim=1).view(-1, 1, 1, 1)
-            hi = flat.amax(dim=1).view(-1, 1, 1, 1)
-            return (x - lo) / (hi - lo).clamp_min(1e-6)
+            mins = flat.amin(dim=1).view(-1, 1, 1, 1)
+            maxs = flat.amax(dim=1).view(-1, 1, 1, 1)
+            return (x - mins) / (maxs - mins).clamp_min(1e-6)
         raise RecipeError(f"unresolved intensity policy {policy!r}")
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +114,9 @@ class Prepared:
         mode = self.recipe.resize.mode
         r, c = x.shape[-2:]
         if mode == "stretch":
-            return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+            return F.interpolate(
+                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+            )
         if mode == "native":  # resize shorter side to size·256/224, bicubic, centre crop
             short = round(size * 256 / 224)
             scale = short / min(r, c)
@@ -122,7 +130,9 @@ class Prepared:
         scale = size / max(h_mm, w_mm)
         nr, nc = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
         if (nr, nc) != (r, c):
-            x = F.interpolate(x, size=(nr, nc), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(nr, nc), mode="bilinear", antialias=True, align_corners=False
+            )
         pad_t, pad_l = (size - nr) // 2, (size - nc) // 2
         return F.pad(x, (pad_l, size - nc - pad_l, pad_t, size - nr - pad_t), value=0.0)
 

@@ -103,7 +103,9 @@ class Resize(_Frozen):
     ``native``: the model card's resize-shorter-side-then-centre-crop."""
 
     mode: Literal["pad", "stretch", "native"] = "pad"
-    size: int | None = Field(None, ge=14, le=4096, description="input side in pixels; None = the model's")
+    size: int | None = Field(
+        None, ge=14, le=4096, description="input side in pixels; None = the model's"
+    )
 
 
 class Recipe(_Frozen):
@@ -117,7 +119,9 @@ class Recipe(_Frozen):
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
-    def resolve(self, modality: str | None, model: ModelCfg, *, photometric: str = "MONOCHROME2") -> Recipe:
+    def resolve(
+        self, modality: str | None, model: ModelCfg, *, photometric: str = "MONOCHROME2"
+    ) -> Recipe:
         """Fill defaults for ``modality`` and ``model``; checks the size against the patch size."""
         intensity = self.intensity
         if intensity == "auto":
@@ -125,8 +129,9 @@ class Recipe(_Frozen):
         size = self.resize.size or model.image_size
         if size % model.patch_size:
             raise RecipeError(
-                f"resize size {size} is not a multiple of the model's patch size {model.patch_size}; "
-                f"use {size - size % model.patch_size} or {size - size % model.patch_size + model.patch_size}."
+                f"resize size {size} is not a multiple of the model's patch size "
+                f"{model.patch_size}; use {size - size % model.patch_size} or "
+                f"{size - size % model.patch_size + model.patch_size}."
             )
         return self.model_copy(
             update={
@@ -151,7 +156,9 @@ class Recipe(_Frozen):
         return hashlib.sha256(self.canonical_json().encode()).hexdigest()[:16]
 
 
-def default_intensity(modality: str | None, photometric: str = "MONOCHROME2") -> CTWindows | Percentile | VoiMinMax | MinMax:
+def default_intensity(
+    modality: str | None, photometric: str = "MONOCHROME2"
+) -> CTWindows | Percentile | VoiMinMax | MinMax:
     """Per-modality default: CT soft-tissue window, X-ray VOI + min–max, others percentiles."""
     m = (modality or "").upper()
     if photometric.upper() in ("RGB", "YBR_FULL", "YBR_FULL_422", "PALETTE COLOR"):
@@ -178,7 +185,9 @@ def load_recipe(source: str | Path | dict[str, Any] | None) -> Recipe:
             return Recipe.model_validate(yaml.safe_load(text))
         return Recipe.model_validate_json(text)
     except ValidationError as exc:
-        raise RecipeError(f"invalid recipe {source}: {exc.errors()[0]['msg']} at "
-                          f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}") from exc
+        raise RecipeError(
+            f"invalid recipe {source}: {exc.errors()[0]['msg']} at "
+            f"{'.'.join(str(p) for p in exc.errors()[0]['loc'])}"
+        ) from exc
     except OSError as exc:
         raise RecipeError(f"recipe file {source} could not be read ({exc.strerror}).") from exc

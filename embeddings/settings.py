@@ -20,7 +20,9 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="RADCACHE_", extra="ignore", validate_default=True)
 
-    model: str = Field(DEFAULT_MODEL, description="registry name or Hugging Face checkpoint directory")
+    model: str = Field(
+        DEFAULT_MODEL, description="registry name or Hugging Face checkpoint directory"
+    )
     store: str = Field("./radcache-store", description="Zarr store: a directory or an fsspec URL")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where the encoder runs")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
@@ -29,14 +31,24 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096, description="slices per forward pass")
     patch_tokens: bool = Field(True, description="store patch-token grids (fp16)")
     cls_last_n: int = Field(4, ge=0, le=40, description="store CLS of the last n blocks (0: off)")
-    recipe: Path | None = Field(None, description="preprocessing recipe file (JSON/YAML); None: defaults")
-    pseudonym_key: SecretStr | None = Field(None, description="secret for UID pseudonyms (≥16 chars)")
+    recipe: Path | None = Field(
+        None, description="preprocessing recipe file (JSON/YAML); None: defaults"
+    )
+    pseudonym_key: SecretStr | None = Field(
+        None, description="secret for UID pseudonyms (≥16 chars)"
+    )
     pseudonym_key_file: Path = Field(
         Path("~/.config/radcache/pseudonym.key"), description="secret file, made on first use"
     )
-    keep_uids: bool = Field(False, description="store original Study/Series UIDs instead of pseudonyms")
-    hf_cache_dir: str | None = Field(None, description="Hugging Face cache directory (default: HF_HOME)")
-    offline: bool | None = Field(None, description="never download weights (default: HF_HUB_OFFLINE)")
+    keep_uids: bool = Field(
+        False, description="store original Study/Series UIDs instead of pseudonyms"
+    )
+    hf_cache_dir: str | None = Field(
+        None, description="Hugging Face cache directory (default: HF_HOME)"
+    )
+    offline: bool | None = Field(
+        None, description="never download weights (default: HF_HUB_OFFLINE)"
+    )
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -31,7 +31,7 @@ import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import zarr
@@ -45,7 +45,39 @@ STORE_FORMAT = 1
 ARRAY_KINDS = ("cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch")
 Kind = Literal["cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch"]
 _TABLE_CHUNK = 4096
+#: Dimension names written into the Zarr metadata, so xarray can open entries directly.
+DIMS: dict[str, tuple[str, ...]] = {
+    "cls": ("slice", "feature"),
+    "mean_patch": ("slice", "feature"),
+    "pooled": ("feature",),
+    "positions": ("slice", "xyz"),
+    "slice_index": ("slice",),
+    "cls_last": ("slice", "block", "feature"),
+    "patch": ("slice", "patch_row", "patch_col", "feature"),
+}
 _PATCH_SHARD = 32
+
+
+def _meta(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
+    """The ``radcache`` attribute of a group or array, as a plain dict ({} if absent)."""
+    value = node.attrs.get("radcache", {})
+    return dict(cast(Mapping[str, Any], value)) if isinstance(value, Mapping) else {}
+
+
+def _group(node: object) -> zarr.Group:
+    if not isinstance(node, zarr.Group):
+        raise StoreError(
+            f"expected a Zarr group, found {type(node).__name__}: the store is damaged."
+        )
+    return node
+
+
+def _array(node: object) -> zarr.Array[Any]:
+    if not isinstance(node, zarr.Array):
+        raise StoreError(
+            f"expected a Zarr array, found {type(node).__name__}; the store is damaged."
+        )
+    return node
 
 
 def _now() -> str:
@@ -73,11 +105,11 @@ class EntryInfo:
 
     @property
     def modality(self) -> str | None:
-        return self.attrs.get("volume", {}).get("modality")
+        return cast(str | None, self.attrs.get("volume", {}).get("modality"))
 
     @property
     def patient(self) -> str | None:
-        return self.attrs.get("volume", {}).get("patient")
+        return cast(str | None, self.attrs.get("volume", {}).get("patient"))
 
     @classmethod
     def from_attrs(cls, key: str, a: Mapping[str, Any]) -> EntryInfo:
@@ -133,13 +165,18 @@ def _words_key(hi: int, lo: int) -> str:
 class EmbeddingStore:
     """Read and write radcache entries in a Zarr v3 store."""
 
-    def __init__(self, url: str | Path, *, mode: Literal["r", "a"] = "a",
-                 storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        url: str | Path,
+        *,
+        mode: Literal["r", "a"] = "a",
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
         self.url = str(url)
         self.read_only = mode == "r"
         self._lock = threading.RLock()
         self._table_keys: dict[str, set[str]] = {}
-        store: zarr.abc.store.Store
+        store: zarr.storage.FsspecStore | zarr.storage.LocalStore
         if "://" in self.url and not self.url.startswith("file://"):
             store = zarr.storage.FsspecStore.from_url(
                 self.url, storage_options=storage_options, read_only=self.read_only
@@ -148,14 +185,17 @@ class EmbeddingStore:
             path = Path(self.url.removeprefix("file://")).expanduser()
             if self.read_only and not (path / "zarr.json").exists():
                 raise NotFoundError(
-                    f"no radcache store at {path}; expected a directory made by `radcache embed --store`."
+                    f"no radcache store at {path}; expected a directory made by "
+                    "`radcache embed --store`."
                 )
             store = zarr.storage.LocalStore(path, read_only=self.read_only)
         try:
-            self.root = zarr.open_group(store=store, mode="r" if self.read_only else "a", zarr_format=3)
+            self.root = zarr.open_group(
+                store=store, mode="r" if self.read_only else "a", zarr_format=3
+            )
         except Exception as exc:
             raise StoreError(f"could not open the store at {self.url} ({exc}).") from exc
-        meta = dict(self.root.attrs.get("radcache", {}))
+        meta = _meta(self.root)
         if not meta:
             if self.read_only:
                 raise NotFoundError(f"{self.url} is a Zarr store but not a radcache store.")
@@ -170,7 +210,7 @@ class EmbeddingStore:
     # -- identity ----------------------------------------------------------------------
     def bind_pseudonyms(self, fingerprint: str) -> None:
         """Record (first use) or check the fingerprint of the pseudonym secret."""
-        meta = dict(self.root.attrs["radcache"])
+        meta = _meta(self.root)
         known = meta.get("pseudonym_fingerprint")
         if known is None and not self.read_only:
             meta["pseudonym_fingerprint"] = fingerprint
@@ -199,7 +239,7 @@ class EmbeddingStore:
             g = entries[key]
         except KeyError:
             return None
-        attrs = dict(g.attrs.get("radcache", {}))
+        attrs = _meta(_group(g))
         if not attrs.get("complete"):
             return None
         return EntryInfo.from_attrs(key, attrs)
@@ -215,11 +255,23 @@ class EmbeddingStore:
                 if name == "patch":
                     n = arr.shape[0]
                     shard = (max(1, min(n, _PATCH_SHARD)), *arr.shape[1:])
-                    a = g.create_array(name, shape=arr.shape, dtype=arr.dtype, chunks=(1, *arr.shape[1:]),
-                                       shards=shard, compressors=None)
+                    a = g.create_array(
+                        name,
+                        shape=arr.shape,
+                        dtype=arr.dtype,
+                        chunks=(1, *arr.shape[1:]),
+                        shards=shard,
+                        compressors=None,
+                        dimension_names=DIMS[name],
+                    )
                 else:
-                    a = g.create_array(name, shape=arr.shape, dtype=arr.dtype,
-                                       chunks=arr.shape if arr.size else None)
+                    a = g.create_array(
+                        name,
+                        shape=arr.shape,
+                        dtype=arr.dtype,
+                        chunks=tuple(max(1, int(d)) for d in arr.shape),
+                        dimension_names=DIMS.get(name),
+                    )
                 if arr.size:
                     a[...] = arr
             full = {**attrs, "kinds": sorted(arrays), "created": _now(), "complete": True}
@@ -232,15 +284,15 @@ class EmbeddingStore:
         """Add an entry to its table if a crash left it out."""
         if info.key not in self._keys_of(info.space):
             with self._lock:
-                arr = self.root[f"entries/{info.key}"]
-                assert isinstance(arr, zarr.Group)
-                self._append(info, np.asarray(arr["pooled"][...]), np.asarray(arr["cls"][...]))
+                g = _group(self.root[f"entries/{info.key}"])
+                pooled, cls = _array(g["pooled"])[...], _array(g["cls"])[...]
+                self._append(info, np.asarray(pooled), np.asarray(cls))
 
     def add_alias(self, key: str, ref: dict[str, str]) -> None:
         """Record another study/series that delivered the same content as entry ``key``."""
         with self._lock:
-            g = self.root[f"entries/{key}"]
-            attrs = dict(g.attrs["radcache"])
+            g = _group(self.root[f"entries/{key}"])
+            attrs = _meta(g)
             aliases = list(attrs.get("aliases", []))
             if ref not in aliases and ref != {k: attrs["volume"].get(k) for k in ref}:
                 aliases.append(ref)
@@ -267,33 +319,42 @@ class EmbeddingStore:
             return info
         series, _, part = ref.partition("#")
         hits = [
-            e for e in self.iter_entries()
-            if (e.series == series or any(a.get("series") == series for a in e.attrs.get("aliases", [])))
+            e
+            for e in self.iter_entries()
+            if (
+                e.series == series
+                or any(a.get("series") == series for a in e.attrs.get("aliases", []))
+            )
             and (not part or e.part == part)
             and (model is None or e.model == model)
         ]
         if not hits:
-            raise NotFoundError(f"no entry for {ref!r} in {self.url}; `radcache show {self.url}` lists them.")
+            raise NotFoundError(
+                f"no entry for {ref!r} in {self.url}; `radcache show {self.url}` lists them."
+            )
         if len(hits) > 1:
-            listing = "; ".join(f"{e.key} ({e.model}, recipe {e.recipe_hash}, part {e.part or '-'})" for e in hits)
+            listing = "; ".join(
+                f"{e.key} ({e.model}, recipe {e.recipe_hash}, part {e.part or '-'})" for e in hits
+            )
             raise AmbiguousReferenceError(
-                f"{ref!r} matches {len(hits)} entries: {listing}. Pass an entry key, series#part, or a model."
+                f"{ref!r} matches {len(hits)} entries: {listing}. "
+                "Pass an entry key, series#part, or a model."
             )
         return hits[0]
 
     def read(self, ref: str, kind: Kind = "cls", *, model: str | None = None) -> np.ndarray:
         """One array of one entry, as numpy."""
         if kind not in ARRAY_KINDS:
-            raise StoreError(f"unknown array kind {kind!r}; expected one of {', '.join(ARRAY_KINDS)}.")
+            raise StoreError(
+                f"unknown array kind {kind!r}; expected one of {', '.join(ARRAY_KINDS)}."
+            )
         info = self.resolve(ref, model=model)
         if kind not in info.kinds:
             raise NotFoundError(
                 f"entry {info.key} has no {kind!r} array (it has {', '.join(info.kinds)}); "
                 "embed with --patch-tokens to keep patch tokens."
             )
-        arr = self.root[f"entries/{info.key}/{kind}"]
-        assert isinstance(arr, zarr.Array)
-        return np.asarray(arr[...])
+        return np.asarray(_array(self.root[f"entries/{info.key}/{kind}"])[...])
 
     # -- tables ------------------------------------------------------------------------
     def spaces(self) -> list[str]:
@@ -311,26 +372,47 @@ class EmbeddingStore:
             assert isinstance(g, zarr.Group)
             return g
         g = tables.create_group(info.space)
-        g.create_array("keys", shape=(0, 2), dtype="uint64", chunks=(_TABLE_CHUNK, 2))
-        g.create_array("pooled", shape=(0, dim), dtype="float32", chunks=(_TABLE_CHUNK, dim))
-        g.create_array("cls", shape=(0, dim), dtype="float32", chunks=(_TABLE_CHUNK, dim))
-        off = g.create_array("offsets", shape=(1,), dtype="int64", chunks=(_TABLE_CHUNK,))
+        g.create_array(
+            "keys",
+            shape=(0, 2),
+            dtype="uint64",
+            chunks=(_TABLE_CHUNK, 2),
+            dimension_names=("series", "word"),
+        )
+        for name, rows in (("pooled", "series"), ("cls", "slice")):
+            g.create_array(
+                name,
+                shape=(0, dim),
+                dtype="float32",
+                chunks=(_TABLE_CHUNK, dim),
+                dimension_names=(rows, "feature"),
+            )
+        off = g.create_array(
+            "offsets", shape=(1,), dtype="int64", chunks=(_TABLE_CHUNK,), dimension_names=("edge",)
+        )
         off[0] = 0
         g.attrs["radcache"] = {
-            "count": 0, "slices": 0, "dim": dim, "model": info.model,
-            "weights_hash": info.weights_hash, "recipe_hash": info.recipe_hash,
-            "recipe": info.attrs.get("recipe"), "level": "series+slice",
+            "count": 0,
+            "slices": 0,
+            "dim": dim,
+            "model": info.model,
+            "weights_hash": info.weights_hash,
+            "recipe_hash": info.recipe_hash,
+            "recipe": info.attrs.get("recipe"),
+            "level": "series+slice",
         }
         return g
 
     def _keys_of(self, space: str) -> set[str]:
         if space not in self._table_keys:
-            self._table_keys[space] = set(self.table(space).keys) if space in self.spaces() else set()
+            self._table_keys[space] = (
+                set(self.table(space).keys) if space in self.spaces() else set()
+            )
         return self._table_keys[space]
 
     def _append(self, info: EntryInfo, pooled: np.ndarray, cls: np.ndarray) -> None:
         g = self._table_group(info, int(pooled.shape[-1]))
-        meta = dict(g.attrs["radcache"])
+        meta = _meta(g)
         n, s = int(meta["count"]), int(meta["slices"])
         keys_a, pooled_a, cls_a, off_a = (g[k] for k in ("keys", "pooled", "cls", "offsets"))
         assert isinstance(keys_a, zarr.Array) and isinstance(pooled_a, zarr.Array)
@@ -354,9 +436,11 @@ class EmbeddingStore:
         try:
             g = self.root[f"tables/{space}"]
         except KeyError:
-            raise NotFoundError(f"no table {space!r}; known: {', '.join(self.spaces()) or 'none'}.") from None
+            raise NotFoundError(
+                f"no table {space!r}; known: {', '.join(self.spaces()) or 'none'}."
+            ) from None
         assert isinstance(g, zarr.Group)
-        meta = dict(g.attrs["radcache"])
+        meta = _meta(g)
         n, s = int(meta["count"]), int(meta["slices"])
         words = np.asarray(g["keys"][:n])  # type: ignore[index]
         return Table(
@@ -369,7 +453,8 @@ class EmbeddingStore:
         )
 
 
-def open_store(url: str | Path, *, mode: Literal["r", "a"] = "r",
-               storage_options: dict[str, Any] | None = None) -> EmbeddingStore:
+def open_store(
+    url: str | Path, *, mode: Literal["r", "a"] = "r", storage_options: dict[str, Any] | None = None
+) -> EmbeddingStore:
     """Open a radcache store: ``.series()`` lists entries, ``.read(ref, kind)`` gives arrays."""
     return EmbeddingStore(url, mode=mode, storage_options=storage_options)

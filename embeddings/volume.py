@@ -149,7 +149,7 @@ class Volume:
         h = xxhash.xxh3_128()
         vox = np.ascontiguousarray(self.voxels, dtype=np.float32)
         h.update(repr(vox.shape).encode())
-        h.update(memoryview(vox).cast("B"))
+        h.update(vox.tobytes())
         g = self.geometry
         geo = np.concatenate(
             [

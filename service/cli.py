@@ -35,7 +35,9 @@ def _fail(exc: RadcacheError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"series": [], "errors": [exc.to_dict()]}))
     else:
-        _err.print(f"[bold red]error[/] {escape(f'[{exc.code}] {exc}')}", highlight=False, soft_wrap=True)
+        _err.print(
+            f"[bold red]error[/] {escape(f'[{exc.code}] {exc}')}", highlight=False, soft_wrap=True
+        )
     sys.exit(2)
 
 
@@ -61,12 +63,25 @@ def main() -> None:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--model", help="Registry name (see `radcache models`) or checkpoint directory. [env RADCACHE_MODEL]")
+@click.option(
+    "--model",
+    help="Registry name (see `radcache models`) or checkpoint directory. [env RADCACHE_MODEL]",
+)
 @click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
-@click.option("--recipe", type=click.Path(exists=True, dir_okay=False), help="Recipe file (JSON or YAML).")
-@click.option("--patch-tokens/--no-patch-tokens", default=None, help="Keep patch-token grids (fp16).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), help="auto: bf16 where fast.")
+@click.option(
+    "--recipe", type=click.Path(exists=True, dir_okay=False), help="Recipe file (JSON or YAML)."
+)
+@click.option(
+    "--patch-tokens/--no-patch-tokens", default=None, help="Keep patch-token grids (fp16)."
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where fast.",
+)
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
 @click.option("--modality", help="Modality of NIfTI/NRRD inputs (they carry none), e.g. CT or MR.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
@@ -90,24 +105,51 @@ def embed(
     from radcache.embeddings import Pipeline, load_encoder, load_recipe, open_store
 
     try:
-        s = _settings(model=model, store=store, recipe=recipe, patch_tokens=patch_tokens,
-                      device=device, precision=precision, batch_size=batch_size)
+        s = _settings(
+            model=model,
+            store=store,
+            recipe=recipe,
+            patch_tokens=patch_tokens,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        )
         rec = load_recipe(s.recipe)
         pseudo = s.pseudonymizer()
-        encoder = load_encoder(s.model, device=s.device, precision=s.precision,
-                               cache_dir=s.hf_cache_dir, offline=s.offline)
+        encoder = load_encoder(
+            s.model,
+            device=s.device,
+            precision=s.precision,
+            cache_dir=s.hf_cache_dir,
+            offline=s.offline,
+        )
         st = open_store(s.store, mode="a")
-        pipe = Pipeline(encoder, st, pseudo, recipe=rec, patch_tokens=s.patch_tokens,
-                        cls_last_n=s.cls_last_n, batch_size=s.batch_size)
+        pipe = Pipeline(
+            encoder,
+            st,
+            pseudo,
+            recipe=rec,
+            patch_tokens=s.patch_tokens,
+            cls_last_n=s.cls_last_n,
+            batch_size=s.batch_size,
+        )
     except RadcacheError as exc:
         _fail(exc, as_json)
         return
     if not as_json and encoder.cfg.random_weights:
-        _err.print(f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only.")
+        _err.print(
+            f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only."
+        )
     show_bar = not as_json and _err.is_terminal
     if show_bar:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeRemainingColumn(), console=_err, transient=True) as p:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=_err,
+            transient=True,
+        ) as p:
             report = pipe.embed(inputs, modality=modality, progress=_Bar(p))
     else:
         report = pipe.embed(inputs, modality=modality)
@@ -123,17 +165,29 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
     for col in ("study", "series", "part", "modality", "slices", "cache", "seconds"):
         table.add_column(col, justify="right" if col in ("slices", "seconds") else "left")
     for r in report.series:
-        table.add_row(r.study[:12], r.series[:12], r.part or "-", r.modality or "-", str(r.slices),
-                      "[green]hit[/]" if r.cache == "hit" else "miss", f"{r.seconds:.2f}")
+        table.add_row(
+            r.study[:12],
+            r.series[:12],
+            r.part or "-",
+            r.modality or "-",
+            str(r.slices),
+            "[green]hit[/]" if r.cache == "hit" else "miss",
+            f"{r.seconds:.2f}",
+        )
     _out.print(table)
     for r in report.series:
         for w in r.warnings:
-            _err.print(f"[yellow]warning[/] series {r.series[:12]}{'#' + r.part if r.part else ''}: {escape(w)}",
-                       highlight=False)
+            _err.print(
+                f"[yellow]warning[/] series {r.series[:12]}"
+                f"{'#' + r.part if r.part else ''}: {escape(w)}",
+                highlight=False,
+            )
     for path, reason in report.skipped:
         _err.print(f"[dim]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
     for e in report.errors:
-        _err.print(f"[bold red]error[/] {escape(f'[{e.code}] {e}')}", highlight=False, soft_wrap=True)
+        _err.print(
+            f"[bold red]error[/] {escape(f'[{e.code}] {e}')}", highlight=False, soft_wrap=True
+        )
     hits = sum(r.cache == "hit" for r in report.series)
     _out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
 
@@ -151,8 +205,15 @@ def models(as_json: bool) -> None:
     for col in ("name", "weights", "dim", "patch", "input", "registers", "note"):
         table.add_column(col)
     for c in REGISTRY.values():
-        table.add_row(c.name, "RANDOM (tests only)" if c.random_weights else (c.hf_id or "-"), str(c.dim),
-                      str(c.patch_size), str(c.image_size), str(c.num_registers), c.note)
+        table.add_row(
+            c.name,
+            "RANDOM (tests only)" if c.random_weights else (c.hf_id or "-"),
+            str(c.dim),
+            str(c.patch_size),
+            str(c.image_size),
+            str(c.num_registers),
+            c.note,
+        )
     _out.print(table)
 
 
@@ -170,16 +231,56 @@ def show(store: str | None, as_json: bool) -> None:
         _fail(exc, as_json)
         return
     if as_json:
-        click.echo(json.dumps([{
-            "entry": e.key, "study": e.study, "series": e.series, "part": e.part,
-            "modality": e.modality, "slices": e.n_slices, "model": e.model, "dim": e.dim,
-            "recipe": e.recipe_hash, "precision": e.precision, "kinds": list(e.kinds), "created": e.created,
-        } for e in entries], indent=1))
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "entry": e.key,
+                        "study": e.study,
+                        "series": e.series,
+                        "part": e.part,
+                        "modality": e.modality,
+                        "slices": e.n_slices,
+                        "model": e.model,
+                        "dim": e.dim,
+                        "recipe": e.recipe_hash,
+                        "precision": e.precision,
+                        "kinds": list(e.kinds),
+                        "created": e.created,
+                    }
+                    for e in entries
+                ],
+                indent=1,
+            )
+        )
         return
     table = Table(title=f"{st.url}: {len(entries)} entries", title_justify="left")
-    for col in ("entry", "series", "part", "modality", "slices", "model", "recipe", "precision", "created"):
+    for col in (
+        "entry",
+        "series",
+        "part",
+        "modality",
+        "slices",
+        "model",
+        "recipe",
+        "precision",
+        "created",
+    ):
         table.add_column(col)
     for e in entries:
-        table.add_row(e.key[:12], e.series[:12], e.part or "-", e.modality or "-", str(e.n_slices),
-                      e.model, e.recipe_hash[:8], e.precision, e.created)
+        table.add_row(
+            e.key[:12],
+            e.series[:12],
+            e.part or "-",
+            e.modality or "-",
+            str(e.n_slices),
+            e.model,
+            e.recipe_hash[:8],
+            e.precision,
+            e.created,
+        )
     _out.print(table)
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m radcache.service.cli`
+    main()

@@ -13,7 +13,9 @@ check ingest against an independent statement of where each value belongs:
 * :func:`write_nifti` — the same volume as NIfTI, laid out the way dcm2niix writes it
   (rows flipped, RAS affine), so canonicalisation has real work to do;
 * :func:`write_itk` — the same volume as NRRD / MetaImage through SimpleITK;
-* :func:`expected_at` — the value a volume should hold at any patient position.
+* :func:`expected_at` — the patient position and value of every generated voxel;
+* :func:`assert_matches_series` / :func:`assert_matches_nifti` — check each voxel of an
+  ingested ``Volume``, placed by its own geometry, against the generator / nibabel.
 
 Every DICOM file carries recognisable fake identifiers (:data:`FAKE_IDENTITY`) so tests
 can check that none of them reaches a ``Volume``.
@@ -49,12 +51,15 @@ __all__ = [
     "MR_IMAGE_STORAGE",
     "ORIENTATIONS",
     "GeneratedSeries",
+    "assert_matches_nifti",
+    "assert_matches_series",
     "encoder_available",
     "expected_at",
     "fmt_ds",
     "lps_affine",
     "phantom",
     "rescaled",
+    "volume_points",
     "write_enhanced_mr",
     "write_itk",
     "write_nifti",
@@ -85,7 +90,7 @@ _C10, _S10 = float(np.cos(np.radians(10))), float(np.sin(np.radians(10)))
 #: ImageOrientationPatient values (row direction, column direction) by name.
 ORIENTATIONS: dict[str, tuple[float, ...]] = {
     "axial": (1, 0, 0, 0, 1, 0),
-    "axial-flipped-rows": (-1, 0, 0, 0, 1, 0),  # columns run toward the patient's right
+    "axial-columns-rightward": (-1, 0, 0, 0, 1, 0),  # columns run toward the patient's right
     "coronal": (1, 0, 0, 0, 0, -1),
     "sagittal": (0, 1, 0, 0, 0, -1),
     "sagittal-upside-down": (0, -1, 0, 0, 0, 1),
@@ -124,17 +129,62 @@ def rescaled(raw: np.ndarray, slope: float = 1.0, intercept: float = 0.0) -> np.
     return (raw.astype(np.float64) * slope + intercept).astype(np.float32)
 
 
-def encoder_available(uid: str) -> bool:
-    """Whether pydicom can write ``uid`` here (compressed syntaxes need an encoder plugin)."""
+#: Lossless syntaxes GDCM can transcode to when pydicom has no encoder for them
+#: (pydicom encodes JPEG-LS only through pyjpegls, JPEG Lossless not at all).
+_GDCM_SYNTAXES = {
+    "1.2.840.10008.1.2.4.80": "JPEGLSLossless",
+    "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1",
+    "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14",
+}
+
+
+def _pydicom_can_encode(tsyntax: UID) -> bool:
     from pydicom.pixels import get_encoder
 
-    tsyntax = UID(uid)
-    if not tsyntax.is_compressed or tsyntax == DeflatedExplicitVRLittleEndian:
-        return True
     try:
         return bool(get_encoder(tsyntax).is_available)
     except NotImplementedError:
         return False
+
+
+def _gdcm_can_encode(tsyntax: UID) -> bool:
+    if str(tsyntax) not in _GDCM_SYNTAXES:
+        return False
+    try:
+        import gdcm  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def encoder_available(uid: str) -> bool:
+    """Whether ``uid`` can be written here (pydicom's encoder plugins, else GDCM)."""
+    tsyntax = UID(uid)
+    if not tsyntax.is_compressed or tsyntax == DeflatedExplicitVRLittleEndian:
+        return True
+    return _pydicom_can_encode(tsyntax) or _gdcm_can_encode(tsyntax)
+
+
+def _gdcm_transcode(path: Path, tsyntax: UID) -> None:
+    """Re-encode the file at ``path`` in place to ``tsyntax`` with GDCM."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():  # pragma: no cover
+        raise RuntimeError(f"GDCM could not read {path}")
+    change = gdcm.ImageChangeTransferSyntax()
+    target = getattr(gdcm.TransferSyntax, _GDCM_SYNTAXES[tsyntax])
+    change.SetTransferSyntax(gdcm.TransferSyntax(target))
+    change.SetInput(reader.GetImage())
+    if not change.Change():  # pragma: no cover
+        raise RuntimeError(f"GDCM could not encode {path} as {tsyntax.name}")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(path))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():  # pragma: no cover
+        raise RuntimeError(f"GDCM could not write {path}")
 
 
 def _unit(v: np.ndarray) -> np.ndarray:
@@ -237,6 +287,10 @@ def _save(ds: Dataset, path: Path, tsyntax: str) -> None:
         ds.file_meta.TransferSyntaxUID = tsyntax
         arr = np.frombuffer(ds.PixelData, dtype="<i2" if ds.PixelRepresentation else "<u2")
         ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
+    elif tsyntax.is_compressed and not _pydicom_can_encode(tsyntax) and _gdcm_can_encode(tsyntax):
+        ds.save_as(path, enforce_file_format=True)
+        _gdcm_transcode(path, tsyntax)
+        return
     elif tsyntax.is_compressed:
         ds.compress(tsyntax, generate_instance_uid=False)
     else:  # pragma: no cover
@@ -263,6 +317,7 @@ def write_series(
     transfer_syntax: str = ExplicitVRLittleEndian,
     study_uid: str | None = None,
     series_uid: str | None = None,
+    frame_of_reference_uid: str | None = None,
     shuffle: bool = False,
     random_names: bool = False,
     reverse_instance_numbers: bool = False,
@@ -309,7 +364,7 @@ def write_series(
     n, _rows, _cols = raw.shape
     study_uid = study_uid or generate_uid()
     series_uid = series_uid or generate_uid()
-    for_uid = generate_uid()
+    for_uid = frame_of_reference_uid or generate_uid()
     iop_arr = np.asarray([float(s) for s in _ds_list(iop)])
     row_dir, col_dir = _unit(iop_arr[:3]), _unit(iop_arr[3:])
     normal = np.cross(row_dir, col_dir)
@@ -518,11 +573,12 @@ def write_enhanced_mr(
         frames.append(raw[k].astype(np.int32) - offset)
     ds.PerFrameFunctionalGroupsSequence = per_frame
     dim_index = []
-    for pointer, group in (((0x0020, 0x9056), (0x0020, 0x9111)), ((0x0020, 0x9057), (0x0020, 0x9111))):
+    frame_content = (0x0020, 0x9111)
+    for pointer in ((0x0020, 0x9056), (0x0020, 0x9057)):  # StackID, InStackPositionNumber
         d = Dataset()
         d.DimensionOrganizationUID = dim_org
         d.DimensionIndexPointer = pointer
-        d.FunctionalGroupPointer = group
+        d.FunctionalGroupPointer = frame_content
         dim_index.append(d)
     org = Dataset()
     org.DimensionOrganizationUID = dim_org
@@ -608,7 +664,8 @@ def write_nifti(
     if scl is not None:
         raw[112:120] = struct.pack("<ff", scl[0], scl[1])  # scl_slope, scl_inter
     path = Path(path)
-    path.write_bytes(gzip.compress(bytes(raw), mtime=0) if path.name.endswith(".gz") else bytes(raw))
+    out = gzip.compress(bytes(raw), mtime=0) if path.name.endswith(".gz") else bytes(raw)
+    path.write_bytes(out)
     return path
 
 
@@ -655,7 +712,7 @@ def expected_at(series: GeneratedSeries, repeat: int = 0) -> tuple[np.ndarray, n
     """Positions and values of every voxel the series holds: ``(N, 3)`` LPS and ``(N,)``."""
     values = series.expected[repeat]
     positions = series.positions[repeat]
-    n, rows, cols = values.shape
+    _, rows, cols = values.shape
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     inplane = (
         cc[..., None] * series.pixel_spacing[1] * series.row_dir
@@ -673,7 +730,7 @@ def volume_points(volume: Any) -> tuple[np.ndarray, np.ndarray]:
     """
     g = volume.geometry
     d = g.direction_matrix  # columns: i (columns), j (rows), k (slices)
-    n, rows, cols = volume.voxels.shape
+    _, rows, cols = volume.voxels.shape
     rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
     inplane = cc[..., None] * g.spacing[0] * d[:, 0] + rr[..., None] * g.spacing[1] * d[:, 1]
     pts = g.positions[:, None, None, :] + inplane[None]
@@ -705,7 +762,7 @@ def assert_matches_series(volume: Any, series: GeneratedSeries, repeat: int = 0)
     d = pts - positions[k]
     c = _check_integral(d @ series.row_dir / series.pixel_spacing[1], "columns")
     r = _check_integral(d @ series.col_dir / series.pixel_spacing[0], "rows")
-    n, rows, cols = expected.shape
+    _, rows, cols = expected.shape
     assert r.min() >= 0 and r.max() < rows and c.min() >= 0 and c.max() < cols
     flat = (k * rows + r) * cols + c
     assert len(np.unique(flat)) == expected.size, "some generated voxels were hit twice"
@@ -715,7 +772,7 @@ def assert_matches_series(volume: Any, series: GeneratedSeries, repeat: int = 0)
 def assert_matches_nifti(volume: Any, img: Any, t: int | None = None) -> None:
     """Assert ``volume`` holds nibabel's data for ``img`` at every voxel's RAS position."""
     data = np.asarray(img.dataobj, dtype=np.float64)
-    while data.ndim > 3 and t is None and data.shape[-1] == 1:
+    while data.ndim > (3 if t is None else 4) and data.shape[-1] == 1:
         data = data[..., 0]
     if t is not None:
         data = data[..., t]
@@ -723,9 +780,8 @@ def assert_matches_nifti(volume: Any, img: Any, t: int | None = None) -> None:
     ras = pts * np.array([-1.0, -1.0, 1.0])
     inv = np.linalg.inv(np.asarray(img.affine, dtype=np.float64))
     ijk = _check_integral(ras @ inv[:3, :3].T + inv[:3, 3], "nifti index", tol=1e-2)
-    assert len(np.unique(ijk, axis=0)) == data.size
-    want = data[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
+    assert ijk.min() >= 0 and np.all(ijk.max(axis=0) < data.shape[:3]), "voxel outside the file"
+    flat = np.ravel_multi_index((ijk[:, 0], ijk[:, 1], ijk[:, 2]), data.shape[:3])
+    assert np.unique(flat).size == data.size, "some file voxels were hit twice"
+    want = data.reshape(-1)[flat]
     np.testing.assert_allclose(vals, want, rtol=1e-6, atol=1e-6)
-
-
-__all__ += ["assert_matches_nifti", "assert_matches_series", "volume_points"]

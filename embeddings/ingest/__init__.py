@@ -9,6 +9,7 @@ large mixed upload is processed one series at a time. Bad files become
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -88,7 +89,7 @@ def scan(
                             study=vf.key,
                             series=vf.key,
                             part=f"t={t}" if vf.n_volumes > 1 else "",
-                            loader=lambda vf=vf, t=t: vf.load(t),
+                            loader=functools.partial(vf.load, t),
                         )
                     )
         except Skipped as note:
@@ -97,8 +98,8 @@ def scan(
             errors.append(exc)
     for series in assemble(frames):
         candidates.append(_dicom_candidate(series, pseudonymizer))
-    for exc in errors:
-        log.info("input rejected: %s [%s]", exc, exc.code)
+    for err in errors:
+        log.info("input rejected: %s [%s]", err, err.code)
     return ScanResult(candidates=candidates, errors=errors, skipped=skipped)
 
 
@@ -128,4 +129,3 @@ def load_volumes(
         except InputError as exc:
             errors.append(exc)
     return volumes, errors
-

@@ -25,9 +25,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, get_decoder
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import (
     DecodeError,
@@ -174,11 +176,25 @@ def _read(source: Source) -> Dataset:
             path=source.name,
         ) from exc
     except Exception as exc:
-        raise NotDicomError(f"the DICOM header could not be parsed ({exc}).", path=source.name) from exc
+        raise NotDicomError(
+            f"the DICOM header could not be parsed ({exc}).", path=source.name
+        ) from exc
     if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
         raise NotDicomError(
             "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=source.name
         )
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # A bare dataset (no preamble or file meta, which sniff() accepts): record the
+        # encoding it was read with so that its native pixel data can be decoded.
+        implicit, little = ds.original_encoding
+        if implicit is not None:
+            if getattr(ds, "file_meta", None) is None:
+                ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian
+                if implicit
+                else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+            )
     return ds
 
 
@@ -255,8 +271,12 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
     decoded: dict[str, np.ndarray] = {}
     if per_frame is not None and len(per_frame) == n_frames:
         for i, per in enumerate(per_frame):
-            iop = _floats(_fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-            ipp = _floats(_fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"), 3)
+            iop = _floats(
+                _fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+            )
+            ipp = _floats(
+                _fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"), 3
+            )
             ps = _floats(_fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
             slope = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleSlope")
             inter = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleIntercept")
@@ -328,12 +348,21 @@ def _iop_key(iop: np.ndarray | None) -> tuple[float, ...] | None:
 def _part_label(keys: list[tuple[Any, ...]], key: tuple[Any, ...]) -> str:
     if len(keys) == 1:
         return ""
-    names = ("orientation", "rows", "cols", "samples", "frame-of-reference", "stack",
-             "temporal", "echo", "b")
+    names = (
+        "orientation",
+        "rows",
+        "cols",
+        "samples",
+        "frame-of-reference",
+        "stack",
+        "temporal",
+        "echo",
+        "b",
+    )
     differing = [i for i in range(len(key)) if len({k[i] for k in keys}) > 1]
     parts = []
     for i in differing:
-        if i == 0 or i == 4:  # orientation / frame of reference: number them
+        if i in {0, 4}:  # orientation / frame of reference: number them
             values = sorted({str(k[i]) for k in keys})
             parts.append(f"{names[i]}={values.index(str(key[i])) + 1}")
         else:
@@ -411,7 +440,8 @@ def _decode_file(frame: Frame) -> np.ndarray:
         msg = str(exc)
         if "less than expected" in msg or "ended" in msg or "truncated" in msg:
             raise TruncatedFileError(
-                f"the pixel data is shorter than its header says ({msg.split(' - ')[0]}); "
+                "the pixel data is shorter than its header says "
+                f"({msg.split(' - ', maxsplit=1)[0]}); "
                 "the file was cut short in transfer — send it again.",
                 path=frame.source,
             ) from exc
@@ -442,9 +472,8 @@ def _frame_pixels(frame: Frame) -> np.ndarray:
     arr = _decode_file(frame)
     n_frames = int(frame.ds.get("NumberOfFrames", 1) or 1)
     spp = int(frame.ds.get("SamplesPerPixel", 1))
-    if n_frames > 1 or frame.index is not None:
-        if arr.ndim == (3 if spp == 1 else 4):
-            return arr[frame.index or 0]
+    if (n_frames > 1 or frame.index is not None) and arr.ndim == (3 if spp == 1 else 4):
+        return np.asarray(arr[frame.index or 0])
     return arr
 
 
@@ -496,7 +525,9 @@ def _geometry(series: DicomSeries, frames: list[Frame], name: str) -> tuple[np.n
         positions = np.zeros((len(frames), 3))
         positions[:, 2] = np.arange(len(frames), dtype=np.float64)
         if len(frames) > 1:
-            series.notes.append("no orientation or position in the header; frames stacked 1 mm apart")
+            series.notes.append(
+                "no orientation or position in the header; frames stacked 1 mm apart"
+            )
         return dirs, spacing, origin, positions
     row_dir = iop[:3] / np.linalg.norm(iop[:3])
     col_dir = iop[3:] / np.linalg.norm(iop[3:])
@@ -514,7 +545,9 @@ def _geometry(series: DicomSeries, frames: list[Frame], name: str) -> tuple[np.n
     return dirs, spacing, positions[0].copy(), positions
 
 
-def _check_spacing(series: DicomSeries, positions: np.ndarray, normal: np.ndarray, name: str) -> float:
+def _check_spacing(
+    series: DicomSeries, positions: np.ndarray, normal: np.ndarray, name: str
+) -> float:
     if len(positions) < 2:
         return float(series.frames[0].ds.get("SliceThickness") or 1.0)
     proj = positions @ normal
@@ -537,7 +570,9 @@ def _check_spacing(series: DicomSeries, positions: np.ndarray, normal: np.ndarra
     cos = abs(float(np.dot(span, normal))) / (float(np.linalg.norm(span)) or 1.0)
     tilt = math.degrees(math.acos(min(1.0, cos)))
     if tilt > _TILT_DEG:
-        series.notes.append(f"gantry tilt of {tilt:.2f} degrees: slices are sheared, not stacked on the normal")
+        series.notes.append(
+            f"gantry tilt of {tilt:.2f} degrees: slices are sheared, not stacked on the normal"
+        )
     return spacing
 
 

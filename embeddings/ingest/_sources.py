@@ -70,7 +70,9 @@ def sniff(source: Source) -> SourceKind:
     name = _lower_name(source.name)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if name.endswith(NIFTI_SUFFIXES) or (len(head) >= 348 and head[344:348] in (b"n+1\0", b"ni1\0")):
+    if name.endswith(NIFTI_SUFFIXES) or (
+        len(head) >= 348 and head[344:348] in (b"n+1\0", b"ni1\0")
+    ):
         return "nifti"
     if name.endswith(ITK_SUFFIXES):
         return "itk"
@@ -79,12 +81,21 @@ def sniff(source: Source) -> SourceKind:
     if _looks_like_dicom_without_preamble(head):
         return "dicom"
     if not head:
-        raise NotDicomError("the file is empty; expected a DICOM, NIfTI or zip file.", path=source.name)
+        raise NotDicomError(
+            "the file is empty; expected a DICOM, NIfTI or zip file.", path=source.name
+        )
     raise NotDicomError(
         "not a DICOM file (no 'DICM' marker at byte 128 and no DICOM header at the start), "
         "nor NIfTI (.nii/.nii.gz), NRRD/MHA or zip; check that the right file was sent.",
         path=source.name,
     )
+
+
+def _const(data: bytes) -> Callable[[], bytes]:
+    def opener() -> bytes:
+        return data
+
+    return opener
 
 
 def _file_source(path: Path) -> Source:
@@ -146,7 +157,7 @@ def expand(items: Iterable[InputItem]) -> Iterator[Source | InputError]:
     for item in items:
         if isinstance(item, tuple):
             name, data = item
-            yield from _expand_source(Source(name=name, opener=lambda d=data: d), 0)
+            yield from _expand_source(Source(name=name, opener=_const(data)), 0)
             continue
         path = Path(item)
         if path.is_dir():

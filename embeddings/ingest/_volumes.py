@@ -85,7 +85,8 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
             affine = np.asarray(img.affine, dtype=np.float64)
     except Exception as exc:
         raise InvalidNiftiError(
-            f"the NIfTI header could not be read ({exc}); expected a valid NIfTI-1 or NIfTI-2 file.",
+            f"the NIfTI header could not be read ({exc}); "
+            "expected a valid NIfTI-1 or NIfTI-2 file.",
             path=source.name,
         ) from exc
     notes: list[str] = []
@@ -113,7 +114,10 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 proxy = img.dataobj
-                arr = np.asarray(proxy[..., t] if n_t > 1 else proxy)
+                # index the time axis explicitly: trailing length-1 axes beyond it
+                # (dropped from ``shape``) are still in the proxy
+                tail = (0,) * (len(img.shape) - 4)
+                arr = np.asarray(proxy[(slice(None),) * 3 + (t, *tail)] if n_t > 1 else proxy)
         except Exception as exc:
             raise InvalidNiftiError(
                 f"the voxel data could not be read ({exc}); the file may be truncated.",
@@ -122,14 +126,17 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
         arr = arr.reshape(shape[:3])
         if arr.dtype.fields is not None:
             raise UnsupportedInputError(
-                f"NIfTI voxel type {arr.dtype} (RGB or complex) is not supported; expected scalar voxels.",
+                f"NIfTI voxel type {arr.dtype} (RGB or complex) is not supported; "
+                "expected scalar voxels.",
                 path=source.name,
             )
         vol = np.asarray(arr, dtype=np.float32).transpose(2, 1, 0)  # (k, j, i)
         if not np.all(np.isfinite(vol)):
             vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
         part = f"t={t}" if n_t > 1 else ""
-        return Volume.from_array(vol, dirs, spacing, origin, _meta(key, part, modality, "nifti", notes))
+        return Volume.from_array(
+            vol, dirs, spacing, origin, _meta(key, part, modality, "nifti", notes)
+        )
 
     return VolumeFile(name=source.name, key=key, n_volumes=n_t, n_slices=shape[2], load=load)
 
@@ -164,7 +171,9 @@ def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
                 key = _content_key(f.read())
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
-        raise UnreadableVolumeError(f"SimpleITK could not read the volume: {first}", path=source.name) from exc
+        raise UnreadableVolumeError(
+            f"SimpleITK could not read the volume: {first}", path=source.name
+        ) from exc
     if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() not in (2, 3):
         raise UnsupportedInputError(
             f"{img.GetDimension()}-D image with {img.GetNumberOfComponentsPerPixel()} components "

@@ -12,7 +12,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -50,7 +50,7 @@ def build_random(cfg: ModelCfg) -> torch.nn.Module:
     config = _hf_config(cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
-        model = AutoModel.from_config(config, attn_implementation="sdpa")
+        model: torch.nn.Module = AutoModel.from_config(config, attn_implementation="sdpa")
     return model
 
 
@@ -129,7 +129,7 @@ def _strict_load(path: Path) -> torch.nn.Module:
         )
     if info.get("unexpected_keys"):
         log.info("ignoring %d unused tensors in %s", len(info["unexpected_keys"]), path)
-    return model
+    return cast(torch.nn.Module, model)
 
 
 def _resolve_hub(hf_id: str, cache_dir: str | None, offline: bool) -> Path:
@@ -139,17 +139,24 @@ def _resolve_hub(hf_id: str, cache_dir: str | None, offline: bool) -> Path:
     patterns = ["*.json", "*.safetensors"]
     try:
         return Path(
-            snapshot_download(hf_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns)
+            snapshot_download(
+                hf_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns
+            )
         )
     except Exception as cached_exc:
         if offline:
-            raise _unavailable(hf_id, f"not in the local cache ({type(cached_exc).__name__}), "
-                               "and downloads are off (offline mode)") from cached_exc
+            raise _unavailable(
+                hf_id,
+                f"not in the local cache ({type(cached_exc).__name__}), "
+                "and downloads are off (offline mode)",
+            ) from cached_exc
     try:
         return Path(snapshot_download(hf_id, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _unavailable(hf_id, f"not in the local cache and the download failed: {reason}") from exc
+        raise _unavailable(
+            hf_id, f"not in the local cache and the download failed: {reason}"
+        ) from exc
 
 
 def _unavailable(hf_id: str, why: str) -> ModelUnavailableError:

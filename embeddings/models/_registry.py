@@ -98,7 +98,8 @@ REGISTRY["rad-dino"] = ModelCfg(
     mean=(0.5307, 0.5307, 0.5307),
     std=(0.2583, 0.2583, 0.2583),
     license="MIT (research use only, not for clinical practice)",
-    paper="Pérez-García et al. 2025, Exploring scalable medical image encoders beyond text supervision",
+    paper="Pérez-García et al. 2025, Exploring scalable medical image encoders beyond text "
+    "supervision",
     depth=12,
     heads=12,
     mlp_dim=3072,

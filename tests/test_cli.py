@@ -1,0 +1,116 @@
+"""The ``radcache`` console script, run as a real process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydicom.data import get_testdata_file
+
+from tests.conftest import TEST_SECRET
+from tests.dicomgen import phantom, write_series
+
+_SCRIPT = Path(sys.executable).with_name("radcache")
+RADCACHE = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "radcache.service.cli"]
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    e = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run(
+        [*RADCACHE, *args], capture_output=True, text=True, env=e, timeout=240, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("study")
+    write_series(root / "ct", phantom(5, 20, 20), shuffle=True, random_names=True)
+    write_series(root / "mr", phantom(4, 16, 16, seed=3), modality="MR", intercept=0.0)
+    return root
+
+
+def test_embed_json_then_cache_hit(study: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "s.zarr")
+    first = run("embed", str(study), "--model", "dinov2-tiny-random", "--store", store, "--json")
+    assert first.returncode == 0, first.stderr
+    out = json.loads(first.stdout)
+    assert sorted(s["modality"] for s in out["series"]) == ["CT", "MR"]
+    assert {s["cache"] for s in out["series"]} == {"miss"} and out["errors"] == []
+    assert set(out["series"][0]) >= {"study", "series", "modality", "slices", "cache", "seconds"}
+    again = json.loads(
+        run("embed", str(study), "--model", "dinov2-tiny-random", "--store", store, "--json").stdout
+    )
+    assert {s["cache"] for s in again["series"]} == {"hit"}
+    shown = json.loads(run("show", store, "--json").stdout)
+    assert sorted(e["slices"] for e in shown) == [4, 5]
+
+
+def test_bad_input_exit_code_and_messages(study: Path, tmp_path: Path) -> None:
+    junk = tmp_path / "readme.txt"
+    junk.write_text("hello")
+    p = run(
+        "embed",
+        str(study / "ct"),
+        str(junk),
+        get_testdata_file("MR_truncated.dcm"),
+        "--model",
+        "dinov2-tiny-random",
+        "--store",
+        str(tmp_path / "s.zarr"),
+    )
+    assert p.returncode == 1
+    assert "[not-dicom]" in p.stderr and "readme.txt" in p.stderr
+    assert "[truncated-file]" in p.stderr and "MR_truncated.dcm" in p.stderr
+    assert "1 series (0 cached), 2 error(s)" in p.stdout
+    assert "RANDOM WEIGHTS" in p.stderr
+
+
+def test_unavailable_model_is_one_clear_message(study: Path, tmp_path: Path) -> None:
+    p = run(
+        "embed",
+        str(study),
+        "--model",
+        "dinov2-base",
+        "--store",
+        str(tmp_path / "s.zarr"),
+        env={"HF_HOME": str(tmp_path / "hf")},
+    )
+    assert p.returncode == 2
+    assert "[model-unavailable]" in p.stderr and "--model /path/to/checkpoint" in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_env_settings_and_models_listing(study: Path, tmp_path: Path) -> None:
+    store = tmp_path / "env.zarr"
+    p = run(
+        "embed",
+        str(study / "mr"),
+        "--json",
+        env={
+            "RADCACHE_MODEL": "dinov2-tiny-random",
+            "RADCACHE_STORE": str(store),
+            "RADCACHE_PRECISION": "fp32",
+        },
+    )
+    assert p.returncode == 0, p.stderr
+    (entry,) = json.loads(run("show", str(store), "--json").stdout)
+    assert entry["precision"] == "fp32"
+    models = json.loads(run("models", "--json").stdout)
+    names = {m["name"] for m in models}
+    assert {"dinov2-small", "dinov2-giant-reg", "rad-dino", "dinov2-tiny-random"} <= names
+    help_text = run("embed", "--help").stdout
+    for flag in (
+        "--model",
+        "--store",
+        "--recipe",
+        "--patch-tokens",
+        "--device",
+        "--precision",
+        "--batch-size",
+        "--json",
+    ):
+        assert flag in help_text

@@ -1,0 +1,177 @@
+"""The Zarr store: round trips, plain-zarr readability, atomic writes, bulk tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from radcache.embeddings import EmbeddingStore, open_store
+from radcache.embeddings.errors import AmbiguousReferenceError, NotFoundError, StoreMismatchError
+
+
+def _attrs(
+    series: str,
+    *,
+    model: str = "m",
+    recipe: str = "r" * 16,
+    dim: int = 8,
+    n: int = 3,
+    part: str = "",
+) -> dict:
+    return {
+        "volume": {
+            "study": "st",
+            "series": series,
+            "part": part,
+            "modality": "CT",
+            "patient": None,
+        },
+        "n_slices": n,
+        "model": {"name": model, "dim": dim, "weights_hash": "w" * 32},
+        "recipe": {"x": 1},
+        "recipe_hash": recipe,
+        "precision": "fp32",
+        "space": f"{model}.{recipe[:8]}",
+    }
+
+
+def _arrays(n: int = 3, dim: int = 8, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    cls = rng.normal(size=(n, dim)).astype(np.float32)
+    return {
+        "cls": cls,
+        "pooled": cls.mean(0),
+        "mean_patch": rng.normal(size=(n, dim)).astype(np.float32),
+        "positions": np.arange(n * 3, dtype=np.float64).reshape(n, 3),
+        "slice_index": np.arange(n, dtype=np.int32),
+        "patch": rng.normal(size=(n, 2, 2, dim)).astype(np.float16),
+    }
+
+
+def _key(i: int) -> str:
+    return f"{i:032x}"
+
+
+def test_round_trip_and_plain_zarr_read(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    arrays = _arrays()
+    info = st.write(_key(1), _attrs("ser1"), arrays)
+    assert info.n_slices == 3 and "patch" in info.kinds
+    ro = open_store(store_path)
+    assert [e.key for e in ro.series()] == [_key(1)]
+    for kind in ("cls", "pooled", "patch", "positions"):
+        np.testing.assert_array_equal(ro.read("ser1", kind), arrays[kind])  # type: ignore[arg-type]
+    # A researcher without radcache: plain zarr
+    g = zarr.open_group(str(store_path), mode="r")
+    np.testing.assert_array_equal(g[f"entries/{_key(1)}/cls"][:], arrays["cls"])
+    assert g[f"entries/{_key(1)}"].attrs["radcache"]["volume"]["series"] == "ser1"
+    assert g[f"entries/{_key(1)}/patch"].chunks == (1, 2, 2, 8)  # one chunk per slice
+    # …or xarray, with named dimensions
+    import xarray as xr
+
+    ds = xr.open_zarr(store_path / "entries" / _key(1), consolidated=False)
+    assert ds["patch"].dims == ("slice", "patch_row", "patch_col", "feature")
+    np.testing.assert_array_equal(ds["cls"].values, arrays["cls"])
+
+
+def test_tables_hold_every_series_vector(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    for i in range(5):
+        st.write(_key(i), _attrs(f"ser{i}", n=i + 1), _arrays(n=i + 1, seed=i))
+    (space,) = st.spaces()
+    t = open_store(store_path).table(space)
+    assert t.keys == [_key(i) for i in range(5)]
+    assert t.offsets.tolist() == [0, 1, 3, 6, 10, 15]
+    for i in range(5):
+        a = _arrays(n=i + 1, seed=i)
+        np.testing.assert_array_equal(t.pooled[i], a["pooled"])
+        np.testing.assert_array_equal(t.slice_cls(i), a["cls"])
+
+
+def test_crash_mid_write_leaves_nothing_visible(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = EmbeddingStore(store_path)
+    st.write(_key(1), _attrs("ok"), _arrays())
+    real = zarr.Array.__setitem__
+    calls = {"n": 0}
+
+    def failing(self, sel, value):  # fail on the third array write
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError("disk full")
+        return real(self, sel, value)
+
+    monkeypatch.setattr(zarr.Array, "__setitem__", failing)
+    with pytest.raises(OSError, match="disk full"):
+        st.write(_key(2), _attrs("broken"), _arrays(seed=2))
+    monkeypatch.setattr(zarr.Array, "__setitem__", real)
+    ro = open_store(store_path)
+    assert [e.series for e in ro.series()] == ["ok"]
+    assert ro.get(_key(2)) is None
+    assert ro.table(ro.spaces()[0]).keys == [_key(1)]
+    # the same key written again replaces the debris
+    EmbeddingStore(store_path).write(_key(2), _attrs("broken"), _arrays(seed=2))
+    assert {e.series for e in open_store(store_path).series()} == {"ok", "broken"}
+
+
+def test_table_row_past_the_commit_point_is_ignored(
+    store_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    st = EmbeddingStore(store_path)
+    st.write(_key(1), _attrs("a"), _arrays())
+    space = st.spaces()[0]
+    g = st.root[f"tables/{space}"]
+    meta = dict(g.attrs["radcache"])
+    # simulate a crash after the rows were appended but before the count was committed
+    g["pooled"].resize((5, 8))
+    g["pooled"][1:] = 99.0
+    assert open_store(store_path).table(space).pooled.shape == (1, 8)
+    assert g.attrs["radcache"] == meta
+
+
+def test_missing_entry_is_reindexed(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    info = st.write(_key(1), _attrs("a"), _arrays())
+    g = st.root[f"tables/{info.space}"]
+    meta = dict(g.attrs["radcache"])
+    g.attrs["radcache"] = {**meta, "count": 0, "slices": 0}  # as if the table append was lost
+    fresh = EmbeddingStore(store_path)
+    fresh.ensure_indexed(info)
+    assert fresh.table(info.space).keys == [_key(1)]
+
+
+def test_references_and_errors(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    st.write(_key(1), _attrs("same", model="m1"), _arrays())
+    st.write(_key(2), _attrs("same", model="m2"), _arrays())
+    with pytest.raises(AmbiguousReferenceError) as exc:
+        st.resolve("same")
+    assert _key(1) in str(exc.value) and exc.value.code == "ambiguous-reference"
+    assert st.resolve("same", model="m2").key == _key(2)
+    assert st.resolve(_key(1)).model == "m1"
+    with pytest.raises(NotFoundError):
+        st.resolve("nope")
+    with pytest.raises(NotFoundError, match="cls_last"):
+        st.read(_key(1), "cls_last")
+    with pytest.raises(NotFoundError, match="no radcache store"):
+        open_store(store_path.parent / "missing.zarr")
+
+
+def test_pseudonym_secret_is_bound(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    st.bind_pseudonyms("aaaa")
+    st.bind_pseudonyms("aaaa")
+    with pytest.raises(StoreMismatchError, match="another pseudonym secret"):
+        EmbeddingStore(store_path).bind_pseudonyms("bbbb")
+
+
+def test_fsspec_url_store() -> None:
+    url = "memory://radcache-test-store"
+    st = EmbeddingStore(url)
+    st.write(_key(7), _attrs("mem"), _arrays())
+    again = EmbeddingStore(url, mode="r")
+    np.testing.assert_array_equal(again.read("mem", "pooled"), _arrays()["pooled"])
