@@ -16,6 +16,7 @@ Series assembly follows what careful converters (dcm2niix, ITK's GDCM series rea
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections import defaultdict
@@ -132,6 +133,10 @@ def _fg_value(per: Dataset | None, shared: Dataset | None, seq: str, attr: str) 
         if item is not None and attr in item:
             return item.get(attr)
     return None
+
+
+def _pair(v: np.ndarray | None) -> tuple[float, float] | None:
+    return (float(v[0]), float(v[1])) if v is not None else None
 
 
 def _str(ds: Dataset, kw: str) -> str | None:
@@ -268,7 +273,16 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
     temporal = ds.get("TemporalPositionIdentifier")
     bvalue = ds.get((0x0018, 0x9087))
     frames: list[Frame] = []
-    decoded: dict[str, np.ndarray] = {}
+    # Fields every frame of this file shares, including one decode cache.
+    make = functools.partial(
+        Frame,
+        source=source.name,
+        ds=ds,
+        study_uid=study,
+        series_uid=series,
+        patient_id=patient,
+        decoded={},
+    )
     if per_frame is not None and len(per_frame) == n_frames:
         for i, per in enumerate(per_frame):
             iop = _floats(
@@ -286,21 +300,15 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
             f_echo = _fg_value(per, shared, "MREchoSequence", "EffectiveEchoTime")
             f_b = _fg_value(per, shared, "MRDiffusionSequence", "DiffusionBValue")
             frames.append(
-                Frame(
-                    source=source.name,
-                    ds=ds,
+                make(
                     index=i,
-                    study_uid=study,
-                    series_uid=series,
-                    patient_id=patient,
                     iop=iop,
                     ipp=ipp,
-                    pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
+                    pixel_spacing=_pair(ps),
                     slope=float(slope) if slope is not None else top_slope,
                     intercept=float(inter) if inter is not None else top_intercept,
                     window=_window(_first(per, "FrameVOILUTSequence")) or _window(ds),
                     split=(rows, cols, spp, for_uid, stack, tpos, f_echo, f_b),
-                    decoded=decoded,
                 )
             )
         return frames
@@ -320,22 +328,16 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
             else:
                 f_ipp = None
         frames.append(
-            Frame(
-                source=source.name,
-                ds=ds,
+            make(
                 index=i if n_frames > 1 else None,
-                study_uid=study,
-                series_uid=series,
-                patient_id=patient,
                 iop=iop,
                 ipp=f_ipp,
-                pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
+                pixel_spacing=_pair(ps),
                 slope=top_slope,
                 intercept=top_intercept,
                 window=_window(ds),
                 split=(rows, cols, spp, for_uid, None, temporal, echo, bvalue),
                 acquisition=ds.get("AcquisitionNumber"),
-                decoded=decoded,
             )
         )
     return frames
