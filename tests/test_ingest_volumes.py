@@ -398,3 +398,12 @@ def test_mni152_template_has_sane_geometry():
     corner = affine[:3, :3] @ np.array([x - 1, y - 1, 0]) + affine[:3, 3]
     np.testing.assert_allclose(ras_first, corner, atol=1e-4)
     assert ras_first[0] > 0 and ras_first[1] > 0  # right (+R) and anterior (+A)
+
+
+def test_gzipped_nifti_under_another_name(tmp_path):
+    raw = phantom(seed=21)
+    path = write_nifti(tmp_path / "vol.nii.gz", raw.astype(np.float32))
+    renamed = tmp_path / "upload.bin"
+    renamed.write_bytes(path.read_bytes())
+    a, b = load_one([path]), load_one([renamed])
+    np.testing.assert_array_equal(a.voxels, b.voxels)

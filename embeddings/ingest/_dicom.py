@@ -30,7 +30,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from ..errors import (
     DecodeError,
@@ -184,6 +189,7 @@ def _read(source: Source) -> Dataset:
         raise NotDicomError(
             f"the DICOM header could not be parsed ({exc}).", path=source.name
         ) from exc
+    _check_last_element(ds, source)
     if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
         raise NotDicomError(
             "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=source.name
@@ -201,6 +207,26 @@ def _read(source: Source) -> Dataset:
                 else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
             )
     return ds
+
+
+def _check_last_element(ds: Dataset, source: Source) -> None:
+    """A file cut short ends inside its last element, or inside the header of the next one."""
+    tags = list(ds.keys())
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not tags or tsyntax == DeflatedExplicitVRLittleEndian:  # offsets are in the inflated stream
+        return
+    raw = ds.get_item(tags[-1])
+    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    if not isinstance(length, int) or not isinstance(tell, int) or length == 0xFFFFFFFF:
+        return
+    size = source.path.stat().st_size if source.path is not None else len(source.read())
+    end = tell + length
+    if end > size or 0 < size - end < 8:
+        raise TruncatedFileError(
+            f"the file ends inside element {tags[-1]} (it needs {end} bytes, the file has "
+            f"{size}); it was cut short in transfer — send it again.",
+            path=source.name,
+        )
 
 
 def _check_length(ds: Dataset, name: str) -> None:
@@ -268,6 +294,8 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
     top_slope = float(ds.get("RescaleSlope", 1) or 1)
+    if "DoseGridScaling" in ds:  # RT dose grids: stored value × scaling = Gy
+        top_slope *= float(ds.DoseGridScaling)
     top_intercept = float(ds.get("RescaleIntercept", 0) or 0)
     echo = ds.get("EchoNumbers")
     temporal = ds.get("TemporalPositionIdentifier")
@@ -380,14 +408,35 @@ def assemble(frames: Iterable[Frame]) -> list[DicomSeries]:
     out: list[DicomSeries] = []
     for (_study, _series), members in by_series.items():
         groups: dict[tuple[Any, ...], list[Frame]] = defaultdict(list)
+        seen: set[tuple[str, int | None]] = set()
+        resent = 0
         for f in members:
+            sop = str(f.ds.get("SOPInstanceUID", ""))
+            if sop and (sop, f.index) in seen:  # the same instance sent twice
+                resent += 1
+                continue
+            seen.add((sop, f.index))
             rows, cols, spp, for_uid, stack, tpos, echo, b = f.split
             key = (_iop_key(f.iop), rows, cols, spp, for_uid, stack, tpos, echo, b)
             groups[key].append(f)
         keys = sorted(groups, key=str)
         for key in keys:
-            out.extend(_split_duplicates(groups[key], _part_label(keys, key)))
+            for stack in _split_duplicates(groups[key], _part_label(keys, key)):
+                if resent:
+                    stack.notes.append(
+                        f"{resent} duplicate instance(s) (same SOP Instance UID) ignored"
+                    )
+                out.append(stack)
     return out
+
+
+def _natural(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers numerically (2 before 10), then text."""
+    text = str(value)
+    try:
+        return (0, float(text), text)
+    except ValueError:
+        return (1, 0.0, text)
 
 
 def _projections(frames: list[Frame]) -> np.ndarray | None:
@@ -417,7 +466,7 @@ def _split_duplicates(frames: list[Frame], part: str) -> list[DicomSeries]:
     if len(by_acq) > 1 and all(_distinct_positions(g) for g in by_acq.values()):
         return [
             DicomSeries(frames=g, part=",".join(p for p in (part, f"acquisition={a}") if p))
-            for a, g in sorted(by_acq.items())
+            for a, g in sorted(by_acq.items(), key=lambda kv: _natural(kv[0]))
         ]
     # Leave it whole; decoding reports the duplicate positions as a clear rejection.
     return [DicomSeries(frames=frames, part=part)]
@@ -620,7 +669,10 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         body_part=_str(ds0, "BodyPartExamined"),
         manufacturer_model=_str(ds0, "ManufacturerModelName"),
         series_description=_str(ds0, "SeriesDescription"),
-        photometric="RGB" if voxels.ndim == 4 else photometric,
+        # MONOCHROME1 voxels were inverted above: what is stored now reads as MONOCHROME2.
+        photometric="RGB"
+        if voxels.ndim == 4
+        else photometric.replace("MONOCHROME1", "MONOCHROME2"),
         intensity=intensity,
         window=frames[0].window,
         warnings=tuple(series.notes),

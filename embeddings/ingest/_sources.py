@@ -64,16 +64,30 @@ def _looks_like_dicom_without_preamble(head: bytes) -> bool:
     return le in (0x0002, 0x0008) or be in (0x0002, 0x0008)
 
 
+def _nifti_magic(head: bytes) -> bool:
+    """NIfTI-1 (``n+1``/``ni1`` at byte 344) or NIfTI-2 (``n+2`` at byte 4)."""
+    return (len(head) >= 348 and head[344:348] in (b"n+1\0", b"ni1\0")) or head[4:8] == b"n+2\0"
+
+
+def _gunzip_head(source: Source, n: int = 540) -> bytes:
+    import zlib
+
+    try:
+        return zlib.decompressobj(wbits=31).decompress(source.head(4096), n)
+    except zlib.error:
+        return b""
+
+
 def sniff(source: Source) -> SourceKind:
     """Decide what a source is from its name and first bytes; raise if none of ours."""
     head = source.head(512)
     name = _lower_name(source.name)
     if head[:4] == b"PK\x03\x04":
         return "zip"
-    if name.endswith(NIFTI_SUFFIXES) or (
-        len(head) >= 348 and head[344:348] in (b"n+1\0", b"ni1\0")
-    ):
+    if name.endswith(NIFTI_SUFFIXES) or _nifti_magic(head):
         return "nifti"
+    if head[:2] == b"\x1f\x8b" and _nifti_magic(_gunzip_head(source)):
+        return "nifti"  # a gzipped NIfTI under another name
     if name.endswith(ITK_SUFFIXES):
         return "itk"
     if len(head) >= 132 and head[128:132] == b"DICM":
