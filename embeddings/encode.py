@@ -132,17 +132,32 @@ class Encoder:
         patch_tokens: bool = True,
         last_n: int = 4,
         progress: Callable[[int], None] | None = None,
+        on_batch: Callable[[int, SliceEmbeddings], None] | None = None,
     ) -> SliceEmbeddings:
-        """Run every batch; collect CLS, mean patch token, patch grid (fp16) and last-``n`` CLS."""
+        """Run every batch; collect CLS, mean patch token, patch grid (fp16) and last-``n`` CLS.
+
+        With ``on_batch``, each batch's outputs are handed over as they come (row offset,
+        outputs) and patch grids are not kept in memory: a consumer streams them away.
+        """
         cls_l, mean_l, patch_l, last_l = [], [], [], []
+        start = 0
         for pixels in batches:
             cls, grid, last = self.forward(pixels, last_n=last_n)
-            cls_l.append(cls.float().cpu().numpy())
-            mean_l.append(grid.float().mean(dim=(1, 2)).cpu().numpy())
-            if patch_tokens:
-                patch_l.append(grid.to(torch.float16).cpu().numpy())
-            if last_n > 0:
-                last_l.append(last.float().cpu().numpy())
+            part = SliceEmbeddings(
+                cls=cls.float().cpu().numpy(),
+                mean_patch=grid.float().mean(dim=(1, 2)).cpu().numpy(),
+                patch=grid.to(torch.float16).cpu().numpy() if patch_tokens else None,
+                cls_last=last.float().cpu().numpy() if last_n > 0 else None,
+            )
+            cls_l.append(part.cls)
+            mean_l.append(part.mean_patch)
+            if part.patch is not None and on_batch is None:
+                patch_l.append(part.patch)
+            if part.cls_last is not None:
+                last_l.append(part.cls_last)
+            if on_batch is not None:
+                on_batch(start, part)
+            start += int(pixels.shape[0])
             if progress is not None:
                 progress(int(pixels.shape[0]))
         d = self.cfg.dim

@@ -67,6 +67,19 @@ class Pseudonymizer:
         mac = hmac.new(self.secret, f"{kind}:{value}".encode(), hashlib.sha256)
         return mac.hexdigest()[:_DIGITS]
 
+    def file_digest(self, data: bytes) -> str:
+        """Keyed digest of a file's bytes: recognises a re-sent file without storing its hash.
+
+        xxh3 of the bytes (fast), then HMAC under the secret, so the store cannot be used
+        to confirm a guess of a file's content. ``keep_uids`` is part of the key because
+        it changes the names the file's series gets.
+        """
+        import xxhash
+
+        raw = xxhash.xxh3_128_digest(data)
+        msg = b"file:" + (b"uids:" if self.keep_uids else b"") + raw
+        return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:_DIGITS]
+
     def fingerprint(self) -> str:
         """A short public fingerprint of the secret, recorded in the store."""
         return hmac.new(self.secret, b"radcache-fingerprint", hashlib.sha256).hexdigest()[:16]

@@ -7,6 +7,7 @@ recipe, precision) is already stored runs no model forward.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Iterable
@@ -16,14 +17,14 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from .encode import Encoder
+from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, RadcacheError
 from .ingest import Candidate, scan
-from .ingest._sources import InputItem
+from .ingest._sources import InputItem, Source, expand, sniff
 from .keys import Pseudonymizer, entry_key
 from .preprocess import prepare
 from .recipe import Recipe
-from .store import EmbeddingStore, EntryInfo, space_id
+from .store import EmbeddingStore, EntryInfo, EntryWriter, space_id
 from .volume import Volume
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult"]
@@ -89,6 +90,15 @@ class EmbedReport:
         }
 
 
+def _put_batch(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
+    writer.put("cls", start, part.cls)
+    writer.put("mean_patch", start, part.mean_patch)
+    if part.patch is not None:
+        writer.put("patch", start, part.patch)
+    if part.cls_last is not None:
+        writer.put("cls_last", start, part.cls_last)
+
+
 class Pipeline:
     """Embeds volumes with one encoder into one store, skipping what is cached."""
 
@@ -120,6 +130,13 @@ class Pipeline:
         progress: Progress | None = None,
     ) -> EmbedReport:
         """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on."""
+        inputs = list(inputs)
+        known = self.recognise(inputs)
+        if known is not None:
+            if progress is not None:
+                progress.total(sum(r.slices for r in known.series))
+                progress.advance(sum(r.slices for r in known.series))
+            return known
         found = scan(inputs, self.pseudonymizer, modality=modality)
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
@@ -137,7 +154,66 @@ class Pipeline:
         result = self.embed_volume(volume, progress=progress)
         if progress is not None and result.cache == "hit":
             progress.advance(cand.n_slices)
+        if cand.files:
+            m = volume.meta
+            record = {
+                "study": m.study,
+                "series": m.series,
+                "part": m.part,
+                "modality": m.modality,
+                "photometric": m.photometric,
+                "n_files": len(cand.files),
+                "n_slices": volume.n_slices,
+                "warnings": list(m.warnings),
+            }
+            self.store.remember_files(volume.content_hash(), cand.files, record)
         return result
+
+    def recognise(self, inputs: Iterable[InputItem]) -> EmbedReport | None:
+        """Answer a re-sent submission from file digests alone, or None to take the full path.
+
+        Succeeds only when every input is a DICOM file already seen, the files make up
+        exactly the volumes they made before, and each of those is stored under this
+        pipeline's model, recipe and precision: then no file is parsed or decoded.
+        """
+        t0 = time.perf_counter()
+        digests: list[str] = []
+        for item in expand(inputs):
+            if isinstance(item, InputError):
+                return None
+            data = item.read()
+            if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
+                return None
+            digests.append(self.pseudonymizer.file_digest(data))
+        contents = self.store.recall_files(digests)
+        groups: dict[str, set[str]] = {}
+        for digest, content in zip(digests, contents, strict=True):
+            if content is None:
+                return None
+            groups.setdefault(content, set()).add(digest)
+        found: list[tuple[EntryInfo, dict[str, Any]]] = []
+        cfg, enc = self.encoder.cfg, self.encoder
+        for content, files in groups.items():
+            rec = self.store.volume_record(content)
+            if rec is None or int(rec.get("n_files", -1)) != len(files):
+                return None
+            recipe = self.recipe.resolve(rec.get("modality"), cfg, photometric=rec["photometric"])
+            info = self.store.get(
+                entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
+            )
+            if info is None:
+                return None
+            found.append((info, rec))
+        if not found:
+            return None
+        report = EmbedReport()
+        for info, rec in found:
+            self.store.ensure_indexed(info)
+            refs = {"study": rec["study"], "series": rec["series"], "part": rec["part"]}
+            report.series.append(
+                self._result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
+            )
+        return report
 
     def key_for(self, volume: Volume) -> tuple[str, Recipe]:
         """The cache key of ``volume`` under this pipeline's model, recipe and precision."""
@@ -153,35 +229,41 @@ class Pipeline:
         t0 = time.perf_counter()
         key, recipe = self.key_for(volume)
         meta = volume.meta
+        refs = {"study": meta.study, "series": meta.series, "part": meta.part}
         cached = self.store.get(key)
         if cached is not None:
             self.store.ensure_indexed(cached)
-            self.store.add_alias(
-                key, {"study": meta.study, "series": meta.series, "part": meta.part}
-            )
-            return self._result(cached, "hit", t0, meta.warnings)
+            self.store.add_alias(key, refs)
+            return self._result(cached, "hit", t0, meta.warnings, refs)
         prepared = prepare(volume, recipe, self.encoder.cfg)
+        n, d, (h, w) = prepared.n, self.encoder.cfg.dim, prepared.grid
+        layout: dict[str, tuple[tuple[int, ...], Any]] = {
+            "cls": ((n, d), np.float32),
+            "mean_patch": ((n, d), np.float32),
+            "pooled": ((d,), np.float32),
+            "positions": ((n, 3), np.float64),
+            "slice_index": ((n,), np.int32),
+        }
+        if self.patch_tokens:
+            layout["patch"] = ((n, h, w, d), np.float16)
+        if self.cls_last_n:
+            layout["cls_last"] = ((n, self.cls_last_n, d), np.float32)
+        # Each batch's outputs go to the store as they come (patch grids are never all in
+        # memory); the entry stays invisible until commit().
+        writer = self.store.begin(key, layout)
         emb = self.encoder.encode(
             prepared.batches(self.batch_size),
             patch_tokens=self.patch_tokens,
             last_n=self.cls_last_n,
             progress=progress.advance if progress is not None else None,
+            on_batch=functools.partial(_put_batch, writer),
         )
-        arrays: dict[str, np.ndarray] = {
-            "cls": emb.cls,
-            "mean_patch": emb.mean_patch,
-            "pooled": emb.pooled,
-            "positions": prepared.positions.astype(np.float64),
-            "slice_index": prepared.indices.astype(np.int32),
-        }
-        if emb.patch is not None:
-            arrays["patch"] = emb.patch
-        if emb.cls_last is not None:
-            arrays["cls_last"] = emb.cls_last
-        info = self.store.write(
-            key, self._attrs(volume, prepared.volume, recipe, prepared.grid, prepared.n), arrays
-        )
-        return self._result(info, "miss", t0, meta.warnings)
+        writer.put("pooled", 0, emb.pooled)
+        writer.put("positions", 0, prepared.positions.astype(np.float64))
+        writer.put("slice_index", 0, prepared.indices.astype(np.int32))
+        attrs = self._attrs(volume, prepared.volume, recipe, prepared.grid, n)
+        info = writer.commit(attrs, emb.pooled, emb.cls)
+        return self._result(info, "miss", t0, meta.warnings, refs)
 
     def _attrs(
         self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int
@@ -218,12 +300,17 @@ class Pipeline:
 
     @staticmethod
     def _result(
-        info: EntryInfo, cache: Literal["hit", "miss"], t0: float, warnings: tuple[str, ...]
+        info: EntryInfo,
+        cache: Literal["hit", "miss"],
+        t0: float,
+        warnings: tuple[str, ...],
+        refs: dict[str, str],
     ) -> SeriesResult:
+        """The outcome, named by the references this submission used (maybe an alias)."""
         return SeriesResult(
-            study=info.study,
-            series=info.series,
-            part=info.part,
+            study=refs["study"],
+            series=refs["series"],
+            part=refs["part"],
             entry=info.key,
             modality=info.modality,
             slices=info.n_slices,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -39,7 +39,15 @@ import zarr.storage
 
 from .errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
 
-__all__ = ["ARRAY_KINDS", "STORE_FORMAT", "EmbeddingStore", "EntryInfo", "Table", "open_store"]
+__all__ = [
+    "ARRAY_KINDS",
+    "STORE_FORMAT",
+    "EmbeddingStore",
+    "EntryInfo",
+    "EntryWriter",
+    "Table",
+    "open_store",
+]
 
 STORE_FORMAT = 1
 ARRAY_KINDS = ("cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch")
@@ -147,6 +155,58 @@ class Table:
         return self.cls[self.offsets[i] : self.offsets[i + 1]]
 
 
+class EntryWriter:
+    """One entry being written: arrays are filled piece by piece, metadata comes last."""
+
+    def __init__(
+        self, store: EmbeddingStore, key: str, layout: Mapping[str, tuple[tuple[int, ...], Any]]
+    ) -> None:
+        self.store, self.key = store, key
+        self.group = store.root.require_group("entries").create_group(key, overwrite=True)
+        self.arrays = {
+            name: _create(self.group, name, shape, np.dtype(dt))
+            for name, (shape, dt) in layout.items()
+        }
+
+    def put(self, name: str, start: int, values: np.ndarray) -> None:
+        """Write ``values`` at rows ``start:`` of array ``name`` (the whole array if 0-d)."""
+        arr = self.arrays[name]
+        if values.size == 0:
+            return
+        if arr.ndim == 0 or (start == 0 and values.shape == arr.shape):
+            arr[...] = values
+        else:
+            arr[start : start + values.shape[0]] = values
+
+    def commit(self, attrs: dict[str, Any], pooled: np.ndarray, cls: np.ndarray) -> EntryInfo:
+        """Make the entry visible, then add it to its table."""
+        full = {**attrs, "kinds": sorted(self.arrays), "created": _now(), "complete": True}
+        return self.store._commit(self.group, self.key, full, pooled, cls)
+
+
+def _create(
+    group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]
+) -> zarr.Array[Any]:
+    if name == "patch":  # one chunk per slice, grouped in shards of up to 32 slices
+        shard = (max(1, min(shape[0], _PATCH_SHARD)), *shape[1:])
+        return group.create_array(
+            name,
+            shape=shape,
+            dtype=dtype,
+            chunks=(1, *shape[1:]),
+            shards=shard,
+            compressors=None,
+            dimension_names=DIMS[name],
+        )
+    return group.create_array(
+        name,
+        shape=shape,
+        dtype=dtype,
+        chunks=tuple(max(1, int(d)) for d in shape),
+        dimension_names=DIMS.get(name),
+    )
+
+
 def space_id(model_name: str, weights_hash: str, recipe_hash: str) -> str:
     """Name of the table holding one (model weights, recipe) space."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", model_name)[:48]
@@ -176,6 +236,8 @@ class EmbeddingStore:
         self.read_only = mode == "r"
         self._lock = threading.RLock()
         self._table_keys: dict[str, set[str]] = {}
+        self._files: dict[str, str] = {}
+        self._files_count = 0
         store: zarr.storage.FsspecStore | zarr.storage.LocalStore
         if "://" in self.url and not self.url.startswith("file://"):
             store = zarr.storage.FsspecStore.from_url(
@@ -244,40 +306,35 @@ class EmbeddingStore:
             return None
         return EntryInfo.from_attrs(key, attrs)
 
-    def write(self, key: str, attrs: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> EntryInfo:
-        """Write one entry atomically (arrays first, metadata last), then index it in its table."""
+    def begin(self, key: str, layout: Mapping[str, tuple[tuple[int, ...], Any]]) -> EntryWriter:
+        """Start writing entry ``key`` with arrays of the given ``{name: (shape, dtype)}``.
+
+        Nothing is visible until :meth:`EntryWriter.commit`; an earlier unfinished write
+        of the same key is replaced.
+        """
         if self.read_only:
             raise StoreError(f"store {self.url} is open read-only.")
+        return EntryWriter(self, key, layout)
+
+    def write(self, key: str, attrs: dict[str, Any], arrays: Mapping[str, np.ndarray]) -> EntryInfo:
+        """Write one entry atomically (arrays first, metadata last), then index it in its table."""
+        writer = self.begin(key, {name: (a.shape, a.dtype) for name, a in arrays.items()})
+        for name, arr in arrays.items():
+            writer.put(name, 0, arr)
+        return writer.commit(attrs, arrays["pooled"], arrays["cls"])
+
+    def _commit(
+        self,
+        group: zarr.Group,
+        key: str,
+        attrs: dict[str, Any],
+        pooled: np.ndarray,
+        cls: np.ndarray,
+    ) -> EntryInfo:
         with self._lock:
-            entries = self.root.require_group("entries")
-            g = entries.create_group(key, overwrite=True)
-            for name, arr in arrays.items():
-                if name == "patch":
-                    n = arr.shape[0]
-                    shard = (max(1, min(n, _PATCH_SHARD)), *arr.shape[1:])
-                    a = g.create_array(
-                        name,
-                        shape=arr.shape,
-                        dtype=arr.dtype,
-                        chunks=(1, *arr.shape[1:]),
-                        shards=shard,
-                        compressors=None,
-                        dimension_names=DIMS[name],
-                    )
-                else:
-                    a = g.create_array(
-                        name,
-                        shape=arr.shape,
-                        dtype=arr.dtype,
-                        chunks=tuple(max(1, int(d)) for d in arr.shape),
-                        dimension_names=DIMS.get(name),
-                    )
-                if arr.size:
-                    a[...] = arr
-            full = {**attrs, "kinds": sorted(arrays), "created": _now(), "complete": True}
-            g.attrs["radcache"] = full
-            info = EntryInfo.from_attrs(key, full)
-            self._append(info, arrays["pooled"], arrays["cls"])
+            group.attrs["radcache"] = attrs  # the commit point of the entry
+            info = EntryInfo.from_attrs(key, attrs)
+            self._append(info, pooled, cls)
             return info
 
     def ensure_indexed(self, info: EntryInfo) -> None:
@@ -355,6 +412,76 @@ class EmbeddingStore:
                 "embed with --patch-tokens to keep patch tokens."
             )
         return np.asarray(_array(self.root[f"entries/{info.key}/{kind}"])[...])
+
+    # -- re-sent files ----------------------------------------------------------------
+    # files/ maps keyed file digests to the content hash of the volume they made, and
+    # volumes/<content> records that volume's names, so a re-sent study is recognised
+    # from its bytes alone, before any DICOM parsing or decoding.
+    def remember_files(self, content: str, digests: Iterable[str], record: dict[str, Any]) -> None:
+        """Record that exactly the files ``digests`` make the volume with ``content`` hash."""
+        if self.read_only:
+            return
+        with self._lock:
+            known = self._file_map()
+            new = sorted(d for d in set(digests) if d not in known)
+            vols = self.root.require_group("volumes")
+            if content not in vols:
+                vols.create_group(content).attrs["radcache"] = record
+            if not new:
+                return
+            g = self._files_group()
+            meta = _meta(g)
+            n = int(meta["count"])
+            d_a, c_a = _array(g["digest"]), _array(g["content"])
+            d_a.resize((n + len(new), 2))
+            c_a.resize((n + len(new), 2))
+            d_a[n:] = np.asarray([_key_words(d) for d in new], dtype=np.uint64)
+            c_a[n:] = np.asarray([_key_words(content)] * len(new), dtype=np.uint64)
+            g.attrs["radcache"] = {**meta, "count": n + len(new)}  # the commit point
+            known.update(dict.fromkeys(new, content))
+            self._files_count = n + len(new)
+
+    def recall_files(self, digests: Iterable[str]) -> list[str | None]:
+        """Content hash each file digest is known to belong to (None: never seen)."""
+        known = self._file_map()
+        return [known.get(d) for d in digests]
+
+    def volume_record(self, content: str) -> dict[str, Any] | None:
+        try:
+            return _meta(_group(self.root[f"volumes/{content}"]))
+        except KeyError:
+            return None
+
+    def _files_group(self) -> zarr.Group:
+        if "files" in self.root:
+            return _group(self.root["files"])
+        g = self.root.create_group("files")
+        for name in ("digest", "content"):
+            g.create_array(
+                name,
+                shape=(0, 2),
+                dtype="uint64",
+                chunks=(1 << 16, 2),
+                dimension_names=("file", "word"),
+            )
+        g.attrs["radcache"] = {"count": 0}
+        return g
+
+    def _file_map(self) -> dict[str, str]:
+        try:
+            g = _group(self.root["files"])
+        except KeyError:
+            return self._files
+        n = int(_meta(g).get("count", 0))
+        if n != self._files_count:  # another writer appended: reload
+            words = np.asarray(_array(g["digest"])[:n])
+            contents = np.asarray(_array(g["content"])[:n])
+            self._files = {
+                _words_key(dh, dl): _words_key(ch, cl)
+                for (dh, dl), (ch, cl) in zip(words, contents, strict=True)
+            }
+            self._files_count = n
+        return self._files
 
     # -- tables ------------------------------------------------------------------------
     def spaces(self) -> list[str]:

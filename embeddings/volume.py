@@ -146,10 +146,12 @@ class Volume:
 
     def content_hash(self) -> str:
         """Hash of decoded voxels and geometry: equal for equal images, whatever the file format."""
+        if "_content_hash" in self.__dict__:  # computed once per volume (frozen: no setattr)
+            return str(self.__dict__["_content_hash"])
         h = xxhash.xxh3_128()
         vox = np.ascontiguousarray(self.voxels, dtype=np.float32)
         h.update(repr(vox.shape).encode())
-        h.update(vox.tobytes())
+        h.update(vox.data)  # the buffer itself, no copy
         g = self.geometry
         geo = np.concatenate(
             [
@@ -162,4 +164,5 @@ class Volume:
         # Round so that float noise from different file formats hashes alike (µm precision).
         h.update((np.round(geo, 3) + 0.0).tobytes())  # + 0.0 folds -0.0 into 0.0
         h.update(self.meta.photometric.encode())
-        return h.hexdigest()
+        self.__dict__["_content_hash"] = h.hexdigest()
+        return str(self.__dict__["_content_hash"])

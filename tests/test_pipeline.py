@@ -168,3 +168,40 @@ def test_stored_record_describes_the_embedding(
     assert st.read(r.entry, "cls_last").shape == (6, min(4, tiny.cfg.depth), tiny.cfg.dim)
     z = st.read(r.entry, "positions")[:, 2]
     assert np.all(np.diff(z) > 0)  # slices stored inferior → superior whatever the file order
+
+
+def test_resent_files_are_recognised_without_parsing(
+    tiny: Encoder,
+    tmp_path: Path,
+    store_path: Path,
+    pseudo: Pseudonymizer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import radcache.embeddings.pipeline as pipeline_mod
+
+    a = write_series(tmp_path / "in" / "a", phantom(5, 16, 16), shuffle=True)
+    b = write_series(tmp_path / "in" / "b", phantom(4, 16, 16, seed=4))
+    first = _pipe(tiny, store_path, pseudo).embed([tmp_path / "in"])
+    assert [r.cache for r in first.series] == ["miss", "miss"]
+    assert first.ok
+
+    def no_scan(*a, **k):
+        raise AssertionError("a re-sent submission must not be parsed")
+
+    monkeypatch.setattr(pipeline_mod, "scan", no_scan)
+    before = tiny.forward_count
+    again = _pipe(tiny, store_path, pseudo).embed([tmp_path / "in"])
+    assert tiny.forward_count == before
+    assert sorted((r.series, r.cache, r.entry) for r in again.series) == sorted(
+        (r.series, "hit", r.entry) for r in first.series
+    )
+    monkeypatch.undo()
+    # a subset of a series is a different volume: full path, a new entry
+    partial = _pipe(tiny, store_path, pseudo).embed(a.files[:3])
+    assert [r.cache for r in partial.series] == ["miss"]
+    assert partial.series[0].entry not in {r.entry for r in first.series}
+    # one changed file: full path again, and the unchanged series still hits
+    changed = b.files[0]
+    changed.write_bytes(changed.read_bytes()[:-2] + b"\x01\x00")
+    mixed = _pipe(tiny, store_path, pseudo).embed([a.directory, b.directory])
+    assert sorted(r.cache for r in mixed.series) == ["hit", "miss"]

@@ -37,6 +37,7 @@ class Candidate:
     series: str
     part: str
     loader: Callable[[], Volume] = field(repr=False)
+    files: frozenset[str] = frozenset()  # keyed digests of the DICOM files it came from
 
     def load(self) -> Volume:
         """Decode the pixels; raises :class:`InputError` naming the file on failure."""
@@ -77,7 +78,9 @@ def scan(
         try:
             kind = sniff(item)
             if kind == "dicom":
-                frames.extend(read_frames(item))
+                data = item.read()
+                digest = pseudonymizer.file_digest(data)
+                frames.extend(read_frames(Source.from_bytes(item.name, data), digest))
             elif kind in ("nifti", "itk"):
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
                 for t in range(vf.n_volumes):
@@ -113,6 +116,7 @@ def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
         series=pseudo.name("series", f0.series_uid),
         part=series.part,
         loader=lambda: to_volume(series, pseudo),
+        files=frozenset(f.digest for f in series.frames),
     )
 
 

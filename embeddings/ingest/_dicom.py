@@ -93,6 +93,7 @@ class Frame:
     window: tuple[float, float] | None
     split: tuple[Any, ...]
     acquisition: Any = None
+    digest: str = ""  # keyed digest of the file's bytes (Pseudonymizer.file_digest)
     decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # shared per file
 
 
@@ -251,13 +252,13 @@ class Skipped(Exception):
     """A valid DICOM object that holds no image to embed (SR, RT plan, localizer…)."""
 
 
-def read_frames(source: Source) -> list[Frame]:
+def read_frames(source: Source, digest: str = "") -> list[Frame]:
     """Read one DICOM file into its frames; raise :class:`Skipped` for non-image objects."""
     ds = _read(source)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return _frames(source, ds)
+            return _frames(source, ds, digest)
     except (Skipped, InputError):
         raise
     except Exception as exc:
@@ -268,7 +269,7 @@ def read_frames(source: Source) -> list[Frame]:
         ) from exc
 
 
-def _frames(source: Source, ds: Dataset) -> list[Frame]:
+def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
     sop = str(ds.get("SOPClassUID", ""))
     modality = _str(ds, "Modality") or ""
     if sop in NON_IMAGE_SOP_CLASSES:
@@ -309,6 +310,7 @@ def _frames(source: Source, ds: Dataset) -> list[Frame]:
         study_uid=study,
         series_uid=series,
         patient_id=patient,
+        digest=digest,
         decoded={},
     )
     if per_frame is not None and len(per_frame) == n_frames:
@@ -476,12 +478,44 @@ def _split_duplicates(frames: list[Frame], part: str) -> list[DicomSeries]:
 # Decoding
 
 
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian grey pixels straight from the buffer, when that is exact.
+
+    Covers the common case (8/16-bit, all allocated bits stored, or unsigned) without
+    pydicom's per-file decode machinery; anything else returns None and goes to pydicom.
+    """
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax not in _NATIVE_LE or "PixelData" not in ds or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits not in (8, 16) or (signed and stored != bits):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    buf = ds.PixelData
+    if len(buf) < n * rows * cols * dtype.itemsize:
+        return None
+    arr = np.frombuffer(buf, dtype=dtype, count=n * rows * cols)
+    if not signed and stored < bits:
+        arr = arr & np.asarray((1 << stored) - 1, dtype=dtype)  # drop bits outside BitsStored
+    return arr.reshape((n, rows, cols) if n > 1 else (rows, cols))
+
+
 def _decode_file(frame: Frame) -> np.ndarray:
     """All frames of the file behind ``frame``, decoded once and shared by its frames."""
     cache = frame.decoded
     if "all" in cache:
         return cache["all"]
     ds = frame.ds
+    fast = _native_pixels(ds)
+    if fast is not None:
+        cache["all"] = fast
+        return fast
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         with warnings.catch_warnings():
@@ -528,17 +562,17 @@ def _frame_pixels(frame: Frame) -> np.ndarray:
     return arr
 
 
-def _rescale(arr: np.ndarray, frame: Frame) -> np.ndarray:
+def _rescale_into(arr: np.ndarray, frame: Frame, out: np.ndarray) -> None:
+    """Modality LUT: stored values → ``out`` (float32), e.g. Hounsfield units for CT."""
     ds = frame.ds
     if "ModalityLUTSequence" in ds:
-        return np.asarray(apply_modality_lut(arr, ds), dtype=np.float32)
+        out[...] = apply_modality_lut(arr, ds)
+        return
     slope, inter = frame.slope, frame.intercept
-    if slope == 1.0 and float(inter).is_integer():
-        out = arr.astype(np.float32)
-        if inter:
-            out += np.float32(inter)
-        return out
-    return (arr.astype(np.float64) * slope + inter).astype(np.float32)
+    if slope == 1.0 and float(inter).is_integer():  # exact in float32
+        np.add(arr, np.float32(inter), out=out, casting="unsafe")
+    else:  # as nibabel does: float64 arithmetic, then float32
+        out[...] = arr.astype(np.float64) * slope + inter
 
 
 def _voi(arr: np.ndarray, frame: Frame) -> tuple[np.ndarray, bool]:
@@ -640,21 +674,27 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
     modality = _str(ds0, "Modality")
     photometric = str(ds0.get("PhotometricInterpretation", "MONOCHROME2")).strip()
     use_voi = (modality or "").upper() in VOI_MODALITIES
-    slices = []
+    voxels: np.ndarray | None = None
     voi_applied = False
-    for f in frames:
+    for i, f in enumerate(frames):
         arr = _frame_pixels(f)
         if arr.ndim == 3 and photometric.startswith("MONOCHROME"):
             raise DecodeError(f"expected a 2-D frame, got shape {arr.shape}.", path=f.source)
-        px = _rescale(arr, f) if arr.ndim == 2 else arr.astype(np.float32)
-        if use_voi and arr.ndim == 2:
-            px, applied = _voi(px, f)
-            voi_applied = voi_applied or applied
-        slices.append(px)
-    try:
-        voxels = np.stack(slices)
-    except ValueError as exc:
-        raise InconsistentSeriesError(f"frames differ in size ({exc}).", path=name) from exc
+        if voxels is None:  # one float32 volume, filled slice by slice (no stacking copy)
+            voxels = np.empty((len(frames), *arr.shape), dtype=np.float32)
+        if arr.shape != voxels.shape[1:]:
+            raise InconsistentSeriesError(
+                f"frame of shape {arr.shape} in a series of {voxels.shape[1:]} frames.",
+                path=f.source,
+            )
+        if arr.ndim == 2:
+            _rescale_into(arr, f, voxels[i])
+            if use_voi:
+                voxels[i], applied = _voi(voxels[i], f)
+                voi_applied = voi_applied or applied
+        else:
+            voxels[i] = arr
+    assert voxels is not None
     if photometric == "MONOCHROME1":
         voxels = (voxels.max() + voxels.min()) - voxels
     intensity = "voi" if voi_applied else ("HU" if (modality or "").upper() == "CT" else "modality")

@@ -36,6 +36,10 @@ class Source:
     opener: Callable[[], bytes]
     path: Path | None = None
 
+    @classmethod
+    def from_bytes(cls, name: str, data: bytes) -> Source:
+        return cls(name=name, opener=_const(data))
+
     def read(self) -> bytes:
         return self.opener()
 
@@ -171,7 +175,7 @@ def expand(items: Iterable[InputItem]) -> Iterator[Source | InputError]:
     for item in items:
         if isinstance(item, tuple):
             name, data = item
-            yield from _expand_source(Source(name=name, opener=_const(data)), 0)
+            yield from _expand_source(Source.from_bytes(name, data), 0)
             continue
         path = Path(item)
         if path.is_dir():
