@@ -90,13 +90,10 @@ class EmbedReport:
         }
 
 
-def _put_batch(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
-    writer.put("cls", start, part.cls)
-    writer.put("mean_patch", start, part.mean_patch)
+def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
+    """Stream a batch's patch grids (the bulk of an entry) straight to the store."""
     if part.patch is not None:
         writer.put("patch", start, part.patch)
-    if part.cls_last is not None:
-        writer.put("cls_last", start, part.cls_last)
 
 
 class Pipeline:
@@ -177,18 +174,16 @@ class Pipeline:
         pipeline's model, recipe and precision: then no file is parsed or decoded.
         """
         t0 = time.perf_counter()
-        digests: list[str] = []
+        groups: dict[str, set[str]] = {}
         for item in expand(inputs):
             if isinstance(item, InputError):
                 return None
             data = item.read()
             if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
                 return None
-            digests.append(self.pseudonymizer.file_digest(data))
-        contents = self.store.recall_files(digests)
-        groups: dict[str, set[str]] = {}
-        for digest, content in zip(digests, contents, strict=True):
-            if content is None:
+            digest = self.pseudonymizer.file_digest(data)
+            (content,) = self.store.recall_files([digest])
+            if content is None:  # a new file: stop looking, take the full path
                 return None
             groups.setdefault(content, set()).add(digest)
         found: list[tuple[EntryInfo, dict[str, Any]]] = []
@@ -248,16 +243,21 @@ class Pipeline:
             layout["patch"] = ((n, h, w, d), np.float16)
         if self.cls_last_n:
             layout["cls_last"] = ((n, self.cls_last_n, d), np.float32)
-        # Each batch's outputs go to the store as they come (patch grids are never all in
-        # memory); the entry stays invisible until commit().
+        # Patch grids go to the store batch by batch as they come (never all in memory);
+        # the entry stays invisible until commit().
         writer = self.store.begin(key, layout)
         emb = self.encoder.encode(
             prepared.batches(self.batch_size),
             patch_tokens=self.patch_tokens,
             last_n=self.cls_last_n,
             progress=progress.advance if progress is not None else None,
-            on_batch=functools.partial(_put_batch, writer),
+            on_batch=functools.partial(_put_patches, writer),
         )
+        # The small per-slice arrays are one chunk each: written once, whole.
+        writer.put("cls", 0, emb.cls)
+        writer.put("mean_patch", 0, emb.mean_patch)
+        if emb.cls_last is not None:
+            writer.put("cls_last", 0, emb.cls_last)
         writer.put("pooled", 0, emb.pooled)
         writer.put("positions", 0, prepared.positions.astype(np.float64))
         writer.put("slice_index", 0, prepared.indices.astype(np.int32))
