@@ -175,6 +175,7 @@ class Pipeline:
         """
         t0 = time.perf_counter()
         groups: dict[str, set[str]] = {}
+        known = self.store.file_index()
         for item in expand(inputs):
             if isinstance(item, InputError):
                 return None
@@ -182,7 +183,7 @@ class Pipeline:
             if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
                 return None
             digest = self.pseudonymizer.file_digest(data)
-            (content,) = self.store.recall_files([digest])
+            content = known.get(digest)
             if content is None:  # a new file: stop looking, take the full path
                 return None
             groups.setdefault(content, set()).add(digest)

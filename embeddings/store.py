@@ -441,10 +441,9 @@ class EmbeddingStore:
             known.update(dict.fromkeys(new, content))
             self._files_count = n + len(new)
 
-    def recall_files(self, digests: Iterable[str]) -> list[str | None]:
-        """Content hash each file digest is known to belong to (None: never seen)."""
-        known = self._file_map()
-        return [known.get(d) for d in digests]
+    def file_index(self) -> Mapping[str, str]:
+        """Every known file digest → the content hash of its volume (reloaded if it grew)."""
+        return self._file_map()
 
     def volume_record(self, content: str) -> dict[str, Any] | None:
         try:

@@ -175,3 +175,27 @@ def test_fsspec_url_store() -> None:
     st.write(_key(7), _attrs("mem"), _arrays())
     again = EmbeddingStore(url, mode="r")
     np.testing.assert_array_equal(again.read("mem", "pooled"), _arrays()["pooled"])
+
+
+def test_file_digests_are_remembered_and_committed_last(store_path: Path) -> None:
+    st = EmbeddingStore(store_path)
+    record = {
+        "study": "s",
+        "series": "x",
+        "part": "",
+        "modality": "CT",
+        "photometric": "MONOCHROME2",
+        "n_files": 2,
+        "n_slices": 2,
+        "warnings": [],
+    }
+    st.remember_files(_key(9), [_key(1), _key(2), _key(1)], record)
+    again = open_store(store_path)
+    assert dict(again.file_index()) == {_key(1): _key(9), _key(2): _key(9)}
+    assert again.volume_record(_key(9)) == record
+    assert again.volume_record(_key(8)) is None
+    # rows past the committed count (an interrupted append) are not believed
+    g = st.root["files"]
+    g["digest"].resize((5, 2))
+    g["digest"][2:] = 7
+    assert len(open_store(store_path).file_index()) == 2
