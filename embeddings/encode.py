@@ -89,6 +89,11 @@ def weights_hash(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def _first(output: object) -> torch.Tensor:
+    """A block's output tensor, whether it returns a tensor or a tuple."""
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[return-value]
+
+
 class Encoder:
     """A frozen DINOv2-family backbone on one device, at one precision."""
 
@@ -106,8 +111,23 @@ class Encoder:
     def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
         """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
         x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        with torch.inference_mode():
-            out = self.model(pixel_values=x, output_hidden_states=last_n > 0)
+        # The last blocks' CLS tokens are caught by hooks as the blocks run, rather than
+        # asking for every hidden state (all tokens of every block, kept per batch).
+        caught: list[torch.Tensor] = []
+        hooks = (
+            [
+                block.register_forward_hook(lambda _m, _i, o: caught.append(_first(o)[:, 0]))
+                for block in self._blocks()[-last_n:]
+            ]
+            if last_n > 0
+            else []
+        )
+        try:
+            with torch.inference_mode():
+                out = self.model(pixel_values=x)
+        finally:
+            for hook in hooks:
+                hook.remove()
         self.forward_count += 1
         tokens = out.last_hidden_state
         cls = tokens[:, 0]
@@ -118,12 +138,13 @@ class Encoder:
         if last_n > 0:
             norm: torch.nn.Module = self.model.layernorm  # type: ignore[assignment]
             with torch.inference_mode():
-                last = torch.stack(
-                    [norm(hs[:, 0]) for hs in out.hidden_states[1:][-last_n:]], dim=1
-                )
+                last = norm(torch.stack(caught, dim=1))
         else:
             last = torch.empty(0)
         return cls, grid, last
+
+    def _blocks(self) -> list[torch.nn.Module]:
+        return list(self.model.encoder.layer)  # type: ignore[union-attr, arg-type]
 
     def encode(
         self,

@@ -114,3 +114,44 @@ def test_env_settings_and_models_listing(study: Path, tmp_path: Path) -> None:
         "--json",
     ):
         assert flag in help_text
+
+
+def test_progress_bar_on_a_terminal(study: Path, tmp_path: Path) -> None:
+    """On a terminal (a pseudo-terminal here) embed draws a progress bar on stderr."""
+    import pty
+
+    cmd = [
+        *RADCACHE,
+        "embed",
+        str(study / "ct"),
+        "--model",
+        "dinov2-tiny-random",
+        "--store",
+        str(tmp_path / "s.zarr"),
+    ]
+    env = {
+        **os.environ,
+        "RADCACHE_PSEUDONYM_KEY": TEST_SECRET,
+        "HF_HUB_OFFLINE": "1",
+        "COLUMNS": "100",
+    }
+    out = bytearray()
+
+    def read(fd: int) -> bytes:
+        data = os.read(fd, 65536)
+        out.extend(data)
+        return data
+
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        status = pty.spawn(cmd, read)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert "embedding" in text  # the bar's label, drawn while the series runs
+    assert "5/5" in text  # slices done / total
+    assert "1 series (0 cached), 0 error(s)" in text
