@@ -25,9 +25,15 @@ nothing visible, and the next write of the same key replaces the debris.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
+import os
 import re
+import shutil
 import threading
+import time
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +92,20 @@ def _array(node: object) -> zarr.Array[Any]:
             f"expected a Zarr array, found {type(node).__name__}; the store is damaged."
         )
     return node
+
+
+_STALE_STAGING_S = 24 * 3600
+
+
+def _sweep_staging(staging: Path) -> None:
+    """Remove unfinished writes left by processes that died more than a day ago."""
+    if not staging.is_dir():
+        return
+    cutoff = time.time() - _STALE_STAGING_S
+    for d in staging.iterdir():
+        with contextlib.suppress(OSError):
+            if d.is_dir() and d.stat().st_mtime < cutoff:
+                shutil.rmtree(d)
 
 
 def _now() -> str:
@@ -162,7 +182,10 @@ class EntryWriter:
         self, store: EmbeddingStore, key: str, layout: Mapping[str, tuple[tuple[int, ...], Any]]
     ) -> None:
         self.store, self.key = store, key
-        self.group = store.root.require_group("entries").create_group(key, overwrite=True)
+        # Local stores write into a private staging group that commit() renames into
+        # place, so concurrent writers of one key never see each other's arrays.
+        self.path = f"staging/{key}.{uuid.uuid4().hex}" if store.local_path else f"entries/{key}"
+        self.group = store.root.create_group(self.path, overwrite=True)
         self.arrays = {
             name: _create(self.group, name, shape, np.dtype(dt))
             for name, (shape, dt) in layout.items()
@@ -181,7 +204,7 @@ class EntryWriter:
     def commit(self, attrs: dict[str, Any], pooled: np.ndarray, cls: np.ndarray) -> EntryInfo:
         """Make the entry visible, then add it to its table."""
         full = {**attrs, "kinds": sorted(self.arrays), "created": _now(), "complete": True}
-        return self.store._commit(self.group, self.key, full, pooled, cls)
+        return self.store._commit(self, full, pooled, cls)
 
 
 def _create(
@@ -235,6 +258,8 @@ class EmbeddingStore:
         self.url = str(url)
         self.read_only = mode == "r"
         self._lock = threading.RLock()
+        self.local_path: Path | None = None
+        self._lock_depth = 0
         self._table_keys: dict[str, set[str]] = {}
         self._files: dict[str, str] = {}
         self._files_count = 0
@@ -251,18 +276,25 @@ class EmbeddingStore:
                     "`radcache embed --store`."
                 )
             store = zarr.storage.LocalStore(path, read_only=self.read_only)
-        try:
-            self.root = zarr.open_group(
-                store=store, mode="r" if self.read_only else "a", zarr_format=3
-            )
-        except Exception as exc:
-            raise StoreError(f"could not open the store at {self.url} ({exc}).") from exc
-        meta = _meta(self.root)
-        if not meta:
-            if self.read_only:
-                raise NotFoundError(f"{self.url} is a Zarr store but not a radcache store.")
-            meta = {"format": STORE_FORMAT, "created": _now()}
-            self.root.attrs["radcache"] = meta
+            self.local_path = path
+            if not self.read_only:
+                _sweep_staging(path / "staging")
+        if self.local_path is not None and not self.read_only:
+            self.local_path.mkdir(parents=True, exist_ok=True)  # so the lock file has a home
+        with self._writing() if not self.read_only else contextlib.nullcontext():
+            # Under the lock: two processes creating one new store must not race.
+            try:
+                self.root = zarr.open_group(
+                    store=store, mode="r" if self.read_only else "a", zarr_format=3
+                )
+            except Exception as exc:
+                raise StoreError(f"could not open the store at {self.url} ({exc}).") from exc
+            meta = _meta(self.root)
+            if not meta:
+                if self.read_only:
+                    raise NotFoundError(f"{self.url} is a Zarr store but not a radcache store.")
+                meta = {"format": STORE_FORMAT, "created": _now()}
+                self.root.attrs["radcache"] = meta
         if int(meta.get("format", 0)) != STORE_FORMAT:
             raise StoreMismatchError(
                 f"store {self.url} has format {meta.get('format')}; this radcache reads format "
@@ -272,7 +304,19 @@ class EmbeddingStore:
     # -- identity ----------------------------------------------------------------------
     def bind_pseudonyms(self, fingerprint: str) -> None:
         """Record (first use) or check the fingerprint of the pseudonym secret."""
-        meta = _meta(self.root)
+        if not self.read_only:
+            with self._writing():
+                self._bind(fingerprint)
+        else:
+            self._bind(fingerprint)
+
+    def _bind(self, fingerprint: str) -> None:
+        # Re-read the root's metadata: another process may have bound it since we opened.
+        fresh = zarr.open_group(
+            store=self.root.store, mode="r" if self.read_only else "a", zarr_format=3
+        )
+        self.root = fresh
+        meta = _meta(fresh)
         known = meta.get("pseudonym_fingerprint")
         if known is None and not self.read_only:
             meta["pseudonym_fingerprint"] = fingerprint
@@ -324,23 +368,58 @@ class EmbeddingStore:
         return writer.commit(attrs, arrays["pooled"], arrays["cls"])
 
     def _commit(
-        self,
-        group: zarr.Group,
-        key: str,
-        attrs: dict[str, Any],
-        pooled: np.ndarray,
-        cls: np.ndarray,
+        self, writer: EntryWriter, attrs: dict[str, Any], pooled: np.ndarray, cls: np.ndarray
     ) -> EntryInfo:
-        with self._lock:
-            group.attrs["radcache"] = attrs  # the commit point of the entry
+        key = writer.key
+        with self._writing():
+            existing = self.get(key)
+            if existing is not None:  # another writer finished the same content first
+                self._discard(writer)
+                self.ensure_indexed(existing)
+                return existing
+            writer.group.attrs["radcache"] = attrs
+            if self.local_path is not None:
+                self.root.require_group("entries")
+                final = self.local_path / "entries" / key
+                if final.exists():  # debris of an interrupted direct write
+                    shutil.rmtree(final)
+                os.replace(self.local_path / writer.path, final)  # the commit point
             info = EntryInfo.from_attrs(key, attrs)
             self._append(info, pooled, cls)
             return info
 
+    def _discard(self, writer: EntryWriter) -> None:
+        if self.local_path is not None and writer.path.startswith("staging/"):
+            shutil.rmtree(self.local_path / writer.path, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """Exclusive right to commit: this process's threads, and other processes on a
+        local store (an flock on ``<store>/.radcache.lock``)."""
+        with self._lock:
+            if self.local_path is None or self._lock_depth:  # re-entered: already held
+                self._lock_depth += 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth -= 1
+                return
+            with open(self.local_path / ".radcache.lock", "a+b") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX)
+                self._lock_depth = 1
+                try:
+                    yield
+                finally:
+                    self._lock_depth = 0
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+
     def ensure_indexed(self, info: EntryInfo) -> None:
         """Add an entry to its table if a crash left it out."""
         if info.key not in self._keys_of(info.space):
-            with self._lock:
+            with self._writing():
+                self._table_keys.pop(info.space, None)  # re-read: another process may have
+                if info.key in self._keys_of(info.space):
+                    return
                 g = _group(self.root[f"entries/{info.key}"])
                 pooled, cls = _array(g["pooled"])[...], _array(g["cls"])[...]
                 self._append(info, np.asarray(pooled), np.asarray(cls))
@@ -421,7 +500,7 @@ class EmbeddingStore:
         """Record that exactly the files ``digests`` make the volume with ``content`` hash."""
         if self.read_only:
             return
-        with self._lock:
+        with self._writing():
             known = self._file_map()
             new = sorted(d for d in set(digests) if d not in known)
             vols = self.root.require_group("volumes")

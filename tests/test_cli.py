@@ -156,3 +156,37 @@ def test_progress_bar_on_a_terminal(study: Path, tmp_path: Path) -> None:
     assert "embedding" in text  # the bar's label, drawn while the series runs
     assert "5/5" in text  # slices done / total
     assert "1 series (0 cached), 0 error(s)" in text
+
+
+def test_two_processes_share_one_store(tmp_path: Path) -> None:
+    """Two `radcache embed` processes at once, one series in common: nothing lost or doubled."""
+    x = write_series(tmp_path / "x", phantom(4, 16, 16, seed=31))
+    y = write_series(tmp_path / "y", phantom(4, 16, 16, seed=32))
+    z = write_series(tmp_path / "z", phantom(4, 16, 16, seed=33))
+    store = tmp_path / "shared.zarr"
+    env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1"}
+    args = ["--model", "dinov2-tiny-random", "--store", str(store), "--json"]
+    procs = [
+        subprocess.Popen(
+            [*RADCACHE, "embed", str(a.directory), str(b.directory), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for a, b in ((x, y), (y, z))
+    ]
+    outs = [p.communicate(timeout=240) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    from radcache.embeddings import open_store
+
+    st = open_store(store)
+    entries = st.series()
+    assert len(entries) == 3
+    (space,) = st.spaces()
+    keys = st.table(space).keys
+    assert sorted(keys) == sorted(e.key for e in entries)  # each once in the bulk table
+    for e in entries:
+        assert st.read(e.key, "patch").shape[0] == 4
+    staging = store / "staging"
+    assert not [p for p in staging.iterdir() if p.is_dir()] if staging.exists() else True
