@@ -24,7 +24,7 @@ from .ingest._sources import InputItem, Source, expand, sniff
 from .keys import Pseudonymizer, entry_key
 from .preprocess import prepare
 from .recipe import Recipe
-from .store import EmbeddingStore, EntryInfo, EntryWriter, space_id
+from .store import SHARED_FILE, EmbeddingStore, EntryInfo, EntryWriter, space_id
 from .volume import Volume
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult"]
@@ -138,7 +138,9 @@ class Pipeline:
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
             progress.total(sum(c.n_slices for c in found.candidates))
-        for cand in found.candidates:
+        pending = found.candidates[::-1]
+        while pending:  # popped, so each series' files are freed once it is done
+            cand = pending.pop()
             try:
                 report.series.append(self._embed_candidate(cand, progress))
             except InputError as exc:
@@ -184,7 +186,7 @@ class Pipeline:
                 return None
             digest = self.pseudonymizer.file_digest(data)
             content = known.get(digest)
-            if content is None:  # a new file: stop looking, take the full path
+            if content is None or content == SHARED_FILE:  # new, or part of several volumes
                 return None
             groups.setdefault(content, set()).add(digest)
         found: list[tuple[EntryInfo, dict[str, Any]]] = []

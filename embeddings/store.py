@@ -95,6 +95,8 @@ def _array(node: object) -> zarr.Array[Any]:
 
 
 _STALE_STAGING_S = 24 * 3600
+#: Content label of a file that made more than one volume (later rows override earlier).
+SHARED_FILE = "0" * 32
 
 
 def _sweep_staging(staging: Path) -> None:
@@ -502,7 +504,13 @@ class EmbeddingStore:
             return
         with self._writing():
             known = self._file_map()
-            new = sorted(d for d in set(digests) if d not in known)
+            wanted = set(digests)
+            # A file that made another volume too (a multi-stack multi-frame file) cannot
+            # answer for one volume: it is marked SHARED and never recognised.
+            new = sorted(
+                d for d in wanted if d not in known or known[d] not in (content, SHARED_FILE)
+            )
+            labels = [content if d not in known else SHARED_FILE for d in new]
             vols = self.root.require_group("volumes")
             if content not in vols:
                 vols.create_group(content).attrs["radcache"] = record
@@ -515,9 +523,9 @@ class EmbeddingStore:
             d_a.resize((n + len(new), 2))
             c_a.resize((n + len(new), 2))
             d_a[n:] = np.asarray([_key_words(d) for d in new], dtype=np.uint64)
-            c_a[n:] = np.asarray([_key_words(content)] * len(new), dtype=np.uint64)
+            c_a[n:] = np.asarray([_key_words(c) for c in labels], dtype=np.uint64)
             g.attrs["radcache"] = {**meta, "count": n + len(new)}  # the commit point
-            known.update(dict.fromkeys(new, content))
+            known.update(zip(new, labels, strict=True))
             self._files_count = n + len(new)
 
     def file_index(self) -> Mapping[str, str]:

@@ -199,3 +199,24 @@ def test_file_digests_are_remembered_and_committed_last(store_path: Path) -> Non
     g["digest"].resize((5, 2))
     g["digest"][2:] = 7
     assert len(open_store(store_path).file_index()) == 2
+
+
+def test_a_file_of_two_volumes_is_never_recognised(store_path: Path) -> None:
+    from radcache.embeddings.store import SHARED_FILE
+
+    st = EmbeddingStore(store_path)
+    record = {
+        "study": "s",
+        "series": "x",
+        "part": "stack=1",
+        "modality": "MR",
+        "photometric": "MONOCHROME2",
+        "n_files": 1,
+        "n_slices": 5,
+        "warnings": [],
+    }
+    st.remember_files(_key(21), [_key(5)], record)
+    st.remember_files(_key(21), [_key(5)], record)  # the same volume again: unchanged
+    assert open_store(store_path).file_index()[_key(5)] == _key(21)
+    st.remember_files(_key(22), [_key(5)], {**record, "part": "stack=2"})
+    assert open_store(store_path).file_index()[_key(5)] == SHARED_FILE

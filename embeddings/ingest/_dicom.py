@@ -695,6 +695,8 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         else:
             voxels[i] = arr
     assert voxels is not None
+    for f in frames:  # decoded pixels now live in ``voxels``; free the per-file copies
+        f.decoded.clear()
     if photometric == "MONOCHROME1":
         voxels = (voxels.max() + voxels.min()) - voxels
     intensity = "voi" if voi_applied else ("HU" if (modality or "").upper() == "CT" else "modality")
