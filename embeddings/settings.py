@@ -49,6 +49,13 @@ class Settings(BaseSettings):
     offline: bool | None = Field(
         None, description="never download weights (default: HF_HUB_OFFLINE)"
     )
+    # --- the HTTP service (radcache serve) ---
+    host: str = Field("127.0.0.1", description="address radcache serve listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port radcache serve listens on")
+    db: str = Field("sqlite:///./radcache.db", description="job database (SQLAlchemy URL)")
+    upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
+    max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
+    queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -193,6 +193,61 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
 
 
 @main.command()
+@click.option("--host", help="Listen address. [env RADCACHE_HOST; default 127.0.0.1]")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), help="Port. [env RADCACHE_PORT; default 8000]"
+)
+@click.option("--model", help="Registry name or checkpoint directory. [env RADCACHE_MODEL]")
+@click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
+@click.option("--db", help="Job database URL. [env RADCACHE_DB; default sqlite:///./radcache.db]")
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs."
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where fast.",
+)
+def serve(
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    store: str | None,
+    db: str | None,
+    device: str | None,
+    precision: str | None,
+) -> None:
+    """Run the HTTP service: uploads in, embeddings out (OpenAPI at /docs).
+
+    Every setting is also a RADCACHE_* environment variable (see `radcache embed --help`
+    and embeddings/settings.py); flags override them.
+    """
+    import uvicorn
+
+    from .app import build_resources, create_app
+
+    try:
+        s = _settings(
+            host=host,
+            port=port,
+            model=model,
+            store=store,
+            db=db,
+            device=device,
+            precision=precision,
+        )
+        resources = build_resources(s)  # the model loads here: fail with one clear message
+    except RadcacheError as exc:
+        _fail(exc, False)
+        return
+    if resources.encoder.cfg.random_weights:
+        _err.print(f"[yellow]warning[/] {resources.encoder.cfg.label}: embeddings are meaningless.")
+    label = resources.encoder.cfg.label
+    _err.print(f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store})")
+    uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json: bool) -> None:
     """List the model registry."""

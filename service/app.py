@@ -1,0 +1,118 @@
+"""The FastAPI application: resources loaded once in the lifespan, reached via dependencies.
+
+Entry point :func:`create_app`. The model, store, pipeline, job database and worker are
+made at start-up (or handed in, as ``radcache serve`` does after checking the model can be
+loaded) and live in ``app.state``; routes get them through :data:`ResourcesDep`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.routing import APIRoute
+
+from radcache.embeddings import (
+    EmbeddingStore,
+    Encoder,
+    Pipeline,
+    Settings,
+    __version__,
+    get_settings,
+    load_encoder,
+    load_recipe,
+    open_store,
+)
+
+from . import problems
+from .jobs import JobStore
+from .worker import Worker
+
+__all__ = ["Resources", "ResourcesDep", "create_app"]
+
+
+@dataclass
+class Resources:
+    settings: Settings
+    encoder: Encoder
+    store: EmbeddingStore
+    pipeline: Pipeline
+    jobs: JobStore
+    worker: Worker
+
+    def ready(self) -> tuple[bool, str]:
+        """Model loaded, worker alive and store writable — or why not."""
+        if not self.worker._thread.is_alive():
+            return False, "the worker thread is not running"
+        if self.store.local_path is not None and not os.access(self.store.local_path, os.W_OK):
+            return False, f"the store {self.store.url} is not writable"
+        return True, "ok"
+
+
+def get_resources(request: Request) -> Resources:
+    res: Resources = request.app.state.resources
+    return res
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]
+
+
+def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resources:
+    """Load (or take) the model and open everything the service needs."""
+    enc = encoder or load_encoder(
+        settings.model,
+        device=settings.device,
+        precision=settings.precision,
+        cache_dir=settings.hf_cache_dir,
+        offline=settings.offline,
+    )
+    store = open_store(settings.store, mode="a")
+    pipeline = Pipeline(
+        enc,
+        store,
+        settings.pseudonymizer(),
+        recipe=load_recipe(settings.recipe),
+        patch_tokens=settings.patch_tokens,
+        cls_last_n=settings.cls_last_n,
+        batch_size=settings.batch_size,
+    )
+    jobs = JobStore(settings.db)
+    settings.upload_dir.mkdir(parents=True, exist_ok=True)
+    return Resources(
+        settings, enc, store, pipeline, jobs, Worker(pipeline, jobs, limit=settings.queue_size)
+    )
+
+
+def _operation_id(route: APIRoute) -> str:
+    return route.name  # stable, readable operation ids: submit_study, get_job, …
+
+
+def create_app(settings: Settings | None = None, *, resources: Resources | None = None) -> FastAPI:
+    """The radcache HTTP app. Without ``resources`` the lifespan loads them from settings."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        res = resources or build_resources(settings or get_settings())
+        res.worker.start()
+        app.state.resources = res
+        try:
+            yield
+        finally:
+            res.worker.stop()
+
+    from .api import router
+
+    app = FastAPI(
+        title="radcache",
+        version=__version__,
+        summary="DINOv2-family embeddings of radiology studies, cached.",
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+    )
+    problems.install(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,136 @@
+"""The embedded worker: one thread that runs queued jobs through the pipeline.
+
+HTTP stays responsive while a study embeds: handlers only write the upload and a job row
+and put the job id on a bounded queue. The same job code will run in the scale-out
+workers (a Redis queue instead of this in-process one).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from radcache.embeddings import EmbedReport, Pipeline
+from radcache.embeddings.errors import RadcacheError
+
+from .jobs import JobState, JobStore
+
+__all__ = ["QueueFullError", "Worker", "report_state"]
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(RadcacheError):
+    code = "queue-full"
+    status = 503
+    title = "Too many jobs waiting"
+
+
+def report_state(report: EmbedReport) -> JobState:
+    if report.ok:
+        return "done"
+    return "partially_failed" if report.series else "failed"
+
+
+def public_report(report: EmbedReport, upload: Path) -> dict[str, Any]:
+    """The report with server paths cut back to the names the client uploaded."""
+    out = report.to_dict()
+    prefix = str(upload) + "/"
+    for item in (*out["errors"], *out["skipped"]):
+        if isinstance(item.get("path"), str):
+            item["path"] = item["path"].replace(prefix, "")
+    return out
+
+
+class _JobProgress:
+    """Pipeline progress → the job row, at most a few writes a second."""
+
+    def __init__(self, jobs: JobStore, job_id: str) -> None:
+        self.jobs, self.job_id = jobs, job_id
+        self.done = 0
+        self.last = 0.0
+
+    def total(self, slices: int) -> None:
+        self.jobs.update(self.job_id, slices_total=slices)
+
+    def advance(self, slices: int) -> None:
+        self.done += slices
+        now = time.monotonic()
+        if now - self.last > 0.25:
+            self.last = now
+            self.jobs.update(self.job_id, slices_done=self.done)
+
+    def flush(self) -> None:
+        self.jobs.update(self.job_id, slices_done=self.done)
+
+
+class Worker:
+    """Runs jobs one at a time on a background thread."""
+
+    def __init__(self, pipeline: Pipeline, jobs: JobStore, *, limit: int) -> None:
+        self.pipeline, self.jobs, self.limit = pipeline, jobs, limit
+        self.queue: queue.Queue[str] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="radcache-worker", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        for row in self.jobs.unfinished():  # accepted before a restart: run them now
+            self.queue.put(row.id)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+
+    @property
+    def depth(self) -> int:
+        return self.queue.qsize()
+
+    def check_capacity(self) -> None:
+        """Raise :class:`QueueFullError` (503) when no more jobs may wait."""
+        if self.queue.qsize() >= self.limit:
+            raise QueueFullError(
+                f"{self.queue.qsize()} jobs are already waiting (limit {self.limit}); "
+                "retry later or raise RADCACHE_QUEUE_SIZE."
+            )
+
+    def submit(self, job_id: str) -> None:
+        self.check_capacity()
+        self.queue.put(job_id)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                job_id = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.busy = True
+            try:
+                self.process(job_id)
+            finally:
+                self.busy = False
+                self.queue.task_done()
+
+    def process(self, job_id: str) -> None:
+        row = self.jobs.get(job_id)
+        if row is None:
+            return
+        upload = Path(row.upload)
+        self.jobs.start(job_id)
+        progress = _JobProgress(self.jobs, job_id)
+        modality = (row.options or {}).get("modality")
+        try:
+            report = self.pipeline.embed([upload], modality=modality, progress=progress)
+        except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
+            log.exception("job %s failed", job_id)
+            self.jobs.finish(job_id, "failed", None, failure=f"{type(exc).__name__}: {exc}"[:2000])
+            return
+        progress.flush()
+        self.jobs.finish(job_id, report_state(report), public_report(report, upload))
+        shutil.rmtree(upload, ignore_errors=True)

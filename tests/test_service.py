@@ -1,0 +1,293 @@
+"""The HTTP service: real files through the app, checked against the store; one real server."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from pydicom.data import get_testdata_file
+
+from radcache.embeddings import Settings, open_store
+from radcache.embeddings.encode import Encoder
+from radcache.service.app import build_resources, create_app
+from radcache.service.jobs import JobStore
+from tests.conftest import TEST_SECRET
+from tests.dicomgen import phantom, write_nifti, write_series, zip_bytes
+from tests.test_cli import RADCACHE
+
+
+def _settings(tmp: Path, **kw: object) -> Settings:
+    return Settings(
+        model="dinov2-tiny-random",
+        store=str(tmp / "store.zarr"),
+        db=f"sqlite:///{tmp / 'jobs.db'}",
+        upload_dir=tmp / "uploads",
+        batch_size=4,
+        **kw,
+    )
+
+
+@pytest.fixture
+def client(tmp_path: Path, tiny: Encoder) -> Iterator[TestClient]:
+    app = create_app(resources=build_resources(_settings(tmp_path), encoder=tiny))
+    with TestClient(app) as c:
+        yield c
+
+
+def _files(directory: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        ("files", (p.name, p.read_bytes(), "application/dicom"))
+        for p in sorted(directory.iterdir())
+    ]
+
+
+def _wait(c: TestClient | httpx.Client, location: str, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job = c.get(location).json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {location} did not finish: {job}")
+
+
+def test_submit_wait_fetch_and_resubmit(client: TestClient, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ct", phantom(5, 20, 20), shuffle=True)
+    r = client.post("/v1/studies", files=_files(gen.directory))
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.headers["location"])
+    assert job["state"] == "done" and job["progress"] == {"done": 5, "total": 5}
+    (series,) = job["series"]
+    assert series["modality"] == "CT" and series["cache"] == "miss" and series["slices"] == 5
+    # arrays as .npy equal what the store holds; the pooled vector as JSON
+    npy = client.get(
+        f"/v1/series/{series['series']}/embeddings",
+        params={"kind": "cls"},
+        headers={"accept": "application/x-npy"},
+    )
+    assert npy.headers["content-type"] == "application/x-npy"
+    cls = np.load(io.BytesIO(npy.content))
+    st = open_store(tmp_path / "store.zarr")
+    np.testing.assert_array_equal(cls, st.read(series["entry"], "cls"))
+    pooled = client.get(f"/v1/series/{series['series']}/embeddings").json()
+    np.testing.assert_allclose(pooled["data"], st.read(series["entry"], "pooled"), rtol=1e-6)
+    part = np.load(
+        io.BytesIO(
+            client.get(
+                f"/v1/series/{series['entry']}/embeddings",
+                params={"kind": "patch", "slices": "1:3"},
+            ).content
+        )
+    )
+    np.testing.assert_array_equal(part, st.read(series["entry"], "patch")[1:3])
+    meta = client.get(f"/v1/series/{series['series']}").json()
+    assert (
+        meta["slices"] == 5
+        and meta["model"] == "dinov2-tiny-random"
+        and "spacing" in meta["geometry"]
+    )
+    # the same content again: answered at once, nothing queued
+    again = client.post("/v1/studies", files=_files(gen.directory))
+    assert again.status_code == 200
+    assert [s["cache"] for s in again.json()["series"]] == ["hit"]
+
+
+def test_bodies_zip_and_nifti(client: TestClient, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "mr", phantom(4, 16, 16, seed=2), modality="MR", intercept=0.0)
+    r = client.post(
+        "/v1/studies", content=zip_bytes(gen.directory), headers={"content-type": "application/zip"}
+    )
+    assert r.status_code == 202 and _wait(client, r.headers["location"])["state"] == "done"
+    nii = write_nifti(tmp_path / "v.nii.gz", phantom(3, 16, 16, seed=3).astype(np.float32))
+    r = client.post(
+        "/v1/studies?modality=ct",
+        content=nii.read_bytes(),
+        headers={"content-type": "application/gzip"},
+    )
+    job = _wait(client, r.headers["location"])
+    assert job["state"] == "done" and job["series"][0]["modality"] == "CT"
+
+
+def test_bad_files_fail_alone(client: TestClient, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ok", phantom(3, 16, 16, seed=4))
+    files = [
+        *_files(gen.directory),
+        ("files", ("notes.txt", b"hello", "text/plain")),
+        (
+            "files",
+            (
+                "cut.dcm",
+                Path(get_testdata_file("MR_truncated.dcm")).read_bytes(),
+                "application/dicom",
+            ),
+        ),
+    ]
+    job = _wait(client, client.post("/v1/studies", files=files).headers["location"])
+    assert job["state"] == "partially_failed" and len(job["series"]) == 1
+    codes = {e["path"].split("-", 1)[1]: e["code"] for e in job["errors"]}
+    assert codes == {"notes.txt": "not-dicom", "cut.dcm": "truncated-file"}
+    assert all("/uploads/" not in e["path"] for e in job["errors"])  # no server paths
+    bad = _wait(
+        client,
+        client.post("/v1/studies", files=[("files", ("x.txt", b"x", "text/plain"))]).headers[
+            "location"
+        ],
+    )
+    assert bad["state"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "status", "code"),
+    [
+        ({"content": b"", "headers": {"content-type": "application/zip"}}, 400, "empty-upload"),
+        (
+            {"content": b"{}", "headers": {"content-type": "application/json"}},
+            415,
+            "unsupported-media-type",
+        ),
+    ],
+)
+def test_upload_problems(client: TestClient, kwargs: dict, status: int, code: str) -> None:
+    r = client.post("/v1/studies", **kwargs)
+    assert r.status_code == status
+    assert r.headers["content-type"] == "application/problem+json"
+    body = r.json()
+    assert body["code"] == code and body["status"] == status and "Traceback" not in r.text
+
+
+def test_other_problems_and_openapi(client: TestClient) -> None:
+    for path, status, code in [
+        ("/v1/jobs/nope", 404, "not-found"),
+        ("/v1/series/nope", 404, "not-found"),
+        ("/v1/series/x/embeddings?kind=bogus", 422, "invalid-request"),
+        ("/v1/nowhere", 404, "not-found"),
+    ]:
+        r = client.get(path)
+        assert (r.status_code, r.json()["code"]) == (status, code), path
+        assert r.headers["content-type"] == "application/problem+json"
+    assert client.get("/healthz").json()["status"] == "ok"
+    ready = client.get("/readyz").json()
+    assert "RANDOM" in ready["model"]
+    ops = {
+        op["operationId"]
+        for p in client.get("/openapi.json").json()["paths"].values()
+        for op in p.values()
+    }
+    assert {
+        "submit_study",
+        "get_job",
+        "list_jobs",
+        "get_series",
+        "get_embeddings",
+        "list_models",
+        "healthz",
+        "readyz",
+    } <= ops
+    models = client.get("/v1/models").json()
+    assert [m["name"] for m in models if m["loaded"]] == ["dinov2-tiny-random"]
+
+
+def test_upload_limit(tmp_path: Path, tiny: Encoder) -> None:
+    app = create_app(
+        resources=build_resources(_settings(tmp_path, max_upload_bytes=1000), encoder=tiny)
+    )
+    gen = write_series(tmp_path / "big", phantom(3, 32, 32))
+    with TestClient(app) as c:
+        r = c.post("/v1/studies", files=_files(gen.directory))
+    assert r.status_code == 413 and r.json()["code"] == "payload-too-large"
+    assert not any((tmp_path / "uploads").iterdir())  # nothing half-written stays
+
+
+def test_accepted_jobs_survive_a_restart(tmp_path: Path, tiny: Encoder) -> None:
+    settings = _settings(tmp_path)
+    gen = write_series(tmp_path / "in", phantom(3, 16, 16, seed=6))
+    upload = settings.upload_dir / "pending"
+    shutil.copytree(gen.directory, upload)
+    row = JobStore(settings.db).create(str(upload))  # accepted, then the server died
+    with TestClient(create_app(resources=build_resources(settings, encoder=tiny))) as c:
+        job = _wait(c, f"/v1/jobs/{row.id}")
+    assert job["state"] == "done" and job["series"][0]["slices"] == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_real_server(tmp_path: Path) -> None:
+    port = _free_port()
+    env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        *RADCACHE,
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        "dinov2-tiny-random",
+        "--store",
+        str(tmp_path / "s.zarr"),
+        "--db",
+        f"sqlite:///{tmp_path / 'j.db'}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with httpx.Client(base_url=base, timeout=30) as http:
+            for _ in range(300):
+                try:
+                    if http.get("/readyz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.1)
+            gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=7))
+            r = http.post(
+                "/v1/studies",
+                content=zip_bytes(gen.directory),
+                headers={"content-type": "application/zip"},
+            )
+            assert r.status_code == 202
+            job = _wait(http, r.headers["location"])
+            assert job["state"] == "done"
+            entry = job["series"][0]["entry"]
+            arr = np.load(
+                io.BytesIO(http.get(f"/v1/series/{entry}/embeddings?kind=cls_last4").content)
+            )
+            assert arr.shape == (4, 2, 64)
+    finally:
+        proc.terminate()
+        out = proc.communicate(timeout=30)[0]
+    assert "Traceback" not in out, out
+
+
+def test_serve_without_weights_says_so_once(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "RADCACHE_PSEUDONYM_KEY": TEST_SECRET,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf"),
+    }
+    p = subprocess.run(
+        [*RADCACHE, "serve", "--port", str(_free_port()), "--store", str(tmp_path / "s.zarr")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert p.returncode == 2
+    assert "[model-unavailable]" in p.stderr and "dinov2-tiny-random" in p.stderr
+    assert "Traceback" not in p.stderr
