@@ -450,6 +450,64 @@ class EmbeddingStore:
         """Every complete entry with its metadata."""
         return list(self.iter_entries())
 
+    def delete_study(self, study: str) -> list[str]:
+        """Remove a study (consent withdrawal); returns the entry keys deleted. Idempotent.
+
+        An entry whose content another study also delivered (an alias) stays, named by
+        that study; every other entry of ``study`` goes, with its table rows and its
+        re-sent-file record.
+        """
+        if self.read_only:
+            raise StoreError(f"store {self.url} is open read-only.")
+        gone: list[EntryInfo] = []
+        with self._writing():
+            for e in list(self.iter_entries()):
+                primary = {k: e.attrs["volume"].get(k) for k in ("study", "series", "part")}
+                refs = [primary, *e.attrs.get("aliases", [])]
+                keep = [r for r in refs if r.get("study") != study]
+                if len(keep) == len(refs):
+                    continue
+                g = _group(self.root[f"entries/{e.key}"])
+                if keep:  # another study delivered the same pixels: it keeps the entry
+                    attrs = _meta(g)
+                    attrs["volume"] = {**attrs["volume"], **keep[0]}
+                    attrs["aliases"] = keep[1:]
+                    g.attrs["radcache"] = attrs
+                    continue
+                gone.append(e)
+                content = str(e.attrs.get("content_hash", ""))
+                with contextlib.suppress(KeyError):
+                    del _group(self.root["volumes"])[content]
+                del _group(self.root["entries"])[e.key]
+            for space in {e.space for e in gone}:
+                self._drop_rows(space, {e.key for e in gone if e.space == space})
+        return [e.key for e in gone]
+
+    def _drop_rows(self, space: str, keys: set[str]) -> None:
+        """Rewrite a table without ``keys`` (O(table); the index work will add tombstones)."""
+        t = self.table(space)
+        keep = [i for i, k in enumerate(t.keys) if k not in keys]
+        g = _group(self.root[f"tables/{space}"])
+        cls = [t.slice_cls(i) for i in keep]
+        offsets = np.concatenate([[0], np.cumsum([len(c) for c in cls])]).astype(np.int64)
+        new = {
+            "keys": np.asarray([_key_words(t.keys[i]) for i in keep], dtype=np.uint64).reshape(
+                -1, 2
+            ),
+            "pooled": t.pooled[keep],
+            "cls": np.concatenate(cls) if cls else np.zeros((0, t.pooled.shape[1]), np.float32),
+            "offsets": offsets,
+        }
+        meta = _meta(g)
+        g.attrs["radcache"] = {**meta, "count": 0, "slices": 0}  # nothing visible while rewriting
+        for name, arr in new.items():
+            a = _array(g[name])
+            a.resize(arr.shape)
+            if arr.size:
+                a[...] = arr
+        g.attrs["radcache"] = {**meta, "count": len(keep), "slices": int(offsets[-1])}
+        self._table_keys.pop(space, None)
+
     def resolve(self, ref: str, *, model: str | None = None) -> EntryInfo:
         """An entry by key, or by series name (``series`` or ``series#part``)."""
         info = self.get(ref) if re.fullmatch(r"[0-9a-f]{32}", ref) else None

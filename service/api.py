@@ -20,13 +20,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
-from radcache.embeddings import REGISTRY, EmbedReport
+from radcache.embeddings import REGISTRY, EmbedReport, EntryInfo
 from radcache.embeddings.errors import InputError, NotFoundError, RadcacheError
 
 from .app import Resources, ResourcesDep
 from .jobs import JobRow
 from .problems import PROBLEM, problem
-from .schemas import EntryOut, Health, JobOut, ModelOut, Problem
+from .schemas import EntryOut, Health, JobOut, ModelOut, Problem, StudyOut
 
 __all__ = ["router"]
 
@@ -186,7 +186,10 @@ def list_jobs(res: ResourcesDep, limit: Annotated[int, Query(ge=1, le=500)] = 50
 
 
 def _entry_out(res: Resources, series: str) -> EntryOut:
-    e = res.store.resolve(series)
+    return _entry(res.store.resolve(series))
+
+
+def _entry(e: EntryInfo) -> EntryOut:
     a = e.attrs
     return EntryOut(
         entry=e.key,
@@ -204,6 +207,53 @@ def _entry_out(res: Resources, series: str) -> EntryOut:
         geometry=dict(a.get("geometry", {})),
         recipe=dict(a.get("recipe", {})),
     )
+
+
+def _studies(res: Resources) -> dict[str, list[EntryInfo]]:
+    out: dict[str, list[EntryInfo]] = {}
+    for e in res.store.iter_entries():
+        for study in {e.study, *(a.get("study") for a in e.attrs.get("aliases", []))}:
+            out.setdefault(str(study), []).append(e)
+    return out
+
+
+def _study_out(study: str, entries: list[EntryInfo]) -> StudyOut:
+    return StudyOut(
+        study=study,
+        modalities=sorted({e.modality for e in entries if e.modality}),
+        series=[_entry(e) for e in entries],
+    )
+
+
+@router.get("/v1/studies", response_model=list[StudyOut], summary="Cached studies")
+def list_studies(
+    res: ResourcesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[StudyOut]:
+    studies = sorted(_studies(res).items())[offset : offset + limit]
+    return [_study_out(s, es) for s, es in studies]
+
+
+@router.get(
+    "/v1/studies/{study}", response_model=StudyOut, responses=_ERRORS, summary="One cached study"
+)
+def get_study(study: str, res: ResourcesDep) -> StudyOut:
+    entries = _studies(res).get(study)
+    if not entries:
+        raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
+    return _study_out(study, entries)
+
+
+@router.delete(
+    "/v1/studies/{study}",
+    status_code=204,
+    responses=_ERRORS,
+    summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
+)
+def delete_study(study: str, res: ResourcesDep) -> Response:
+    res.store.delete_study(study)
+    return Response(status_code=204)
 
 
 @router.get(

@@ -16,6 +16,7 @@ __all__ = [
     "Problem",
     "Progress",
     "SeriesOut",
+    "StudyOut",
 ]
 
 
@@ -80,6 +81,12 @@ class EntryOut(BaseModel):
     created: str
     geometry: dict[str, Any]
     recipe: dict[str, Any]
+
+
+class StudyOut(BaseModel):
+    study: str = Field(description="keyed pseudonym of the StudyInstanceUID (or the UID if kept)")
+    modalities: list[str]
+    series: list[EntryOut]
 
 
 class ModelOut(BaseModel):

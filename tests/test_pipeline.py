@@ -205,3 +205,21 @@ def test_resent_files_are_recognised_without_parsing(
     changed.write_bytes(changed.read_bytes()[:-2] + b"\x01\x00")
     mixed = _pipe(tiny, store_path, pseudo).embed([a.directory, b.directory])
     assert sorted(r.cache for r in mixed.series) == ["hit", "miss"]
+
+
+def test_deleting_a_study_keeps_content_another_study_sent(
+    tiny: Encoder, tmp_path: Path, store_path: Path, pseudo: Pseudonymizer
+) -> None:
+    raw = phantom(3, 16, 16, seed=50)
+    a = write_series(tmp_path / "a", raw)
+    b = write_series(tmp_path / "b", raw)  # the same pixels under other UIDs
+    pipe = _pipe(tiny, store_path, pseudo)
+    ra, rb = pipe.embed([a.directory]).series[0], pipe.embed([b.directory]).series[0]
+    assert ra.entry == rb.entry and rb.cache == "hit" and ra.study != rb.study
+    st = EmbeddingStore(store_path)
+    assert st.delete_study(ra.study) == []  # b still refers to the entry
+    info = st.resolve(rb.entry)
+    assert info.study == rb.study and info.attrs.get("aliases") == []
+    assert st.delete_study(rb.study) == [rb.entry]
+    assert st.series() == [] and all(not st.table(s).keys for s in st.spaces())
+    assert st.delete_study(rb.study) == []

@@ -291,3 +291,26 @@ def test_serve_without_weights_says_so_once(tmp_path: Path) -> None:
     assert p.returncode == 2
     assert "[model-unavailable]" in p.stderr and "dinov2-tiny-random" in p.stderr
     assert "Traceback" not in p.stderr
+
+
+def test_studies_listing_and_consent_withdrawal(client: TestClient, tmp_path: Path) -> None:
+    a = write_series(tmp_path / "a", phantom(3, 16, 16, seed=11))
+    b = write_series(tmp_path / "b", phantom(4, 16, 16, seed=12), modality="MR", intercept=0.0)
+    ja = _wait(client, client.post("/v1/studies", files=_files(a.directory)).headers["location"])
+    jb = _wait(client, client.post("/v1/studies", files=_files(b.directory)).headers["location"])
+    sa, sb = ja["series"][0], jb["series"][0]
+    studies = {s["study"]: s for s in client.get("/v1/studies").json()}
+    assert set(studies) == {sa["study"], sb["study"]}
+    assert studies[sb["study"]]["modalities"] == ["MR"]
+    assert client.get(f"/v1/studies/{sa['study']}").json()["series"][0]["slices"] == 3
+    assert client.delete(f"/v1/studies/{sa['study']}").status_code == 204
+    assert client.delete(f"/v1/studies/{sa['study']}").status_code == 204  # idempotent
+    assert client.get(f"/v1/studies/{sa['study']}").status_code == 404
+    assert client.get(f"/v1/series/{sa['series']}").status_code == 404
+    st = open_store(tmp_path / "store.zarr")
+    (space,) = {e.space for e in st.series()}
+    assert st.table(space).keys == [sb["entry"]]  # gone from the bulk table too
+    # nothing of it is left to recognise: sending it again embeds it again
+    again = client.post("/v1/studies", files=_files(a.directory))
+    assert again.status_code == 202
+    assert _wait(client, again.headers["location"])["series"][0]["cache"] == "miss"
