@@ -829,3 +829,28 @@ def test_enhanced_and_bundled_files_carry_no_identifiers(tmp_path):
         str(ds.StudyInstanceUID),
     ]:
         assert value not in text, value
+
+
+def test_zip_bomb_is_refused_before_inflating():
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.dcm", b"\0" * (50 << 20))  # 50 MiB of zeros packs to ~50 kB
+    vols, errs = load([("bomb.zip", buf.getvalue())])
+    assert vols == []
+    assert codes(errs) == ["unsupported-input"]
+    assert "inflate" in str(errs[0]) and errs[0].path == "bomb.zip"
+
+
+def test_zip_member_names_cannot_escape(tmp_path):
+    import zipfile
+
+    s = write_series(tmp_path / "s", phantom(2, 8, 8, seed=60))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for i, f in enumerate(s.files):
+            zf.writestr(f"../../../../tmp/escape{i}.dcm", f.read_bytes())
+    vols, errs = load([("evil.zip", buf.getvalue())])
+    assert errs == [] and vols[0].n_slices == 2
+    assert not list(Path("/tmp").glob("escape*.dcm"))

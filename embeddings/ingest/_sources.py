@@ -26,6 +26,9 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _SKIP_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _MAX_ZIP_DEPTH = 2
+#: Largest total a zip may inflate to, and the largest inflation ratio (zip-bomb guard).
+MAX_ZIP_BYTES = 16 << 30
+MAX_ZIP_RATIO = 200
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,19 @@ def _zip_members(data: bytes, name: str, depth: int) -> Iterator[Source | InputE
     except zipfile.BadZipFile as exc:
         yield UnsupportedInputError(f"not a readable zip archive ({exc}).", path=name)
         return
-    for info in zf.infolist():
+    # Members are read in memory, never extracted, so names like ../../etc cannot escape;
+    # the declared sizes are checked before anything is inflated (zip bombs).
+    infos = zf.infolist()
+    total = sum(i.file_size for i in infos)
+    packed = max(1, sum(i.compress_size for i in infos))
+    if total > MAX_ZIP_BYTES or total / packed > MAX_ZIP_RATIO:
+        yield UnsupportedInputError(
+            f"the archive would inflate to {total} bytes from {packed} ({total / packed:.0f}:1); "
+            f"expected at most {MAX_ZIP_BYTES} bytes and {MAX_ZIP_RATIO}:1. Send it in parts.",
+            path=name,
+        )
+        return
+    for info in infos:
         base = info.filename.rsplit("/", 1)[-1]
         if info.is_dir() or info.filename.startswith("__MACOSX/") or base in _SKIP_NAMES:
             continue
