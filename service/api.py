@@ -159,6 +159,7 @@ async def submit_study(
         raise
     if known is not None:
         shutil.rmtree(dest, ignore_errors=True)
+        res.metrics.job(0.0, [s.to_dict() for s in known.series])
         row = res.jobs.create(str(dest), state="done", report=known.to_dict(), options=options)
         row.slices_done = row.slices_total = sum(s.slices for s in known.series)
         res.jobs.update(row.id, slices_done=row.slices_done, slices_total=row.slices_total)
@@ -330,6 +331,16 @@ def list_models(res: ResourcesDep) -> list[ModelOut]:
         )
         for c in REGISTRY.values()
     ]
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain; version=0.0.4": {}}}},
+    summary="Prometheus metrics",
+)
+def metrics(res: ResourcesDep) -> Response:
+    return Response(res.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")

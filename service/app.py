@@ -8,12 +8,12 @@ loaded) and live in ``app.state``; routes get them through :data:`ResourcesDep`.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
 
 from radcache.embeddings import (
@@ -30,6 +30,7 @@ from radcache.embeddings import (
 
 from . import problems
 from .jobs import JobStore
+from .metrics import Metrics
 from .worker import Worker
 
 __all__ = ["Resources", "ResourcesDep", "create_app"]
@@ -43,6 +44,7 @@ class Resources:
     pipeline: Pipeline
     jobs: JobStore
     worker: Worker
+    metrics: Metrics
 
     def ready(self) -> tuple[bool, str]:
         """Model loaded, worker alive and store writable — or why not."""
@@ -82,9 +84,10 @@ def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resou
     )
     jobs = JobStore(settings.db)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
-    return Resources(
-        settings, enc, store, pipeline, jobs, Worker(pipeline, jobs, limit=settings.queue_size)
-    )
+    worker = Worker(pipeline, jobs, limit=settings.queue_size)
+    metrics = Metrics(lambda: worker.depth)
+    worker.on_done = metrics.job
+    return Resources(settings, enc, store, pipeline, jobs, worker, metrics)
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -115,4 +118,17 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     )
     problems.install(app)
     app.include_router(router)
+
+    @app.middleware("http")
+    async def _count(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        res: Resources | None = getattr(request.app.state, "resources", None)
+        if res is not None:
+            res.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
+        return response
+
     return app

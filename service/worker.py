@@ -12,6 +12,7 @@ import queue
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +73,16 @@ class _JobProgress:
 class Worker:
     """Runs jobs one at a time on a background thread."""
 
-    def __init__(self, pipeline: Pipeline, jobs: JobStore, *, limit: int) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        jobs: JobStore,
+        *,
+        limit: int,
+        on_done: Callable[[float, list[dict[str, Any]]], None] | None = None,
+    ) -> None:
         self.pipeline, self.jobs, self.limit = pipeline, jobs, limit
+        self.on_done = on_done
         self.queue: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radcache-worker", daemon=True)
@@ -125,6 +134,7 @@ class Worker:
         self.jobs.start(job_id)
         progress = _JobProgress(self.jobs, job_id)
         modality = (row.options or {}).get("modality")
+        t0 = time.monotonic()
         try:
             report = self.pipeline.embed([upload], modality=modality, progress=progress)
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
@@ -132,5 +142,8 @@ class Worker:
             self.jobs.finish(job_id, "failed", None, failure=f"{type(exc).__name__}: {exc}"[:2000])
             return
         progress.flush()
-        self.jobs.finish(job_id, report_state(report), public_report(report, upload))
+        out = public_report(report, upload)
+        self.jobs.finish(job_id, report_state(report), out)
+        if self.on_done is not None:
+            self.on_done(time.monotonic() - t0, out["series"])
         shutil.rmtree(upload, ignore_errors=True)

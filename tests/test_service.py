@@ -9,6 +9,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,12 +18,12 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
-from radcache.embeddings import Settings, open_store
-from radcache.embeddings.encode import Encoder
+from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, Settings, open_store
+from radcache.embeddings.encode import Encoder, load_encoder
 from radcache.service.app import build_resources, create_app
 from radcache.service.jobs import JobStore
 from tests.conftest import TEST_SECRET
-from tests.dicomgen import phantom, write_nifti, write_series, zip_bytes
+from tests.dicomgen import GeneratedSeries, phantom, write_nifti, write_series, zip_bytes
 from tests.test_cli import RADCACHE
 
 
@@ -100,6 +101,15 @@ def test_submit_wait_fetch_and_resubmit(client: TestClient, tmp_path: Path) -> N
     again = client.post("/v1/studies", files=_files(gen.directory))
     assert again.status_code == 200
     assert [s["cache"] for s in again.json()["series"]] == ["hit"]
+    metrics = client.get("/metrics").text
+    assert 'radcache_series_total{cache="miss"} 1.0' in metrics
+    assert 'radcache_series_total{cache="hit"} 1.0' in metrics
+    assert 'radcache_slices_total{cache="miss"} 5.0' in metrics
+    assert (
+        'radcache_http_requests_total{method="POST",route="/v1/studies",status="202"} 1.0'
+        in metrics
+    )
+    assert "radcache_queue_depth 0.0" in metrics and "radcache_job_seconds_count" in metrics
 
 
 def test_bodies_zip_and_nifti(client: TestClient, tmp_path: Path) -> None:
@@ -266,6 +276,37 @@ def test_real_server(tmp_path: Path) -> None:
                 io.BytesIO(http.get(f"/v1/series/{entry}/embeddings?kind=cls_last4").content)
             )
             assert arr.shape == (4, 2, 64)
+            # 20 different studies uploaded at once all complete, with the library's results
+            studies = [
+                write_series(tmp_path / f"c{i}", phantom(3, 16, 16, seed=100 + i))
+                for i in range(20)
+            ]
+
+            def post(g: GeneratedSeries) -> str:
+                body = zip_bytes(g.directory)
+                r = http.post(
+                    "/v1/studies", content=body, headers={"content-type": "application/zip"}
+                )
+                assert r.status_code == 202, r.text
+                return str(r.headers["location"])
+
+            with ThreadPoolExecutor(20) as pool:
+                locations = list(pool.map(post, studies))
+            jobs = [_wait(http, loc, timeout=120) for loc in locations]
+        assert all(j["state"] == "done" for j in jobs)
+        entries = [j["series"][0]["entry"] for j in jobs]
+        assert len(set(entries)) == 20
+        served = open_store(tmp_path / "s.zarr")
+        local = Pipeline(
+            load_encoder("dinov2-tiny-random", device="cpu"),
+            EmbeddingStore(tmp_path / "l.zarr"),
+            Pseudonymizer(TEST_SECRET.encode()),
+            batch_size=32,
+        )
+        for g, e in zip(studies, entries, strict=True):
+            (mine,) = local.embed([g.directory]).series
+            assert mine.entry == e  # same key: same pixels, weights, recipe, precision
+            np.testing.assert_array_equal(served.read(e, "cls"), local.store.read(e, "cls"))
     finally:
         proc.terminate()
         out = proc.communicate(timeout=30)[0]
