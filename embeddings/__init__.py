@@ -7,19 +7,59 @@ The stages, each a module with one entry point:
 * :func:`load_encoder` (encode) — model registry → :class:`Encoder`
 * :func:`open_store` (store) — the Zarr cache
 * :class:`Pipeline` — composes them, skipping cached volumes
+
+Names load on first use (PEP 562), so ``radcache.embeddings.errors`` or ``.settings`` can be
+imported without pulling in torch.
 """
 
-from .encode import Encoder, SliceEmbeddings, load_encoder
-from .errors import RadcacheError
-from .ingest import Candidate, ScanResult, load_volumes, scan
-from .keys import Pseudonymizer
-from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
-from .pipeline import EmbedReport, Pipeline, SeriesResult, __version__
-from .preprocess import Prepared, prepare
-from .recipe import Recipe, load_recipe
-from .settings import Settings, get_settings
-from .store import EmbeddingStore, EntryInfo, open_store
-from .volume import Geometry, Volume, VolumeMeta
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .encode import Encoder, SliceEmbeddings, load_encoder
+    from .errors import RadcacheError
+    from .ingest import Candidate, ScanResult, load_volumes, scan
+    from .keys import Pseudonymizer
+    from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
+    from .pipeline import EmbedReport, Pipeline, SeriesResult, __version__
+    from .preprocess import Prepared, prepare
+    from .recipe import Recipe, load_recipe
+    from .settings import Settings, get_settings
+    from .store import EmbeddingStore, EntryInfo, open_store
+    from .volume import Geometry, Volume, VolumeMeta
+
+_WHERE = {
+    "Encoder": "encode",
+    "SliceEmbeddings": "encode",
+    "load_encoder": "encode",
+    "RadcacheError": "errors",
+    "Candidate": "ingest",
+    "ScanResult": "ingest",
+    "load_volumes": "ingest",
+    "scan": "ingest",
+    "Pseudonymizer": "keys",
+    "DEFAULT_MODEL": "models",
+    "REGISTRY": "models",
+    "ModelCfg": "models",
+    "EmbedReport": "pipeline",
+    "Pipeline": "pipeline",
+    "SeriesResult": "pipeline",
+    "__version__": "pipeline",
+    "Prepared": "preprocess",
+    "prepare": "preprocess",
+    "Recipe": "recipe",
+    "load_recipe": "recipe",
+    "Settings": "settings",
+    "get_settings": "settings",
+    "EmbeddingStore": "store",
+    "EntryInfo": "store",
+    "open_store": "store",
+    "Geometry": "volume",
+    "Volume": "volume",
+    "VolumeMeta": "volume",
+}
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -51,3 +91,15 @@ __all__ = [
     "prepare",
     "scan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

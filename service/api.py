@@ -20,13 +20,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import UploadFile
 
+from radcache.clients.models import EntryOut, Health, JobOut, ModelOut, Problem, StudyOut
 from radcache.embeddings import REGISTRY, EmbedReport, EntryInfo
 from radcache.embeddings.errors import InputError, NotFoundError, RadcacheError
 
 from .app import Resources, ResourcesDep
 from .jobs import JobRow
 from .problems import PROBLEM, problem
-from .schemas import EntryOut, Health, JobOut, ModelOut, Problem, StudyOut
 
 __all__ = ["router"]
 

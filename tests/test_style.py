@@ -36,7 +36,7 @@ def test_mypy_clean() -> None:
     assert p.returncode == 0, p.stdout + p.stderr
 
 
-@pytest.mark.parametrize("module", ["radcache.embeddings", "radcache.embeddings.errors"])
+@pytest.mark.parametrize("module", ["radcache.embeddings.errors", "radcache.clients"])
 def test_exported_members(module: str) -> None:
     """``__all__`` is exactly the public, non-module names (httpx's exported-members test)."""
     import importlib
@@ -49,3 +49,15 @@ def test_exported_members(module: str) -> None:
         if not n.startswith("_") and not isinstance(v, types.ModuleType) and n != "annotations"
     }
     assert set(mod.__all__) == public | {n for n in mod.__all__ if n.startswith("__")}
+
+
+def test_lazy_package_exports_resolve_without_torch_until_used() -> None:
+    """radcache.embeddings loads names on first use; each name in __all__ resolves."""
+    code = (
+        "import sys, radcache.embeddings as e, radcache.embeddings.errors, radcache.clients;"
+        "assert 'torch' not in sys.modules, 'torch imported too early';"
+        "[getattr(e, n) for n in e.__all__];"
+        "assert set(e.__all__) <= set(dir(e))"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 0, p.stderr

@@ -12,9 +12,10 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import ModelError, ModelUnavailableError
 from ._registry import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, ModelCfg, get_cfg
@@ -45,6 +46,7 @@ def _hf_config(cfg: ModelCfg) -> Any:
 
 def build_random(cfg: ModelCfg) -> torch.nn.Module:
     """The labelled random-weight model: same seed, same weights, on every run."""
+    import torch
     from transformers import AutoModel
 
     config = _hf_config(cfg)
@@ -113,6 +115,7 @@ def _cfg_from_checkpoint(path: Path, base: ModelCfg | None) -> ModelCfg:
 
 
 def _strict_load(path: Path) -> torch.nn.Module:
+    import torch
     from transformers import AutoModel
 
     model, info = AutoModel.from_pretrained(

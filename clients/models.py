@@ -1,4 +1,4 @@
-"""Response models of the HTTP API (separate from internal values, never returned raw)."""
+"""Wire models of the HTTP API, shared by the service and the clients (pydantic only, no torch)."""
 
 from __future__ import annotations
 

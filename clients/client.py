@@ -1,0 +1,230 @@
+"""``RadcacheClient`` and ``AsyncRadcacheClient``: the HTTP API from Python, without torch.
+
+from radcache.clients import RadcacheClient
+with RadcacheClient("http://127.0.0.1:8000") as rc:
+    job = rc.submit(["study.zip"], wait=True)
+    vec = rc.embeddings(job.series[0].series)            # pooled vector
+    cls = rc.embeddings(job.series[0].entry, kind="cls")  # (n_slices, D)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+
+from ._core import (
+    RETRY_STATUSES,
+    Input,
+    RadcacheAPIError,
+    backoff,
+    check,
+    finished,
+    iter_files,
+    npy,
+    parts,
+)
+from .models import EntryOut, JobOut, ModelOut, StudyOut
+
+__all__ = ["AsyncRadcacheClient", "RadcacheAPIError", "RadcacheClient"]
+
+
+def _params(kind: str, slices: str | None) -> dict[str, str]:
+    return {"kind": kind, **({"slices": slices} if slices else {})}
+
+
+class RadcacheClient:
+    """Synchronous client. ``http`` lets tests pass an ``httpx.Client`` of their own."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float = 120.0,
+        retries: int = 4,
+        http: httpx.Client | None = None,
+    ) -> None:
+        self.http = http or httpx.Client(base_url=url, timeout=timeout)
+        self.retries = retries
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.http.close()
+
+    def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return check(r)
+            time.sleep(backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def submit(
+        self,
+        inputs: Iterable[Input],
+        *,
+        wait: bool = True,
+        modality: str | None = None,
+        poll: float = 0.5,
+        timeout: float | None = None,
+    ) -> JobOut:
+        """Upload files/directories/zips/NIfTI (one multipart request); optionally wait."""
+        files, handles = parts(list(iter_files(inputs)))
+        try:
+            params = {"modality": modality} if modality else None
+            job = JobOut.model_validate(
+                self._call("POST", "/v1/studies", files=files, params=params).json()
+            )
+        finally:
+            for h in handles:
+                h.close()
+        return self.wait(job.id, poll=poll, timeout=timeout) if wait and not finished(job) else job
+
+    def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = self.job(job_id)
+            if finished(job):
+                return job
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+            time.sleep(poll)
+
+    def job(self, job_id: str) -> JobOut:
+        return JobOut.model_validate(self._call("GET", f"/v1/jobs/{job_id}").json())
+
+    def jobs(self, limit: int = 50) -> list[JobOut]:
+        return [
+            JobOut.model_validate(j)
+            for j in self._call("GET", "/v1/jobs", params={"limit": limit}).json()
+        ]
+
+    def series(self, series: str) -> EntryOut:
+        return EntryOut.model_validate(self._call("GET", f"/v1/series/{series}").json())
+
+    def embeddings(
+        self, series: str, kind: str = "pooled", *, slices: str | None = None
+    ) -> np.ndarray:
+        """An array of a cached series (``.npy`` on the wire)."""
+        r = self._call(
+            "GET",
+            f"/v1/series/{series}/embeddings",
+            params=_params(kind, slices),
+            headers={"accept": "application/x-npy"},
+        )
+        return npy(r)
+
+    def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
+        r = self._call("GET", "/v1/studies", params={"limit": limit, "offset": offset})
+        return [StudyOut.model_validate(s) for s in r.json()]
+
+    def delete(self, study: str) -> None:
+        self._call("DELETE", f"/v1/studies/{study}")
+
+    def models(self) -> list[ModelOut]:
+        return [ModelOut.model_validate(m) for m in self._call("GET", "/v1/models").json()]
+
+
+class AsyncRadcacheClient:
+    """The same API for asyncio code."""
+
+    def __init__(
+        self,
+        url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float = 120.0,
+        retries: int = 4,
+        http: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.http = http or httpx.AsyncClient(base_url=url, timeout=timeout)
+        self.retries = retries
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.http.aclose()
+
+    async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                r = await self.http.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+            else:
+                if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                    return check(r)
+            await asyncio.sleep(backoff(attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def submit(
+        self,
+        inputs: Iterable[Input],
+        *,
+        wait: bool = True,
+        modality: str | None = None,
+        poll: float = 0.5,
+        timeout: float | None = None,
+    ) -> JobOut:
+        files, handles = parts(list(iter_files(inputs)))
+        try:
+            params = {"modality": modality} if modality else None
+            r = await self._call("POST", "/v1/studies", files=files, params=params)
+            job = JobOut.model_validate(r.json())
+        finally:
+            for h in handles:
+                h.close()
+        return (
+            await self.wait(job.id, poll=poll, timeout=timeout)
+            if wait and not finished(job)
+            else job
+        )
+
+    async def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            job = await self.job(job_id)
+            if finished(job):
+                return job
+            if end is not None and time.monotonic() > end:
+                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+            await asyncio.sleep(poll)
+
+    async def job(self, job_id: str) -> JobOut:
+        return JobOut.model_validate((await self._call("GET", f"/v1/jobs/{job_id}")).json())
+
+    async def embeddings(
+        self, series: str, kind: str = "pooled", *, slices: str | None = None
+    ) -> np.ndarray:
+        r = await self._call(
+            "GET",
+            f"/v1/series/{series}/embeddings",
+            params=_params(kind, slices),
+            headers={"accept": "application/x-npy"},
+        )
+        return npy(r)
+
+    async def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
+        r = await self._call("GET", "/v1/studies", params={"limit": limit, "offset": offset})
+        return [StudyOut.model_validate(s) for s in r.json()]
+
+    async def delete(self, study: str) -> None:
+        await self._call("DELETE", f"/v1/studies/{study}")
