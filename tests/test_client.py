@@ -1,0 +1,147 @@
+"""radcache.clients and the client CLI commands, against a real server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from radcache.clients import AsyncRadcacheClient, RadcacheAPIError, RadcacheClient
+from radcache.embeddings import open_store
+from tests.conftest import TEST_SECRET
+from tests.dicomgen import phantom, write_series
+from tests.test_cli import RADCACHE, run
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    root = tmp_path_factory.mktemp("server")
+    port = _free_port()
+    env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1"}
+    cmd = [
+        *RADCACHE,
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        "dinov2-tiny-random",
+        "--store",
+        str(root / "s.zarr"),
+        "--db",
+        f"sqlite:///{root / 'j.db'}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("radcache serve did not become ready")
+        yield url, root / "s.zarr"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_client_round_trip(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, store = server
+    gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=70))
+    with RadcacheClient(url) as rc:
+        job = rc.submit([gen.directory], wait=True, timeout=60)
+        assert job.state == "done" and job.series[0].slices == 4
+        entry = job.series[0].entry
+        cls = rc.embeddings(entry, "cls")
+        np.testing.assert_array_equal(cls, open_store(store).read(entry, "cls"))
+        assert rc.embeddings(entry, "patch", slices="1:3").shape[0] == 2
+        assert rc.series(job.series[0].series).slices == 4
+        assert any(s.study == job.series[0].study for s in rc.studies())
+        again = rc.submit([gen.directory], wait=False)
+        assert again.state == "done" and again.series[0].cache == "hit"  # answered at once
+        with pytest.raises(RadcacheAPIError) as exc:
+            rc.job("nope")
+        assert exc.value.code == "not-found" and exc.value.status == 404
+        rc.delete(job.series[0].study)
+        with pytest.raises(RadcacheAPIError, match="not-found"):
+            rc.series(entry)
+
+
+def test_async_client(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = server
+    gen = write_series(tmp_path / "mr", phantom(3, 16, 16, seed=71), modality="MR", intercept=0.0)
+
+    async def go() -> tuple[str, np.ndarray]:
+        async with AsyncRadcacheClient(url) as rc:
+            job = await rc.submit([gen.directory], wait=True, timeout=60)
+            return job.state, await rc.embeddings(job.series[0].entry)
+
+    state, pooled = asyncio.run(go())
+    assert state == "done" and pooled.shape == (64,)
+
+
+def test_client_retries_on_503_then_gives_up() -> None:
+    calls = {"n": 0}
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            return httpx.Response(
+                503, json={"code": "queue-full", "title": "busy", "detail": "later"}
+            )
+        return httpx.Response(200, json=[])
+
+    transport = httpx.MockTransport(handler)  # the retry policy alone, no server needed
+    with RadcacheClient(
+        http=httpx.Client(transport=transport, base_url="http://x"), retries=3
+    ) as rc:
+        assert rc.jobs() == [] and calls["n"] == 3
+    always = httpx.MockTransport(lambda r: httpx.Response(503, json={"code": "queue-full"}))
+    with (
+        RadcacheClient(http=httpx.Client(transport=always, base_url="http://x"), retries=1) as rc,
+        pytest.raises(RadcacheAPIError) as exc,
+    ):
+        rc.jobs()
+    assert exc.value.code == "queue-full"
+
+
+def test_client_cli(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = server
+    gen = write_series(tmp_path / "ct", phantom(3, 16, 16, seed=72))
+    p = run("submit", str(gen.directory), "--url", url, "--json")
+    assert p.returncode == 0, p.stderr
+    job = json.loads(p.stdout)
+    assert job["state"] == "done"
+    listed = json.loads(run("jobs", "--url", url, "--json").stdout)
+    assert job["id"] in {j["id"] for j in listed}
+    out = tmp_path / "cls.npy"
+    g = run("get", job["series"][0]["entry"], "--kind", "cls", "-o", str(out), "--url", url)
+    assert g.returncode == 0, g.stderr
+    assert np.load(out).shape == (3, 64)
+    down = run("jobs", "--url", "http://127.0.0.1:9", "--json")
+    assert down.returncode == 2 and "error" in json.loads(down.stdout)
+
+
+def test_client_needs_no_torch() -> None:
+    code = "import sys, radcache.clients; assert 'torch' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
