@@ -84,7 +84,9 @@ def _safe_name(name: str | None, index: int) -> str:
     return f"{index:05d}-{base}"[:200]
 
 
-class _Budget:
+class Budget:
+    """Bytes an upload may still use; raises payload-too-large (413) past the limit."""
+
     def __init__(self, limit: int) -> None:
         self.left = limit
         self.limit = limit
@@ -101,7 +103,7 @@ class _Budget:
 async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, Any]:
     """Stream the request into ``dest`` (one file per part); returns form options."""
     declared = int(request.headers.get("content-length") or 0)
-    budget = _Budget(limit)
+    budget = Budget(limit)
     budget.spend(declared)  # refuse early when the client says how big it is
     budget.left = limit
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
@@ -210,7 +212,7 @@ def _entry(e: EntryInfo) -> EntryOut:
     )
 
 
-def _studies(res: Resources) -> dict[str, list[EntryInfo]]:
+def cached_studies(res: Resources) -> dict[str, list[EntryInfo]]:
     out: dict[str, list[EntryInfo]] = {}
     for e in res.store.iter_entries():
         for study in {e.study, *(a.get("study") for a in e.attrs.get("aliases", []))}:
@@ -232,7 +234,7 @@ def list_studies(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> list[StudyOut]:
-    studies = sorted(_studies(res).items())[offset : offset + limit]
+    studies = sorted(cached_studies(res).items())[offset : offset + limit]
     return [_study_out(s, es) for s, es in studies]
 
 
@@ -240,7 +242,7 @@ def list_studies(
     "/v1/studies/{study}", response_model=StudyOut, responses=_ERRORS, summary="One cached study"
 )
 def get_study(study: str, res: ResourcesDep) -> StudyOut:
-    entries = _studies(res).get(study)
+    entries = cached_studies(res).get(study)
     if not entries:
         raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
     return _study_out(study, entries)

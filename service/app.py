@@ -108,6 +108,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             res.worker.stop()
 
     from .api import router
+    from .dicomweb import router as dicomweb_router
 
     app = FastAPI(
         title="radcache",
@@ -118,6 +119,7 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     )
     problems.install(app)
     app.include_router(router)
+    app.include_router(dicomweb_router)
 
     @app.middleware("http")
     async def _count(

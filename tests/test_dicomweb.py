@@ -1,0 +1,133 @@
+"""DICOMweb STOW-RS with a real DICOMweb client (dicomweb-client) against a real server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pydicom
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from requests import HTTPError
+
+from tests.conftest import TEST_SECRET
+from tests.dicomgen import phantom, write_series
+from tests.test_cli import RADCACHE
+from tests.test_client import _free_port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    root = tmp_path_factory.mktemp("dicomweb")
+    port = _free_port()
+    env = {
+        **os.environ,
+        "RADCACHE_PSEUDONYM_KEY": TEST_SECRET,
+        "HF_HUB_OFFLINE": "1",
+        "RADCACHE_KEEP_UIDS": "true",
+    }
+    cmd = [
+        *RADCACHE,
+        "serve",
+        "--port",
+        str(port),
+        "--model",
+        "dinov2-tiny-random",
+        "--store",
+        str(root / "s.zarr"),
+        "--db",
+        f"sqlite:///{root / 'j.db'}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _wait(url: str, location: str) -> dict:
+    for _ in range(600):
+        job = httpx.get(url + location).json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(job)
+
+
+def test_stow_a_whole_series_with_dicomweb_client(server: str, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ct", phantom(5, 16, 16, seed=80), shuffle=True)
+    datasets = [pydicom.dcmread(f) for f in gen.files]
+    client = DICOMwebClient(url=f"{server}/dicom-web")
+    response = client.store_instances(datasets=datasets)
+    refs = response.ReferencedSOPSequence
+    assert {r.ReferencedSOPInstanceUID for r in refs} == {d.SOPInstanceUID for d in datasets}
+    assert "FailedSOPSequence" not in response
+    # the instances were queued for embedding: the study shows up, by its UID (kept here)
+    for _ in range(600):
+        found = client.search_for_studies(search_filters={"StudyInstanceUID": gen.study_uid})
+        if found:
+            break
+        time.sleep(0.05)
+    (study,) = found
+    assert study["0020000D"]["Value"] == [gen.study_uid]
+    assert study["00080061"]["Value"] == ["CT"]
+
+
+def test_stow_mixed_good_and_bad_parts(server: str, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "mr", phantom(3, 16, 16, seed=81), modality="MR", intercept=0.0)
+    boundary = "radcache-test-boundary"
+    parts = [f.read_bytes() for f in gen.files] + [b"not a dicom file at all"]
+    body = (
+        b"".join(
+            b"--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n"
+            for p in parts
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+
+    def chunks() -> Iterator[bytes]:  # chunked transfer, unquoted boundary
+        for i in range(0, len(body), 1000):
+            yield body[i : i + 1000]
+
+    r = httpx.post(
+        f"{server}/dicom-web/studies",
+        content=chunks(),
+        headers={"content-type": f"multipart/related; type=application/dicom; boundary={boundary}"},
+    )
+    assert r.status_code == 202
+    assert r.headers["content-type"] == "application/dicom+json"
+    ds = pydicom.Dataset.from_json(r.json())
+    assert len(ds.ReferencedSOPSequence) == 3 and len(ds.FailedSOPSequence) == 1
+    assert ds.FailedSOPSequence[0].FailureReason == 0xC000
+    job = _wait(server, r.headers["location"])
+    assert job["state"] == "done" and job["series"][0]["slices"] == 3
+
+
+def test_stow_to_the_wrong_study_is_a_conflict(server: str, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "x", phantom(2, 16, 16, seed=82))
+    client = DICOMwebClient(url=f"{server}/dicom-web")
+    with pytest.raises(HTTPError) as exc:
+        client.store_instances(
+            datasets=[pydicom.dcmread(f) for f in gen.files], study_instance_uid="1.2.3.4"
+        )
+    assert exc.value.response.status_code == 409
+    bad = httpx.post(
+        f"{server}/dicom-web/studies", content=b"x", headers={"content-type": "application/json"}
+    )
+    assert bad.status_code == 415 and bad.json()["code"] == "unsupported-media-type"
