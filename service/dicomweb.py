@@ -15,8 +15,8 @@ import warnings
 from pathlib import Path
 from typing import IO, Annotated, Any
 
-import multipart
 import pydicom
+import python_multipart
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 
@@ -98,8 +98,16 @@ def _check_part(path: Path, study: str | None) -> tuple[str, str, int | None]:
     return sop_class, sop, None
 
 
-@router.post("/dicom-web/studies", summary="STOW-RS: store instances (and embed them)")
-@router.post("/dicom-web/studies/{study}", summary="STOW-RS: store instances of one study")
+@router.post(
+    "/dicom-web/studies",
+    operation_id="stow_studies",
+    summary="STOW-RS: store instances (and embed them)",
+)
+@router.post(
+    "/dicom-web/studies/{study}",
+    operation_id="stow_study",
+    summary="STOW-RS: store instances of one study",
+)
 async def stow(request: Request, res: ResourcesDep, study: str | None = None) -> Response:
     boundary = _boundary(request.headers.get("content-type", ""))
     res.worker.check_capacity()
@@ -112,7 +120,7 @@ async def stow(request: Request, res: ResourcesDep, study: str | None = None) ->
             "on_part_data": writer.on_part_data,
             "on_part_end": writer.on_part_end,
         }
-        parser = multipart.MultipartParser(boundary, callbacks)
+        parser = python_multipart.MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
