@@ -56,6 +56,8 @@ class Settings(BaseSettings):
     upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
     queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
+    # --- the client commands (radcache submit | jobs | get) ---
+    url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -193,7 +193,18 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
     _out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
 
 
-@main.command()
+def _settings_help() -> str:
+    """Every setting, its environment variable and its default, for --help."""
+    lines = ["\b", "Settings (environment variables; flags above override them):"]
+    for name, field in Settings.model_fields.items():
+        default = field.default if field.default is not None else "-"
+        lines.append(
+            f"  RADCACHE_{name.upper():<20} {field.description or ''} [default: {default}]"
+        )
+    return "\n".join(lines)
+
+
+@main.command(epilog=_settings_help())
 @click.option("--host", help="Listen address. [env RADCACHE_HOST; default 127.0.0.1]")
 @click.option(
     "--port", type=click.IntRange(1, 65535), help="Port. [env RADCACHE_PORT; default 8000]"
@@ -250,10 +261,8 @@ def serve(
 
 _URL = click.option(
     "--url",
-    default="http://127.0.0.1:8000",
-    show_default=True,
-    envvar="RADCACHE_URL",
-    help="A running radcache service. [env RADCACHE_URL]",
+    default=None,
+    help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
 )
 
 
@@ -273,7 +282,7 @@ def _api_fail(exc: Exception, as_json: bool) -> None:
 @click.option("--modality", help="Modality of NIfTI inputs, e.g. CT or MR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 def submit(
-    inputs: Sequence[str], url: str, wait: bool, modality: str | None, as_json: bool
+    inputs: Sequence[str], url: str | None, wait: bool, modality: str | None, as_json: bool
 ) -> None:
     """Send files, folders, zips or NIfTI volumes to a running service.
 
@@ -283,6 +292,7 @@ def submit(
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
+    url = url or _settings().url
     try:
         with RadcacheClient(url) as rc:
             job = rc.submit(inputs, wait=False, modality=modality)
@@ -328,12 +338,13 @@ def submit(
 @_URL
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(url: str, limit: int, as_json: bool) -> None:
+def jobs(url: str | None, limit: int, as_json: bool) -> None:
     """List recent jobs of a running service."""
     import httpx
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
+    url = url or _settings().url
     try:
         with RadcacheClient(url) as rc:
             rows = rc.jobs(limit)
@@ -375,13 +386,14 @@ def jobs(url: str, limit: int, as_json: bool) -> None:
     required=True,
     help="Where to write the .npy.",
 )
-def get(series: str, url: str, kind: str, slices: str | None, output: str) -> None:
+def get(series: str, url: str | None, kind: str, slices: str | None, output: str) -> None:
     """Fetch an embedding array of a cached series as a .npy file."""
     import httpx
     import numpy as np
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
+    url = url or _settings().url
     try:
         with RadcacheClient(url) as rc:
             arr = rc.embeddings(series, kind, slices=slices)

@@ -103,6 +103,11 @@ def test_env_settings_and_models_listing(study: Path, tmp_path: Path) -> None:
     models = json.loads(run("models", "--json").stdout)
     names = {m["name"] for m in models}
     assert {"dinov2-small", "dinov2-giant-reg", "rad-dino", "dinov2-tiny-random"} <= names
+    serve_help = run("serve", "--help").stdout
+    from radcache.embeddings import Settings
+
+    for name in Settings.model_fields:  # every setting is documented
+        assert f"RADCACHE_{name.upper()}" in serve_help, name
     help_text = run("embed", "--help").stdout
     for flag in (
         "--model",
