@@ -81,6 +81,7 @@ class EntryOut(BaseModel):
     created: str
     geometry: dict[str, Any]
     recipe: dict[str, Any]
+    labels: dict[str, Any] = {}
 
 
 class StudyOut(BaseModel):

@@ -7,10 +7,11 @@ recipe, precision) is already stored runs no model forward.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal, Protocol
@@ -125,9 +126,33 @@ class Pipeline:
         *,
         modality: str | None = None,
         progress: Progress | None = None,
+        labels: Mapping[str, Any] | None = None,
     ) -> EmbedReport:
-        """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on."""
-        inputs = list(inputs)
+        """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on.
+
+        ``labels`` (e.g. ``{"diagnosis": "pneumonia"}``) are recorded with every entry the
+        submission names, for few-shot classification and probes.
+        """
+        report = self._embed(list(inputs), modality, progress)
+        if labels:
+            for r in report.series:
+                self.store.add_labels(r.entry, labels)
+        return report
+
+    def variant(
+        self, *, recipe: Recipe | None = None, patch_tokens: bool | None = None
+    ) -> Pipeline:
+        """The same encoder and store with another recipe or patch-token choice."""
+        other = copy.copy(self)
+        if recipe is not None:
+            other.recipe = recipe
+        if patch_tokens is not None:
+            other.patch_tokens = patch_tokens
+        return other
+
+    def _embed(
+        self, inputs: list[InputItem], modality: str | None, progress: Progress | None
+    ) -> EmbedReport:
         known = self.recognise(inputs)
         if known is not None:
             if progress is not None:

@@ -437,6 +437,14 @@ class EmbeddingStore:
                 attrs["aliases"] = aliases
                 g.attrs["radcache"] = attrs
 
+    def add_labels(self, key: str, labels: Mapping[str, Any]) -> None:
+        """Merge ``labels`` into entry ``key``'s metadata (``attrs.radcache.labels``)."""
+        with self._writing():
+            g = _group(self.root[f"entries/{key}"])
+            attrs = _meta(g)
+            attrs["labels"] = {**attrs.get("labels", {}), **labels}
+            g.attrs["radcache"] = attrs
+
     def iter_entries(self) -> Iterator[EntryInfo]:
         entries = self._entries()
         if entries is None:

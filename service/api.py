@@ -26,6 +26,7 @@ from radcache.embeddings.errors import InputError, NotFoundError, RadcacheError
 
 from .app import Resources, ResourcesDep
 from .jobs import JobRow
+from .options import FIELDS, job_options, job_pipeline
 from .problems import PROBLEM, problem
 
 __all__ = ["router"]
@@ -118,8 +119,8 @@ async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, An
                             budget.spend(len(chunk))
                             out.write(chunk)
                     count += 1
-                elif key == "modality" and value:
-                    options["modality"] = str(value).upper()
+                elif key in FIELDS and value:
+                    options[key] = str(value)
     elif ctype in _BODY_TYPES:
         with (dest / _BODY_TYPES[ctype]).open("wb") as out:
             async for chunk in request.stream():
@@ -144,23 +145,35 @@ async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, An
     summary="Submit a study (DICOM files, zips, NIfTI) for embedding",
 )
 async def submit_study(
-    request: Request, res: ResourcesDep, modality: Annotated[str | None, Query()] = None
+    request: Request,
+    res: ResourcesDep,
+    modality: Annotated[
+        str | None, Query(description="modality of NIfTI inputs", examples=["CT"])
+    ] = None,
+    model: Annotated[str | None, Query(description="must name the loaded model")] = None,
+    patch_tokens: Annotated[bool | None, Query(description="keep patch-token grids")] = None,
 ) -> Response:
-    """Upload as ``multipart/form-data`` (any number of files) or as one body
-    (``application/zip``, ``application/dicom``, NIfTI). ``modality`` labels NIfTI inputs."""
+    """Upload as ``multipart/form-data`` (any number of files, plus optional fields
+    ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON) and ``labels`` (a JSON
+    object recorded with every series)) or as one body (``application/zip``,
+    ``application/dicom``, NIfTI) with the simple options as query parameters."""
     res.worker.check_capacity()
     dest = res.settings.upload_dir / uuid.uuid4().hex
     dest.mkdir(parents=True)
     try:
-        options = await _save_upload(request, dest, res.settings.max_upload_bytes)
-        if modality:
-            options["modality"] = modality.upper()
-        known: EmbedReport | None = await run_in_threadpool(res.pipeline.recognise, [dest])
+        fields = await _save_upload(request, dest, res.settings.max_upload_bytes)
+        query = {"modality": modality, "model": model, "patch_tokens": patch_tokens}
+        raw = {**fields, **{k: v for k, v in query.items() if v is not None}}
+        options = job_options(raw, loaded_model=res.encoder.cfg.name)
+        pipeline = job_pipeline(res.pipeline, options)
+        known: EmbedReport | None = await run_in_threadpool(pipeline.recognise, [dest])
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     if known is not None:
         shutil.rmtree(dest, ignore_errors=True)
+        for s in known.series if options.get("labels") else ():
+            res.store.add_labels(s.entry, options["labels"])
         res.metrics.job(0.0, [s.to_dict() for s in known.series])
         row = res.jobs.create(str(dest), state="done", report=known.to_dict(), options=options)
         row.slices_done = row.slices_total = sum(s.slices for s in known.series)
@@ -207,6 +220,7 @@ def _entry(e: EntryInfo) -> EntryOut:
         precision=e.precision,
         kinds=list(e.kinds),
         created=e.created,
+        labels=dict(a.get("labels", {})),
         geometry=dict(a.get("geometry", {})),
         recipe=dict(a.get("recipe", {})),
     )

@@ -20,6 +20,7 @@ from radcache.embeddings import EmbedReport, Pipeline
 from radcache.embeddings.errors import RadcacheError
 
 from .jobs import JobState, JobStore
+from .options import job_pipeline
 
 __all__ = ["QueueFullError", "Worker", "report_state"]
 
@@ -133,10 +134,16 @@ class Worker:
         upload = Path(row.upload)
         self.jobs.start(job_id)
         progress = _JobProgress(self.jobs, job_id)
-        modality = (row.options or {}).get("modality")
+        options = row.options or {}
         t0 = time.monotonic()
         try:
-            report = self.pipeline.embed([upload], modality=modality, progress=progress)
+            pipeline = job_pipeline(self.pipeline, options)
+            report = pipeline.embed(
+                [upload],
+                modality=options.get("modality"),
+                progress=progress,
+                labels=options.get("labels"),
+            )
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
             log.exception("job %s failed", job_id)
             self.jobs.finish(job_id, "failed", None, failure=f"{type(exc).__name__}: {exc}"[:2000])

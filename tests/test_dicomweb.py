@@ -131,3 +131,23 @@ def test_stow_to_the_wrong_study_is_a_conflict(server: str, tmp_path: Path) -> N
         f"{server}/dicom-web/studies", content=b"x", headers={"content-type": "application/json"}
     )
     assert bad.status_code == 415 and bad.json()["code"] == "unsupported-media-type"
+
+
+def test_stow_parts_without_the_dicm_preamble(server: str, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "np", phantom(2, 16, 16, seed=83))
+    boundary = "b0"
+    bare = [f.read_bytes()[132:] for f in gen.files]  # no 128-byte preamble, no "DICM"
+    body = (
+        b"".join(b"--b0\r\nContent-Type: application/dicom\r\n\r\n" + p + b"\r\n" for p in bare)
+        + b"--b0--\r\n"
+    )
+    r = httpx.post(
+        f"{server}/dicom-web/studies/{gen.study_uid}",
+        content=body,
+        headers={
+            "content-type": f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+        },
+    )
+    assert r.status_code == 200, r.text
+    job = _wait(server, r.headers["location"])
+    assert job["state"] == "done" and job["series"][0]["slices"] == 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import socket
@@ -355,3 +356,43 @@ def test_studies_listing_and_consent_withdrawal(client: TestClient, tmp_path: Pa
     again = client.post("/v1/studies", files=_files(a.directory))
     assert again.status_code == 202
     assert _wait(client, again.headers["location"])["series"][0]["cache"] == "miss"
+
+
+def test_submission_options(client: TestClient, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "o", phantom(3, 16, 16, seed=90))
+    lung = json.dumps({"intensity": {"kind": "ct-windows", "windows": [[-600, 1500]]}})
+    fields = {
+        "recipe": lung,
+        "labels": json.dumps({"finding": "nodule"}),
+        "patch_tokens": "false",
+        "model": "dinov2-tiny-random",
+    }
+    job = _wait(
+        client,
+        client.post("/v1/studies", files=_files(gen.directory), data=fields).headers["location"],
+    )
+    assert job["state"] == "done"
+    meta = client.get(f"/v1/series/{job['series'][0]['entry']}").json()
+    assert meta["recipe"]["intensity"]["windows"] == [[-600.0, 1500.0]]
+    assert meta["labels"] == {"finding": "nodule"} and "patch" not in meta["kinds"]
+    default = _wait(
+        client, client.post("/v1/studies", files=_files(gen.directory)).headers["location"]
+    )
+    assert (
+        default["series"][0]["entry"] != job["series"][0]["entry"]
+    )  # another recipe: another entry
+    for data, status, code in [
+        ({"model": "dinov2-giant"}, 409, "model-not-loaded"),
+        ({"labels": "[1, 2]"}, 422, "invalid-request"),
+        (
+            {
+                "recipe": json.dumps(
+                    {"intensity": {"kind": "ct-windows", "windows": [[0, 1], [0, 1]]}}
+                )
+            },
+            422,
+            "invalid-recipe",
+        ),
+    ]:
+        r = client.post("/v1/studies", files=_files(gen.directory), data=data)
+        assert (r.status_code, r.json()["code"]) == (status, code), data

@@ -1,0 +1,66 @@
+"""Options of one submission (modality, model, patch tokens, recipe, labels), validated once.
+
+They are stored with the job, so the worker (in this process or, later, another one)
+runs the job exactly as it was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from radcache.embeddings import Pipeline, load_recipe
+from radcache.embeddings.errors import InputError, RadcacheError
+
+__all__ = ["FIELDS", "InvalidFieldError", "ModelNotLoadedError", "job_options", "job_pipeline"]
+
+FIELDS = ("modality", "model", "patch_tokens", "recipe", "labels")
+
+
+class ModelNotLoadedError(RadcacheError):
+    code = "model-not-loaded"
+    status = 409
+    title = "Another model is loaded"
+
+
+def job_options(raw: dict[str, Any], *, loaded_model: str) -> dict[str, Any]:
+    """Validate a submission's options into what the job stores (JSON-ready)."""
+    out: dict[str, Any] = {}
+    if raw.get("modality"):
+        out["modality"] = str(raw["modality"]).upper()
+    if raw.get("model") and raw["model"] != loaded_model:
+        raise ModelNotLoadedError(
+            f"this server runs {loaded_model!r}, not {raw['model']!r}; send it to a "
+            "server started with --model " + str(raw["model"]) + ", or leave model out."
+        )
+    if raw.get("patch_tokens") is not None:
+        value = raw["patch_tokens"]
+        out["patch_tokens"] = (
+            value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes")
+        )
+    try:
+        if raw.get("recipe"):
+            recipe = raw["recipe"] if isinstance(raw["recipe"], dict) else json.loads(raw["recipe"])
+            out["recipe"] = load_recipe(recipe).model_dump(mode="json")
+        if raw.get("labels"):
+            labels = raw["labels"] if isinstance(raw["labels"], dict) else json.loads(raw["labels"])
+            if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
+                raise ValueError("labels must be a JSON object")
+            out["labels"] = labels
+    except ValueError as exc:
+        raise InvalidFieldError(
+            f"a form field is not valid JSON of the expected shape ({exc})."
+        ) from exc
+    return out
+
+
+def job_pipeline(pipeline: Pipeline, options: dict[str, Any]) -> Pipeline:
+    """The pipeline a job's options ask for (recipe, patch tokens)."""
+    recipe = load_recipe(options["recipe"]) if "recipe" in options else None
+    return pipeline.variant(recipe=recipe, patch_tokens=options.get("patch_tokens"))
+
+
+class InvalidFieldError(InputError):
+    code = "invalid-request"
+    status = 422
+    title = "Invalid request field"
