@@ -5,7 +5,19 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+_SERIES_EXAMPLE: dict[str, JsonValue] = {
+    "study": "c9ebca20e1d2083232b67ca4be4da805",
+    "series": "a3afaa5b5267002c42b458087006c7a6",
+    "part": "",
+    "entry": "ee8c540a05b9c3bc93ac845b79f86974",
+    "modality": "CT",
+    "slices": 150,
+    "cache": "miss",
+    "seconds": 3.1,
+    "warnings": [],
+}
 
 __all__ = [
     "EntryOut",
@@ -32,6 +44,8 @@ class Problem(BaseModel):
 
 
 class SeriesOut(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [_SERIES_EXAMPLE]})
+
     study: str
     series: str
     part: str
@@ -44,6 +58,18 @@ class SeriesOut(BaseModel):
 
 
 class ErrorOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "path": "00003-IM0004.dcm",
+                    "code": "truncated-file",
+                    "message": "the pixel data holds 8130 bytes but the header describes 8192; …",
+                }
+            ]
+        }
+    )
+
     path: str | None = Field(description="the uploaded file (or series) the error is about")
     code: str = Field(examples=["truncated-file"])
     message: str
@@ -55,6 +81,30 @@ class Progress(BaseModel):
 
 
 class JobOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "6f1c0d3b2a9e4c57b8d1e2f3a4b5c6d7",
+                    "state": "partially_failed",
+                    "created": "2026-11-29T04:00:00Z",
+                    "started": "2026-11-29T04:00:01Z",
+                    "finished": "2026-11-29T04:00:05Z",
+                    "progress": {"done": 150, "total": 150},
+                    "series": [_SERIES_EXAMPLE],
+                    "errors": [
+                        {
+                            "path": "00150-notes.txt",
+                            "code": "not-dicom",
+                            "message": "not a DICOM file (no 'DICM' marker at byte 128 …)",
+                        }
+                    ],
+                    "failure": None,
+                }
+            ]
+        }
+    )
+
     id: str
     state: Literal["queued", "running", "done", "partially_failed", "failed"]
     created: dt.datetime

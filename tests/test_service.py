@@ -396,3 +396,16 @@ def test_submission_options(client: TestClient, tmp_path: Path) -> None:
     ]:
         r = client.post("/v1/studies", files=_files(gen.directory), data=data)
         assert (r.status_code, r.json()["code"]) == (status, code), data
+
+
+def test_queue_full_and_not_ready(tmp_path: Path, tiny: Encoder) -> None:
+    res = build_resources(_settings(tmp_path, queue_size=1), encoder=tiny)
+    res.worker._stop.set()  # a worker that has stopped: jobs wait, the server is not ready
+    gen = write_series(tmp_path / "q", phantom(2, 16, 16, seed=91))
+    with TestClient(create_app(resources=res)) as c:
+        assert c.post("/v1/studies", files=_files(gen.directory)).status_code == 202
+        full = c.post("/v1/studies", files=_files(gen.directory))
+        assert (full.status_code, full.json()["code"]) == (503, "queue-full")
+        assert full.headers["retry-after"] == "5"
+        ready = c.get("/readyz")
+        assert (ready.status_code, ready.json()["code"]) == (503, "not-ready")
