@@ -25,6 +25,7 @@ from .ingest._sources import InputItem, Source, expand, sniff
 from .keys import Pseudonymizer, entry_key
 from .preprocess import prepare
 from .recipe import Recipe
+from .settings import Settings
 from .store import SHARED_FILE, EmbeddingStore, EntryInfo, EntryWriter, space_id
 from .volume import Volume
 
@@ -119,6 +120,31 @@ class Pipeline:
         self.cls_last_n = min(cls_last_n, encoder.cfg.depth)
         self.batch_size = batch_size
         store.bind_pseudonyms(pseudonymizer.fingerprint())
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, encoder: Encoder | None = None) -> Pipeline:
+        """The pipeline the settings describe: model (loaded here unless given), store,
+        pseudonym secret, recipe and output choices."""
+        from .encode import load_encoder
+        from .recipe import load_recipe
+        from .store import open_store
+
+        enc = encoder or load_encoder(
+            settings.model,
+            device=settings.device,
+            precision=settings.precision,
+            cache_dir=settings.hf_cache_dir,
+            offline=settings.offline,
+        )
+        return cls(
+            enc,
+            open_store(settings.store, mode="a"),
+            settings.pseudonymizer(),
+            recipe=load_recipe(settings.recipe),
+            patch_tokens=settings.patch_tokens,
+            cls_last_n=settings.cls_last_n,
+            batch_size=settings.batch_size,
+        )
 
     def embed(
         self,

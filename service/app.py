@@ -23,9 +23,6 @@ from radcache.embeddings import (
     Settings,
     __version__,
     get_settings,
-    load_encoder,
-    load_recipe,
-    open_store,
 )
 
 from . import problems
@@ -65,23 +62,8 @@ ResourcesDep = Annotated[Resources, Depends(get_resources)]
 
 def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resources:
     """Load (or take) the model and open everything the service needs."""
-    enc = encoder or load_encoder(
-        settings.model,
-        device=settings.device,
-        precision=settings.precision,
-        cache_dir=settings.hf_cache_dir,
-        offline=settings.offline,
-    )
-    store = open_store(settings.store, mode="a")
-    pipeline = Pipeline(
-        enc,
-        store,
-        settings.pseudonymizer(),
-        recipe=load_recipe(settings.recipe),
-        patch_tokens=settings.patch_tokens,
-        cls_last_n=settings.cls_last_n,
-        batch_size=settings.batch_size,
-    )
+    pipeline = Pipeline.from_settings(settings, encoder=encoder)
+    enc, store = pipeline.encoder, pipeline.store
     jobs = JobStore(settings.db)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(pipeline, jobs, limit=settings.queue_size)

@@ -103,7 +103,7 @@ def embed(
     Exit status: 0 when everything was embedded or cached, 1 when any input failed
     (the rest is still stored), 2 when nothing could run (model, store or settings).
     """
-    from radcache.embeddings import Pipeline, load_encoder, load_recipe, open_store
+    from radcache.embeddings import Pipeline
 
     try:
         s = _settings(
@@ -115,25 +115,8 @@ def embed(
             precision=precision,
             batch_size=batch_size,
         )
-        rec = load_recipe(s.recipe)
-        pseudo = s.pseudonymizer()
-        encoder = load_encoder(
-            s.model,
-            device=s.device,
-            precision=s.precision,
-            cache_dir=s.hf_cache_dir,
-            offline=s.offline,
-        )
-        st = open_store(s.store, mode="a")
-        pipe = Pipeline(
-            encoder,
-            st,
-            pseudo,
-            recipe=rec,
-            patch_tokens=s.patch_tokens,
-            cls_last_n=s.cls_last_n,
-            batch_size=s.batch_size,
-        )
+        pipe = Pipeline.from_settings(s)
+        encoder = pipe.encoder
     except RadcacheError as exc:
         _fail(exc, as_json)
         return

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,51 +15,16 @@ import pytest
 
 from radcache.clients import AsyncRadcacheClient, RadcacheAPIError, RadcacheClient
 from radcache.embeddings import open_store
-from tests.conftest import TEST_SECRET
 from tests.dicomgen import phantom, write_series
-from tests.test_cli import RADCACHE, run
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from tests.servers import running_server
+from tests.test_cli import run
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     root = tmp_path_factory.mktemp("server")
-    port = _free_port()
-    env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        *RADCACHE,
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        "dinov2-tiny-random",
-        "--store",
-        str(root / "s.zarr"),
-        "--db",
-        f"sqlite:///{root / 'j.db'}",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("radcache serve did not become ready")
+    with running_server(root) as (url, _):
         yield url, root / "s.zarr"
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_client_round_trip(server: tuple[str, Path], tmp_path: Path) -> None:

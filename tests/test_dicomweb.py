@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,49 +12,14 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from requests import HTTPError
 
-from tests.conftest import TEST_SECRET
 from tests.dicomgen import phantom, write_series
-from tests.test_cli import RADCACHE
-from tests.test_client import _free_port
+from tests.servers import running_server
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    root = tmp_path_factory.mktemp("dicomweb")
-    port = _free_port()
-    env = {
-        **os.environ,
-        "RADCACHE_PSEUDONYM_KEY": TEST_SECRET,
-        "HF_HUB_OFFLINE": "1",
-        "RADCACHE_KEEP_UIDS": "true",
-    }
-    cmd = [
-        *RADCACHE,
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        "dinov2-tiny-random",
-        "--store",
-        str(root / "s.zarr"),
-        "--db",
-        f"sqlite:///{root / 'j.db'}",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with running_server(tmp_path_factory.mktemp("dicomweb"), RADCACHE_KEEP_UIDS="true") as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _wait(url: str, location: str) -> dict:

@@ -6,7 +6,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,6 +24,7 @@ from radcache.service.app import build_resources, create_app
 from radcache.service.jobs import JobStore
 from tests.conftest import TEST_SECRET
 from tests.dicomgen import GeneratedSeries, phantom, write_nifti, write_series, zip_bytes
+from tests.servers import free_port, running_server
 from tests.test_cli import RADCACHE
 
 
@@ -230,39 +230,9 @@ def test_accepted_jobs_survive_a_restart(tmp_path: Path, tiny: Encoder) -> None:
     assert job["state"] == "done" and job["series"][0]["slices"] == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def test_real_server(tmp_path: Path) -> None:
-    port = _free_port()
-    env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1"}
-    cmd = [
-        *RADCACHE,
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        "dinov2-tiny-random",
-        "--store",
-        str(tmp_path / "s.zarr"),
-        "--db",
-        f"sqlite:///{tmp_path / 'j.db'}",
-    ]
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
+    with running_server(tmp_path) as (base, log):
         with httpx.Client(base_url=base, timeout=30) as http:
-            for _ in range(300):
-                try:
-                    if http.get("/readyz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    time.sleep(0.1)
             gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=7))
             r = http.post(
                 "/v1/studies",
@@ -308,9 +278,7 @@ def test_real_server(tmp_path: Path) -> None:
             (mine,) = local.embed([g.directory]).series
             assert mine.entry == e  # same key: same pixels, weights, recipe, precision
             np.testing.assert_array_equal(served.read(e, "cls"), local.store.read(e, "cls"))
-    finally:
-        proc.terminate()
-        out = proc.communicate(timeout=30)[0]
+    out = log.read_text()
     assert "Traceback" not in out, out
 
 
@@ -322,7 +290,7 @@ def test_serve_without_weights_says_so_once(tmp_path: Path) -> None:
         "HF_HOME": str(tmp_path / "hf"),
     }
     p = subprocess.run(
-        [*RADCACHE, "serve", "--port", str(_free_port()), "--store", str(tmp_path / "s.zarr")],
+        [*RADCACHE, "serve", "--port", str(free_port()), "--store", str(tmp_path / "s.zarr")],
         cwd=tmp_path,
         env=env,
         capture_output=True,
