@@ -854,3 +854,14 @@ def test_zip_member_names_cannot_escape(tmp_path):
     vols, errs = load([("evil.zip", buf.getvalue())])
     assert errs == [] and vols[0].n_slices == 2
     assert not list(Path("/tmp").glob("escape*.dcm"))
+
+
+def test_a_transfer_syntax_without_decoder_is_named():
+    ds = pydicom.dcmread(bundled("JPEG2000.dcm"))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.UID("1.2.840.10008.1.2.4.100")  # MPEG2 video
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    vols, errs = load([("video.dcm", buf.getvalue())])
+    assert vols == []
+    assert codes(errs) == ["unsupported-transfer-syntax"]
+    assert "MPEG2" in str(errs[0]) and errs[0].path == "video.dcm"

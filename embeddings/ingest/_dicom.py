@@ -539,8 +539,9 @@ def _decode_file(frame: Frame) -> np.ndarray:
                 available = False
             if not available:
                 raise UnsupportedTransferSyntaxError(
-                    f"transfer syntax {tsyntax.name} ({tsyntax}) has no decoder installed; "
-                    "install pylibjpeg[all] or python-gdcm, or send the series uncompressed.",
+                    f"transfer syntax {tsyntax.name} ({tsyntax}) has no decoder here; radcache "
+                    "decodes JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, RLE, deflate "
+                    "and uncompressed data. Send the series in one of those.",
                     path=frame.source,
                 ) from exc
         raise DecodeError(
