@@ -117,6 +117,46 @@ class JobOut(BaseModel):
 
 
 class EntryOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "entry": "ee8c540a05b9c3bc93ac845b79f86974",
+                    "study": "c9ebca20e1d2083232b67ca4be4da805",
+                    "series": "a3afaa5b5267002c42b458087006c7a6",
+                    "part": "",
+                    "modality": "CT",
+                    "slices": 150,
+                    "dim": 768,
+                    "model": "dinov2-base",
+                    "recipe_hash": "7cd06edd2c1f0a43",
+                    "precision": "bf16",
+                    "kinds": [
+                        "cls",
+                        "cls_last",
+                        "mean_patch",
+                        "patch",
+                        "pooled",
+                        "positions",
+                        "slice_index",
+                    ],
+                    "created": "2026-11-29T04:00:05+00:00",
+                    "geometry": {
+                        "spacing": [0.7, 0.7, 2.0],
+                        "origin": [-180.0, -180.0, -300.0],
+                        "direction": [[1, 0, 0], [0, 1, 0], [0, 0, 1]],
+                        "shape": [150, 512, 512],
+                    },
+                    "recipe": {
+                        "slice_axis": "acquisition",
+                        "intensity": {"kind": "ct-windows", "windows": [[40.0, 400.0]]},
+                    },
+                    "labels": {"finding": "nodule"},
+                }
+            ]
+        }
+    )
+
     entry: str
     study: str
     series: str

@@ -32,6 +32,33 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
 
 
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _need_server(command: str) -> None:
+    """Stop with one message when the `server` extra (torch, pydicom, zarr…) is missing."""
+    wanted = ("torch", "transformers", "pydicom", "zarr") + (
+        ("fastapi", "uvicorn") if command == "serve" else ()
+    )
+    missing = [m for m in wanted if not _importable(m)]
+    if missing:
+        _err.print(
+            "[bold red]error[/] "
+            + escape(
+                f"[missing-extra] `radcache {command}` needs the server extra (missing: "
+                f"{', '.join(missing)}); install it with: pip install 'radcache[server]'"
+            ),
+            highlight=False,
+        )
+        sys.exit(2)
+
+
 def _fail(exc: RadcacheError, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"series": [], "errors": [exc.to_dict()]}))
@@ -103,6 +130,7 @@ def embed(
     Exit status: 0 when everything was embedded or cached, 1 when any input failed
     (the rest is still stored), 2 when nothing could run (model, store or settings).
     """
+    _need_server("embed")
     from radcache.embeddings import Pipeline
 
     try:
@@ -217,6 +245,7 @@ def serve(
     Every setting is also a RADCACHE_* environment variable (see `radcache embed --help`
     and embeddings/settings.py); flags override them.
     """
+    _need_server("serve")
     import uvicorn
 
     from .app import build_resources, create_app
@@ -417,6 +446,7 @@ def models(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(store: str | None, as_json: bool) -> None:
     """List what a store holds (default: RADCACHE_STORE)."""
+    _need_server("show")
     from radcache.embeddings import open_store
 
     try:

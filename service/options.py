@@ -11,6 +11,7 @@ from typing import Any
 
 from radcache.embeddings import Pipeline, load_recipe
 from radcache.embeddings.errors import InputError, RadcacheError
+from radcache.embeddings.models import get_cfg
 
 __all__ = ["FIELDS", "InvalidFieldError", "ModelNotLoadedError", "job_options", "job_pipeline"]
 
@@ -29,6 +30,7 @@ def job_options(raw: dict[str, Any], *, loaded_model: str) -> dict[str, Any]:
     if raw.get("modality"):
         out["modality"] = str(raw["modality"]).upper()
     if raw.get("model") and raw["model"] != loaded_model:
+        get_cfg(str(raw["model"]))  # a name no registry knows: unknown-model (404)
         raise ModelNotLoadedError(
             f"this server runs {loaded_model!r}, not {raw['model']!r}; send it to a "
             "server started with --model " + str(raw["model"]) + ", or leave model out."

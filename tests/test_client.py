@@ -107,3 +107,22 @@ def test_client_cli(server: tuple[str, Path], tmp_path: Path) -> None:
 def test_client_needs_no_torch() -> None:
     code = "import sys, radcache.clients; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+def test_client_only_install_says_what_is_missing() -> None:
+    """Without the server extra, `radcache embed` names the extra to install (torch and
+    friends are hidden from the import system here, as in a client-only install)."""
+    code = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in {'torch', 'transformers', 'pydicom', 'zarr'}:\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "import radcache.clients, radcache.service.cli as cli\n"
+        "sys.argv = ['radcache', 'embed', '.']\n"
+        "cli.main()\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "[missing-extra]" in p.stderr and "radcache[server]" in p.stderr

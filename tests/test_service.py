@@ -351,6 +351,7 @@ def test_submission_options(client: TestClient, tmp_path: Path) -> None:
     )  # another recipe: another entry
     for data, status, code in [
         ({"model": "dinov2-giant"}, 409, "model-not-loaded"),
+        ({"model": "no-such-model"}, 404, "unknown-model"),
         ({"labels": "[1, 2]"}, 422, "invalid-request"),
         (
             {
