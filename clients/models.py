@@ -76,6 +76,8 @@ class ErrorOut(BaseModel):
 
 
 class Progress(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{"done": 96, "total": 150}]})
+
     done: int = Field(description="slices embedded (or found cached)")
     total: int = Field(description="slices in the job")
 
@@ -175,12 +177,37 @@ class EntryOut(BaseModel):
 
 
 class StudyOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"study": "c9ebca20e1d2083232b67ca4be4da805", "modalities": ["CT"], "series": []}
+            ]
+        }
+    )
+
     study: str = Field(description="keyed pseudonym of the StudyInstanceUID (or the UID if kept)")
     modalities: list[str]
     series: list[EntryOut]
 
 
 class ModelOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "name": "dinov2-base",
+                    "hf_id": "facebook/dinov2-base",
+                    "dim": 768,
+                    "patch_size": 14,
+                    "image_size": 224,
+                    "num_registers": 0,
+                    "random_weights": False,
+                    "loaded": True,
+                }
+            ]
+        }
+    )
+
     name: str
     hf_id: str | None
     dim: int
@@ -192,6 +219,10 @@ class ModelOut(BaseModel):
 
 
 class Health(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"status": "ok", "model": "dinov2-base", "queue_depth": 0}]}
+    )
+
     status: Literal["ok"] = "ok"
     model: str | None = None
     queue_depth: int | None = None

@@ -204,6 +204,12 @@ def test_other_problems_and_openapi(client: TestClient) -> None:
         "healthz",
         "readyz",
     } <= ops
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    ours = {n: s for n, s in schemas.items() if n not in ("HTTPValidationError", "ValidationError")}
+    assert all(
+        "examples" in s or all("examples" in p for p in s["properties"].values())
+        for s in ours.values()
+    ), [n for n, s in ours.items() if "examples" not in s]
     models = client.get("/v1/models").json()
     assert [m["name"] for m in models if m["loaded"]] == ["dinov2-tiny-random"]
 
