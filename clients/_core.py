@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 from collections.abc import Iterable, Iterator
@@ -13,7 +14,17 @@ import numpy as np
 
 from .models import JobOut
 
-__all__ = ["RETRY_STATUSES", "RadcacheAPIError", "backoff", "check", "iter_files", "npy", "parts"]
+__all__ = [
+    "RETRY_STATUSES",
+    "RadcacheAPIError",
+    "backoff",
+    "check",
+    "iter_files",
+    "npy",
+    "parts",
+    "retry_delay",
+    "upload",
+]
 
 RETRY_STATUSES = {429, 502, 503, 504}
 Input = str | os.PathLike[str] | bytes | tuple[str, bytes]
@@ -46,6 +57,27 @@ def check(response: httpx.Response) -> httpx.Response:
 def backoff(attempt: int) -> float:
     """Seconds to wait before retry ``attempt`` (0-based): 0.5, 1, 2, 4 … capped at 10."""
     return float(min(10.0, 0.5 * 2**attempt))
+
+
+def retry_delay(attempt: int, retries: int, status: int | None) -> float | None:
+    """Seconds to wait before trying again, or None to stop here.
+
+    ``status`` is the answer's HTTP status, or None for a transport error.
+    """
+    if attempt >= retries or (status is not None and status not in RETRY_STATUSES):
+        return None
+    return backoff(attempt)
+
+
+@contextlib.contextmanager
+def upload(inputs: Iterable[Input]) -> Iterator[list[tuple[str, Any]]]:
+    """Multipart parts for ``inputs``, with file handles closed afterwards."""
+    files, handles = parts(list(iter_files(inputs)))
+    try:
+        yield files
+    finally:
+        for h in handles:
+            h.close()
 
 
 def iter_files(inputs: Iterable[Input]) -> Iterator[tuple[str, bytes | Path]]:

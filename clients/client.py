@@ -18,17 +18,7 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from ._core import (
-    RETRY_STATUSES,
-    Input,
-    RadcacheAPIError,
-    backoff,
-    check,
-    finished,
-    iter_files,
-    npy,
-    parts,
-)
+from ._core import Input, RadcacheAPIError, check, finished, npy, retry_delay, upload
 from .models import EntryOut, JobOut, ModelOut, StudyOut
 
 __all__ = ["AsyncRadcacheClient", "RadcacheAPIError", "RadcacheClient"]
@@ -62,17 +52,18 @@ class RadcacheClient:
         self.http.close()
 
     def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError:
-                if attempt == self.retries:
+                if (delay := retry_delay(attempt, self.retries, None)) is None:
                     raise
             else:
-                if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if (delay := retry_delay(attempt, self.retries, r.status_code)) is None:
                     return check(r)
-            time.sleep(backoff(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+            time.sleep(delay)
+            attempt += 1
 
     def submit(
         self,
@@ -84,15 +75,11 @@ class RadcacheClient:
         timeout: float | None = None,
     ) -> JobOut:
         """Upload files/directories/zips/NIfTI (one multipart request); optionally wait."""
-        files, handles = parts(list(iter_files(inputs)))
-        try:
-            params = {"modality": modality} if modality else None
+        params = {"modality": modality} if modality else None
+        with upload(inputs) as files:
             job = JobOut.model_validate(
                 self._call("POST", "/v1/studies", files=files, params=params).json()
             )
-        finally:
-            for h in handles:
-                h.close()
         return self.wait(job.id, poll=poll, timeout=timeout) if wait and not finished(job) else job
 
     def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
@@ -163,17 +150,18 @@ class AsyncRadcacheClient:
         await self.http.aclose()
 
     async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
-        for attempt in range(self.retries + 1):
+        attempt = 0
+        while True:
             try:
                 r = await self.http.request(method, path, **kw)
             except httpx.TransportError:
-                if attempt == self.retries:
+                if (delay := retry_delay(attempt, self.retries, None)) is None:
                     raise
             else:
-                if r.status_code not in RETRY_STATUSES or attempt == self.retries:
+                if (delay := retry_delay(attempt, self.retries, r.status_code)) is None:
                     return check(r)
-            await asyncio.sleep(backoff(attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def submit(
         self,
@@ -184,14 +172,11 @@ class AsyncRadcacheClient:
         poll: float = 0.5,
         timeout: float | None = None,
     ) -> JobOut:
-        files, handles = parts(list(iter_files(inputs)))
-        try:
-            params = {"modality": modality} if modality else None
-            r = await self._call("POST", "/v1/studies", files=files, params=params)
-            job = JobOut.model_validate(r.json())
-        finally:
-            for h in handles:
-                h.close()
+        params = {"modality": modality} if modality else None
+        with upload(inputs) as files:
+            job = JobOut.model_validate(
+                (await self._call("POST", "/v1/studies", files=files, params=params)).json()
+            )
         return (
             await self.wait(job.id, poll=poll, timeout=timeout)
             if wait and not finished(job)

@@ -1,4 +1,4 @@
-"""radcache.service: the CLI and (later) the HTTP service composing radcache.embeddings.
+"""radcache.service: the `radcache` CLI and the HTTP service, composing radcache.embeddings.
 
 Importing it tunes one process-wide setting before numpy loads: numpy's transparent-huge-
 page advice for large arrays is turned off (``NUMPY_MADVISE_HUGEPAGE=0``, unless already
