@@ -683,10 +683,14 @@ class EmbeddingStore:
         return g
 
     def _keys_of(self, space: str) -> set[str]:
+        """Entry keys in a table (only its ``keys`` column is read), cached per process."""
         if space not in self._table_keys:
-            self._table_keys[space] = (
-                set(self.table(space).keys) if space in self.spaces() else set()
-            )
+            keys: set[str] = set()
+            if space in self.spaces():
+                g = _group(self.root[f"tables/{space}"])
+                n = int(_meta(g)["count"])
+                keys = {_words_key(hi, lo) for hi, lo in np.asarray(_array(g["keys"])[:n])}
+            self._table_keys[space] = keys
         return self._table_keys[space]
 
     def _append(self, info: EntryInfo, pooled: np.ndarray, cls: np.ndarray) -> None:
