@@ -6,6 +6,8 @@ The stages, each a module with one entry point:
 * :func:`prepare` (preprocess) — volume + :class:`Recipe` → model-ready tensors
 * :func:`load_encoder` (encode) — model registry → :class:`Encoder`
 * :func:`open_store` (store) — the Zarr cache
+* :func:`open_index` (index) — FAISS indexes over the store, one per space and level
+* :class:`Searcher` (search) — similar cases and few-shot classification
 * :class:`Pipeline` — composes them, skipping cached volumes
 
 Names load on first use (PEP 562), so ``radcache.embeddings.errors`` or ``.settings`` can be
@@ -20,12 +22,14 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .encode import Encoder, SliceEmbeddings, load_encoder
     from .errors import RadcacheError
+    from .index import Filters, IndexSet, open_index
     from .ingest import Candidate, ScanResult, load_volumes, scan
     from .keys import Pseudonymizer
     from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
     from .pipeline import EmbedReport, Pipeline, SeriesResult, __version__
     from .preprocess import Prepared, prepare
     from .recipe import Recipe, load_recipe
+    from .search import Query, Searcher
     from .settings import Settings, get_settings
     from .store import EmbeddingStore, EntryInfo, open_store
     from .volume import Geometry, Volume, VolumeMeta
@@ -35,6 +39,11 @@ _WHERE = {
     "SliceEmbeddings": "encode",
     "load_encoder": "encode",
     "RadcacheError": "errors",
+    "Filters": "index",
+    "IndexSet": "index",
+    "open_index": "index",
+    "Query": "search",
+    "Searcher": "search",
     "Candidate": "ingest",
     "ScanResult": "ingest",
     "load_volumes": "ingest",
@@ -69,14 +78,18 @@ __all__ = [
     "EmbeddingStore",
     "Encoder",
     "EntryInfo",
+    "Filters",
     "Geometry",
+    "IndexSet",
     "ModelCfg",
     "Pipeline",
     "Prepared",
     "Pseudonymizer",
+    "Query",
     "RadcacheError",
     "Recipe",
     "ScanResult",
+    "Searcher",
     "SeriesResult",
     "Settings",
     "SliceEmbeddings",
@@ -87,6 +100,7 @@ __all__ = [
     "load_encoder",
     "load_recipe",
     "load_volumes",
+    "open_index",
     "open_store",
     "prepare",
     "scan",

@@ -23,6 +23,7 @@ The tree::
     │   ├── NotFoundError             not-found              404
     │   ├── AmbiguousReferenceError   ambiguous-reference    409
     │   └── StoreMismatchError        store-mismatch         409
+    ├── SearchIndexError              index-error            422
     └── ConfigError                   invalid-config         500
 
 Messages say what was seen, what was expected and how to fix it. ``path`` names the
@@ -46,6 +47,7 @@ __all__ = [
     "NotFoundError",
     "RadcacheError",
     "RecipeError",
+    "SearchIndexError",
     "StoreError",
     "StoreMismatchError",
     "TruncatedFileError",
@@ -180,6 +182,12 @@ class StoreMismatchError(StoreError):
     code = "store-mismatch"
     status = 409
     title = "Store was written with another configuration"
+
+
+class SearchIndexError(RadcacheError):
+    code = "index-error"
+    status = 422
+    title = "Search index cannot do that"
 
 
 class ConfigError(RadcacheError):

@@ -29,7 +29,7 @@ from .settings import Settings
 from .store import SHARED_FILE, EmbeddingStore, EntryInfo, EntryWriter, space_id
 from .volume import Volume
 
-__all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult"]
+__all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,17 @@ class EmbedReport:
             "errors": [e.to_dict() for e in self.errors],
             "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
         }
+
+
+@dataclass
+class Transient:
+    """A volume embedded for a query and not stored: its space, vectors and metadata."""
+
+    key: str
+    space: str
+    meta: dict[str, Any]  # the volume's non-identifying metadata (pseudonyms included)
+    pooled: np.ndarray  # (D,)
+    cls: np.ndarray  # (n, D)
 
 
 def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
@@ -164,6 +175,33 @@ class Pipeline:
             for r in report.series:
                 self.store.add_labels(r.entry, labels)
         return report
+
+    def embed_transient(
+        self, inputs: Iterable[InputItem], *, modality: str | None = None
+    ) -> tuple[list[Transient], list[RadcacheError]]:
+        """Embed ``inputs`` without writing anything (a query by upload); a volume already
+        stored is read back instead of recomputed."""
+        found = scan(list(inputs), self.pseudonymizer, modality=modality)
+        out: list[Transient] = []
+        errors: list[RadcacheError] = list(found.errors)
+        for cand in found.candidates:
+            try:
+                volume = cand.load()
+                key, recipe = self.key_for(volume)
+                space = space_id(self.encoder.cfg.name, self.encoder.weights_hash, recipe.hash())
+                meta = volume.meta.to_dict()
+                if self.store.get(key) is not None:
+                    cls = self.store.read(key, "cls")
+                    out.append(Transient(key, space, meta, self.store.read(key, "pooled"), cls))
+                    continue
+                prepared = prepare(volume, recipe, self.encoder.cfg)
+                emb = self.encoder.encode(
+                    prepared.batches(self.batch_size), patch_tokens=False, last_n=0
+                )
+                out.append(Transient(key, space, meta, emb.pooled, emb.cls))
+            except InputError as exc:
+                errors.append(exc)
+        return out, errors
 
     def variant(
         self, *, recipe: Recipe | None = None, patch_tokens: bool | None = None

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import json
 import os
 import re
 import shutil
@@ -513,7 +514,12 @@ class EmbeddingStore:
             a.resize(arr.shape)
             if arr.size:
                 a[...] = arr
-        g.attrs["radcache"] = {**meta, "count": len(keep), "slices": int(offsets[-1])}
+        g.attrs["radcache"] = {
+            **meta,
+            "count": len(keep),
+            "slices": int(offsets[-1]),
+            "generation": int(meta.get("generation", 0)) + 1,  # rows renumbered: readers resync
+        }
         self._table_keys.pop(space, None)
 
     def resolve(self, ref: str, *, model: str | None = None) -> EntryInfo:
@@ -679,6 +685,7 @@ class EmbeddingStore:
             "recipe_hash": info.recipe_hash,
             "recipe": info.attrs.get("recipe"),
             "level": "series+slice",
+            "table_id": uuid.uuid4().hex,  # tells an index this table from a re-created one
         }
         return g
 
@@ -714,26 +721,53 @@ class EmbeddingStore:
         g.attrs["radcache"] = meta  # the commit point
         self._keys_of(info.space).add(info.key)
 
-    def table(self, space: str) -> Table:
-        """Every row of a space's table in one pass (rows past the committed count ignored)."""
+    def table_meta(self, space: str) -> dict[str, Any]:
+        """A table's metadata: ``count`` rows, ``slices``, ``generation`` (bumped whenever
+        rows are removed and the rest renumbered), model and recipe."""
         try:
-            g = self.root[f"tables/{space}"]
+            g = _group(self.root[f"tables/{space}"])
         except KeyError:
             raise NotFoundError(
                 f"no table {space!r}; known: {', '.join(self.spaces()) or 'none'}."
             ) from None
-        assert isinstance(g, zarr.Group)
-        meta = _meta(g)
+        return {"generation": 0, **_meta(g)}
+
+    def table(self, space: str, start: int = 0) -> Table:
+        """Rows ``start:`` of a space's table in one pass (rows past the committed count
+        ignored). ``offsets`` and ``cls`` then cover those rows only, offsets from 0."""
+        meta = self.table_meta(space)
+        g = _group(self.root[f"tables/{space}"])
         n, s = int(meta["count"]), int(meta["slices"])
-        words = np.asarray(g["keys"][:n])  # type: ignore[index]
+        start = min(start, n)
+        words = np.asarray(_array(g["keys"])[start:n])
+        offsets = np.asarray(_array(g["offsets"])[start : n + 1])
+        first = int(offsets[0])
         return Table(
             space=space,
             keys=[_words_key(hi, lo) for hi, lo in words],
-            pooled=np.asarray(g["pooled"][:n]),  # type: ignore[index]
-            offsets=np.asarray(g["offsets"][: n + 1]),  # type: ignore[index]
-            cls=np.asarray(g["cls"][:s]),  # type: ignore[index]
+            pooled=np.asarray(_array(g["pooled"])[start:n]),
+            offsets=offsets - first,
+            cls=np.asarray(_array(g["cls"])[first:s]),
             attrs=meta,
         )
+
+    def entry_attrs(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """Metadata of many complete entries (missing or unfinished ones left out); on a local
+        store read straight from each entry's ``zarr.json``."""
+        out: dict[str, dict[str, Any]] = {}
+        for key in keys:
+            if self.local_path is not None:
+                try:
+                    doc = json.loads((self.local_path / "entries" / key / "zarr.json").read_bytes())
+                except (OSError, ValueError):
+                    continue
+                attrs = doc.get("attributes", {}).get("radcache", {})
+            else:
+                info = self.get(key)
+                attrs = dict(info.attrs) if info is not None else {}
+            if attrs.get("complete"):
+                out[key] = attrs
+        return out
 
 
 def open_store(
