@@ -2,16 +2,29 @@
 
 from ._core import RadcacheAPIError
 from .client import AsyncRadcacheClient, RadcacheClient
-from .models import EntryOut, ErrorOut, JobOut, ModelOut, SeriesOut, StudyOut
+from .models import (
+    ClassifyOut,
+    EntryOut,
+    ErrorOut,
+    IndexOut,
+    JobOut,
+    ModelOut,
+    SearchOut,
+    SeriesOut,
+    StudyOut,
+)
 
 __all__ = [
     "AsyncRadcacheClient",
+    "ClassifyOut",
     "EntryOut",
     "ErrorOut",
+    "IndexOut",
     "JobOut",
     "ModelOut",
     "RadcacheAPIError",
     "RadcacheClient",
+    "SearchOut",
     "SeriesOut",
     "StudyOut",
 ]

@@ -12,17 +12,19 @@ from typing import IO, Any
 import httpx
 import numpy as np
 
-from .models import JobOut
+from .models import ClassifyRequest, JobOut, SearchQuery, SearchRequest
 
 __all__ = [
     "RETRY_STATUSES",
     "RadcacheAPIError",
     "backoff",
     "check",
+    "classify_body",
     "iter_files",
     "npy",
     "parts",
     "retry_delay",
+    "search_request",
     "upload",
 ]
 
@@ -108,6 +110,43 @@ def parts(files: list[tuple[str, bytes | Path]]) -> tuple[list[tuple[str, Any]],
         else:
             out.append(("files", (name, data, "application/octet-stream")))
     return out, handles
+
+
+_QUERY_FIELDS = ("entry", "series", "study", "slice", "vector")
+
+
+def search_request(upload: bool, fields: dict[str, Any]) -> dict[str, Any]:
+    """The request arguments of a search: ``series=…``/``study=…``/``entry=…``/``slice=…``/
+    ``vector=…`` name the query (none when files are uploaded); the rest are
+    :class:`SearchRequest` fields (``k``, ``level``, ``group_by``, ``filters``, …)."""
+    named = {k: fields.pop(k, None) for k in _QUERY_FIELDS}
+    query = {k: v for k, v in named.items() if v is not None}
+    if "vector" in query:
+        query["vector"] = [float(x) for x in np.asarray(query["vector"]).ravel()]
+    req = SearchRequest.model_validate(
+        {**fields, "query": None if upload else SearchQuery.model_validate(query)}
+    )
+    if upload:
+        return {"data": {"request": req.model_dump_json(exclude_none=True)}}
+    return {"json": req.model_dump(mode="json", exclude_none=True)}
+
+
+def classify_body(
+    queries: Iterable[dict[str, Any] | str],
+    support: Iterable[tuple[dict[str, Any] | str, Any]] | None,
+    fields: dict[str, Any],
+) -> dict[str, Any]:
+    """The JSON of a classify request; a bare string names a series."""
+
+    def q(x: dict[str, Any] | str) -> dict[str, Any]:
+        return {"series": x} if isinstance(x, str) else x
+
+    body = {
+        **fields,
+        "queries": [q(x) for x in queries],
+        "support": [{"query": q(x), "label": lab} for x, lab in support] if support else None,
+    }
+    return ClassifyRequest.model_validate(body).model_dump(mode="json", exclude_none=True)
 
 
 def npy(response: httpx.Response) -> np.ndarray:

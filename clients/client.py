@@ -5,6 +5,8 @@ with RadcacheClient("http://127.0.0.1:8000") as rc:
     job = rc.submit(["study.zip"], wait=True)
     vec = rc.embeddings(job.series[0].series)            # pooled vector
     cls = rc.embeddings(job.series[0].entry, kind="cls")  # (n_slices, D)
+    similar = rc.search(series=job.series[0].series, k=10)   # nearest cached series
+    by_file = rc.search(files=["query.nii.gz"], k=10)       # embedded on the fly
 """
 
 from __future__ import annotations
@@ -18,8 +20,18 @@ from typing import Any, Self
 import httpx
 import numpy as np
 
-from ._core import Input, RadcacheAPIError, check, finished, npy, retry_delay, upload
-from .models import EntryOut, JobOut, ModelOut, StudyOut
+from ._core import (
+    Input,
+    RadcacheAPIError,
+    check,
+    classify_body,
+    finished,
+    npy,
+    retry_delay,
+    search_request,
+    upload,
+)
+from .models import ClassifyOut, EntryOut, IndexOut, JobOut, ModelOut, SearchOut, StudyOut
 
 __all__ = ["AsyncRadcacheClient", "RadcacheAPIError", "RadcacheClient"]
 
@@ -126,6 +138,32 @@ class RadcacheClient:
     def models(self) -> list[ModelOut]:
         return [ModelOut.model_validate(m) for m in self._call("GET", "/v1/models").json()]
 
+    def search(self, files: Iterable[Input] | None = None, **fields: Any) -> SearchOut:
+        """Similar cases. Name the query (``series=``, ``study=``, ``entry=``, ``slice=``,
+        ``vector=``) or upload ``files``; other keywords are :class:`SearchRequest` fields
+        (``k``, ``level``, ``group_by``, ``filters``, ``exclude_same_patient``…)."""
+        kw = search_request(files is not None, fields)
+        if files is None:
+            return SearchOut.model_validate(self._call("POST", "/v1/search", **kw).json())
+        with upload(files) as parts:
+            r = self._call("POST", "/v1/search", files=parts, **kw)
+        return SearchOut.model_validate(r.json())
+
+    def classify(
+        self,
+        queries: Iterable[dict[str, Any] | str],
+        *,
+        support: Iterable[tuple[dict[str, Any] | str, Any]] | None = None,
+        **fields: Any,
+    ) -> ClassifyOut:
+        """Few-shot labels for ``queries`` (series names, or query dicts) from ``support``
+        pairs or ``label_field=…``; other keywords are :class:`ClassifyRequest` fields."""
+        body = classify_body(queries, support, fields)
+        return ClassifyOut.model_validate(self._call("POST", "/v1/classify", json=body).json())
+
+    def indexes(self) -> list[IndexOut]:
+        return [IndexOut.model_validate(i) for i in self._call("GET", "/v1/indexes").json()]
+
 
 class AsyncRadcacheClient:
     """The same API for asyncio code."""
@@ -213,3 +251,22 @@ class AsyncRadcacheClient:
 
     async def delete(self, study: str) -> None:
         await self._call("DELETE", f"/v1/studies/{study}")
+
+    async def search(self, files: Iterable[Input] | None = None, **fields: Any) -> SearchOut:
+        kw = search_request(files is not None, fields)
+        if files is None:
+            return SearchOut.model_validate((await self._call("POST", "/v1/search", **kw)).json())
+        with upload(files) as parts:
+            r = await self._call("POST", "/v1/search", files=parts, **kw)
+        return SearchOut.model_validate(r.json())
+
+    async def classify(
+        self,
+        queries: Iterable[dict[str, Any] | str],
+        *,
+        support: Iterable[tuple[dict[str, Any] | str, Any]] | None = None,
+        **fields: Any,
+    ) -> ClassifyOut:
+        body = classify_body(queries, support, fields)
+        r = await self._call("POST", "/v1/classify", json=body)
+        return ClassifyOut.model_validate(r.json())

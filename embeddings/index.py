@@ -14,13 +14,13 @@ the search, and nothing deleted can come back.
 Below ``exact_max`` vectors a level is exact (``Flat``); above it an IVF index trained on a
 sample, whose ``nprobe`` is tuned at build time until recall@10 against exact search on
 held-out vectors reaches ``recall_target``; the measured recall is kept in the metadata.
-An index is saved as one file per space next to the store (write, then atomic rename) and
+An index is saved as one folder per space next to the store (a new version written in
+full, then a pointer file atomically replaced) and
 brought up to date from the store's tables by :meth:`IndexSet.refresh`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -29,7 +29,7 @@ import logging
 import math
 import os
 import re
-import tempfile
+import shutil
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -763,51 +763,61 @@ class SpaceIndex:
 
     # -- persistence --
     def save(self, path: Path) -> None:
-        """Write the space to ``path`` atomically (a temporary file, then a rename)."""
-        arrays = self.catalog.to_arrays()
-        for lv, li in self.levels.items():
-            arrays[f"faiss_{lv}"] = faiss.serialize_index(li.index)
+        """Write the space into folder ``path`` atomically: a new version folder is written
+        in full, then the ``CURRENT`` pointer is replaced (a rename); older versions go."""
         levels = {
             lv: {k: v for k, v in li.info().items() if k != "memory_bytes"}
             for lv, li in self.levels.items()
         }
         head = {"format": INDEX_FORMAT, "space": self.space, **self.meta, "levels": levels}
-        arrays["meta"] = np.asarray(json.dumps(head))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        path.mkdir(parents=True, exist_ok=True)
+        version = f"v{time.time_ns()}-{os.getpid()}"
+        tmp = path / f".{version}.tmp"
+        tmp.mkdir()
         try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **cast(dict[str, Any], arrays))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
+            for lv, li in self.levels.items():
+                faiss.write_index(li.index, str(tmp / f"{lv}.faiss"))
+            with (tmp / "catalog.npz").open("wb") as fh:
+                np.savez(fh, **cast(dict[str, Any], self.catalog.to_arrays()))
+            (tmp / "meta.json").write_text(json.dumps(head, indent=1))
+            for f in tmp.iterdir():
+                with f.open("rb+") as fh:
+                    os.fsync(fh.fileno())
+            os.rename(tmp, path / version)
+            pointer = path / f".CURRENT.{version}"
+            pointer.write_text(version)
+            os.replace(pointer, path / "CURRENT")  # the commit point
         except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
             raise
+        for old in path.iterdir():  # earlier versions and debris of interrupted saves
+            if old.is_dir() and old.name != version:
+                shutil.rmtree(old, ignore_errors=True)
 
     @classmethod
     def load(cls, path: Path) -> SpaceIndex:
-        with np.load(path, allow_pickle=False) as z:
-            head = json.loads(str(z["meta"]))
-            if int(head.get("format", 0)) != INDEX_FORMAT:
-                raise SearchIndexError(f"{path} has index format {head.get('format')}; rebuild it.")
+        """The version of a space that ``path/CURRENT`` names."""
+        where = path / (path / "CURRENT").read_text().strip()
+        head = json.loads((where / "meta.json").read_text())
+        if int(head.get("format", 0)) != INDEX_FORMAT:
+            raise SearchIndexError(f"{where} has index format {head.get('format')}; rebuild it.")
+        with np.load(where / "catalog.npz", allow_pickle=False) as z:
             catalog = Catalog.from_arrays(z)
-            levels: dict[Level, LevelIndex] = {}
-            for lv in LEVELS:
-                info = head["levels"][lv]
-                levels[lv] = LevelIndex(
-                    level=lv,
-                    dim=int(head["dim"]),
-                    index=faiss.deserialize_index(z[f"faiss_{lv}"]),
-                    factory=info["factory"],
-                    kind=info["kind"],
-                    params=dict(info["params"]),
-                    recall=info["recall_at_10"],
-                    trained_size=int(info["trained_size"]),
-                    build_seconds=float(info["build_seconds"]),
-                    tombstones=int(info["tombstones"]),
-                )
+        levels: dict[Level, LevelIndex] = {}
+        for lv in LEVELS:
+            info = head["levels"][lv]
+            levels[lv] = LevelIndex(
+                level=lv,
+                dim=int(head["dim"]),
+                index=faiss.read_index(str(where / f"{lv}.faiss")),
+                factory=info["factory"],
+                kind=info["kind"],
+                params=dict(info["params"]),
+                recall=info["recall_at_10"],
+                trained_size=int(info["trained_size"]),
+                build_seconds=float(info["build_seconds"]),
+                tombstones=int(info["tombstones"]),
+            )
         meta = {k: v for k, v in head.items() if k not in ("format", "space", "levels")}
         return cls(head["space"], meta, catalog, levels)
 
@@ -843,14 +853,14 @@ class IndexSet:
         self._dirty: set[str] = set()
 
     def path(self, space: str) -> Path:
-        return self.directory / f"{re.sub(r'[^A-Za-z0-9._-]', '_', space)}.index.npz"
+        return self.directory / re.sub(r"[^A-Za-z0-9._-]", "_", space)
 
     def load(self) -> None:
         """Load the saved indexes (a damaged or old file is rebuilt by the next refresh)."""
         with self.lock:
             for space in self.store.spaces():
                 p = self.path(space)
-                if not p.exists():
+                if not (p / "CURRENT").exists():
                     continue
                 try:
                     si = SpaceIndex.load(p)
@@ -876,8 +886,7 @@ class IndexSet:
                     self._dirty.add(space)
             for space in set(self.spaces) - set(self.store.spaces()):
                 del self.spaces[space]
-                with contextlib.suppress(OSError):
-                    self.path(space).unlink()
+                shutil.rmtree(self.path(space), ignore_errors=True)
         return changed
 
     def _refresh_space(self, space: str) -> bool:
@@ -1025,6 +1034,15 @@ class IndexSet:
                 f"{', '.join(sorted(self.spaces)) or 'none'}."
             )
         return si
+
+    def study_entries(self, study: str) -> list[str]:
+        """Keys of the indexed entries a study sent (primary or alias)."""
+        with self.lock:
+            return [
+                si.catalog.record(o).key
+                for si in self.spaces.values()
+                for o in si.catalog.ordinals("study", study)
+            ]
 
     def find(self, key: str) -> tuple[SpaceIndex, int]:
         """The space and ordinal of an indexed entry."""

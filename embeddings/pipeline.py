@@ -164,16 +164,17 @@ class Pipeline:
         modality: str | None = None,
         progress: Progress | None = None,
         labels: Mapping[str, Any] | None = None,
+        collection: str | None = None,
     ) -> EmbedReport:
         """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on.
 
         ``labels`` (e.g. ``{"diagnosis": "pneumonia"}``) are recorded with every entry the
-        submission names, for few-shot classification and probes.
+        submission names, for few-shot classification and probes; ``collection`` adds
+        them to a named collection that searches can be restricted to.
         """
         report = self._embed(list(inputs), modality, progress)
-        if labels:
-            for r in report.series:
-                self.store.add_labels(r.entry, labels)
+        for r in report.series:
+            self.store.annotate(r.entry, labels=labels, collection=collection)
         return report
 
     def embed_transient(

@@ -377,7 +377,12 @@ class Searcher:
             ]
         pairs: list[tuple[int, str]] = []
         for q, lab in support or ():
-            for r in self.resolve(q, "series", space=si.space):
+            try:
+                found = self.resolve(q, "series", space=si.space)
+            except NotFoundError:
+                self.resolve(q, "series")  # unknown everywhere: not-found; else another space
+                continue
+            for r in found:
                 pairs += [(cat.by_key[n["entry"]], _label(lab)) for n in r.names]
         return pairs
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +49,20 @@ class Settings(BaseSettings):
     offline: bool | None = Field(
         None, description="never download weights (default: HF_HUB_OFFLINE)"
     )
+    # --- the search index ---
+    index_dir: Path | None = Field(
+        None, description="where indexes are saved (default: <store>/indexes)"
+    )
+    index_factory: str = Field(
+        "auto", description="FAISS factory string, or auto: exact below index_exact_max, else IVF"
+    )
+    index_exact_max: int = Field(50_000, ge=1, description="largest exact (Flat) index")
+    index_recall_target: float = Field(
+        0.95, gt=0, le=1, description="recall@10 an approximate index is tuned to at build time"
+    )
+    index_refresh_s: float = Field(
+        2.0, gt=0, description="how often the service looks for embeddings written by others"
+    )
     # --- the HTTP service (radcache serve) ---
     host: str = Field("127.0.0.1", description="address radcache serve listens on")
     port: int = Field(8000, ge=1, le=65535, description="port radcache serve listens on")
@@ -65,6 +79,15 @@ class Settings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("RADCACHE_PSEUDONYM_KEY must be at least 16 characters")
         return v
+
+    def index_options(self) -> dict[str, Any]:
+        """Keyword arguments of :func:`radcache.embeddings.open_index`."""
+        return {
+            "directory": self.index_dir,
+            "factory": self.index_factory,
+            "exact_max": self.index_exact_max,
+            "recall_target": self.index_recall_target,
+        }
 
     def pseudonymizer(self) -> Pseudonymizer:
         """The keyed pseudonymizer, from the key setting or the key file (made on first use)."""

@@ -438,12 +438,19 @@ class EmbeddingStore:
                 attrs["aliases"] = aliases
                 g.attrs["radcache"] = attrs
 
-    def add_labels(self, key: str, labels: Mapping[str, Any]) -> None:
-        """Merge ``labels`` into entry ``key``'s metadata (``attrs.radcache.labels``)."""
+    def annotate(
+        self, key: str, *, labels: Mapping[str, Any] | None = None, collection: str | None = None
+    ) -> None:
+        """Merge ``labels`` into entry ``key``'s metadata (``attrs.radcache.labels``) and add
+        it to ``collection`` (``attrs.radcache.collections``)."""
+        if not labels and not collection:
+            return
         with self._writing():
             g = _group(self.root[f"entries/{key}"])
             attrs = _meta(g)
-            attrs["labels"] = {**attrs.get("labels", {}), **labels}
+            attrs["labels"] = {**attrs.get("labels", {}), **(labels or {})}
+            if collection and collection not in attrs.get("collections", []):
+                attrs["collections"] = [*attrs.get("collections", []), collection]
             g.attrs["radcache"] = attrs
 
     def iter_entries(self) -> Iterator[EntryInfo]:

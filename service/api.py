@@ -29,10 +29,10 @@ from .jobs import JobRow
 from .options import FIELDS, job_options, job_pipeline
 from .problems import PROBLEM, problem
 
-__all__ = ["router"]
+__all__ = ["ERRORS", "router", "save_upload"]
 
 router = APIRouter()
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": Problem, "content": {PROBLEM: {}}} for s in (400, 404, 413, 415, 422, 503)
 }
 _BODY_TYPES = {
@@ -101,8 +101,10 @@ class Budget:
             )
 
 
-async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, Any]:
-    """Stream the request into ``dest`` (one file per part); returns form options."""
+async def save_upload(
+    request: Request, dest: Path, limit: int, fields: tuple[str, ...] = FIELDS
+) -> dict[str, Any]:
+    """Stream the request into ``dest`` (one file per part); returns the form ``fields``."""
     declared = int(request.headers.get("content-length") or 0)
     budget = Budget(limit)
     budget.spend(declared)  # refuse early when the client says how big it is
@@ -119,7 +121,7 @@ async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, An
                             budget.spend(len(chunk))
                             out.write(chunk)
                     count += 1
-                elif key in FIELDS and value:
+                elif key in fields and value:
                     options[key] = str(value)
     elif ctype in _BODY_TYPES:
         with (dest / _BODY_TYPES[ctype]).open("wb") as out:
@@ -141,7 +143,7 @@ async def _save_upload(request: Request, dest: Path, limit: int) -> dict[str, An
     "/v1/studies",
     status_code=202,
     response_model=JobOut,
-    responses={200: {"model": JobOut, "description": "every series was already cached"}, **_ERRORS},
+    responses={200: {"model": JobOut, "description": "every series was already cached"}, **ERRORS},
     summary="Submit a study (DICOM files, zips, NIfTI) for embedding",
 )
 async def submit_study(
@@ -161,7 +163,7 @@ async def submit_study(
     dest = res.settings.upload_dir / uuid.uuid4().hex
     dest.mkdir(parents=True)
     try:
-        fields = await _save_upload(request, dest, res.settings.max_upload_bytes)
+        fields = await save_upload(request, dest, res.settings.max_upload_bytes)
         query = {"modality": modality, "model": model, "patch_tokens": patch_tokens}
         raw = {**fields, **{k: v for k, v in query.items() if v is not None}}
         options = job_options(raw, loaded_model=res.encoder.cfg.name)
@@ -172,8 +174,11 @@ async def submit_study(
         raise
     if known is not None:
         shutil.rmtree(dest, ignore_errors=True)
-        for s in known.series if options.get("labels") else ():
-            res.store.add_labels(s.entry, options["labels"])
+        for s in known.series:
+            res.store.annotate(
+                s.entry, labels=options.get("labels"), collection=options.get("collection")
+            )
+        res.keeper.touch([s.entry for s in known.series])
         res.metrics.job(0.0, [s.to_dict() for s in known.series])
         row = res.jobs.create(str(dest), state="done", report=known.to_dict(), options=options)
         row.slices_done = row.slices_total = sum(s.slices for s in known.series)
@@ -188,7 +193,7 @@ async def submit_study(
     )
 
 
-@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=_ERRORS, summary="One job")
+@router.get("/v1/jobs/{job_id}", response_model=JobOut, responses=ERRORS, summary="One job")
 def get_job(job_id: str, res: ResourcesDep) -> JobOut:
     row = res.jobs.get(job_id)
     if row is None:
@@ -253,7 +258,7 @@ def list_studies(
 
 
 @router.get(
-    "/v1/studies/{study}", response_model=StudyOut, responses=_ERRORS, summary="One cached study"
+    "/v1/studies/{study}", response_model=StudyOut, responses=ERRORS, summary="One cached study"
 )
 def get_study(study: str, res: ResourcesDep) -> StudyOut:
     entries = cached_studies(res).get(study)
@@ -265,16 +270,19 @@ def get_study(study: str, res: ResourcesDep) -> StudyOut:
 @router.delete(
     "/v1/studies/{study}",
     status_code=204,
-    responses=_ERRORS,
+    responses=ERRORS,
     summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
 )
 def delete_study(study: str, res: ResourcesDep) -> Response:
-    res.store.delete_study(study)
+    named = res.indexes.study_entries(study)
+    gone = set(res.store.delete_study(study))
+    res.keeper.refresh()  # its vectors leave the index before this answers
+    res.keeper.touch(k for k in named if k not in gone)  # kept by another study: renamed
     return Response(status_code=204)
 
 
 @router.get(
-    "/v1/series/{series}", response_model=EntryOut, responses=_ERRORS, summary="A cached series"
+    "/v1/series/{series}", response_model=EntryOut, responses=ERRORS, summary="A cached series"
 )
 def get_series(series: str, res: ResourcesDep) -> EntryOut:
     """``series`` is a series name, ``series#part``, or an entry key."""
@@ -295,7 +303,7 @@ def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
 
 @router.get(
     "/v1/series/{series}/embeddings",
-    responses={200: {"content": {"application/json": {}, "application/x-npy": {}}}, **_ERRORS},
+    responses={200: {"content": {"application/json": {}, "application/x-npy": {}}}, **ERRORS},
     summary="Embeddings of a cached series (JSON or .npy)",
 )
 def get_embeddings(
@@ -365,7 +373,7 @@ def healthz() -> Health:
 
 
 @router.get(
-    "/readyz", response_model=Health, responses=_ERRORS, summary="Model loaded, store writable"
+    "/readyz", response_model=Health, responses=ERRORS, summary="Model loaded, store writable"
 )
 def readyz(res: ResourcesDep) -> Response:
     ok, why = res.ready()

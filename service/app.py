@@ -11,24 +11,29 @@ import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
+from radcache.clients.models import SearchRequest
 from radcache.embeddings import (
     EmbeddingStore,
     Encoder,
+    IndexSet,
     Pipeline,
+    Searcher,
     Settings,
     __version__,
     get_settings,
+    open_index,
 )
 
 from . import problems
 from .jobs import JobStore
 from .metrics import Metrics
-from .worker import Worker
+from .worker import IndexKeeper, Worker
 
 __all__ = ["Resources", "ResourcesDep", "create_app"]
 
@@ -42,11 +47,16 @@ class Resources:
     jobs: JobStore
     worker: Worker
     metrics: Metrics
+    indexes: IndexSet
+    searcher: Searcher
+    keeper: IndexKeeper
 
     def ready(self) -> tuple[bool, str]:
-        """Model loaded, worker alive and store writable — or why not."""
+        """Model loaded, worker and index keeper alive, store writable — or why not."""
         if not self.worker._thread.is_alive():
             return False, "the worker thread is not running"
+        if not self.keeper.alive:
+            return False, "the index keeper thread is not running"
         if self.store.local_path is not None and not os.access(self.store.local_path, os.W_OK):
             return False, f"the store {self.store.url} is not writable"
         return True, "ok"
@@ -68,8 +78,36 @@ def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resou
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(pipeline, jobs, limit=settings.queue_size)
     metrics = Metrics(lambda: worker.depth)
-    worker.on_done = metrics.job
-    return Resources(settings, enc, store, pipeline, jobs, worker, metrics)
+    indexes = open_index(store, **settings.index_options())
+    keeper = IndexKeeper(indexes, settings.index_refresh_s)
+
+    def done(seconds: float, series: list[dict[str, Any]]) -> None:
+        metrics.job(seconds, series)
+        keeper.refresh()  # what a job embedded is searchable as soon as it is done …
+        keeper.touch(s["entry"] for s in series)  # … with the labels it was given
+
+    worker.on_done = done
+    searcher = Searcher(indexes, pipeline)
+    return Resources(
+        settings, enc, store, pipeline, jobs, worker, metrics, indexes, searcher, keeper
+    )
+
+
+def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
+    """Put models that routes read by hand (JSON or multipart) into the OpenAPI schemas."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+            for m in models:
+                js = m.model_json_schema(ref_template="#/components/schemas/{model}")
+                schemas.update(js.pop("$defs", {}))
+                schemas[m.__name__] = js
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -83,14 +121,17 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         res = resources or build_resources(settings or get_settings())
         res.worker.start()
+        res.keeper.start()
         app.state.resources = res
         try:
             yield
         finally:
             res.worker.stop()
+            res.keeper.stop()
 
     from .api import router
     from .dicomweb import router as dicomweb_router
+    from .search import router as search_router
 
     app = FastAPI(
         title="radcache",
@@ -100,7 +141,9 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
         generate_unique_id_function=_operation_id,
     )
     problems.install(app)
+    _document_models(app, SearchRequest)
     app.include_router(router)
+    app.include_router(search_router)
     app.include_router(dicomweb_router)
 
     @app.middleware("http")

@@ -1,4 +1,6 @@
-"""The ``radcache`` command line: ``embed``, ``models``, ``show``.
+"""The ``radcache`` command line: ``embed``, ``serve``, ``models``, ``show``; the client
+commands ``submit``, ``jobs``, ``get``; and (in :mod:`.cli_search`) ``search``,
+``classify`` and ``index``.
 
 Settings come from :class:`radcache.embeddings.settings.Settings` (``RADCACHE_*``
 environment variables); a flag given on the command line overrides its variable.
@@ -10,7 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -271,7 +273,7 @@ def serve(
     uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
 
 
-_URL = click.option(
+_URL: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
     "--url",
     default=None,
     help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
@@ -506,6 +508,12 @@ def show(store: str | None, as_json: bool) -> None:
         )
     _out.print(table)
 
+
+from .cli_search import classify, index, search  # noqa: E402 - they use the helpers above
+
+main.add_command(search)
+main.add_command(classify)
+main.add_command(index)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m radcache.service.cli`
     main()

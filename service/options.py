@@ -7,6 +7,7 @@ runs the job exactly as it was asked for.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from radcache.embeddings import Pipeline, load_recipe
@@ -15,7 +16,7 @@ from radcache.embeddings.models import get_cfg
 
 __all__ = ["FIELDS", "InvalidFieldError", "ModelNotLoadedError", "job_options", "job_pipeline"]
 
-FIELDS = ("modality", "model", "patch_tokens", "recipe", "labels")
+FIELDS = ("modality", "model", "patch_tokens", "recipe", "labels", "collection")
 
 
 class ModelNotLoadedError(RadcacheError):
@@ -35,6 +36,13 @@ def job_options(raw: dict[str, Any], *, loaded_model: str) -> dict[str, Any]:
             f"this server runs {loaded_model!r}, not {raw['model']!r}; send it to a "
             "server started with --model " + str(raw["model"]) + ", or leave model out."
         )
+    if raw.get("collection"):
+        name = str(raw["collection"])
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            raise InvalidFieldError(
+                f"collection {name!r}: expected 1–64 letters, digits, '.', '_' or '-'."
+            )
+        out["collection"] = name
     if raw.get("patch_tokens") is not None:
         value = raw["patch_tokens"]
         out["patch_tokens"] = (

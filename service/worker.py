@@ -1,4 +1,5 @@
-"""The embedded worker: one thread that runs queued jobs through the pipeline.
+"""Background threads: the embedded worker, which runs queued jobs through the pipeline,
+and the index keeper, which keeps the search indexes in step with the store.
 
 HTTP stays responsive while a study embeds: handlers only write the upload and a job row
 and put the job id on a bounded queue. The same job code will run in the scale-out
@@ -12,17 +13,17 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from radcache.embeddings import EmbedReport, Pipeline
+from radcache.embeddings import EmbedReport, IndexSet, Pipeline
 from radcache.embeddings.errors import RadcacheError
 
 from .jobs import JobState, JobStore
 from .options import job_pipeline
 
-__all__ = ["QueueFullError", "Worker", "report_state"]
+__all__ = ["IndexKeeper", "QueueFullError", "Worker", "report_state"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,7 @@ class Worker:
                 modality=options.get("modality"),
                 progress=progress,
                 labels=options.get("labels"),
+                collection=options.get("collection"),
             )
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
             log.exception("job %s failed", job_id)
@@ -150,7 +152,53 @@ class Worker:
             return
         progress.flush()
         out = public_report(report, upload)
-        self.jobs.finish(job_id, report_state(report), out)
-        if self.on_done is not None:
+        if self.on_done is not None:  # before the job reads done: then it is searchable
             self.on_done(time.monotonic() - t0, out["series"])
+        self.jobs.finish(job_id, report_state(report), out)
         shutil.rmtree(upload, ignore_errors=True)
+
+
+class IndexKeeper:
+    """Keeps the search indexes in step with the store: right after each job, and every
+    ``interval`` seconds for embeddings written by other processes. Saves changed indexes
+    at most every ``save_every`` seconds, and on stop."""
+
+    def __init__(self, indexes: IndexSet, interval: float, save_every: float = 60.0) -> None:
+        self.indexes = indexes
+        self.interval = interval
+        self.save_every = save_every
+        self._saved = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="radcache-index", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+        self.indexes.save()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def refresh(self) -> None:
+        """Absorb what the store gained or lost since the last refresh."""
+        try:
+            changed = self.indexes.refresh()
+        except Exception:  # the index is rebuilt on the next refresh or restart
+            log.exception("index refresh failed")
+            return
+        if changed and time.monotonic() - self._saved >= self.save_every:
+            self.indexes.save()
+            self._saved = time.monotonic()
+
+    def touch(self, keys: Iterable[str]) -> None:
+        """Entries whose labels, collections or references changed."""
+        self.indexes.touch(keys)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.refresh()

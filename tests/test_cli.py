@@ -195,3 +195,22 @@ def test_two_processes_share_one_store(tmp_path: Path) -> None:
         assert st.read(e.key, "patch").shape[0] == 4
     staging = store / "staging"
     assert not [p for p in staging.iterdir() if p.is_dir()] if staging.exists() else True
+
+
+def test_index_info_and_rebuild_from_the_store_alone(study: Path, tmp_path: Path) -> None:
+    store = str(tmp_path / "s.zarr")
+    assert (
+        run("embed", str(study), "--model", "dinov2-tiny-random", "--store", store).returncode == 0
+    )
+    info = run("index", "info", "--store", store, "--json")
+    assert info.returncode == 0, info.stderr
+    spaces = json.loads(info.stdout)
+    assert len(spaces) == 2 and {s["levels"]["series"]["kind"] for s in spaces} == {"exact"}
+    assert (tmp_path / "s.zarr" / "indexes").is_dir()
+    p = run("index", "rebuild", "--store", store, "--level", "slice", "--factory", "HNSW8")
+    assert p.returncode == 0, p.stderr
+    again = json.loads(run("index", "info", "--store", store, "--json").stdout)
+    assert {s["levels"]["slice"]["factory"] for s in again} == {"HNSW8"}
+    assert {s["levels"]["series"]["factory"] for s in again} == {"Flat"}
+    bad = run("index", "rebuild", "--store", store, "--factory", "Bogus17")
+    assert bad.returncode == 2 and "index-error" in bad.stderr

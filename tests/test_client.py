@@ -126,3 +126,43 @@ def test_client_only_install_says_what_is_missing() -> None:
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 2, p.stdout + p.stderr
     assert "[missing-extra]" in p.stderr and "radcache[server]" in p.stderr
+
+
+def test_search_and_classify_from_client_and_cli(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = server
+    gens = [write_series(tmp_path / f"s{i}", phantom(3, 16, 16, seed=80 + i)) for i in range(4)]
+    with RadcacheClient(url) as rc:
+        jobs = [rc.submit([g.directory], wait=True, timeout=60) for g in gens]
+        names = [j.series[0].series for j in jobs]
+        out = rc.search(series=names[0], k=2)
+        assert out.level == "series" and len(out.results[0].hits) == 2
+        assert names[0] not in {h.series for h in out.results[0].hits}  # own study left out
+        up = rc.search(files=[gens[1].directory], k=1, exclude_same_study=False)
+        assert up.results[0].hits[0].series == names[1]  # the same pixels, embedded again
+        vec = rc.embeddings(names[2])
+        space = out.results[0].space
+        assert rc.search(vector=vec, space=space, k=1).results[0].hits[0].series == names[2]
+        pred = rc.classify(
+            names[:1], support=[(n, "a" if i % 2 else "b") for i, n in enumerate(names)]
+        )
+        assert set(pred.predictions[0].probabilities) == {"a", "b"}
+        assert any(i.space == space for i in rc.indexes())
+    p = run("search", "--series", names[0], "-k", "2", "--url", url, "--json")
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["results"][0]["hits"]) == 2
+    p = run("search", str(gens[3].directory), "-k", "1", "--include-same-study", "--url", url)
+    assert p.returncode == 0 and names[3][:16] in p.stdout, p.stdout + p.stderr
+    p = run(
+        "classify",
+        names[1],
+        "--support",
+        f"{names[0]}=b",
+        "--support",
+        f"{names[2]}=b",
+        "--url",
+        url,
+        "--json",
+    )
+    assert p.returncode == 0 and json.loads(p.stdout)["predictions"][0]["label"] == "b", p.stderr
+    bad = run("search", "--series", "nope", "--url", url, "--json")
+    assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "not-found"

@@ -46,7 +46,10 @@ def test_recipe_model_or_precision_change_is_a_new_entry(
     base = _pipe(tiny, store_path, pseudo).embed([series.directory]).series[0]
     lung = Recipe(intensity=CTWindows(windows=((-600, 1500),)))
     other_recipe = _pipe(tiny, store_path, pseudo, recipe=lung).embed([series.directory]).series[0]
-    other_precision = _pipe(tiny_fp32, store_path, pseudo).embed([series.directory]).series[0]
+    # auto is bf16 on CPUs with fast bf16 and fp32 elsewhere: take whichever `tiny` is not
+    other = load_encoder("dinov2-tiny-random", device="cpu", precision="bf16")
+    other = tiny_fp32 if tiny.precision != "fp32" else other
+    other_precision = _pipe(other, store_path, pseudo).embed([series.directory]).series[0]
     small = load_encoder("dinov2-small-random", device="cpu")
     other_model = _pipe(small, store_path, pseudo).embed([series.directory]).series[0]
     for r in (other_recipe, other_precision, other_model):

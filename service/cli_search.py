@@ -1,0 +1,266 @@
+"""``radcache search``, ``radcache classify`` (against a running service) and ``radcache
+index info|rebuild`` (on a store directly). Registered on the main group by :mod:`.cli`."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.table import Table
+
+from radcache.embeddings.errors import RadcacheError
+
+from .cli import _URL, _api_fail, _fail, _need_server, _out, _settings
+
+__all__ = ["classify", "index", "search"]
+
+
+def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for v in values:
+        key, sep, value = v.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{v!r}: expected KEY=VALUE", param_hint=what)
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@click.command()
+@click.argument("files", nargs=-1, type=click.Path(exists=True))
+@click.option("--series", help="Search with a cached series (name, series#part).")
+@click.option("--study", help="Search with every series of a cached study.")
+@click.option("--entry", help="Search with a cache entry key.")
+@click.option("--slice", "slice_", type=click.IntRange(0), help="One slice of --series/--entry.")
+@click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True)
+@click.option("--level", type=click.Choice(["series", "slice"]), help="Default: series.")
+@click.option("--group-by-series", is_flag=True, help="Slice level: one hit per series.")
+@click.option("--filter-modality", multiple=True, help="Only these modalities.")
+@click.option("--body-part", multiple=True, help="Only these body parts.")
+@click.option("--description", help="Series description contains this (any case).")
+@click.option("--collection", help="Only entries of this collection.")
+@click.option("--label", "labels", multiple=True, help="KEY=VALUE a stored label must match.")
+@click.option("--exclude-same-patient", is_flag=True, help="Leave out the query's patient.")
+@click.option("--include-same-study", is_flag=True, help="Let the query's own study match.")
+@click.option("--modality", help="Modality of uploaded NIfTI files, e.g. CT.")
+@click.option("--space", help="Index space (radcache index info lists them).")
+@_URL
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def search(
+    files: Sequence[str],
+    series: str | None,
+    study: str | None,
+    entry: str | None,
+    slice_: int | None,
+    k: int,
+    level: str | None,
+    group_by_series: bool,
+    filter_modality: Sequence[str],
+    body_part: Sequence[str],
+    description: str | None,
+    collection: str | None,
+    labels: Sequence[str],
+    exclude_same_patient: bool,
+    include_same_study: bool,
+    modality: str | None,
+    space: str | None,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Similar cases from a running service: `radcache search --series ID -k 10`, or
+    `radcache search FILE -k 10` (the file is embedded on the fly, not stored)."""
+    import httpx
+
+    from radcache.clients import RadcacheAPIError, RadcacheClient
+
+    named = [x for x in (series, study, entry) if x]
+    if bool(files) + len(named) != 1:
+        raise click.UsageError("give FILES, or one of --series, --study or --entry.")
+    fields: dict[str, Any] = {
+        "series": series,
+        "study": study,
+        "entry": entry,
+        "slice": slice_,
+        "k": k,
+        "level": level,
+        "group_by": "series" if group_by_series else None,
+        "space": space,
+        "modality": modality,
+        "exclude_same_patient": exclude_same_patient,
+        "exclude_same_study": not include_same_study,
+        "filters": {
+            "modality": list(filter_modality),
+            "body_part": list(body_part),
+            "description": description,
+            "collection": collection,
+            "labels": _label_pairs(labels, "--label"),
+        },
+    }
+    try:
+        with RadcacheClient(url or _settings().url) as rc:
+            out = rc.search(list(files) or None, **fields)
+    except (RadcacheAPIError, httpx.HTTPError) as exc:
+        _api_fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(out.model_dump_json())
+        return
+    for r in out.results:
+        name = r.query.get("series") or r.query.get("upload") or r.query.get("entry", "vector")
+        where = f" slice {r.query['slice']}" if r.query.get("slice") is not None else ""
+        table = Table(title=f"{str(name)[:16]}{where} · {out.level} level", title_justify="left")
+        for col in ("rank", "score", "series", "slice", "modality", "description", "labels"):
+            table.add_column(col)
+        for h in r.hits:
+            table.add_row(
+                str(h.rank),
+                f"{h.score:.4f}",
+                h.series[:16] + (f"#{h.part}" if h.part else ""),
+                "-" if h.slice is None else str(h.slice),
+                h.modality or "-",
+                (h.series_description or "-")[:28],
+                json.dumps(h.labels) if h.labels else "-",
+            )
+        _out.print(table)
+
+
+@click.command()
+@click.argument("queries", nargs=-1, required=True)
+@click.option("--label-field", help="Support: every cached entry with this stored label.")
+@click.option("--support", multiple=True, help="Support: SERIES=LABEL (repeat).")
+@click.option("-k", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--method", type=click.Choice(["knn", "prototype"]), default="knn", show_default=True)
+@click.option(
+    "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
+)
+@_URL
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def classify(
+    queries: Sequence[str],
+    label_field: str | None,
+    support: Sequence[str],
+    k: int,
+    method: str,
+    level: str,
+    url: str | None,
+    as_json: bool,
+) -> None:
+    """Few-shot labels for cached series (QUERIES are series names) from a running service."""
+    import httpx
+
+    from radcache.clients import RadcacheAPIError, RadcacheClient
+
+    if bool(label_field) == bool(support):
+        raise click.UsageError("give --label-field or --support pairs (one of them).")
+    pairs = list(_label_pairs(support, "--support").items()) if support else None
+    try:
+        with RadcacheClient(url or _settings().url) as rc:
+            out = rc.classify(
+                list(queries),
+                support=pairs,
+                label_field=label_field,
+                k=k,
+                method=method,
+                level=level,
+            )
+    except (RadcacheAPIError, httpx.HTTPError) as exc:
+        _api_fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(out.model_dump_json())
+        return
+    table = Table(title=f"few-shot {method}, k={k}", title_justify="left")
+    for col in ("query", "label", "probabilities", "support"):
+        table.add_column(col)
+    for p in out.predictions:
+        probs = ", ".join(f"{c} {v:.3f}" for c, v in sorted(p.probabilities.items()))
+        q = p.query.get("series") or p.query.get("entry", "")
+        where = f" slice {p.query['slice']}" if p.query.get("slice") is not None else ""
+        table.add_row(f"{q}{where}"[:24], p.label or "-", probs, str(p.support))
+    _out.print(table)
+
+
+@click.group()
+def index() -> None:
+    """The FAISS search indexes of a store (built and kept by `radcache serve`)."""
+
+
+def _open(store: str | None, factory: str | None, **kw: Any) -> Any:
+    from radcache.embeddings import IndexSet, open_store
+
+    s = _settings(store=store)
+    opts = s.index_options()
+    return IndexSet(
+        open_store(s.store, mode="r"), **{**opts, **kw, "factory": factory or opts["factory"]}
+    )
+
+
+@index.command("info")
+@click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_info(store: str | None, as_json: bool) -> None:
+    """Type, size, measured recall and memory of each index (brought up to date first)."""
+    _need_server("index")
+    try:
+        idx = _open(store, None)
+        idx.load()
+        idx.refresh()
+        idx.save()
+        info = idx.info()
+    except RadcacheError as exc:
+        _fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"indexes of {idx.store.url} ({idx.directory})", title_justify="left")
+    for col in ("space", "level", "type", "vectors", "recall@10", "params", "memory"):
+        table.add_column(col)
+    for sp in info:
+        for lv, li in sp["levels"].items():
+            recall = "exact" if li["recall_at_10"] is None else f"{li['recall_at_10']:.3f}"
+            table.add_row(
+                sp["space"],
+                lv,
+                li["factory"],
+                str(li["vectors"]),
+                recall,
+                json.dumps(li["params"]) if li["params"] else "-",
+                f"{li['memory_bytes'] / 2**20:.1f} MiB",
+            )
+    _out.print(table)
+
+
+@index.command("rebuild")
+@click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
+@click.option("--space", help="Only this space (default: all).")
+@click.option(
+    "--level",
+    "levels",
+    multiple=True,
+    type=click.Choice(["series", "slice"]),
+    help="Levels that take --factory (default: both).",
+)
+@click.option("--factory", help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32. [auto]")
+def index_rebuild(
+    store: str | None, space: str | None, levels: Sequence[str], factory: str | None
+) -> None:
+    """Rebuild indexes from the Zarr store alone."""
+    _need_server("index")
+    try:
+        idx = _open(store, None)
+        idx.load()
+        names = idx.rebuild(space, factory=factory, levels=levels or ("series", "slice"))
+    except RadcacheError as exc:
+        _fail(exc, False)
+        return
+    for name in names:
+        sp = idx.spaces[name].info()
+        parts = [
+            f"{lv} {li['factory']} ({li['vectors']} vectors)" for lv, li in sp["levels"].items()
+        ]
+        _out.print(f"{name}: {', '.join(parts)} → {idx.path(name)}")

@@ -1,0 +1,192 @@
+"""HTTP routes for similar-case search, few-shot classification and the index catalogue.
+
+Handlers turn wire models into :mod:`radcache.embeddings.search` calls; searching runs
+in a worker thread (FAISS and the model release the GIL), so the event loop stays free.
+"""
+
+from __future__ import annotations
+
+import shutil
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+
+from radcache.clients.models import (
+    ClassifyOut,
+    ClassifyRequest,
+    IndexOut,
+    Prediction,
+    SearchFilters,
+    SearchOut,
+    SearchQuery,
+    SearchRequest,
+)
+from radcache.embeddings import Filters, Query
+from radcache.embeddings.errors import InputError
+from radcache.embeddings.search import QueryHits
+
+from .api import ERRORS, save_upload
+from .app import Resources, ResourcesDep
+
+__all__ = ["router"]
+
+router = APIRouter()
+_SEARCH_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                        "request": {
+                            "type": "string",
+                            "description": "a SearchRequest as JSON, without `query`",
+                        },
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+def _query(q: SearchQuery) -> Query:
+    return Query(
+        entry=q.entry,
+        series=q.series,
+        study=q.study,
+        slice=q.slice,
+        vector=tuple(q.vector) if q.vector is not None else None,
+    )
+
+
+def _filters(f: SearchFilters) -> Filters:
+    return Filters.make(
+        modality=f.modality,
+        body_part=f.body_part,
+        description=f.description,
+        collection=f.collection,
+        labels=f.labels,
+        exclude_studies=f.exclude_studies,
+        exclude_patients=f.exclude_patients,
+    )
+
+
+def _out(req: SearchRequest, level: str, results: list[QueryHits]) -> SearchOut:
+    return SearchOut.model_validate(
+        {"level": level, "k": req.k, "results": [r.to_dict() for r in results]}
+    )
+
+
+def _parse(model: type[SearchRequest], raw: str | bytes) -> SearchRequest:
+    try:
+        return model.model_validate_json(raw or b"{}")
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+async def _search_upload(request: Request, res: Resources) -> SearchOut:
+    dest = res.settings.upload_dir / f"search-{uuid.uuid4().hex}"
+    dest.mkdir(parents=True)
+    try:
+        form = await save_upload(request, dest, res.settings.max_upload_bytes, ("request",))
+        req = _parse(SearchRequest, form.get("request", "{}"))
+        if req.query is not None:
+            raise InputError("an upload is the query: leave `query` out of the request field.")
+        level = req.level or "series"
+        common: dict[str, Any] = {
+            "k": req.k,
+            "level": level,
+            "group_by_series": req.group_by == "series",
+            "filters": _filters(req.filters),
+            "exclude_same_study": req.exclude_same_study,
+            "exclude_same_patient": req.exclude_same_patient,
+        }
+        if req.store:  # embed into the cache, then search by what was stored
+            report = await run_in_threadpool(res.pipeline.embed, [dest], modality=req.modality)
+            if not report.series:
+                raise report.errors[0] if report.errors else InputError("no volume in upload")
+            await run_in_threadpool(res.keeper.refresh)
+            await run_in_threadpool(res.keeper.touch, [s.entry for s in report.series])
+            results = []
+            for s in report.series:
+                results += await run_in_threadpool(
+                    res.searcher.search, Query(entry=s.entry), **common
+                )
+        else:
+            results = await run_in_threadpool(
+                res.searcher.search_upload, [dest], modality=req.modality, **common
+            )
+        return _out(req, level, results)
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+@router.post(
+    "/v1/search",
+    response_model=SearchOut,
+    responses=ERRORS,
+    openapi_extra=_SEARCH_BODY,
+    summary="Similar cases: kNN by study, series, slice, vector or uploaded file",
+)
+async def search(request: Request, res: ResourcesDep) -> SearchOut:
+    """A JSON :class:`SearchRequest`, or ``multipart/form-data`` with files (the query,
+    embedded with the index's model and recipe, not stored unless ``store``) and a
+    ``request`` field holding the rest of the request as JSON."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        return await _search_upload(request, res)
+    req = _parse(SearchRequest, await request.body())
+    if req.query is None:
+        raise InputError("a JSON search needs `query` (or upload files as multipart/form-data).")
+    query = _query(req.query)
+    level = req.level or ("slice" if query.slice is not None else "series")
+    results = await run_in_threadpool(
+        res.searcher.search,
+        query,
+        k=req.k,
+        level=level,
+        group_by_series=req.group_by == "series",
+        filters=_filters(req.filters),
+        space=req.space,
+        model=req.model,
+        exclude_same_study=req.exclude_same_study,
+        exclude_same_patient=req.exclude_same_patient,
+    )
+    return _out(req, level, results)
+
+
+@router.post(
+    "/v1/classify",
+    response_model=ClassifyOut,
+    responses=ERRORS,
+    summary="Few-shot classification: kNN vote (T = 0.07) or class prototypes",
+)
+def classify(req: ClassifyRequest, res: ResourcesDep) -> ClassifyOut:
+    support = [(_query(s.query), s.label) for s in req.support] if req.support else None
+    out = res.searcher.classify(
+        [_query(q) for q in req.queries],
+        support=support,
+        label_field=req.label_field,
+        k=req.k,
+        temperature=req.temperature,
+        method=req.method,
+        level=req.level,
+        space=req.space,
+        model=req.model,
+        exclude_same_study=req.exclude_same_study,
+    )
+    return ClassifyOut(predictions=[Prediction.model_validate(c.to_dict()) for c in out])
+
+
+@router.get("/v1/indexes", response_model=list[IndexOut], summary="The search indexes")
+def list_indexes(res: ResourcesDep) -> list[IndexOut]:
+    """One per (model, recipe) space: type of each level, size, measured recall, memory."""
+    return [IndexOut.model_validate(i) for i in res.indexes.info()]
