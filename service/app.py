@@ -8,14 +8,15 @@ loaded) and live in ``app.state``; routes get them through :data:`ResourcesDep`.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI, Request
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from radcache.clients.models import SearchRequest
 from radcache.embeddings import (
@@ -146,16 +147,31 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     app.include_router(search_router)
     app.include_router(dicomweb_router)
 
-    @app.middleware("http")
-    async def _count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        res: Resources | None = getattr(request.app.state, "resources", None)
-        if res is not None:
-            res.metrics.requests.labels(request.method, path, str(response.status_code)).inc()
-        return response
-
+    app.add_middleware(_CountRequests)
     return app
+
+
+class _CountRequests:
+    """Counts answered requests by method, route and status (plain ASGI: no body copies)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = [500]
+
+        async def sending(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            res: Resources | None = getattr(scope["app"].state, "resources", None)
+            if res is not None:
+                path = getattr(scope.get("route"), "path", "unmatched")
+                res.metrics.requests.labels(scope["method"], path, str(status[0])).inc()

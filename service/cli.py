@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
@@ -24,51 +23,10 @@ from rich.table import Table
 from radcache.embeddings.errors import RadcacheError
 from radcache.embeddings.settings import Settings
 
+from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
+from .cli_search import classify, index, search
+
 __all__ = ["main"]
-
-_err = Console(stderr=True)
-_out = Console()
-
-
-def _settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
-
-
-def _need_server(command: str) -> None:
-    """Stop with one message when the `server` extra (torch, pydicom, zarr…) is missing."""
-    wanted = ("torch", "transformers", "pydicom", "zarr") + (
-        ("fastapi", "uvicorn") if command == "serve" else ()
-    )
-    missing = [m for m in wanted if not _importable(m)]
-    if missing:
-        _err.print(
-            "[bold red]error[/] "
-            + escape(
-                f"[missing-extra] `radcache {command}` needs the server extra (missing: "
-                f"{', '.join(missing)}); install it with: pip install 'radcache[server]'"
-            ),
-            highlight=False,
-        )
-        sys.exit(2)
-
-
-def _fail(exc: RadcacheError, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps({"series": [], "errors": [exc.to_dict()]}))
-    else:
-        _err.print(
-            f"[bold red]error[/] {escape(f'[{exc.code}] {exc}')}", highlight=False, soft_wrap=True
-        )
-    sys.exit(2)
 
 
 class _Bar:
@@ -132,11 +90,11 @@ def embed(
     Exit status: 0 when everything was embedded or cached, 1 when any input failed
     (the rest is still stored), 2 when nothing could run (model, store or settings).
     """
-    _need_server("embed")
+    need_server("embed")
     from radcache.embeddings import Pipeline
 
     try:
-        s = _settings(
+        s = settings(
             model=model,
             store=store,
             recipe=recipe,
@@ -148,20 +106,20 @@ def embed(
         pipe = Pipeline.from_settings(s)
         encoder = pipe.encoder
     except RadcacheError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
         return
     if not as_json and encoder.cfg.random_weights:
-        _err.print(
+        err.print(
             f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only."
         )
-    show_bar = not as_json and _err.is_terminal
+    show_bar = not as_json and err.is_terminal
     if show_bar:
         with Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TimeRemainingColumn(),
-            console=_err,
+            console=err,
             transient=True,
         ) as p:
             report = pipe.embed(inputs, modality=modality, progress=_Bar(p))
@@ -188,22 +146,22 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
             "[green]hit[/]" if r.cache == "hit" else "miss",
             f"{r.seconds:.2f}",
         )
-    _out.print(table)
+    out.print(table)
     for r in report.series:
         for w in r.warnings:
-            _err.print(
+            err.print(
                 f"[yellow]warning[/] series {r.series[:12]}"
                 f"{'#' + r.part if r.part else ''}: {escape(w)}",
                 highlight=False,
             )
     for path, reason in report.skipped:
-        _err.print(f"[dim]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
+        err.print(f"[dim]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
     for e in report.errors:
-        _err.print(
+        err.print(
             f"[bold red]error[/] {escape(f'[{e.code}] {e}')}", highlight=False, soft_wrap=True
         )
     hits = sum(r.cache == "hit" for r in report.series)
-    _out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
+    out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
 
 
 def _settings_help() -> str:
@@ -247,13 +205,13 @@ def serve(
     Every setting is also a RADCACHE_* environment variable (see `radcache embed --help`
     and embeddings/settings.py); flags override them.
     """
-    _need_server("serve")
+    need_server("serve")
     import uvicorn
 
     from .app import build_resources, create_app
 
     try:
-        s = _settings(
+        s = settings(
             host=host,
             port=port,
             model=model,
@@ -264,34 +222,18 @@ def serve(
         )
         resources = build_resources(s)  # the model loads here: fail with one clear message
     except RadcacheError as exc:
-        _fail(exc, False)
+        fail(exc, False)
         return
     if resources.encoder.cfg.random_weights:
-        _err.print(f"[yellow]warning[/] {resources.encoder.cfg.label}: embeddings are meaningless.")
+        err.print(f"[yellow]warning[/] {resources.encoder.cfg.label}: embeddings are meaningless.")
     label = resources.encoder.cfg.label
-    _err.print(f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store})")
+    err.print(f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store})")
     uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
-
-
-_URL: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
-    "--url",
-    default=None,
-    help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
-)
-
-
-def _api_fail(exc: Exception, as_json: bool) -> None:
-    code = getattr(exc, "code", "unreachable")
-    if as_json:
-        click.echo(json.dumps({"error": {"code": code, "message": str(exc)}}))
-    else:
-        _err.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
-    sys.exit(2)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
-@_URL
+@URL
 @click.option("--wait/--no-wait", default=True, help="Wait for the job to finish.")
 @click.option("--modality", help="Modality of NIfTI inputs, e.g. CT or MR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
@@ -306,17 +248,17 @@ def submit(
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or _settings().url
+    url = url or settings().url
     try:
         with RadcacheClient(url) as rc:
             job = rc.submit(inputs, wait=False, modality=modality)
             if wait and job.state in ("queued", "running"):
-                show = not as_json and _err.is_terminal
+                show = not as_json and err.is_terminal
                 with Progress(
                     TextColumn("{task.description}"),
                     BarColumn(),
                     MofNCompleteColumn(),
-                    console=_err,
+                    console=err,
                     transient=True,
                     disable=not show,
                 ) as p:
@@ -328,7 +270,7 @@ def submit(
                             task, completed=job.progress.done, total=job.progress.total or None
                         )
     except (RadcacheAPIError, httpx.HTTPError) as exc:
-        _api_fail(exc, as_json)
+        api_fail(exc, as_json)
         return
     if as_json:
         click.echo(job.model_dump_json())
@@ -340,16 +282,16 @@ def submit(
             table.add_row(
                 s.series[:12], s.part or "-", s.modality or "-", str(s.slices), s.cache, s.entry
             )
-        _out.print(table)
+        out.print(table)
         for e in job.errors:
-            _err.print(
+            err.print(
                 f"[bold red]error[/] {escape(f'[{e.code}] {e.path}: {e.message}')}", highlight=False
             )
     sys.exit(1 if job.state in ("failed", "partially_failed") else 0)
 
 
 @main.command()
-@_URL
+@URL
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def jobs(url: str | None, limit: int, as_json: bool) -> None:
@@ -358,12 +300,12 @@ def jobs(url: str | None, limit: int, as_json: bool) -> None:
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or _settings().url
+    url = url or settings().url
     try:
         with RadcacheClient(url) as rc:
             rows = rc.jobs(limit)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
-        _api_fail(exc, as_json)
+        api_fail(exc, as_json)
         return
     if as_json:
         click.echo(json.dumps([j.model_dump(mode="json") for j in rows]))
@@ -380,12 +322,12 @@ def jobs(url: str | None, limit: int, as_json: bool) -> None:
             str(len(j.series)),
             str(len(j.errors)),
         )
-    _out.print(table)
+    out.print(table)
 
 
 @main.command()
 @click.argument("series")
-@_URL
+@URL
 @click.option(
     "--kind",
     default="pooled",
@@ -407,15 +349,15 @@ def get(series: str, url: str | None, kind: str, slices: str | None, output: str
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or _settings().url
+    url = url or settings().url
     try:
         with RadcacheClient(url) as rc:
             arr = rc.embeddings(series, kind, slices=slices)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
-        _api_fail(exc, False)
+        api_fail(exc, False)
         return
     np.save(output, arr)
-    _err.print(f"{output}: {kind} {tuple(arr.shape)} {arr.dtype}")
+    err.print(f"{output}: {kind} {tuple(arr.shape)} {arr.dtype}")
 
 
 @main.command()
@@ -440,7 +382,7 @@ def models(as_json: bool) -> None:
             str(c.num_registers),
             c.note,
         )
-    _out.print(table)
+    out.print(table)
 
 
 @main.command()
@@ -448,14 +390,14 @@ def models(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def show(store: str | None, as_json: bool) -> None:
     """List what a store holds (default: RADCACHE_STORE)."""
-    _need_server("show")
+    need_server("show")
     from radcache.embeddings import open_store
 
     try:
-        st = open_store(store or _settings().store)
+        st = open_store(store or settings().store)
         entries = st.series()
     except RadcacheError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
         return
     if as_json:
         click.echo(
@@ -506,10 +448,8 @@ def show(store: str | None, as_json: bool) -> None:
             e.precision,
             e.created,
         )
-    _out.print(table)
+    out.print(table)
 
-
-from .cli_search import classify, index, search  # noqa: E402 - they use the helpers above
 
 main.add_command(search)
 main.add_command(classify)

@@ -1,5 +1,5 @@
 """``radcache search``, ``radcache classify`` (against a running service) and ``radcache
-index info|rebuild`` (on a store directly). Registered on the main group by :mod:`.cli`."""
+index info|rebuild`` (on a store directly). Added to the main group by :mod:`.cli`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from radcache.embeddings.errors import RadcacheError
 
-from .cli import _URL, _api_fail, _fail, _need_server, _out, _settings
+from ._cliutil import URL, api_fail, fail, need_server, out, settings
 
 __all__ = ["classify", "index", "search"]
 
@@ -48,7 +48,7 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
 @click.option("--include-same-study", is_flag=True, help="Let the query's own study match.")
 @click.option("--modality", help="Modality of uploaded NIfTI files, e.g. CT.")
 @click.option("--space", help="Index space (radcache index info lists them).")
-@_URL
+@URL
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
     files: Sequence[str],
@@ -101,18 +101,18 @@ def search(
         },
     }
     try:
-        with RadcacheClient(url or _settings().url) as rc:
-            out = rc.search(list(files) or None, **fields)
+        with RadcacheClient(url or settings().url) as rc:
+            found = rc.search(list(files) or None, **fields)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
-        _api_fail(exc, as_json)
+        api_fail(exc, as_json)
         return
     if as_json:
-        click.echo(out.model_dump_json())
+        click.echo(found.model_dump_json())
         return
-    for r in out.results:
+    for r in found.results:
         name = r.query.get("series") or r.query.get("upload") or r.query.get("entry", "vector")
         where = f" slice {r.query['slice']}" if r.query.get("slice") is not None else ""
-        table = Table(title=f"{str(name)[:16]}{where} · {out.level} level", title_justify="left")
+        table = Table(title=f"{str(name)[:16]}{where} · {found.level} level", title_justify="left")
         for col in ("rank", "score", "series", "slice", "modality", "description", "labels"):
             table.add_column(col)
         for h in r.hits:
@@ -125,7 +125,7 @@ def search(
                 (h.series_description or "-")[:28],
                 json.dumps(h.labels) if h.labels else "-",
             )
-        _out.print(table)
+        out.print(table)
 
 
 @click.command()
@@ -137,7 +137,7 @@ def search(
 @click.option(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
 )
-@_URL
+@URL
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def classify(
     queries: Sequence[str],
@@ -158,8 +158,8 @@ def classify(
         raise click.UsageError("give --label-field or --support pairs (one of them).")
     pairs = list(_label_pairs(support, "--support").items()) if support else None
     try:
-        with RadcacheClient(url or _settings().url) as rc:
-            out = rc.classify(
+        with RadcacheClient(url or settings().url) as rc:
+            predicted = rc.classify(
                 list(queries),
                 support=pairs,
                 label_field=label_field,
@@ -168,20 +168,20 @@ def classify(
                 level=level,
             )
     except (RadcacheAPIError, httpx.HTTPError) as exc:
-        _api_fail(exc, as_json)
+        api_fail(exc, as_json)
         return
     if as_json:
-        click.echo(out.model_dump_json())
+        click.echo(predicted.model_dump_json())
         return
     table = Table(title=f"few-shot {method}, k={k}", title_justify="left")
     for col in ("query", "label", "probabilities", "support"):
         table.add_column(col)
-    for p in out.predictions:
+    for p in predicted.predictions:
         probs = ", ".join(f"{c} {v:.3f}" for c, v in sorted(p.probabilities.items()))
         q = p.query.get("series") or p.query.get("entry", "")
         where = f" slice {p.query['slice']}" if p.query.get("slice") is not None else ""
         table.add_row(f"{q}{where}"[:24], p.label or "-", probs, str(p.support))
-    _out.print(table)
+    out.print(table)
 
 
 @click.group()
@@ -192,7 +192,7 @@ def index() -> None:
 def _open(store: str | None, factory: str | None, **kw: Any) -> Any:
     from radcache.embeddings import IndexSet, open_store
 
-    s = _settings(store=store)
+    s = settings(store=store)
     opts = s.index_options()
     return IndexSet(
         open_store(s.store, mode="r"), **{**opts, **kw, "factory": factory or opts["factory"]}
@@ -204,7 +204,7 @@ def _open(store: str | None, factory: str | None, **kw: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def index_info(store: str | None, as_json: bool) -> None:
     """Type, size, measured recall and memory of each index (brought up to date first)."""
-    _need_server("index")
+    need_server("index")
     try:
         idx = _open(store, None)
         idx.load()
@@ -212,7 +212,7 @@ def index_info(store: str | None, as_json: bool) -> None:
         idx.save()
         info = idx.info()
     except RadcacheError as exc:
-        _fail(exc, as_json)
+        fail(exc, as_json)
         return
     if as_json:
         click.echo(json.dumps(info, indent=1))
@@ -232,7 +232,7 @@ def index_info(store: str | None, as_json: bool) -> None:
                 json.dumps(li["params"]) if li["params"] else "-",
                 f"{li['memory_bytes'] / 2**20:.1f} MiB",
             )
-    _out.print(table)
+    out.print(table)
 
 
 @index.command("rebuild")
@@ -250,17 +250,17 @@ def index_rebuild(
     store: str | None, space: str | None, levels: Sequence[str], factory: str | None
 ) -> None:
     """Rebuild indexes from the Zarr store alone."""
-    _need_server("index")
+    need_server("index")
     try:
         idx = _open(store, None)
         idx.load()
         names = idx.rebuild(space, factory=factory, levels=levels or ("series", "slice"))
     except RadcacheError as exc:
-        _fail(exc, False)
+        fail(exc, False)
         return
     for name in names:
         sp = idx.spaces[name].info()
         parts = [
             f"{lv} {li['factory']} ({li['vectors']} vectors)" for lv, li in sp["levels"].items()
         ]
-        _out.print(f"{name}: {', '.join(parts)} → {idx.path(name)}")
+        out.print(f"{name}: {', '.join(parts)} → {idx.path(name)}")
