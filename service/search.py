@@ -10,7 +10,7 @@ import shutil
 import uuid
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -79,10 +79,12 @@ def _filters(f: SearchFilters) -> Filters:
     )
 
 
-def _out(req: SearchRequest, level: str, results: list[QueryHits]) -> SearchOut:
-    return SearchOut.model_validate(
+def _out(req: SearchRequest, level: str, results: list[QueryHits]) -> Response:
+    """The answer, validated once and serialised by pydantic (not again by FastAPI)."""
+    out = SearchOut.model_validate(
         {"level": level, "k": req.k, "results": [r.to_dict() for r in results]}
     )
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 def _parse(model: type[SearchRequest], raw: str | bytes) -> SearchRequest:
@@ -92,7 +94,7 @@ def _parse(model: type[SearchRequest], raw: str | bytes) -> SearchRequest:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-async def _search_upload(request: Request, res: Resources) -> SearchOut:
+async def _search_upload(request: Request, res: Resources) -> Response:
     dest = res.settings.upload_dir / f"search-{uuid.uuid4().hex}"
     dest.mkdir(parents=True)
     try:
@@ -136,7 +138,7 @@ async def _search_upload(request: Request, res: Resources) -> SearchOut:
     openapi_extra=_SEARCH_BODY,
     summary="Similar cases: kNN by study, series, slice, vector or uploaded file",
 )
-async def search(request: Request, res: ResourcesDep) -> SearchOut:
+async def search(request: Request, res: ResourcesDep) -> Response:
     """A JSON :class:`SearchRequest`, or ``multipart/form-data`` with files (the query,
     embedded with the index's model and recipe, not stored unless ``store``) and a
     ``request`` field holding the rest of the request as JSON."""
