@@ -24,6 +24,7 @@ from radcache.embeddings.errors import RadcacheError
 from radcache.embeddings.settings import Settings
 
 from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
+from .cli_probe import export, probe
 from .cli_search import classify, index, search
 
 __all__ = ["main"]
@@ -454,6 +455,8 @@ def show(store: str | None, as_json: bool) -> None:
 main.add_command(search)
 main.add_command(classify)
 main.add_command(index)
+main.add_command(probe)
+main.add_command(export)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m radcache.service.cli`
     main()
