@@ -61,6 +61,13 @@ def _common(fn: Any) -> Any:
             ),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option(
+                "--bootstrap",
+                type=click.IntRange(0),
+                default=1000,
+                show_default=True,
+                help="Resamples for the 95 % intervals (0: none).",
+            ),
+            click.option(
                 "-o", "--output", type=click.Path(dir_okay=False), help="Write JSON here."
             ),
         ]
@@ -84,12 +91,19 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
         label = opts["label"]
         if protocol == "knn":
             train = probes.Features.concat([part["train"], part["val"]])
-            res = probes.knn(train, part["test"], label, **extra)
+            res = probes.knn(train, part["test"], label, bootstrap=opts["bootstrap"], **extra)
         elif protocol == "fewshot":
             train = probes.Features.concat([part["train"], part["val"]])
             res = probes.fewshot(train, part["test"], label, seed=opts["seed"], **extra)
         else:
-            res = probes.linear(part["train"], part["val"], part["test"], label, seed=opts["seed"])
+            res = probes.linear(
+                part["train"],
+                part["val"],
+                part["test"],
+                label,
+                seed=opts["seed"],
+                bootstrap=opts["bootstrap"],
+            )
     except RadcacheError as exc:
         fail(exc, False)
         return

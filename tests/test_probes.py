@@ -127,7 +127,7 @@ def test_probe_and_export_commands(lesion_store, tmp_path: Path) -> None:
     out = tmp_path / "linear.json"
     p = run(
         "probe", "linear", "--store", store.url, "--labels", str(labels_csv),
-        "--label", "finding", "--kind", "cls+meanpatch", "-o", str(out),
+        "--label", "finding", "--kind", "cls+meanpatch", "--bootstrap", "100", "-o", str(out),
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
     res = json.loads(out.read_text())
