@@ -45,6 +45,7 @@ from .store import EmbeddingStore, Table
 __all__ = [
     "LEVELS",
     "Filters",
+    "Hit",
     "IndexSet",
     "Level",
     "LevelIndex",
@@ -163,7 +164,6 @@ class Filters:
     collection: str | None = None
     labels: tuple[tuple[str, str], ...] = ()  # (field, JSON of the value)
     has_label: str | None = None
-    entries: frozenset[str] | None = None  # only these entry keys (few-shot support sets)
     exclude_studies: frozenset[str] = frozenset()
     exclude_patients: frozenset[str] = frozenset()
 
@@ -177,7 +177,6 @@ class Filters:
         collection: str | None = None,
         labels: Mapping[str, Any] | None = None,
         has_label: str | None = None,
-        entries: Iterable[str] | None = None,
         exclude_studies: Iterable[str] = (),
         exclude_patients: Iterable[str] = (),
     ) -> Filters:
@@ -188,21 +187,12 @@ class Filters:
             collection=collection or None,
             labels=tuple(sorted((k, _label_json(v)) for k, v in (labels or {}).items())),
             has_label=has_label or None,
-            entries=frozenset(entries) if entries is not None else None,
             exclude_studies=frozenset(exclude_studies),
             exclude_patients=frozenset(exclude_patients),
         )
 
     def without_exclusions(self) -> Filters:
-        return Filters(
-            self.modality,
-            self.body_part,
-            self.description,
-            self.collection,
-            self.labels,
-            self.has_label,
-            self.entries,
-        )
+        return dataclasses.replace(self, exclude_studies=frozenset(), exclude_patients=frozenset())
 
 
 def _label_json(value: Any) -> str:
@@ -334,7 +324,7 @@ class Catalog:
             m &= np.isin(cols["body_part"], base.body_part)
         if base.description and m.any():
             m &= np.char.find(cols["description"], base.description) >= 0
-        if base.collection or base.labels or base.has_label or base.entries is not None:
+        if base.collection or base.labels or base.has_label:
             for o in np.flatnonzero(m):
                 rec = self.records[o]
                 assert rec is not None
@@ -342,7 +332,6 @@ class Catalog:
                     (base.collection and base.collection not in rec.collections)
                     or any(_label_json(rec.labels.get(k)) != v for k, v in base.labels)
                     or (base.has_label and rec.labels.get(base.has_label) is None)
-                    or (base.entries is not None and rec.key not in base.entries)
                 ):
                     m[o] = False
         if level == "slice":

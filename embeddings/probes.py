@@ -46,6 +46,7 @@ __all__ = [
     "patient_split",
     "pool_slices",
     "read_labels",
+    "save_json",
     "scores",
 ]
 

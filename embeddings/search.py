@@ -14,7 +14,8 @@ prototype variant, a softmax over the similarity to each class mean.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -265,12 +266,10 @@ class Searcher:
         same_patient: bool,
     ) -> list[QueryHits]:
         f = filters or Filters()
-        f = Filters(
-            **{
-                **f.__dict__,
-                "exclude_studies": f.exclude_studies | (r.studies if same_study else set()),
-                "exclude_patients": f.exclude_patients | (r.patients if same_patient else set()),
-            }
+        f = dataclasses.replace(
+            f,
+            exclude_studies=f.exclude_studies | (r.studies if same_study else set()),
+            exclude_patients=f.exclude_patients | (r.patients if same_patient else set()),
         )
         hits = r.space.search(level, r.vectors, k, f, group_by_series=group)
         return [QueryHits(n, r.space.space, h) for n, h in zip(r.names, hits, strict=True)]
@@ -445,21 +444,3 @@ class Searcher:
 
 def _label(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
-
-
-def parse_filters(raw: Mapping[str, Any] | None) -> Filters:
-    """Filters from a plain mapping (the wire format)."""
-    raw = raw or {}
-    return Filters.make(
-        modality=_as_list(raw.get("modality")),
-        body_part=_as_list(raw.get("body_part")),
-        description=raw.get("description"),
-        collection=raw.get("collection"),
-        labels=raw.get("labels"),
-        exclude_studies=_as_list(raw.get("exclude_studies")),
-        exclude_patients=_as_list(raw.get("exclude_patients")),
-    )
-
-
-def _as_list(value: str | Iterable[str] | None) -> list[str]:
-    return [value] if isinstance(value, str) else list(value or ())
