@@ -19,10 +19,10 @@ import torch.nn.functional as F
 from .errors import RecipeError
 from .geometry import PLANE_NORMAL_AXIS, nearest_axes
 from .models import ModelCfg
-from .recipe import CTWindows, MinMax, Percentile, Recipe, SliceSelection, VoiMinMax
+from .recipe import CTWindows, MinMax, Percentile, Recipe, Resize, SliceSelection, VoiMinMax
 from .volume import Volume
 
-__all__ = ["Prepared", "prepare", "reslice", "select_slices"]
+__all__ = ["Placement", "Prepared", "placement", "prepare", "reslice", "select_slices"]
 
 _PERCENTILE_SAMPLE = 1 << 22
 
@@ -69,6 +69,80 @@ def _percentiles(vox: np.ndarray, policy: Percentile) -> tuple[float, float]:
     return float(lo), float(hi)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a ``rows × cols`` slice lands on the ``size × size`` model input (the canvas).
+
+    The slice is resized to ``nr × nc`` and put at ``(top, left)``; a negative offset means
+    the canvas is a crop of the resized slice (``native`` mode), a positive one padding
+    (``pad`` mode). :meth:`to_canvas` is the image's (and a mask's) way in, :meth:`from_canvas`
+    the way back for anything predicted on the canvas.
+    """
+
+    mode: str
+    size: int
+    rows: int
+    cols: int
+    nr: int
+    nc: int
+    top: int
+    left: int
+
+    def to_canvas(self, x: torch.Tensor, *, interp: str | None = None) -> torch.Tensor:
+        """(n, C, rows, cols) → (n, C, size, size); ``interp`` overrides the recipe's."""
+        interp = interp or ("bicubic" if self.mode == "native" else "bilinear")
+        if self.mode != "pad" or (self.nr, self.nc) != tuple(x.shape[-2:]):
+            aa = {"antialias": True, "align_corners": False} if interp != "nearest" else {}
+            x = F.interpolate(x, size=(self.nr, self.nc), mode=interp, **aa)
+        if self.top < 0 or self.left < 0:
+            t, lf = -self.top, -self.left
+            return x[..., t : t + self.size, lf : lf + self.size]
+        pads = (
+            self.left,
+            self.size - self.nc - self.left,
+            self.top,
+            self.size - self.nr - self.top,
+        )
+        return F.pad(x, pads, value=0.0) if any(pads) else x
+
+    def from_canvas(self, y: torch.Tensor) -> torch.Tensor:
+        """(n, C, size, size) → (n, C, rows, cols), bilinear; parts of the slice that a
+        ``native`` crop cut away take the nearest canvas value."""
+        if self.top < 0 or self.left < 0:
+            t, lf = -self.top, -self.left
+            pads = (lf, self.nc - self.size - lf, t, self.nr - self.size - t)
+            y = F.pad(y, pads, mode="replicate")
+        else:
+            y = y[..., self.top : self.top + self.nr, self.left : self.left + self.nc]
+        return F.interpolate(y, size=(self.rows, self.cols), mode="bilinear", align_corners=False)
+
+    def valid(self) -> torch.Tensor:
+        """(size, size) bool: canvas pixels that show the slice (not padding)."""
+        out = torch.zeros(self.size, self.size, dtype=torch.bool)
+        top, left = max(self.top, 0), max(self.left, 0)
+        out[top : top + min(self.nr, self.size), left : left + min(self.nc, self.size)] = True
+        return out
+
+
+def placement(resize: Resize, rows: int, cols: int, spacing: tuple[float, ...]) -> Placement:
+    """The :class:`Placement` of a resolved ``resize`` for a slice of ``rows × cols`` pixels
+    with ``spacing`` (column, row) in mm."""
+    size = resize.size
+    assert size is not None
+    mode = resize.mode
+    if mode == "stretch":
+        return Placement(mode, size, rows, cols, size, size, 0, 0)
+    if mode == "native":  # resize shorter side to size·256/224, bicubic, centre crop
+        scale = round(size * 256 / 224) / min(rows, cols)
+        nr, nc = max(size, round(rows * scale)), max(size, round(cols * scale))
+        return Placement(mode, size, rows, cols, nr, nc, -((nr - size) // 2), -((nc - size) // 2))
+    # pad: keep the physical aspect ratio
+    h_mm, w_mm = rows * spacing[1], cols * spacing[0]
+    scale = size / max(h_mm, w_mm)
+    nr, nc = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
+    return Placement(mode, size, rows, cols, nr, nc, (size - nr) // 2, (size - nc) // 2)
+
+
 @dataclass
 class Prepared:
     """A volume made ready for the encoder; pull tensors with :meth:`batch`."""
@@ -108,33 +182,10 @@ class Prepared:
             return (x - mins) / (maxs - mins).clamp_min(1e-6)
         raise RecipeError(f"unresolved intensity policy {policy!r}")
 
-    def _resize(self, x: torch.Tensor) -> torch.Tensor:
-        size = self.recipe.resize.size
-        assert size is not None
-        mode = self.recipe.resize.mode
-        r, c = x.shape[-2:]
-        if mode == "stretch":
-            return F.interpolate(
-                x, size=(size, size), mode="bilinear", antialias=True, align_corners=False
-            )
-        if mode == "native":  # resize shorter side to size·256/224, bicubic, centre crop
-            short = round(size * 256 / 224)
-            scale = short / min(r, c)
-            nr, nc = max(size, round(r * scale)), max(size, round(c * scale))
-            x = F.interpolate(x, size=(nr, nc), mode="bicubic", antialias=True, align_corners=False)
-            top, left = (nr - size) // 2, (nc - size) // 2
-            return x[..., top : top + size, left : left + size]
-        # pad: keep the physical aspect ratio
-        sx, sy = self.volume.geometry.spacing[0], self.volume.geometry.spacing[1]
-        h_mm, w_mm = r * sy, c * sx
-        scale = size / max(h_mm, w_mm)
-        nr, nc = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
-        if (nr, nc) != (r, c):
-            x = F.interpolate(
-                x, size=(nr, nc), mode="bilinear", antialias=True, align_corners=False
-            )
-        pad_t, pad_l = (size - nr) // 2, (size - nc) // 2
-        return F.pad(x, (pad_l, size - nc - pad_l, pad_t, size - nr - pad_t), value=0.0)
+    def placement(self) -> Placement:
+        """Where this volume's slices land on the model's input canvas."""
+        r, c = self.volume.shape[1:3]
+        return placement(self.recipe.resize, r, c, self.volume.geometry.spacing[:2])
 
     def batch(self, start: int, stop: int) -> torch.Tensor:
         """Model input for embedded slices ``start:stop``: ``(n, 3, S, S)`` float32."""
@@ -143,7 +194,7 @@ class Prepared:
         sel = vox[idx[0] : idx[-1] + 1] if np.all(np.diff(idx) == 1) else vox[idx]
         x = torch.from_numpy(np.ascontiguousarray(sel))
         x = self._intensity(x)
-        x = self._resize(x)
+        x = self.placement().to_canvas(x)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         mean = torch.tensor(self.recipe.mean, dtype=x.dtype).view(1, 3, 1, 1)

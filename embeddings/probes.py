@@ -13,10 +13,16 @@ patient spans two splits; the protocols of the DINOv2-on-radiology study (Baharo
 * :func:`linear` — logistic regression on standardised features, C chosen on the
   validation split from a grid, retrained on train + val, scored once on test.
 
+Multi-label tasks (a label value is a ``|``-separated set of class names, as in
+ChestX-ray14's ``Finding Labels``; :meth:`Features.label_sets`) take ``multilabel=True``:
+:func:`knn` runs ML-kNN (:func:`ml_knn`), :func:`linear` one logistic regression per class
+(binary cross-entropy), both scored by macro AUROC (:func:`scores_multilabel`).
+
 3D classification averages slice features per volume first (:func:`pool_slices`, also
-``max`` and ``mean+max``). Metrics (:func:`scores`) come from scikit-learn, one
-implementation each, with bootstrap 95 % intervals. Seeds are fixed, so results are the
-same on every CPU run.
+``max`` and ``mean+max``). Metrics (:func:`scores`, :func:`scores_multilabel`) come from
+scikit-learn, one implementation each, with bootstrap 95 % intervals. Seeds are fixed, so
+results are the same on every CPU run. Labels come from CSV or Parquet
+(:func:`read_labels`); :func:`export_features` writes features as npz or Parquet.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Callable, Iterable, Mapping, Sequence
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -39,15 +48,19 @@ from .store import EmbeddingStore
 __all__ = [
     "KINDS",
     "Features",
+    "export_features",
     "features",
     "fewshot",
+    "hash_split",
     "knn",
     "linear",
+    "ml_knn",
     "patient_split",
     "pool_slices",
     "read_labels",
     "save_json",
     "scores",
+    "scores_multilabel",
 ]
 
 Level = Literal["series", "slice"]
@@ -56,6 +69,7 @@ KINDS: tuple[Kind, ...] = ("pooled", "cls", "cls_last4", "cls+meanpatch")
 KNN_KS = (5, 20, 50, 100, 200)
 SHOTS = (1, 2, 4, 8, 16)
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+SMOOTHING = 1.0  # ML-kNN's Laplace smoothing s (Zhang & Zhou 2007)
 
 
 @dataclass
@@ -80,6 +94,16 @@ class Features:
         """The label ``name`` of each row as strings (None where a row has none)."""
         out = [r["labels"].get(name) for r in self.rows]
         return np.asarray([None if v is None else str(v) for v in out], dtype=object)
+
+    def label_sets(self, name: str) -> list[frozenset[str] | None]:
+        """The label ``name`` of each row as a set of class names: the value split on ``|``
+        (ChestX-ray14's ``Effusion|Nodule``); ``""`` is the empty set (no positive class),
+        None where a row has no value. ``No Finding`` is a class like any other: drop those
+        rows or values beforehand to leave it out."""
+        return [
+            None if v is None else frozenset(c.strip() for c in v.split("|") if c.strip())
+            for v in self.labels(name)
+        ]
 
     @staticmethod
     def concat(parts: Sequence[Features]) -> Features:
@@ -106,19 +130,42 @@ def _space(store: EmbeddingStore, space: str | None) -> str:
 
 
 def read_labels(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Labels from a CSV keyed by its first column (an entry key, ``series``, ``series#part``
-    or ``study``; with a ``slice`` column, ``series@slice``): every other column is a label."""
+    """Labels from a CSV or Parquet file (by suffix ``.parquet``) keyed by its first column
+    (an entry key, ``series``, ``series#part`` or ``study``; with a ``slice`` column,
+    ``series@slice``): every other column is a label, values as strings, null or empty
+    values left out."""
+    if Path(path).suffix.lower() == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(path)
+        except pa.ArrowException as exc:
+            raise InputError(f"{path}: not a readable Parquet file ({exc}).") from exc
+        return _label_rows(path, table.column_names, table.to_pylist())
     with Path(path).open(newline="") as fh:
         reader = csv.DictReader(fh)
-        if not reader.fieldnames:
-            raise InputError(f"{path}: no header row; expected a key column and label columns.")
-        key = reader.fieldnames[0]
-        out: dict[str, dict[str, Any]] = {}
-        for row in reader:
-            name = row.pop(key)
-            if "slice" in row and row["slice"] not in (None, ""):
-                name = f"{name}@{int(row.pop('slice'))}"
-            out[name] = {k: v for k, v in row.items() if v not in (None, "") and k != "slice"}
+        return _label_rows(path, reader.fieldnames or [], reader)
+
+
+def _label_rows(
+    path: str | Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    if not columns:
+        raise InputError(f"{path}: no header row; expected a key column and label columns.")
+    key = columns[0]
+    out: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        name = row.pop(key)
+        if name in (None, ""):
+            continue
+        sl = row.pop("slice", None)
+        if sl not in (None, ""):
+            try:
+                name = f"{name}@{int(sl)}"
+            except ValueError:
+                raise InputError(f"{path}: slice {sl!r} of {name} is not an integer.") from None
+        out[name] = {k: str(v) for k, v in row.items() if v not in (None, "")}
     return out
 
 
@@ -223,17 +270,31 @@ def patient_split(
 ) -> np.ndarray:
     """``train``/``val``/``test`` per row, decided by a hash of the patient pseudonym (so no
     patient spans two splits, and the split is the same on every run)."""
+    return hash_split([r["patient"] for r in f.rows], fractions, seed)
+
+
+def hash_split(
+    keys: Sequence[Any],
+    fractions: Sequence[float] = (0.7, 0.1, 0.2),
+    seed: int = 0,
+    names: Sequence[str] = ("train", "val", "test"),
+) -> np.ndarray:
+    """One of ``names`` per key, drawn with ``fractions`` from a hash of the key and seed:
+    equal keys land together, and every run splits alike."""
     cuts = np.cumsum(fractions) / sum(fractions)
     out = []
-    for r in f.rows:
-        h = hashlib.sha256(f"{seed}:{r['patient']}".encode()).digest()
+    for key in keys:
+        h = hashlib.sha256(f"{seed}:{key}".encode()).digest()
         u = int.from_bytes(h[:8], "big") / 2**64
-        out.append("train" if u < cuts[0] else "val" if u < cuts[1] else "test")
+        out.append(names[min(int(np.searchsorted(cuts, u, side="right")), len(names) - 1)])
     return np.asarray(out)
 
 
 # -- metrics ---------------------------------------------------------------------------------
-def _metric_fns() -> dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], float]]:
+Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]  # (y, proba, prediction)
+
+
+def _metric_fns() -> dict[str, Metric]:
     from sklearn import metrics as m
 
     def auroc(y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> float:
@@ -254,16 +315,51 @@ def _metric_fns() -> dict[str, Callable[[np.ndarray, np.ndarray, np.ndarray], fl
     }
 
 
-def scores(
-    y: np.ndarray, proba: np.ndarray, *, bootstrap: int = 1000, seed: int = 0
-) -> dict[str, dict[str, float]]:
-    """Each metric with a bootstrap 95 % interval: ``{name: {value, low, high}}``.
+def _per_class_auroc(y: np.ndarray, proba: np.ndarray) -> np.ndarray:
+    """AUROC of each column of an indicator matrix; NaN where a column holds one value."""
+    from sklearn.metrics import roc_auc_score
 
-    ``y`` holds class indices, ``proba`` per-class probabilities (rows sum to 1)."""
+    out = np.full(y.shape[1], np.nan)
+    keep = (y.sum(axis=0) > 0) & (y.sum(axis=0) < len(y))
+    if keep.any():
+        out[keep] = np.atleast_1d(roc_auc_score(y[:, keep], proba[:, keep], average=None))
+    return out
+
+
+def _mean(values: np.ndarray) -> float:
+    """Mean of the finite values (NaN if none)."""
+    finite = values[np.isfinite(values)]
+    return float(finite.mean()) if len(finite) else float("nan")
+
+
+def _multilabel_metric_fns() -> dict[str, Metric]:
+    from sklearn import metrics as m
+
+    def mean_ap(y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> float:
+        keep = y.any(axis=0)
+        if not keep.any():
+            return float("nan")
+        return _mean(np.atleast_1d(m.average_precision_score(y[:, keep], p[:, keep], average=None)))
+
+    return {
+        "macro_auroc": lambda y, p, pred: _mean(_per_class_auroc(y, p)),
+        "macro_f1": lambda y, p, pred: float(m.f1_score(y, pred, average="macro", zero_division=0)),
+        "mean_ap": mean_ap,
+    }
+
+
+def _with_intervals(
+    fns: Mapping[str, Metric],
+    y: np.ndarray,
+    proba: np.ndarray,
+    pred: np.ndarray,
+    *,
+    bootstrap: int,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """Each metric with a bootstrap 95 % interval over resampled rows."""
     import warnings
 
-    fns = _metric_fns()
-    pred = proba.argmax(axis=1)
     rng = np.random.default_rng(seed)
     draws = [rng.integers(0, len(y), len(y)) for _ in range(bootstrap)]
     out = {}
@@ -278,9 +374,161 @@ def scores(
     return out
 
 
+def scores(
+    y: np.ndarray, proba: np.ndarray, *, bootstrap: int = 1000, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Each metric with a bootstrap 95 % interval: ``{name: {value, low, high}}``.
+
+    ``y`` holds class indices, ``proba`` per-class probabilities (rows sum to 1)."""
+    pred = proba.argmax(axis=1)
+    return _with_intervals(_metric_fns(), y, proba, pred, bootstrap=bootstrap, seed=seed)
+
+
+def scores_multilabel(
+    y: np.ndarray,
+    proba: np.ndarray,
+    classes: Sequence[str] | None = None,
+    *,
+    bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Multi-label metrics with bootstrap 95 % intervals: ``macro_auroc`` (over the classes
+    with positives and negatives), ``macro_f1`` (threshold 0.5) and ``mean_ap`` (macro average
+    precision, over the classes with positives), each ``{value, low, high}``; and
+    ``per_class_auroc`` (``{class: value}``, NaN where undefined).
+
+    ``y`` is an (n, classes) 0/1 indicator matrix, ``proba`` per-class probabilities."""
+    y, proba = np.asarray(y), np.asarray(proba, dtype=np.float64)
+    if y.ndim != 2 or y.shape != proba.shape:
+        raise InputError(
+            f"scores_multilabel needs y and proba of the same (n, classes) shape; got "
+            f"{y.shape} and {proba.shape}."
+        )
+    names = list(classes) if classes is not None else [str(j) for j in range(y.shape[1])]
+    out = _with_intervals(
+        _multilabel_metric_fns(), y, proba, proba > 0.5, bootstrap=bootstrap, seed=seed
+    )
+    per_class = _per_class_auroc(y, proba)
+    out["per_class_auroc"] = {c: float(v) for c, v in zip(names, per_class, strict=True)}
+    return out
+
+
 def _encode(labels: np.ndarray, classes: Sequence[str]) -> np.ndarray:
     col = {c: i for i, c in enumerate(classes)}
     return np.asarray([col[v] for v in labels])
+
+
+def _targets(
+    label: str, parts: Sequence[Features], multilabel: bool
+) -> tuple[list[str], list[np.ndarray]]:
+    """The classes of ``label`` over ``parts`` (labelled rows only) and, per part, class
+    indices or (multi-label) a 0/1 indicator matrix."""
+    if not multilabel:
+        classes = sorted({str(v) for f in parts for v in f.labels(label)})
+        return classes, [_encode(f.labels(label), classes) for f in parts]
+    sets = [[s or frozenset() for s in f.label_sets(label)] for f in parts]
+    classes = sorted(frozenset().union(*(s for part in sets for s in part)))
+    col = {c: i for i, c in enumerate(classes)}
+    ys = []
+    for part in sets:
+        y = np.zeros((len(part), len(classes)), np.int64)
+        for r, s in enumerate(part):
+            y[r, [col[c] for c in s]] = 1
+        ys.append(y)
+    return classes, ys
+
+
+def _predictions(
+    f: Features, classes: Sequence[str], y: np.ndarray, proba: np.ndarray
+) -> dict[str, Any]:
+    """Per test row: its target and probabilities, and where it came from (for ROC curves
+    and confusion matrices)."""
+    return {
+        "classes": list(classes),
+        "y": y.tolist(),
+        "proba": proba.tolist(),
+        "entries": [r["entry"] for r in f.rows],
+        "slices": [r["slice"] for r in f.rows],
+    }
+
+
+def _ranked(sims: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of the ``k`` largest values of each row, largest first."""
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _neighbours(
+    queries: np.ndarray, support: np.ndarray, k: int, *, leave_self_out: bool = False
+) -> np.ndarray:
+    """The ``k`` most cosine-similar support rows of each query, nearest first, computed in
+    blocks of queries; with ``leave_self_out`` the queries are the support and row i never
+    lists itself."""
+    q, x = normalise(queries), normalise(support)
+    out = np.empty((len(q), k), np.int64)
+    block = 2048
+    for a in range(0, len(q), block):
+        sims = q[a : a + block] @ x.T
+        if leave_self_out:
+            rows = np.arange(len(sims))
+            sims[rows, a + rows] = -np.inf
+        out[a : a + block] = _ranked(sims, k)
+    return out
+
+
+def _ml_knn(train_nn: np.ndarray, test_nn: np.ndarray, train_y: np.ndarray, s: float) -> np.ndarray:
+    """ML-kNN posteriors from neighbour indices (train: leave-one-out; k = their width)."""
+    y = np.asarray(train_y, dtype=np.int64)
+    n, n_classes = y.shape
+    k = train_nn.shape[1]
+
+    def counts(nn: np.ndarray) -> np.ndarray:  # neighbours carrying each class
+        c = np.zeros((len(nn), n_classes), np.int64)
+        for j in range(k):
+            c += y[nn[:, j]]
+        return c
+
+    prior = (s + y.sum(axis=0)) / (2 * s + n)
+    cell = (np.arange(n_classes) * (k + 1) + counts(train_nn)).ravel()
+    with_c, without_c = (
+        np.bincount(cell, weights=w.ravel(), minlength=n_classes * (k + 1)).reshape(n_classes, -1)
+        for w in (y, 1 - y)
+    )
+    like1 = (s + with_c) / (s * (k + 1) + with_c.sum(axis=1, keepdims=True))
+    like0 = (s + without_c) / (s * (k + 1) + without_c.sum(axis=1, keepdims=True))
+    ct, cols = counts(test_nn), np.arange(n_classes)
+    p1, p0 = prior * like1[cols, ct], (1 - prior) * like0[cols, ct]
+    return np.asarray(p1 / (p1 + p0))
+
+
+def ml_knn(
+    sims: np.ndarray,
+    train_sims: np.ndarray,
+    train_y: np.ndarray,
+    k: int,
+    s: float = SMOOTHING,
+) -> np.ndarray:
+    """ML-kNN (Zhang & Zhou 2007): the posterior probability of each class for each query.
+
+    ``sims`` (queries × train) and ``train_sims`` (train × train) are similarities (cosine,
+    on L2-normalised features), ``train_y`` a (train, classes) 0/1 indicator matrix. Priors
+    and the likelihood of c of k neighbours carrying a class are counted on the training set
+    (each example's neighbours leave itself out), with Laplace smoothing ``s``."""
+    train_y = np.asarray(train_y)
+    _check_ml_knn(k, len(train_y), s)
+    k = min(k, len(train_y) - 1)
+    own = np.array(train_sims, dtype=np.float64)
+    np.fill_diagonal(own, -np.inf)
+    return _ml_knn(_ranked(own, k), _ranked(np.atleast_2d(sims), k), train_y, s)
+
+
+def _check_ml_knn(k: int, n_train: int, s: float) -> None:
+    if k < 1 or n_train < 2 or s <= 0:
+        raise InputError(
+            f"ML-kNN needs k ≥ 1, at least 2 training examples and s > 0; got k={k}, "
+            f"{n_train} examples, s={s}."
+        )
 
 
 # -- protocols -------------------------------------------------------------------------------
@@ -292,38 +540,70 @@ def knn(
     ks: Iterable[int] = KNN_KS,
     temperature: float = TEMPERATURE,
     bootstrap: int = 1000,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
-    """Weighted kNN on cosine similarity, for each k; figures per k."""
+    """Weighted kNN on cosine similarity, for each k; figures per k, the best k by balanced
+    accuracy. ``multilabel``: label values are ``|``-separated class sets
+    (:meth:`Features.label_sets`), ML-kNN (:func:`ml_knn`) instead of the vote, the best k
+    by macro AUROC. ``predictions`` holds the test rows' probabilities at the best k."""
     tr, te = train.labelled(label), test.labelled(label)
-    classes = sorted(set(tr.labels(label)) | set(te.labels(label)))
-    ytr, yte = tr.labels(label), te.labels(label)
-    sims = normalise(te.x) @ normalise(tr.x).T
-    per_k = {}
-    for k in ks:
-        proba = knn_vote(sims, list(ytr), classes, k=k, temperature=temperature)
-        per_k[str(k)] = scores(_encode(yte, classes), proba, bootstrap=bootstrap)
-    best = max(per_k, key=lambda k: per_k[k]["balanced_accuracy"]["value"])
+    classes, (ytr, yte) = _targets(label, (tr, te), multilabel)
+    ks = list(ks)
+    if multilabel:
+        _check_ml_knn(min(ks, default=0), len(tr), SMOOTHING)
+        widest = min(max(ks), len(tr) - 1)
+        train_nn = _neighbours(tr.x, tr.x, widest, leave_self_out=True)
+        test_nn = _neighbours(te.x, tr.x, widest)
+        probas = {
+            k: _ml_knn(train_nn[:, : min(k, widest)], test_nn[:, : min(k, widest)], ytr, SMOOTHING)
+            for k in ks
+        }
+        per_k = {
+            str(k): scores_multilabel(yte, p, classes, bootstrap=bootstrap)
+            for k, p in probas.items()
+        }
+        method = {"method": "ml-knn", "smoothing": SMOOTHING}
+    else:
+        sims = normalise(te.x) @ normalise(tr.x).T
+        vote = list(tr.labels(label))
+        probas = {k: knn_vote(sims, vote, classes, k=k, temperature=temperature) for k in ks}
+        per_k = {str(k): scores(yte, p, bootstrap=bootstrap) for k, p in probas.items()}
+        method = {"method": "weighted-vote", "temperature": temperature}
+    metric = "macro_auroc" if multilabel else "balanced_accuracy"
+    best = max(per_k, key=lambda k: np.nan_to_num(per_k[k][metric]["value"], nan=-np.inf))
     return {
         "protocol": "knn",
         "label": label,
+        "multilabel": multilabel,
         "classes": classes,
-        "temperature": temperature,
+        **method,
         "n_train": len(tr),
         "n_test": len(te),
         "by_k": per_k,
         "best_k": int(best),
+        "predictions": _predictions(te, classes, yte, probas[int(best)]),
     }
 
 
-def _logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> Any:
+def _logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int, multilabel: bool = False) -> Any:
+    """Standardised features, logistic regression; ``multilabel`` (``y`` an indicator
+    matrix): one per class, each fitted by binary cross-entropy."""
+    import warnings
+
     from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     model = make_pipeline(
         StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed)
     )
-    return model.fit(x, y)
+    if not multilabel:
+        return model.fit(x, y)
+    with warnings.catch_warnings():
+        # a class no training row has (or every row has) is predicted as that constant
+        warnings.filterwarnings("ignore", "Label .* is present in all training examples")
+        return OneVsRestClassifier(model).fit(x, y)
 
 
 def _proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
@@ -341,31 +621,46 @@ def linear(
     cs: Iterable[float] = C_GRID,
     seed: int = 0,
     bootstrap: int = 1000,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     """Logistic regression: C chosen on ``val`` (balanced accuracy), refit on train + val,
-    scored once on ``test``."""
+    scored once on ``test``. ``multilabel``: label values are ``|``-separated class sets
+    (:meth:`Features.label_sets`), one regression per class, C chosen by macro AUROC.
+    ``predictions`` holds the test rows' probabilities."""
     from sklearn.metrics import balanced_accuracy_score
 
     tr, va, te = train.labelled(label), val.labelled(label), test.labelled(label)
-    classes = sorted(set(tr.labels(label)) | set(va.labels(label)) | set(te.labels(label)))
-    ytr, yva, yte = (_encode(f.labels(label), classes) for f in (tr, va, te))
+    classes, (ytr, yva, yte) = _targets(label, (tr, va, te), multilabel)
     grid = {}
     for c in cs:
-        model = _logreg(tr.x, ytr, c, seed)
-        grid[str(c)] = float(balanced_accuracy_score(yva, model.predict(va.x))) if len(va) else 0.0
-    best = max(grid, key=lambda c: (grid[c], -float(c)))  # ties: the stronger regulariser
-    model = _logreg(np.concatenate([tr.x, va.x]), np.concatenate([ytr, yva]), float(best), seed)
-    proba = _proba(model, te.x, len(classes))
+        model = _logreg(tr.x, ytr, c, seed, multilabel)
+        if not len(va):
+            grid[str(c)] = 0.0
+        elif multilabel:
+            grid[str(c)] = _mean(_per_class_auroc(yva, _proba(model, va.x, len(classes))))
+        else:
+            grid[str(c)] = float(balanced_accuracy_score(yva, model.predict(va.x)))
+    # ties: the stronger regulariser
+    best = max(grid, key=lambda c: (np.nan_to_num(grid[c], nan=-np.inf), -float(c)))
+    x, y = np.concatenate([tr.x, va.x]), np.concatenate([ytr, yva])
+    proba = _proba(_logreg(x, y, float(best), seed, multilabel), te.x, len(classes))
+    test_scores = (
+        scores_multilabel(yte, proba, classes, bootstrap=bootstrap)
+        if multilabel
+        else scores(yte, proba, bootstrap=bootstrap)
+    )
     return {
         "protocol": "linear",
         "label": label,
+        "multilabel": multilabel,
         "classes": classes,
         "n_train": len(tr),
         "n_val": len(va),
         "n_test": len(te),
-        "val_balanced_accuracy_by_c": grid,
+        f"val_{'macro_auroc' if multilabel else 'balanced_accuracy'}_by_c": grid,
         "c": float(best),
-        "test": scores(yte, proba, bootstrap=bootstrap),
+        "test": test_scores,
+        "predictions": _predictions(te, classes, yte, proba),
     }
 
 
@@ -379,9 +674,15 @@ def fewshot(
     k: int = 20,
     c: float = 1.0,
     seed: int = 0,
+    multilabel: bool = False,
 ) -> dict[str, Any]:
     """n labelled examples per class (``draws`` random draws each), kNN and logistic
-    regression heads; mean and std of every metric over the draws."""
+    regression heads; mean and std of every metric over the draws. Single-label only."""
+    if multilabel:
+        raise InputError(
+            "few-shot draws n examples per class, which label sets do not define (one row "
+            "counts for several classes); use knn or linear with multilabel=True."
+        )
     tr, te = train.labelled(label), test.labelled(label)
     ytr = tr.labels(label)
     classes = sorted(set(ytr) | set(te.labels(label)))
@@ -437,3 +738,58 @@ def save_json(result: Mapping[str, Any], path: str | Path) -> None:
         return v
 
     Path(path).write_text(json.dumps(clean(dict(result)), indent=1))
+
+
+@contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` that replaces it when the block succeeds (readers
+    never see a half-written file)."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def export_features(f: Features, path: str | Path, fmt: Literal["npz", "parquet"] = "npz") -> Path:
+    """Write ``f`` for other tools, atomically (a temporary file in the same folder, then a
+    rename): per row ``entry, study, series, part, patient, modality``, ``slice``, ``labels``
+    (JSON) and the features ``x``.
+
+    npz: missing strings as ``""``, ``slice`` -1 at series level, ``x`` an (n, D) array.
+    Parquet: string columns (null where missing), ``slice`` int32 (null at series level),
+    ``x`` a ``fixed_size_list<float32>[D]`` column; ``space``, ``level``, ``kind`` and
+    ``model`` (JSON) in the schema metadata."""
+    if fmt not in ("npz", "parquet"):
+        raise InputError(f"unknown export format {fmt!r}; expected npz or parquet.")
+    path = Path(path)
+    cols = ("entry", "study", "series", "part", "patient", "modality")
+    labels = [json.dumps(r["labels"], sort_keys=True) for r in f.rows]
+    slices = [r["slice"] for r in f.rows]
+    with _replacing(path) as tmp:
+        if fmt == "npz":
+            arrays: dict[str, Any] = {
+                c: np.asarray([str(r[c] or "") for r in f.rows]) for c in cols
+            }
+            arrays["x"] = f.x
+            arrays["slice"] = np.asarray([-1 if s is None else s for s in slices])
+            arrays["labels"] = np.asarray(labels)
+            with tmp.open("xb") as fh:
+                np.savez(fh, **arrays)
+        else:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            x = np.ascontiguousarray(f.x, dtype=np.float32)
+            columns = {
+                c: pa.array([None if r[c] is None else str(r[c]) for r in f.rows], pa.string())
+                for c in cols
+            }
+            columns["slice"] = pa.array(slices, pa.int32())
+            columns["labels"] = pa.array(labels, pa.string())
+            columns["x"] = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), x.shape[1])
+            meta = {"space": f.space, "level": f.level, "kind": f.kind}
+            meta["model"] = json.dumps(f.meta.get("model"), sort_keys=True)
+            pq.write_table(pa.table(columns, metadata=meta), tmp)
+    return path

@@ -1,17 +1,17 @@
-"""``radcache probe knn|fewshot|linear`` and ``radcache export``: offline work on a store's
-cached features (no service, no encoder). Added to the main group by :mod:`.cli`."""
+"""``radcache probe knn|fewshot|linear|seg`` and ``radcache export``: offline work on a
+store's cached features (no service, no encoder). Each probe writes a report directory
+(result.json, report.md, PNG plots). Added to the main group by :mod:`.cli`."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 
 from radcache.embeddings.errors import RadcacheError
 
-from ._cliutil import fail, need_server, out, settings
+from ._cliutil import err, fail, need_server, out, settings
 
 __all__ = ["export", "probe"]
 
@@ -26,6 +26,23 @@ _KIND = click.option(
     default="pooled",
     show_default=True,
 )
+_MULTILABEL = click.option(
+    "--multilabel",
+    is_flag=True,
+    help="Label values are '|'-separated class sets (ChestX-ray14's Finding Labels); "
+    "scored by macro AUROC.",
+)
+
+
+_REPORT = [
+    click.option(
+        "-o",
+        "--output",
+        type=click.Path(file_okay=False),
+        help="Report directory: result.json, report.md, PNG plots. [default: probe-PROTOCOL]",
+    ),
+    click.option("--json", "as_json", is_flag=True, help="Also print the figures as JSON."),
+]
 
 
 def _features(
@@ -51,7 +68,11 @@ def _common(fn: Any) -> Any:
             _SPACE,
             _LEVEL,
             _KIND,
-            click.option("--labels", type=click.Path(exists=True), help="CSV: key column, labels."),
+            click.option(
+                "--labels",
+                type=click.Path(exists=True),
+                help="CSV or Parquet (.parquet): key column, label columns.",
+            ),
             click.option("--label", "label", required=True, help="The label to predict."),
             click.option(
                 "--pool",
@@ -67,9 +88,7 @@ def _common(fn: Any) -> Any:
                 show_default=True,
                 help="Resamples for the 95 % intervals (0: none).",
             ),
-            click.option(
-                "-o", "--output", type=click.Path(dir_okay=False), help="Write JSON here."
-            ),
+            *_REPORT,
         ]
     ):
         fn = opt(fn)
@@ -103,24 +122,32 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
                 label,
                 seed=opts["seed"],
                 bootstrap=opts["bootstrap"],
+                **extra,
             )
     except RadcacheError as exc:
         fail(exc, False)
         return
     res = {**res, "space": f.space, "level": f.level, "kind": f.kind, "split_seed": opts["seed"]}
-    if opts["output"]:
-        probes.save_json(res, opts["output"])
-        out.print(f"{protocol}: figures written to {opts['output']}")
-    else:
+    _finish(protocol, res, opts)
+
+
+def _finish(protocol: str, res: dict[str, Any], opts: dict[str, Any], pictures: Any = ()) -> None:
+    from radcache.embeddings.report import write_report
+
+    path = write_report(res, opts["output"] or f"probe-{protocol}", pictures)
+    if opts["as_json"]:
         click.echo(json.dumps(res, indent=1, default=str))
+    (err if opts["as_json"] else out).print(f"{protocol}: report in {path}")
 
 
 @probe.command("knn")
 @_common
 @click.option("-k", "ks", multiple=True, type=int, help="k values (default 5 20 50 100 200).")
-def probe_knn(ks: tuple[int, ...], **opts: Any) -> None:
-    """Weighted kNN (cosine, T = 0.07), k swept; patients split 70/10/20, train+val vote."""
-    _run("knn", opts, {"ks": ks} if ks else {})
+@_MULTILABEL
+def probe_knn(ks: tuple[int, ...], multilabel: bool, **opts: Any) -> None:
+    """Weighted kNN (cosine, T = 0.07; multi-label: ML-kNN), k swept; patients split
+    70/10/20, train+val vote."""
+    _run("knn", opts, {"multilabel": multilabel, **({"ks": ks} if ks else {})})
 
 
 @probe.command("fewshot")
@@ -134,9 +161,70 @@ def probe_fewshot(shots: tuple[int, ...], draws: int, **opts: Any) -> None:
 
 @probe.command("linear")
 @_common
-def probe_linear(**opts: Any) -> None:
-    """Logistic regression, C chosen on val, refit on train+val, scored once on test."""
-    _run("linear", opts, {})
+@_MULTILABEL
+def probe_linear(multilabel: bool, **opts: Any) -> None:
+    """Logistic regression (multi-label: one per class), C chosen on val, refit on
+    train+val, scored once on test."""
+    _run("linear", opts, {"multilabel": multilabel})
+
+
+@probe.command("seg")
+@_STORE
+@click.option(
+    "--masks",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False),
+    help="CSV: key column (entry key or series), 'mask' (label map on the image's grid), "
+    "optional 'image' (for pictures); paths relative to the CSV.",
+)
+@click.option("--classes", help="Names of labels 0, 1, … comma-separated.")
+@click.option(
+    "--split",
+    type=click.Choice(["patient", "blocks"]),
+    default="patient",
+    show_default=True,
+    help="patient: whole patients to test (30 %); blocks: runs of adjacent slices, "
+    "alternately train and test (one volume).",
+)
+@click.option("--blocks", type=click.IntRange(2), default=8, show_default=True)
+@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
+@click.option("--lr", type=float, default=3e-2, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True)
+@click.option("--pictures", type=click.IntRange(0), default=3, show_default=True)
+@_REPORT[0]
+@_REPORT[1]
+def probe_seg(
+    store: str | None,
+    masks: str,
+    classes: str | None,
+    split: str,
+    blocks: int,
+    epochs: int,
+    lr: float,
+    seed: int,
+    bootstrap: int,
+    pictures: int,
+    **opts: Any,
+) -> None:
+    """Linear (1×1) head on frozen patch tokens, upsampled to the slice, Dice loss;
+    per-class 2D and 3D Dice on test slices."""
+    need_server("probe")
+    from radcache.embeddings import open_store
+    from radcache.embeddings import segment as sg
+
+    try:
+        st = open_store(settings(store=store).store)
+        mask_files, images = sg.read_masks(masks)
+        names = [c.strip() for c in classes.split(",")] if classes else None
+        data = sg.seg_data(st, mask_files, classes=names, images=images)
+        parts = sg.split_slices(data, split, blocks=blocks, seed=seed)  # type: ignore[arg-type]
+        res, head = sg.seg(data, parts, epochs=epochs, lr=lr, seed=seed, bootstrap=bootstrap)
+    except RadcacheError as exc:
+        fail(exc, False)
+        return
+    res = {**res, "split": split, "split_seed": seed}
+    _finish("seg", res, opts, sg.overlays(data, head, parts, pictures))
 
 
 @click.command()
@@ -144,24 +232,22 @@ def probe_linear(**opts: Any) -> None:
 @_SPACE
 @_LEVEL
 @_KIND
-@click.option("--format", "fmt", type=click.Choice(["npz"]), default="npz", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["npz", "parquet"]), default="npz", show_default=True
+)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def export(
     store: str | None, space: str | None, level: str, kind: str, fmt: str, output: str
 ) -> None:
-    """Write a store's features and their row descriptions for other tools."""
+    """Write a store's features and their row descriptions for other tools (npz, or Parquet
+    with the features as a fixed-size list column); the file is replaced atomically."""
     need_server("export")
-    import numpy as np
+    from radcache.embeddings.probes import export_features
 
     try:
         f = _features(store, level, kind, space, None)
+        path = export_features(f, output, fmt)  # type: ignore[arg-type]
     except RadcacheError as exc:
         fail(exc, False)
         return
-    cols = ("entry", "study", "series", "part", "patient", "modality")
-    arrays: dict[str, Any] = {c: np.asarray([str(r[c] or "") for r in f.rows]) for c in cols}
-    arrays["x"] = f.x
-    arrays["slice"] = np.asarray([-1 if r["slice"] is None else r["slice"] for r in f.rows])
-    arrays["labels"] = np.asarray([json.dumps(r["labels"], sort_keys=True) for r in f.rows])
-    np.savez(output, **arrays)
-    out.print(f"{Path(output)}: {f.x.shape[0]} × {f.x.shape[1]} {f.kind} ({f.level}, {f.space})")
+    out.print(f"{path}: {f.x.shape[0]} × {f.x.shape[1]} {f.kind} ({f.level}, {f.space})")

@@ -7,19 +7,27 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer
 from radcache.embeddings.encode import Encoder
+from radcache.embeddings.errors import InputError
+from radcache.embeddings.index import normalise
 from radcache.embeddings.probes import (
+    Features,
+    export_features,
     features,
     fewshot,
     knn,
     linear,
+    ml_knn,
     patient_split,
     pool_slices,
     read_labels,
     scores,
+    scores_multilabel,
 )
 from tests.dicomgen import write_series
 
@@ -101,6 +109,9 @@ def test_knn_fewshot_and_3d_pooling_run_deterministically(lesion_store) -> None:
     a = knn(tr, te, "finding", ks=(5, 20), bootstrap=200)
     b = knn(tr, te, "finding", ks=(5, 20), bootstrap=200)
     assert a == b and set(a["by_k"]) == {"5", "20"}  # same figures on every run
+    pred = a["predictions"]
+    assert pred["classes"] == a["classes"] and len(pred["y"]) == len(pred["proba"]) == len(te)
+    assert pred["entries"] == [r["entry"] for r in te.rows]
     fs = fewshot(tr, te, "finding", shots=(1, 4), draws=3)
     assert set(fs["by_shots"]) == {"1", "4"}
     assert set(fs["by_shots"]["4"]) == {"knn", "logreg"}
@@ -124,18 +135,193 @@ def test_probe_and_export_commands(lesion_store, tmp_path: Path) -> None:
     from tests.test_cli import run
 
     store, labels_csv = lesion_store
-    out = tmp_path / "linear.json"
+    out = tmp_path / "linear"
     p = run(
         "probe", "linear", "--store", store.url, "--labels", str(labels_csv),
         "--label", "finding", "--kind", "cls+meanpatch", "--bootstrap", "100", "-o", str(out),
     )  # fmt: skip
     assert p.returncode == 0, p.stderr
-    res = json.loads(out.read_text())
+    res = json.loads((out / "result.json").read_text())
+    report = (out / "report.md").read_text()
+    assert "![" in report and (out / "roc.png").stat().st_size > 5000
     assert res["protocol"] == "linear" and res["test"]["balanced_accuracy"]["value"] > 0.5
     npz = tmp_path / "f.npz"
     p = run("export", "--store", store.url, "--level", "slice", "-o", str(npz))
     assert p.returncode == 0, p.stderr
     with np.load(npz) as z:
         assert z["x"].shape == (3 * N, 64) and set(z["slice"]) == {0, 1, 2}
+    pq_path = tmp_path / "f.parquet"
+    p = run("export", "--store", store.url, "--format", "parquet", "-o", str(pq_path))
+    assert p.returncode == 0, p.stderr
+    table = pq.read_table(pq_path)
+    assert table.num_rows == N and table.schema.field("x").type.list_size == 64
+    assert table.schema.metadata[b"level"] == b"series"
     bad = run("probe", "linear", "--store", str(tmp_path / "none.zarr"), "--label", "x")
     assert bad.returncode == 2 and "not-found" in bad.stderr
+
+
+# -- multi-label (ChestX-ray14-style "A|B" label sets), labels and export files ------------
+def ml_knn_loop(sims, train_sims, y, k, s):
+    """ML-kNN written out as in Zhang & Zhou (2007), one class and one example at a time."""
+    n, n_classes = y.shape
+
+    def nearest(row, skip):
+        return [j for j in np.argsort(-row, kind="stable") if j != skip][:k]
+
+    out = np.zeros((len(sims), n_classes))
+    for c in range(n_classes):
+        prior = (s + y[:, c].sum()) / (2 * s + n)
+        have, lack = [0] * (k + 1), [0] * (k + 1)
+        for i in range(n):
+            (have if y[i, c] else lack)[sum(y[j, c] for j in nearest(train_sims[i], i))] += 1
+        for t in range(len(sims)):
+            m = sum(y[j, c] for j in nearest(sims[t], -1))
+            p1 = prior * (s + have[m]) / (s * (k + 1) + sum(have))
+            p0 = (1 - prior) * (s + lack[m]) / (s * (k + 1) + sum(lack))
+            out[t, c] = p1 / (p1 + p0)
+    return out
+
+
+@pytest.mark.parametrize(("k", "s"), [(1, 1.0), (5, 1.0), (7, 0.5)])
+def test_ml_knn_equals_the_written_out_algorithm(k: int, s: float) -> None:
+    rng = np.random.default_rng(k)
+    train, queries = normalise(rng.normal(size=(40, 6))), normalise(rng.normal(size=(9, 6)))
+    y = (rng.random((40, 4)) < 0.35).astype(np.int64)
+    sims, train_sims = queries @ train.T, train @ train.T
+    got = ml_knn(sims, train_sims, y, k, s)
+    np.testing.assert_allclose(got, ml_knn_loop(sims, train_sims, y, k, s), rtol=0, atol=1e-12)
+    with pytest.raises(InputError, match="ML-kNN needs"):
+        ml_knn(sims, train_sims, y, 0)
+
+
+CLASSES = ("Effusion", "Nodule", "Pneumothorax")
+
+
+def multilabel_set(n: int = 300, dim: int = 16, seed: int = 0) -> Features:
+    """Each class a direction in feature space: a row is the sum of its classes' directions
+    plus noise; rows without a class are ``No Finding`` (one patient per row)."""
+    rng = np.random.default_rng(seed)
+    directions = rng.normal(size=(len(CLASSES), dim))
+    y = rng.random((n, len(CLASSES))) < 0.3
+    x = (y @ directions * 1.5 + rng.normal(size=(n, dim))).astype(np.float32)
+    values = ["|".join(c for c, on in zip(CLASSES, yi, strict=True) if on) for yi in y]
+    rows = [
+        {"entry": f"e{i}", "study": f"st{i}", "series": f"se{i}", "part": "", "patient": f"p{i}"}
+        | {"modality": "DX", "slice": None, "labels": {"finding": v or "No Finding"}}
+        for i, v in enumerate(values)
+    ]
+    return Features(x, rows, "series", "cls", "test-space", {"model": {"name": "none"}})
+
+
+def test_multilabel_probes_learn_label_sets_and_shuffled_sets_do_not() -> None:
+    f = multilabel_set()
+    split = patient_split(f, (0.6, 0.2, 0.2))
+    tr, va, te = (f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test"))
+    rng = np.random.default_rng(1)
+    shuffled = f.take(np.arange(len(f)))
+    shuffled.rows = [
+        {**r, "labels": f.rows[j]["labels"]}
+        for r, j in zip(f.rows, rng.permutation(len(f)), strict=True)
+    ]
+    sh = {s: shuffled.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
+    trva = Features.concat([tr, va])
+
+    res = knn(trva, te, "finding", ks=(5, 20), bootstrap=50, multilabel=True)
+    assert res["multilabel"] and res["classes"] == sorted([*CLASSES, "No Finding"])
+    best = res["by_k"][str(res["best_k"])]
+    assert best["macro_auroc"]["low"] > 0.6, best
+    assert set(best) == {"macro_auroc", "macro_f1", "mean_ap", "per_class_auroc"}
+    assert set(best["per_class_auroc"]) == set(res["classes"])
+    pred = res["predictions"]
+    assert np.asarray(pred["y"]).shape == np.asarray(pred["proba"]).shape == (len(te), 4)
+    assert pred["slices"] == [None] * len(te)
+    # the protocol's probabilities are ML-kNN's on cosine similarities
+    a, b = normalise(te.x), normalise(trva.x)
+    sets = trva.label_sets("finding")
+    y = np.asarray([[c in s for c in res["classes"]] for s in sets], dtype=np.int64)
+    np.testing.assert_allclose(pred["proba"], ml_knn(a @ b.T, b @ b.T, y, res["best_k"]), atol=1e-9)
+    sh_trva = Features.concat([sh["train"], sh["val"]])
+    ctrl = knn(sh_trva, sh["test"], "finding", ks=(5, 20), bootstrap=50, multilabel=True)
+    cb = ctrl["by_k"][str(ctrl["best_k"])]["macro_auroc"]
+    assert cb["low"] <= 0.5 <= cb["high"], cb
+
+    lin = linear(tr, va, te, "finding", cs=(0.01, 1.0), bootstrap=50, multilabel=True)
+    auroc = lin["test"]["macro_auroc"]
+    assert auroc["low"] > 0.6 and set(lin["val_macro_auroc_by_c"]) == {"0.01", "1.0"}, lin
+    assert np.asarray(lin["predictions"]["proba"]).shape == (len(te), 4)
+    lc = linear(*sh.values(), "finding", cs=(0.01, 1.0), bootstrap=50, multilabel=True)
+    lcb = lc["test"]["macro_auroc"]
+    assert lcb["low"] <= 0.5 <= lcb["high"], lc
+    figures = {"knn": best["macro_auroc"], "linear": auroc, "shuffled": [cb, lcb]}
+    print(json.dumps(figures))
+    with pytest.raises(InputError, match="few-shot"):
+        fewshot(trva, te, "finding", multilabel=True)
+
+
+def test_label_sets_and_multilabel_scores() -> None:
+    f = multilabel_set(n=4)
+    f.rows[1]["labels"] = {"finding": ""}
+    f.rows[2]["labels"] = {}
+    f.rows[3]["labels"] = {"finding": "Effusion | Nodule"}
+    sets = f.label_sets("finding")
+    assert sets[1:] == [frozenset(), None, frozenset({"Effusion", "Nodule"})]
+    y = np.array([[1, 0], [0, 0], [1, 1], [0, 1], [1, 0], [0, 1]])
+    p = np.array([[0.9, 0.2], [0.3, 0.4], [0.6, 0.7], [0.4, 0.1], [0.2, 0.3], [0.1, 0.8]])
+    s = scores_multilabel(y, p, ["a", "b"], bootstrap=100)
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    assert s["macro_auroc"]["value"] == pytest.approx(roc_auc_score(y, p, average="macro"))
+    assert s["mean_ap"]["value"] == pytest.approx(average_precision_score(y, p, average="macro"))
+    assert s["per_class_auroc"] == pytest.approx(
+        dict(zip("ab", roc_auc_score(y, p, average=None), strict=True))
+    )
+    assert s["macro_auroc"]["low"] <= s["macro_auroc"]["value"] <= s["macro_auroc"]["high"]
+
+
+def test_labels_read_alike_from_csv_and_parquet(tmp_path: Path) -> None:
+    csv = tmp_path / "labels.csv"
+    csv.write_text(
+        "series,slice,finding,grade\n1.2.3,,Effusion|Nodule,2\n1.2.3,4,,1\n1.2.4,,No Finding,\n"
+    )
+    table = pa.table(
+        {
+            "series": ["1.2.3", "1.2.3", "1.2.4"],
+            "slice": pa.array([None, 4, None], pa.int32()),
+            "finding": ["Effusion|Nodule", None, "No Finding"],
+            "grade": [2, 1, None],
+        }
+    )
+    pq.write_table(table, tmp_path / "labels.parquet")
+    expected = {
+        "1.2.3": {"finding": "Effusion|Nodule", "grade": "2"},
+        "1.2.3@4": {"grade": "1"},
+        "1.2.4": {"finding": "No Finding"},
+    }
+    assert read_labels(csv) == read_labels(tmp_path / "labels.parquet") == expected
+    (tmp_path / "bad.parquet").write_text("series,finding\n")
+    with pytest.raises(InputError, match="Parquet"):
+        read_labels(tmp_path / "bad.parquet")
+
+
+def test_export_writes_parquet_and_npz_atomically(tmp_path: Path) -> None:
+    f = multilabel_set(n=5, dim=8)
+    f.rows[0] = {**f.rows[0], "slice": 3, "modality": None}
+    out = tmp_path / "f.parquet"
+    out.write_text("an older export")  # replaced whole
+    assert export_features(f, out, "parquet") == out
+    table = pq.read_table(out)
+    assert table.schema.field("x").type == pa.list_(pa.float32(), 8)
+    x = table.column("x").combine_chunks().flatten().to_numpy().reshape(-1, 8)
+    np.testing.assert_array_equal(x, f.x)
+    assert table.column("entry").to_pylist() == [r["entry"] for r in f.rows]
+    assert table.column("slice").to_pylist() == [3, None, None, None, None]
+    assert table.column("modality").to_pylist()[:2] == [None, "DX"]
+    assert json.loads(table.column("labels")[0].as_py()) == f.rows[0]["labels"]
+    meta = table.schema.metadata
+    assert meta[b"space"] == b"test-space" and meta[b"kind"] == b"cls"
+    assert json.loads(meta[b"model"]) == {"name": "none"}
+    export_features(f, tmp_path / "f.npz")
+    with np.load(tmp_path / "f.npz") as z:
+        np.testing.assert_array_equal(z["x"], f.x)
+        assert list(z["slice"]) == [3, -1, -1, -1, -1] and z["modality"][0] == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npz", "f.parquet"]  # no leftovers
