@@ -48,6 +48,7 @@ from .store import EmbeddingStore
 __all__ = [
     "KINDS",
     "Features",
+    "column_split",
     "export_features",
     "features",
     "fewshot",
@@ -271,6 +272,20 @@ def patient_split(
     """``train``/``val``/``test`` per row, decided by a hash of the patient pseudonym (so no
     patient spans two splits, and the split is the same on every run)."""
     return hash_split([r["patient"] for r in f.rows], fractions, seed)
+
+
+def column_split(f: Features, column: str) -> np.ndarray:
+    """``train``/``val``/``test`` per row from a label column (a dataset's official split);
+    rows without it, or with another value, are an error naming one of them."""
+    values = f.labels(column)
+    for r, v in zip(f.rows, values, strict=True):
+        if v not in ("train", "val", "test"):
+            where = r["series"] + (f" slice {r['slice']}" if r["slice"] is not None else "")
+            raise InputError(
+                f"split column {column!r} of {where} is {v!r}; expected train, val or test "
+                "on every row."
+            )
+    return np.asarray(values, dtype=str)
 
 
 def hash_split(

@@ -80,6 +80,11 @@ def _common(fn: Any) -> Any:
                 default="none",
                 help="Slice level: pool slices per volume first (3D classification).",
             ),
+            click.option(
+                "--split-column",
+                help="Label column holding train/val/test (a dataset's official split); "
+                "default: 70/10/20 by a hash of the patient pseudonym.",
+            ),
             click.option("--seed", type=int, default=0, show_default=True),
             click.option(
                 "--bootstrap",
@@ -105,7 +110,10 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
         f = _features(opts["store"], opts["level"], opts["kind"], opts["space"], opts["labels"])
         if opts["pool"] != "none":
             f = probes.pool_slices(f, opts["pool"])
-        split = probes.patient_split(f, seed=opts["seed"])
+        if opts["split_column"]:
+            split = probes.column_split(f, opts["split_column"])
+        else:
+            split = probes.patient_split(f, seed=opts["seed"])
         part = {s: f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
         label = opts["label"]
         if protocol == "knn":

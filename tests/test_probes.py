@@ -17,6 +17,7 @@ from radcache.embeddings.errors import InputError
 from radcache.embeddings.index import normalise
 from radcache.embeddings.probes import (
     Features,
+    column_split,
     export_features,
     features,
     fewshot,
@@ -325,3 +326,14 @@ def test_export_writes_parquet_and_npz_atomically(tmp_path: Path) -> None:
         np.testing.assert_array_equal(z["x"], f.x)
         assert list(z["slice"]) == [3, -1, -1, -1, -1] and z["modality"][0] == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.npz", "f.parquet"]  # no leftovers
+
+
+def test_an_official_split_column_is_used_and_checked() -> None:
+    f = multilabel_set(n=30)
+    for i, r in enumerate(f.rows):
+        r["labels"]["split"] = ("train", "val", "test")[i % 3]
+    split = column_split(f, "split")
+    assert list(split[:4]) == ["train", "val", "test", "train"]
+    f.rows[7]["labels"]["split"] = "holdout"
+    with pytest.raises(InputError, match=r"'split' of se7 is 'holdout'"):
+        column_split(f, "split")
