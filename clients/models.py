@@ -119,7 +119,9 @@ class JobOut(BaseModel):
     )
 
     id: str
-    state: Literal["queued", "running", "done", "partially_failed", "failed"]
+    state: Literal["queued", "running", "done", "partially_failed", "failed", "dead"] = Field(
+        description="dead: failed on every delivery the scale-out queue allowed"
+    )
     created: dt.datetime
     started: dt.datetime | None = None
     finished: dt.datetime | None = None

@@ -70,8 +70,30 @@ class Settings(BaseSettings):
     upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
     queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
+    # --- scale-out: a Redis queue and radcache worker processes ---
+    queue: str | None = Field(
+        None, description="Redis URL of the job queue; None: the embedded in-process worker"
+    )
+    queue_namespace: str = Field("radcache", description="prefix of the queue's Redis keys")
+    queue_visibility_s: float = Field(
+        60.0, gt=0, description="a silent worker's jobs go to another after this long"
+    )
+    queue_max_retries: int = Field(3, ge=0, description="retries of a failing job before dead")
+    queue_backoff_s: float = Field(5.0, gt=0, description="first retry delay (doubles each time)")
+    job_time_limit_s: float = Field(6 * 3600.0, gt=0, description="longest a job may run")
+    worker_threads: int = Field(
+        2, ge=1, le=64, description="jobs a worker runs at once (their slices share batches)"
+    )
+    worker_grace_s: float = Field(
+        60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
+    )
     # --- the client commands (radcache submit | jobs | get) ---
     url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
+
+    @field_validator("upload_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()  # job rows name uploads that workers elsewhere open
 
     @field_validator("pseudonym_key")
     @classmethod

@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import threading
 import time
 import uuid
@@ -100,14 +101,36 @@ _STALE_STAGING_S = 24 * 3600
 SHARED_FILE = "0" * 32
 
 
+def _owner() -> str:
+    """Who writes a staging folder: ``host-pid``, so that a sweeper on the same host can
+    tell whether the writer still runs."""
+    return f"{socket.gethostname().replace('.', '_').replace('-', '_')}-{os.getpid()}"
+
+
+def _dead(owner: str) -> bool:
+    """True if ``owner`` (``host-pid``) is a process of this host that no longer runs."""
+    host, _, pid = owner.rpartition("-")
+    if host != _owner().rpartition("-")[0] or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _sweep_staging(staging: Path) -> None:
-    """Remove unfinished writes left by processes that died more than a day ago."""
+    """Remove unfinished writes of processes of this host that have died, and of any
+    process more than a day ago."""
     if not staging.is_dir():
         return
     cutoff = time.time() - _STALE_STAGING_S
     for d in staging.iterdir():
+        parts = d.name.split(".")
         with contextlib.suppress(OSError):
-            if d.is_dir() and d.stat().st_mtime < cutoff:
+            if d.is_dir() and ((len(parts) == 3 and _dead(parts[1])) or d.stat().st_mtime < cutoff):
                 shutil.rmtree(d)
 
 
@@ -187,7 +210,9 @@ class EntryWriter:
         self.store, self.key = store, key
         # Local stores write into a private staging group that commit() renames into
         # place, so concurrent writers of one key never see each other's arrays.
-        self.path = f"staging/{key}.{uuid.uuid4().hex}" if store.local_path else f"entries/{key}"
+        self.path = (
+            f"staging/{key}.{_owner()}.{uuid.uuid4().hex}" if store.local_path else f"entries/{key}"
+        )
         self.group = store.root.create_group(self.path, overwrite=True)
         self.arrays = {
             name: _create(self.group, name, shape, np.dtype(dt))

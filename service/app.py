@@ -34,6 +34,7 @@ from radcache.embeddings import (
 from . import problems
 from .jobs import JobStore
 from .metrics import Metrics
+from .queue import RedisQueue
 from .worker import IndexKeeper, Worker
 
 __all__ = ["Resources", "ResourcesDep", "create_app"]
@@ -46,7 +47,7 @@ class Resources:
     store: EmbeddingStore
     pipeline: Pipeline
     jobs: JobStore
-    worker: Worker
+    worker: Worker | RedisQueue
     metrics: Metrics
     indexes: IndexSet
     searcher: Searcher
@@ -54,7 +55,9 @@ class Resources:
 
     def ready(self) -> tuple[bool, str]:
         """Model loaded, worker and index keeper alive, store writable — or why not."""
-        if not self.worker._thread.is_alive():
+        if not self.worker.alive:
+            if isinstance(self.worker, RedisQueue):
+                return False, f"the job queue at {self.settings.queue} does not answer"
             return False, "the worker thread is not running"
         if not self.keeper.alive:
             return False, "the index keeper thread is not running"
@@ -77,7 +80,11 @@ def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resou
     enc, store = pipeline.encoder, pipeline.store
     jobs = JobStore(settings.db)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
-    worker = Worker(pipeline, jobs, limit=settings.queue_size)
+    worker: Worker | RedisQueue
+    if settings.queue:  # scale-out: `radcache worker` processes run the jobs
+        worker = RedisQueue(settings, jobs)
+    else:
+        worker = Worker(pipeline, jobs, limit=settings.queue_size)
     metrics = Metrics(lambda: worker.depth)
     indexes = open_index(store, **settings.index_options())
     keeper = IndexKeeper(indexes, settings.index_refresh_s)
@@ -87,7 +94,8 @@ def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resou
         keeper.refresh()  # what a job embedded is searchable as soon as it is done …
         keeper.touch(s["entry"] for s in series)  # … with the labels it was given
 
-    worker.on_done = done
+    if isinstance(worker, Worker):  # queued jobs: the keeper's periodic refresh finds them
+        worker.on_done = done
     searcher = Searcher(indexes, pipeline)
     return Resources(
         settings, enc, store, pipeline, jobs, worker, metrics, indexes, searcher, keeper

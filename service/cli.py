@@ -25,6 +25,7 @@ from radcache.embeddings.settings import Settings
 
 from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
 from .cli_probe import export, probe
+from .cli_scale import worker
 from .cli_search import classify, index, search
 
 __all__ = ["main"]
@@ -185,6 +186,10 @@ def _settings_help() -> str:
 @click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
 @click.option("--db", help="Job database URL. [env RADCACHE_DB; default sqlite:///./radcache.db]")
 @click.option(
+    "--queue",
+    help="Redis URL: only enqueue jobs, `radcache worker` runs them. [env RADCACHE_QUEUE]",
+)
+@click.option(
     "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs."
 )
 @click.option(
@@ -198,6 +203,7 @@ def serve(
     model: str | None,
     store: str | None,
     db: str | None,
+    queue: str | None,
     device: str | None,
     precision: str | None,
 ) -> None:
@@ -218,6 +224,7 @@ def serve(
             model=model,
             store=store,
             db=db,
+            queue=queue,
             device=device,
             precision=precision,
         )
@@ -228,7 +235,11 @@ def serve(
     if resources.encoder.cfg.random_weights:
         err.print(f"[yellow]warning[/] {resources.encoder.cfg.label}: embeddings are meaningless.")
     label = resources.encoder.cfg.label
-    err.print(f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store})")
+    jobs_by = f"workers on {s.queue}" if s.queue else "this process"
+    err.print(
+        f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store}; jobs run by "
+        f"{jobs_by})"
+    )
     uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
 
 
@@ -288,7 +299,7 @@ def submit(
             err.print(
                 f"[bold red]error[/] {escape(f'[{e.code}] {e.path}: {e.message}')}", highlight=False
             )
-    sys.exit(1 if job.state in ("failed", "partially_failed") else 0)
+    sys.exit(1 if job.state in ("failed", "partially_failed", "dead") else 0)
 
 
 @main.command()
@@ -457,6 +468,7 @@ main.add_command(classify)
 main.add_command(index)
 main.add_command(probe)
 main.add_command(export)
+main.add_command(worker)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m radcache.service.cli`
     main()

@@ -1,26 +1,32 @@
-"""Jobs: what was submitted, where it stands, what came of it — in SQL (SQLite by default).
+"""Jobs: what was submitted, where it stands, what came of it — in SQL (SQLite by default,
+PostgreSQL for several API replicas and workers).
 
-SQLAlchemy 2 models, so a PostgreSQL URL works unchanged. A job is written ``queued``
-before the upload is acknowledged, so a restart loses nothing that was accepted: jobs
-found ``queued`` or ``running`` at start-up are queued again.
+SQLAlchemy 2 models; the schema is made and upgraded by Alembic migrations
+(``service/migrations``) for both databases, once per database even when several processes
+start together. A job is written ``queued`` before the upload is acknowledged, so a restart
+loses nothing that was accepted. ``entries`` records, once per content key (a unique
+primary key), which job first stored each entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
 from sqlalchemy import JSON, DateTime, Integer, String, create_engine, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-__all__ = ["JobRow", "JobState", "JobStore"]
+__all__ = ["EntryRow", "JobRow", "JobState", "JobStore"]
 
-JobState = Literal["queued", "running", "done", "partially_failed", "failed"]
-FINISHED: tuple[JobState, ...] = ("done", "partially_failed", "failed")
+#: ``dead``: failed on every delivery the queue allowed (scale-out), kept for inspection.
+JobState = Literal["queued", "running", "done", "partially_failed", "failed", "dead"]
+FINISHED: tuple[JobState, ...] = ("done", "partially_failed", "failed", "dead")
 
 
 def _now() -> dt.datetime:
@@ -45,21 +51,42 @@ class JobRow(Base):
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     failure: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+
+
+class EntryRow(Base):
+    __tablename__ = "entries"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)  # the content key
+    space: Mapped[str] = mapped_column(String(200), index=True)
+    study: Mapped[str] = mapped_column(String(128), index=True)
+    series: Mapped[str] = mapped_column(String(128))
+    job: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
 
 
 class JobStore:
     """Create, update and read jobs. Safe to share between the HTTP threads and the worker."""
 
     def __init__(self, url: str) -> None:
-        args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=args)
-        Base.metadata.create_all(self.engine)
+        from .migrations import upgrade
+
+        self.sqlite = url.startswith("sqlite")
+        args = {"check_same_thread": False} if self.sqlite else {}
+        self.engine = create_engine(url, connect_args=args, pool_pre_ping=True)
+        upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
-        self._lock = threading.Lock()  # SQLite has one writer at a time
+        # SQLite has one writer at a time; PostgreSQL takes concurrent sessions.
+        self._lock = threading.Lock() if self.sqlite else None
+
+    def close(self) -> None:
+        """Close the database connections."""
+        self.engine.dispose()
 
     @contextmanager
     def _session(self) -> Iterator[Session]:
-        with self._lock, self._sessions.begin() as s:
+        with self._lock or contextlib.nullcontext(), self._sessions.begin() as s:
             yield s
 
     def create(
@@ -112,8 +139,45 @@ class JobStore:
             for k, v in fields.items():
                 setattr(row, k, v)
 
-    def start(self, job_id: str) -> None:
-        self.update(job_id, state="running", started=_now(), slices_done=0)
+    def start(self, job_id: str, worker: str | None = None) -> JobRow | None:
+        """Mark a job running (one more attempt); None if it is already finished."""
+        with self._session() as s:
+            row = s.get(JobRow, job_id, with_for_update=not self.sqlite)
+            if row is None or row.state in FINISHED:
+                return None
+            row.state, row.started, row.slices_done = "running", _now(), 0
+            row.attempts = (row.attempts or 0) + 1
+            row.worker = worker
+            return row
+
+    def record_entries(
+        self, job_id: str, series: list[dict[str, Any]], space_of: Callable[[str], str]
+    ) -> int:
+        """Note the entries a job stored; an entry already noted (by any job) is left as it
+        is. Returns how many were new."""
+        if not series:
+            return 0
+        rows = [
+            {
+                "key": s["entry"],
+                "space": space_of(s["entry"]),
+                "study": s["study"],
+                "series": s["series"] + (f"#{s['part']}" if s.get("part") else ""),
+                "job": job_id,
+                "created": _now(),
+            }
+            for s in series
+        ]
+        insert = (postgresql.insert if not self.sqlite else sqlite.insert)(EntryRow)
+        stmt = insert.values(rows).on_conflict_do_nothing(index_elements=["key"])
+        with self._session() as s:
+            return len(s.execute(stmt.returning(EntryRow.key)).all())
+
+    def entry_count(self) -> int:
+        from sqlalchemy import func
+
+        with self._session() as s:
+            return int(s.scalar(select(func.count()).select_from(EntryRow)) or 0)
 
     def finish(
         self,

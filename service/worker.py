@@ -2,8 +2,8 @@
 and the index keeper, which keeps the search indexes in step with the store.
 
 HTTP stays responsive while a study embeds: handlers only write the upload and a job row
-and put the job id on a bounded queue. The same job code will run in the scale-out
-workers (a Redis queue instead of this in-process one).
+and put the job id on a bounded queue. :func:`run_job` is the job itself, the same code
+the scale-out workers run (:mod:`.queue`: a Redis queue instead of this in-process one).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from radcache.embeddings.errors import RadcacheError
 from .jobs import JobState, JobStore
 from .options import job_pipeline
 
-__all__ = ["IndexKeeper", "QueueFullError", "Worker", "report_state"]
+__all__ = ["IndexKeeper", "QueueFullError", "Worker", "report_state", "run_job"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ def public_report(report: EmbedReport, upload: Path) -> dict[str, Any]:
         if isinstance(item.get("path"), str):
             item["path"] = item["path"].replace(prefix, "")
     return out
+
+
+OnDone = Callable[[float, list[dict[str, Any]]], None]  # (seconds, the report's series)
 
 
 class _JobProgress:
@@ -81,7 +84,7 @@ class Worker:
         jobs: JobStore,
         *,
         limit: int,
-        on_done: Callable[[float, list[dict[str, Any]]], None] | None = None,
+        on_done: OnDone | None = None,
     ) -> None:
         self.pipeline, self.jobs, self.limit = pipeline, jobs, limit
         self.on_done = on_done
@@ -129,33 +132,55 @@ class Worker:
                 self.queue.task_done()
 
     def process(self, job_id: str) -> None:
-        row = self.jobs.get(job_id)
-        if row is None:
-            return
-        upload = Path(row.upload)
-        self.jobs.start(job_id)
-        progress = _JobProgress(self.jobs, job_id)
-        options = row.options or {}
-        t0 = time.monotonic()
         try:
-            pipeline = job_pipeline(self.pipeline, options)
-            report = pipeline.embed(
-                [upload],
-                modality=options.get("modality"),
-                progress=progress,
-                labels=options.get("labels"),
-                collection=options.get("collection"),
-            )
+            run_job(self.pipeline, self.jobs, job_id, on_done=self.on_done)
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
             log.exception("job %s failed", job_id)
             self.jobs.finish(job_id, "failed", None, failure=f"{type(exc).__name__}: {exc}"[:2000])
-            return
-        progress.flush()
-        out = public_report(report, upload)
-        if self.on_done is not None:  # before the job reads done: then it is searchable
-            self.on_done(time.monotonic() - t0, out["series"])
-        self.jobs.finish(job_id, report_state(report), out)
-        shutil.rmtree(upload, ignore_errors=True)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+
+def run_job(
+    pipeline: Pipeline,
+    jobs: JobStore,
+    job_id: str,
+    *,
+    on_done: OnDone | None = None,
+    worker: str | None = None,
+) -> None:
+    """Embed one job's upload and record the outcome. A job already finished (a repeated
+    delivery) is left alone. Exceptions (a bug, a broken model, a lost store) propagate:
+    the caller decides between failing the job and trying again."""
+    row = jobs.start(job_id, worker)
+    if row is None:
+        return
+    upload = Path(row.upload)
+    progress = _JobProgress(jobs, job_id)
+    options = row.options or {}
+    t0 = time.monotonic()
+    pipeline = job_pipeline(pipeline, options)
+    report = pipeline.embed(
+        [upload],
+        modality=options.get("modality"),
+        progress=progress,
+        labels=options.get("labels"),
+        collection=options.get("collection"),
+    )
+    progress.flush()
+    out = public_report(report, upload)
+    jobs.record_entries(job_id, out["series"], lambda key: _space(pipeline, key))
+    if on_done is not None:  # before the job reads done: then it is searchable
+        on_done(time.monotonic() - t0, out["series"])
+    jobs.finish(job_id, report_state(report), out)
+    shutil.rmtree(upload, ignore_errors=True)
+
+
+def _space(pipeline: Pipeline, key: str) -> str:
+    info = pipeline.store.get(key)
+    return info.space if info is not None else ""
 
 
 class IndexKeeper:

@@ -22,38 +22,41 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start(root: Path, command: str, *args: str, log: str, **env: str) -> subprocess.Popen[bytes]:
+    """A `radcache` process (random tiny model, store under ``root``) logging to ``log``."""
+    full_env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1", **env}
+    cmd = [*RADCACHE, command, "--model", "dinov2-tiny-random", "--store", str(root / "s.zarr")]
+    with (root / log).open("a") as out:
+        return subprocess.Popen(
+            [*cmd, *args], cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT
+        )
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            if proc.poll() is not None:
+                raise AssertionError(f"radcache serve exited: {log.read_text()[-2000:]}") from None
+            time.sleep(0.1)
+    raise AssertionError("radcache serve did not become ready")
+
+
 @contextlib.contextmanager
-def running_server(root: Path, **env: str) -> Iterator[tuple[str, Path]]:
+def running_server(
+    root: Path, *args: str, db: str | None = None, port: int | None = None, **env: str
+) -> Iterator[tuple[str, Path]]:
     """Start `radcache serve` (random tiny model, store and jobs under ``root``); wait for
     /readyz. Yields the base URL and the server's log file."""
-    port = free_port()
-    full_env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1", **env}
-    cmd = [
-        *RADCACHE,
-        "serve",
-        "--port",
-        str(port),
-        "--model",
-        "dinov2-tiny-random",
-        "--store",
-        str(root / "s.zarr"),
-        "--db",
-        f"sqlite:///{root / 'j.db'}",
-    ]
-    log = root / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, cwd=root, env=full_env, stdout=out, stderr=subprocess.STDOUT)
+    port = port or free_port()
+    db = db or f"sqlite:///{root / 'j.db'}"
+    proc = start(root, "serve", "--port", str(port), "--db", db, *args, log="server.log", **env)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            raise AssertionError("radcache serve did not become ready")
-        yield url, log
+        wait_ready(url, proc, root / "server.log")
+        yield url, root / "server.log"
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -1,0 +1,205 @@
+"""Scale-out jobs: Dramatiq on Redis, for many workers on many machines.
+
+The API side (:class:`RedisQueue`) writes the job row and enqueues its id; workers
+(:func:`run_worker`, ``radcache worker``) keep the model loaded and run the same
+:func:`~.worker.run_job` the embedded worker runs. Delivery is at least once: a message is
+acknowledged only after its job is recorded, a worker that stops heartbeating (killed,
+lost) has its messages handed to another worker after ``queue_visibility_s``, and writes
+are keyed by content, so a repeated delivery stores nothing twice. A job that raises is
+retried with exponential back-off up to ``queue_max_retries`` times, then marked ``dead``
+(Dramatiq's dead-letter queue keeps the message) — visible in ``GET /v1/jobs``. Deliveries
+that never finish (a worker killed each time) count too, so nothing is retried forever.
+
+Why Dramatiq: acknowledgement after processing, dead-worker requeueing, retries with
+back-off and a dead-letter queue are built in and kept up by its maintainers, on the Redis
+the deployment already runs; see docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import Any
+
+from radcache.embeddings import Settings
+from radcache.embeddings.errors import RadcacheError
+
+from .jobs import JobStore
+from .worker import QueueFullError, run_job
+
+__all__ = ["QUEUE", "QueueUnavailableError", "RedisQueue", "make_broker", "run_worker"]
+
+log = logging.getLogger(__name__)
+
+QUEUE = "radcache-embed"
+ACTOR = "radcache.embed"
+
+
+class QueueUnavailableError(RadcacheError):
+    code = "queue-unavailable"
+    status = 503
+    title = "The job queue cannot be reached"
+
+
+def make_broker(settings: Settings, middleware: list[Any] | None = None) -> Any:
+    """A Redis broker with radcache's delivery rules (``middleware`` sees their outcome)."""
+    from dramatiq.brokers.redis import RedisBroker
+    from dramatiq.middleware import Retries, TimeLimit
+
+    if not settings.queue:
+        raise QueueUnavailableError("no queue configured; set RADCACHE_QUEUE=redis://….")
+    broker = RedisBroker(  # type: ignore[no-untyped-call]
+        url=settings.queue,
+        namespace=settings.queue_namespace,
+        heartbeat_timeout=int(settings.queue_visibility_s * 1000),
+        # Look for dead workers' messages on every poll (a handful of Redis commands),
+        # so the visibility timeout is what bounds a lost job's delay.
+        maintenance_chance=1_000_000,
+        # Dramatiq runs "after" hooks last-to-first: ``middleware`` comes first so that it
+        # sees what Retries decided.
+        middleware=[
+            *(middleware or []),
+            TimeLimit(time_limit=int(settings.job_time_limit_s * 1000)),
+            Retries(
+                max_retries=settings.queue_max_retries,
+                min_backoff=int(settings.queue_backoff_s * 1000),
+                max_backoff=int(settings.queue_backoff_s * 1000 * 64),
+            ),
+        ],
+    )
+    broker.declare_queue(QUEUE)
+    return broker
+
+
+class RedisQueue:
+    """The API side: jobs go to Redis for ``radcache worker`` processes (same interface as
+    the embedded :class:`~.worker.Worker`)."""
+
+    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+        self.settings, self.jobs = settings, jobs
+        self.broker = make_broker(settings)
+        self.limit = settings.queue_size
+        self._key = f"{settings.queue_namespace}:{QUEUE}"
+
+    def start(self) -> None:
+        """Nothing to start; accepted jobs wait in Redis across API restarts."""
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.broker.close()
+
+    @property
+    def alive(self) -> bool:
+        try:
+            return bool(self.broker.client.ping())
+        except Exception:
+            return False
+
+    @property
+    def depth(self) -> int:
+        try:
+            return int(self.broker.client.llen(self._key))
+        except Exception:
+            return 0
+
+    def check_capacity(self) -> None:
+        """Raise :class:`QueueFullError` (503) when ``queue_size`` jobs already wait."""
+        depth = self.depth
+        if depth >= self.limit:
+            raise QueueFullError(
+                f"{depth} jobs are already waiting (limit {self.limit}); retry later, add "
+                "workers, or raise RADCACHE_QUEUE_SIZE."
+            )
+
+    def submit(self, job_id: str) -> None:
+        from dramatiq import Message
+
+        message: Any = Message(
+            queue_name=QUEUE, actor_name=ACTOR, args=(job_id,), kwargs={}, options={}
+        )
+        try:
+            self.broker.enqueue(message)
+        except Exception as exc:
+            self.jobs.finish(job_id, "failed", None, failure=f"could not be queued: {exc}")
+            raise QueueUnavailableError(
+                f"the job queue at {self.settings.queue} did not take the job ({exc}); "
+                "nothing was accepted, send it again."
+            ) from exc
+
+
+def _job_states(jobs: JobStore) -> Any:
+    from dramatiq import Middleware
+
+    class JobStates(Middleware):
+        """Retries and dead letters, written into the job row (after Retries decided)."""
+
+        def after_process_message(
+            self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
+        ) -> None:
+            if exception is None:
+                return
+            job_id = message.args[0]
+            why = f"{type(exception).__name__}: {exception}"
+            tries = message.options.get("retries", 0)
+            if message.failed:
+                jobs.finish(
+                    job_id, "dead", None, failure=f"gave up after {tries} deliveries: {why}"[:2000]
+                )
+            else:
+                jobs.update(
+                    job_id,
+                    state="queued",
+                    failure=f"delivery {tries} failed, retrying: {why}"[:2000],
+                )
+
+    return JobStates()
+
+
+def run_worker(
+    settings: Settings, *, threads: int = 1, stop: threading.Event | None = None
+) -> None:
+    """Load the model and run jobs from the queue until SIGTERM/SIGINT (or ``stop``).
+
+    Shutdown stops taking messages, lets running jobs finish for ``worker_grace_s``, and
+    leaves any still running to be redelivered after the visibility timeout."""
+    import dramatiq
+
+    from radcache.embeddings import Pipeline
+    from radcache.embeddings.batching import BatchingEncoder
+
+    pipeline = Pipeline.from_settings(settings)
+    if threads > 1:  # slices of concurrent jobs share forward batches
+        pipeline.encoder = BatchingEncoder(pipeline.encoder, settings.batch_size)
+    jobs = JobStore(settings.db)
+    broker = make_broker(settings, [_job_states(jobs)])
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    limit = settings.queue_max_retries + 2
+
+    def embed(job_id: str) -> None:
+        row = jobs.get(job_id)
+        if row is not None and row.state == "running" and (row.attempts or 0) >= limit:
+            jobs.finish(
+                job_id,
+                "dead",
+                None,
+                failure=f"delivered {row.attempts + 1} times and never finished",
+            )
+            return
+        run_job(pipeline, jobs, job_id, worker=name)
+
+    dramatiq.Actor(embed, broker=broker, actor_name=ACTOR, queue_name=QUEUE, priority=0, options={})
+    worker = dramatiq.Worker(broker, queues={QUEUE}, worker_threads=threads)
+    worker.queue_prefetch = threads  # hold only what runs: the rest stays for other workers
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    log.info("radcache worker %s: %d thread(s) on %s", name, threads, settings.queue)
+    try:
+        stop.wait()
+    finally:
+        worker.stop(timeout=int(settings.worker_grace_s * 1000))
+        broker.close()

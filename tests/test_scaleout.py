@@ -1,0 +1,279 @@
+"""Scale-out against the real servers: `radcache serve --queue` enqueues on Redis, `radcache
+worker` processes run the jobs, PostgreSQL holds the jobs. Workers are killed, the API is
+restarted, a failing job lands in the dead-letter state — and nothing is lost or stored
+twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, open_store
+from radcache.embeddings.encode import Encoder
+from tests.dicomgen import phantom, write_series
+from tests.servers import free_port, running_server, start, wait_ready
+from tests.test_service import zip_bytes
+
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+REDIS = "redis://127.0.0.1:6379/0"
+
+
+def _reachable() -> str | None:
+    """Why the servers cannot be used, or None."""
+    import redis
+    import sqlalchemy as sa
+
+    try:
+        redis.Redis.from_url(REDIS, socket_timeout=2).ping()
+    except Exception as exc:
+        return f"Redis at {REDIS} does not answer ({exc})"
+    engine = sa.create_engine(f"{PG}/postgres")
+    try:
+        with engine.connect():
+            pass
+    except Exception as exc:
+        return f"PostgreSQL at {PG} does not answer ({exc})"
+    finally:
+        engine.dispose()
+    return None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _servers() -> None:
+    why = _reachable()
+    if why is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"scale-out tests need Redis and PostgreSQL under CI: {why}")
+        pytest.skip(f"scale-out tests skipped: {why}")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A fresh PostgreSQL database and Redis namespace; env for every process."""
+    import redis
+    import sqlalchemy as sa
+
+    name = f"radcache_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    env = {
+        "RADCACHE_QUEUE": REDIS,
+        "RADCACHE_QUEUE_NAMESPACE": f"rc-{name}",
+        "RADCACHE_QUEUE_VISIBILITY_S": "3",
+        "RADCACHE_QUEUE_BACKOFF_S": "0.2",
+        "RADCACHE_QUEUE_MAX_RETRIES": "1",
+        "RADCACHE_DB": f"{PG}/{name}",
+        "RADCACHE_PRECISION": "fp32",
+        "RADCACHE_UPLOAD_DIR": str(tmp_path / "uploads"),
+        "RADCACHE_WORKER_GRACE_S": "5",
+    }
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield {"root": tmp_path, "env": env, "db": f"{PG}/{name}", "procs": procs}
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=30)
+        client = redis.Redis.from_url(REDIS)
+        keys = list(client.scan_iter(f"rc-{name}*"))
+        if keys:
+            client.delete(*keys)
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def worker(c: dict[str, Any], name: str, **env: str) -> subprocess.Popen[bytes]:
+    p = start(c["root"], "worker", "--threads", "2", log=f"{name}.log", **c["env"], **env)
+    c["procs"].append(p)
+    return p
+
+
+def studies(root: Path, n: int, seed: int, slices: int = 4) -> list[Path]:
+    return [
+        write_series(root / f"st{seed}-{i}", phantom(slices, 16, 16, seed=seed + i)).directory
+        for i in range(n)
+    ]
+
+
+def post(http: httpx.Client, directory: Path) -> str:
+    r = http.post(
+        "/v1/studies", content=zip_bytes(directory), headers={"content-type": "application/zip"}
+    )
+    assert r.status_code == 202, r.text
+    return str(r.headers["location"])
+
+
+FINISHED = ("done", "partially_failed", "failed", "dead")
+
+
+def wait(http: httpx.Client, location: str, *, timeout: float = 120) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = http.get(location).json()
+        if job["state"] in FINISHED:
+            return dict(job)
+        time.sleep(0.1)
+    raise AssertionError(f"{location} still {job['state']} after {timeout} s")
+
+
+def stored_once(store_path: Path) -> list[str]:
+    """Entry keys of the store's table; asserts none is there twice and nothing is staged."""
+    store = open_store(store_path)
+    (space,) = store.spaces()
+    keys = list(store.table(space).keys)
+    assert len(keys) == len(set(keys)), "an entry is in the table twice"
+    staging = store_path / "staging"
+    left = [p.name for p in staging.iterdir() if p.is_dir()] if staging.exists() else []
+    assert not left, f"half-written entries remain: {left[:10]}"
+    return keys
+
+
+def test_two_workers_embed_thirty_studies_from_three_clients(
+    cluster: dict[str, Any], tiny_fp32: Encoder, pseudo: Pseudonymizer
+) -> None:
+    root = cluster["root"]
+    worker(cluster, "w1")
+    worker(cluster, "w2")
+    dirs = studies(root, 30, seed=1000)
+    with (
+        running_server(root, db=cluster["db"], **cluster["env"]) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        with ThreadPoolExecutor(3) as clients:  # three clients, ten studies each
+            locations = list(clients.map(lambda d: post(http, d), dirs))
+        jobs = [wait(http, loc) for loc in locations]
+        listed = http.get("/v1/jobs", params={"limit": 100}).json()
+    assert [j["state"] for j in jobs] == ["done"] * 30, [j["failure"] for j in jobs]
+    entries = [j["series"][0]["entry"] for j in jobs]
+    assert len(set(entries)) == 30
+    assert sorted(stored_once(root / "s.zarr")) == sorted(entries)
+    assert len(listed) >= 30
+    from radcache.service.jobs import JobStore
+
+    db = JobStore(cluster["db"])
+    assert db.entry_count() == 30
+    workers = {db.get(loc.rsplit("/", 1)[1]).worker for loc in locations}  # type: ignore[union-attr]
+    db.close()
+    assert len(workers) == 2, workers  # both worker processes took jobs
+    # The same studies through one process give the same embeddings under the same keys.
+    local = Pipeline(tiny_fp32, EmbeddingStore(root / "local.zarr"), pseudo)
+    served = open_store(root / "s.zarr")
+    for d in dirs[:10]:
+        (res,) = local.embed([d]).series
+        assert res.entry in entries
+        np.testing.assert_allclose(
+            served.read(res.entry, "cls"), local.store.read(res.entry, "cls"), atol=1e-5
+        )
+
+
+def test_a_killed_worker_s_study_is_finished_by_another(cluster: dict[str, Any]) -> None:
+    root = cluster["root"]
+    (big,) = [write_series(root / "big", phantom(240, 64, 64, seed=5)).directory]
+    # One slice per forward: slow enough to be killed in the middle of the study.
+    w1 = worker(cluster, "w1", RADCACHE_BATCH_SIZE="1")
+    with (
+        running_server(root, db=cluster["db"], **cluster["env"]) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        loc = post(http, big)
+        deadline = time.monotonic() + 120
+        while (job := http.get(loc).json())["progress"]["done"] < 20:
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "running" and job["progress"]["done"] < 240
+        w1.send_signal(signal.SIGKILL)
+        w1.wait(timeout=30)
+        worker(cluster, "w2")  # picks the study up once w1's visibility timeout passes
+        job = wait(http, loc)
+    assert job["state"] == "done", job
+    (key,) = stored_once(root / "s.zarr")
+    assert key == job["series"][0]["entry"]
+    assert open_store(root / "s.zarr").read(key, "cls").shape[0] == 240
+    from radcache.service.jobs import JobStore
+
+    db = JobStore(cluster["db"])
+    row = db.get(loc.rsplit("/", 1)[1])
+    db.close()
+    assert row is not None and row.attempts == 2
+
+
+def test_an_api_restart_loses_no_accepted_job(cluster: dict[str, Any]) -> None:
+    root = cluster["root"]
+    dirs = studies(root, 10, seed=2000)
+    port = free_port()
+    env = cluster["env"]
+    with (
+        running_server(root, db=cluster["db"], port=port, **env) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        locations = [post(http, d) for d in dirs]  # accepted; no worker runs yet
+    # The API is gone (stopped by the context); the jobs wait in Redis and PostgreSQL.
+    worker(cluster, "w1")
+    api = start(root, "serve", "--port", str(port), "--db", cluster["db"], log="api2.log", **env)
+    cluster["procs"].append(api)
+    wait_ready(url, api, root / "api2.log")
+    with httpx.Client(base_url=url, timeout=60) as http:
+        jobs = [wait(http, loc) for loc in locations]
+    assert [j["state"] for j in jobs] == ["done"] * 10
+    assert len(stored_once(root / "s.zarr")) == 10
+
+
+def test_a_job_that_keeps_failing_is_dead_lettered_and_listed(cluster: dict[str, Any]) -> None:
+    from radcache.embeddings import Settings
+    from radcache.service.jobs import JobStore
+    from radcache.service.queue import RedisQueue
+
+    root = cluster["root"]
+    worker(cluster, "w1")
+    settings = Settings(
+        **{k.removeprefix("RADCACHE_").lower(): v for k, v in cluster["env"].items()}
+    )
+    jobs = JobStore(cluster["db"])
+    # A job whose stored recipe is invalid raises in the worker on every delivery.
+    row = jobs.create(str(root / "nothing"), options={"recipe": {"slice_axis": "diagonal"}})
+    queue = RedisQueue(settings, jobs)
+    queue.submit(row.id)
+    queue.stop()
+    with (
+        running_server(root, db=cluster["db"], **cluster["env"]) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        job = wait(http, f"/v1/jobs/{row.id}", timeout=60)
+        listed = {j["id"]: j["state"] for j in http.get("/v1/jobs").json()}
+    jobs.close()
+    assert job["state"] == "dead" and "gave up after 2 deliveries" in job["failure"], job
+    assert listed[row.id] == "dead"
+
+
+def test_sigterm_lets_the_running_job_finish(cluster: dict[str, Any]) -> None:
+    root = cluster["root"]
+    study = write_series(root / "mid", phantom(60, 64, 64, seed=9)).directory
+    w1 = worker(cluster, "w1", RADCACHE_BATCH_SIZE="1")
+    with (
+        running_server(root, db=cluster["db"], **cluster["env"]) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        loc = post(http, study)
+        deadline = time.monotonic() + 60
+        while http.get(loc).json()["progress"]["done"] < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        w1.send_signal(signal.SIGTERM)
+        assert w1.wait(timeout=60) == 0
+        job = http.get(loc).json()
+    assert job["state"] == "done", job  # finished by the worker that was asked to stop
+    assert (root / "w1.log").read_text().count("Traceback") == 0
