@@ -149,7 +149,7 @@ class Pipeline:
         )
         return cls(
             enc,
-            open_store(settings.store, mode="a"),
+            open_store(settings.store, mode="a", locks=settings.store_locks()),
             settings.pseudonymizer(),
             recipe=load_recipe(settings.recipe),
             patch_tokens=settings.patch_tokens,
@@ -319,10 +319,21 @@ class Pipeline:
         meta = volume.meta
         refs = {"study": meta.study, "series": meta.series, "part": meta.part}
         cached = self.store.get(key)
-        if cached is not None:
-            self.store.ensure_indexed(cached)
-            self.store.add_alias(key, refs)
-            return self._result(cached, "hit", t0, meta.warnings, refs)
+        if cached is None:
+            with self.store.claim(key):
+                # Another process may have stored it while this one waited for the claim.
+                cached = self.store.get(key)
+                if cached is None:
+                    info = self._write(volume, key, recipe, progress)
+                    return self._result(info, "miss", t0, meta.warnings, refs)
+        self.store.ensure_indexed(cached)
+        self.store.add_alias(key, refs)
+        return self._result(cached, "hit", t0, meta.warnings, refs)
+
+    def _write(
+        self, volume: Volume, key: str, recipe: Recipe, progress: Progress | None
+    ) -> EntryInfo:
+        """Encode ``volume`` and store it under ``key``, patch grids streamed as they come."""
         prepared = prepare(volume, recipe, self.encoder.cfg)
         n, d, (h, w) = prepared.n, self.encoder.cfg.dim, prepared.grid
         layout: dict[str, tuple[tuple[int, ...], Any]] = {
@@ -355,8 +366,7 @@ class Pipeline:
         writer.put("positions", 0, prepared.positions.astype(np.float64))
         writer.put("slice_index", 0, prepared.indices.astype(np.int32))
         attrs = self._attrs(volume, prepared.volume, recipe, prepared.grid, n)
-        info = writer.commit(attrs, emb.pooled, emb.cls)
-        return self._result(info, "miss", t0, meta.warnings, refs)
+        return writer.commit(attrs, emb.pooled, emb.cls)
 
     def _attrs(
         self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int

@@ -10,6 +10,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .keys import Pseudonymizer, load_or_create_secret
+from .locks import Locks
 from .models import DEFAULT_MODEL
 
 __all__ = ["Settings", "get_settings"]
@@ -87,6 +88,9 @@ class Settings(BaseSettings):
     worker_grace_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
     )
+    lock_url: str | None = Field(
+        None, description="Redis URL of the locks object-store writers share (default: queue)"
+    )
     # --- the client commands (radcache submit | jobs | get) ---
     url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
 
@@ -101,6 +105,15 @@ class Settings(BaseSettings):
         if v is not None and len(v.get_secret_value()) < 16:
             raise ValueError("RADCACHE_PSEUDONYM_KEY must be at least 16 characters")
         return v
+
+    def store_locks(self) -> Locks | None:
+        """Locks for writers of an object store (``s3://`` and other non-local URLs)."""
+        url = self.lock_url or self.queue
+        if url is None or "://" not in self.store or self.store.startswith("file://"):
+            return None
+        from .locks import RedisLocks
+
+        return RedisLocks(url, prefix=self.queue_namespace)
 
     def index_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`radcache.embeddings.open_index`."""

@@ -46,6 +46,7 @@ import zarr
 import zarr.storage
 
 from .errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
+from .locks import Locks
 
 __all__ = [
     "ARRAY_KINDS",
@@ -282,8 +283,12 @@ class EmbeddingStore:
         *,
         mode: Literal["r", "a"] = "a",
         storage_options: dict[str, Any] | None = None,
+        locks: Locks | None = None,
     ) -> None:
+        """``locks`` coordinate writers of an object store (see :mod:`.locks`); local
+        stores lock with ``flock`` and ignore them."""
         self.url = str(url)
+        self.locks = locks
         self.read_only = mode == "r"
         self._lock = threading.RLock()
         self.local_path: Path | None = None
@@ -425,6 +430,14 @@ class EmbeddingStore:
         """Exclusive right to commit: this process's threads, and other processes on a
         local store (an flock on ``<store>/.radcache.lock``)."""
         with self._lock:
+            if self.local_path is None and self.locks is not None and not self._lock_depth:
+                with self.locks.hold("commit"):
+                    self._lock_depth = 1
+                    try:
+                        yield
+                    finally:
+                        self._lock_depth = 0
+                return
             if self.local_path is None or self._lock_depth:  # re-entered: already held
                 self._lock_depth += 1
                 try:
@@ -440,6 +453,14 @@ class EmbeddingStore:
                 finally:
                     self._lock_depth = 0
                     fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def claim(self, key: str) -> contextlib.AbstractContextManager[None]:
+        """The right to write entry ``key``: exclusive across processes on an object store
+        with locks (so no two writers fill the same chunks); local stores stage each
+        writer privately and need no claim."""
+        if self.local_path is None and self.locks is not None:
+            return self.locks.hold(f"entry:{key}")
+        return contextlib.nullcontext()
 
     def ensure_indexed(self, info: EntryInfo) -> None:
         """Add an entry to its table if a crash left it out."""
@@ -803,7 +824,11 @@ class EmbeddingStore:
 
 
 def open_store(
-    url: str | Path, *, mode: Literal["r", "a"] = "r", storage_options: dict[str, Any] | None = None
+    url: str | Path,
+    *,
+    mode: Literal["r", "a"] = "r",
+    storage_options: dict[str, Any] | None = None,
+    locks: Locks | None = None,
 ) -> EmbeddingStore:
     """Open a radcache store: ``.series()`` lists entries, ``.read(ref, kind)`` gives arrays."""
-    return EmbeddingStore(url, mode=mode, storage_options=storage_options)
+    return EmbeddingStore(url, mode=mode, storage_options=storage_options, locks=locks)

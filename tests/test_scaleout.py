@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -277,3 +278,79 @@ def test_sigterm_lets_the_running_job_finish(cluster: dict[str, Any]) -> None:
         job = http.get(loc).json()
     assert job["state"] == "done", job  # finished by the worker that was asked to stop
     assert (root / "w1.log").read_text().count("Traceback") == 0
+
+
+@pytest.fixture
+def s3(cluster: dict[str, Any]) -> Iterator[str]:
+    """moto's standalone server — an S3 emulator speaking the real S3 protocol over HTTP —
+    and a fresh bucket; the AWS variables every process needs to reach it."""
+    import boto3
+
+    port = free_port()
+    log = (cluster["root"] / "moto.log").open("w")
+    moto = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-p", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    aws = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": "radcache-test",
+        "AWS_SECRET_ACCESS_KEY": "radcache-test",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        for _ in range(100):
+            try:
+                httpx.get(endpoint, timeout=1)
+                break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        boto3.client("s3", endpoint_url=endpoint, **_boto(aws)).create_bucket(Bucket="radcache")
+        cluster["env"].update(aws)
+        os.environ.update(aws)  # for this process's reads
+        yield "s3://radcache/store"
+    finally:
+        for k in aws:
+            os.environ.pop(k, None)
+        moto.terminate()
+        moto.wait(timeout=30)
+        log.close()
+
+
+def _boto(aws: dict[str, str]) -> dict[str, str]:
+    return {
+        "aws_access_key_id": aws["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": aws["AWS_SECRET_ACCESS_KEY"],
+        "region_name": aws["AWS_DEFAULT_REGION"],
+    }
+
+
+def test_workers_share_a_store_on_s3(cluster: dict[str, Any], s3: str) -> None:
+    root = cluster["root"]
+    store = ["--store", s3]  # after start()'s local --store: the last one wins
+    for name in ("w1", "w2"):
+        p = start(root, "worker", "--threads", "2", *store, log=f"{name}.log", **cluster["env"])
+        cluster["procs"].append(p)
+    dirs = studies(root, 6, seed=3000)
+    twins = [
+        write_series(root / f"twin{i}", phantom(4, 16, 16, seed=3000)).directory for i in range(3)
+    ]
+    with (
+        running_server(root, *store, db=cluster["db"], **cluster["env"]) as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        with ThreadPoolExecutor(3) as clients:  # the same content three more times, at once
+            locations = list(clients.map(lambda d: post(http, d), [*dirs, *twins]))
+        jobs = [wait(http, loc, timeout=240) for loc in locations]
+    assert [j["state"] for j in jobs] == ["done"] * 9, [j["failure"] for j in jobs]
+    entries = {j["series"][0]["entry"] for j in jobs}
+    assert len(entries) == 6  # the twins are the first study's content
+    remote = open_store(s3)
+    (space,) = remote.spaces()
+    keys = list(remote.table(space).keys)
+    assert sorted(keys) == sorted(entries)  # each stored once, the table consistent
+    for key in keys:
+        info = remote.get(key)
+        assert info is not None and remote.read(key, "cls").shape == (4, 64)
