@@ -25,7 +25,7 @@ from radcache.embeddings.settings import Settings
 
 from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
 from .cli_probe import export, probe
-from .cli_scale import worker
+from .cli_scale import backfill, worker
 from .cli_search import classify, index, search
 
 __all__ = ["main"]
@@ -469,6 +469,7 @@ main.add_command(index)
 main.add_command(probe)
 main.add_command(export)
 main.add_command(worker)
+main.add_command(backfill)
 
 if __name__ == "__main__":  # pragma: no cover - `python -m radcache.service.cli`
     main()

@@ -4,13 +4,32 @@ send a folder of studies with bounded concurrency, resumable). Added to the main
 
 from __future__ import annotations
 
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import click
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.text import Text
 
 from radcache.embeddings.errors import ConfigError, RadcacheError
 
-from ._cliutil import err, fail, need_server, settings
+from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
 
-__all__ = ["worker"]
+if TYPE_CHECKING:
+    from radcache.clients.backfill import BackfillReport
+
+__all__ = ["backfill", "worker"]
 
 
 @click.command()
@@ -61,3 +80,110 @@ def worker(
         run_worker(s, threads=s.worker_threads)
     except RadcacheError as exc:
         fail(exc, False)
+
+
+class _StudiesPerSecond(ProgressColumn):
+    """The bar's rate, in studies per second."""
+
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed or 0.0:.2f} studies/s", style="progress.data.speed")
+
+
+@click.command()
+@click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@URL
+@click.option(
+    "--concurrency",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Studies in flight (submitted and not finished) at once.",
+)
+@click.option(
+    "--state",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Resume file (JSON lines). [default DIRECTORY/.radcache-backfill.jsonl]",
+)
+@click.option("--modality", help="Modality of NIfTI/NRRD inputs, e.g. CT or MR.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+def backfill(
+    directory: Path,
+    url: str | None,
+    concurrency: int,
+    state: Path | None,
+    modality: str | None,
+    as_json: bool,
+) -> None:
+    """Send every study in DIRECTORY to a running service, resuming an earlier run.
+
+    Each subfolder is one study (DICOM files at any depth), and so is each .zip, .nii,
+    .nii.gz, .nrrd, .mha or .dcm file directly in DIRECTORY. A study an earlier run saw
+    done (or partially failed: input errors that sending it again would not fix) is skipped
+    while its files are unchanged; one whose job was accepted is waited for, not uploaded
+    again; failed ones are sent again. Ctrl-C stops sending; run the command again to go on.
+
+    Exit status: 0 when every study is done, 1 when any failed, 2 when the service could
+    not be used, 130 when interrupted.
+    """
+    import httpx
+
+    from radcache.clients import RadcacheAPIError, RadcacheClient
+    from radcache.clients.backfill import BackfillInterrupted
+    from radcache.clients.backfill import backfill as run_backfill
+
+    url = url or settings().url
+    show = not as_json and err.is_terminal
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _StudiesPerSecond(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not show,
+    ) as bar:
+        task = bar.add_task("studies", total=None)
+
+        def progress(r: BackfillReport) -> None:
+            desc = f"studies ({r.skipped} skipped)" if r.skipped else "studies"
+            bar.update(task, description=desc, total=r.studies - r.skipped, completed=r.finished)
+
+        try:
+            with RadcacheClient(url) as rc:
+                report = run_backfill(
+                    directory,
+                    rc,
+                    concurrency=concurrency,
+                    state=state,
+                    modality=modality,
+                    on_progress=progress,
+                )
+        except BackfillInterrupted as exc:
+            report = exc.report
+        except (RadcacheAPIError, httpx.HTTPError) as exc:
+            api_fail(exc, as_json)
+            return
+    _print_backfill(report, as_json)
+    sys.exit(130 if report.interrupted else 0 if report.ok else 1)
+
+
+def _print_backfill(report: BackfillReport, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    for r in report.failed:
+        err.print(
+            f"[bold red]{r.state}[/] {escape(r.study)}: {escape(r.failure or '-')}",
+            highlight=False,
+            soft_wrap=True,
+        )
+    line = (
+        f"{report.done} done, {report.skipped} skipped, {len(report.failed)} failed of "
+        f"{report.studies} studies in {report.seconds:.1f} s ({report.studies_per_s:.2f} "
+        "studies/s)"
+    )
+    if report.interrupted:
+        err.print(f"[yellow]interrupted[/] {line}; run the same command again to resume.")
+    else:
+        out.print(line, highlight=False)
