@@ -46,17 +46,22 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 
 @contextlib.contextmanager
 def running_server(
-    root: Path, *args: str, db: str | None = None, port: int | None = None, **env: str
+    root: Path,
+    *args: str,
+    db: str | None = None,
+    port: int | None = None,
+    log: str = "server.log",
+    **env: str,
 ) -> Iterator[tuple[str, Path]]:
     """Start `radcache serve` (random tiny model, store and jobs under ``root``); wait for
     /readyz. Yields the base URL and the server's log file."""
     port = port or free_port()
     db = db or f"sqlite:///{root / 'j.db'}"
-    proc = start(root, "serve", "--port", str(port), "--db", db, *args, log="server.log", **env)
+    proc = start(root, "serve", "--port", str(port), "--db", db, *args, log=log, **env)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, proc, root / "server.log")
-        yield url, root / "server.log"
+        wait_ready(url, proc, root / log)
+        yield url, root / log
     finally:
         proc.terminate()
         proc.wait(timeout=30)
