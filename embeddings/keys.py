@@ -21,7 +21,7 @@ from .errors import ConfigError
 
 __all__ = ["Pseudonymizer", "entry_key", "load_or_create_secret"]
 
-Kind = Literal["study", "series", "patient"]
+Kind = Literal["study", "series", "patient", "frame"]
 _DIGITS = 32
 
 

@@ -77,6 +77,9 @@ class VolumeMeta:
     window: tuple[float, float] | None = None
     warnings: tuple[str, ...] = ()
     n_files: int = 1
+    #: MR acquisition parameters (repetition/echo/inversion time in ms, contrast agent
+    #: given, scanning sequence) and a pseudonym of the frame of reference, where known.
+    acquisition: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

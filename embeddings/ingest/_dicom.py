@@ -16,6 +16,7 @@ Series assembly follows what careful converters (dcm2niix, ITK's GDCM series rea
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -28,6 +29,7 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.processing import apply_modality_lut, apply_voi_lut
 from pydicom.uid import (
@@ -720,8 +722,42 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         window=frames[0].window,
         warnings=tuple(series.notes),
         n_files=len({f.source for f in frames}),
+        acquisition=_acquisition(ds0, pseudo),
     )
     return Volume.from_array(voxels, dirs, spacing, origin, meta, positions=positions)
+
+
+#: MR timing attributes, at the top level or in the enhanced objects' functional groups.
+_TIMING = {
+    "repetition_time": ("RepetitionTime", "MRTimingAndRelatedParametersSequence"),
+    "echo_time": ("EchoTime", "MREchoSequence", "EffectiveEchoTime"),
+    "inversion_time": ("InversionTime", "MRModifierSequence", "InversionTimes"),
+}
+
+
+def _acquisition(ds: Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
+    """Non-identifying acquisition parameters that tell MR sequences apart."""
+    out: dict[str, Any] = {}
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    for name, (kw, group, *inner) in _TIMING.items():
+        value = ds.get(kw)
+        if value in (None, "") and shared is not None:
+            item = _first(shared, group)
+            value = item.get(inner[0] if inner else kw) if item is not None else None
+        with contextlib.suppress(TypeError, ValueError):
+            if value not in (None, ""):
+                out[name] = float(value[0] if isinstance(value, list | MultiValue) else value)
+    agent = _str(ds, "ContrastBolusAgent")
+    if agent is not None or "ContrastBolusAgentSequence" in ds:
+        out["contrast_agent"] = True
+    for kw, name in (("ScanningSequence", "scanning_sequence"), ("SequenceName", "sequence")):
+        v = ds.get(kw)
+        if v not in (None, ""):
+            out[name] = "\\".join(str(x) for x in v) if isinstance(v, MultiValue) else str(v)
+    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    if for_uid:
+        out["frame_of_reference"] = pseudo.name("frame", for_uid)
+    return out
 
 
 def errors_for(exc: Exception, name: str) -> InputError:
