@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelError
 from .models import ModelCfg, load_backbone
 
 __all__ = [
@@ -190,6 +190,28 @@ class Encoder:
         )
 
 
+class MMEncoder(Encoder):
+    """MM-DINOv2 on one device and precision: one forward per batch of slice positions,
+    every sequence of the vocabulary at once (missing ones masked)."""
+
+    def forward_study(
+        self, pixels: torch.Tensor, present: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(B, S, 3, H, W)`` pixels and ``(B, S)`` presence → CLS ``(B, D)`` and patch
+        grids ``(B, S, h, w, D)``."""
+        x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            out = self.model(x, present.to(self.device))
+        self.forward_count += 1
+        return out.cls, out.patch
+
+    def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
+        raise ModelError(
+            f"{self.cfg.name} embeds multi-sequence studies (Pipeline.embed_study), not single "
+            "series; use a DINOv2 model for those."
+        )
+
+
 def load_encoder(
     spec: str,
     *,
@@ -202,6 +224,6 @@ def load_encoder(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
-    enc = Encoder(cfg, model, dev, prec)
+    enc = (MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec)
     log.info("loaded %s on %s at %s", cfg.label, dev, prec)
     return enc

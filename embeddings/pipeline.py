@@ -177,6 +177,32 @@ class Pipeline:
             self.store.annotate(r.entry, labels=labels, collection=collection)
         return report
 
+    def embed_study(
+        self,
+        inputs: Iterable[InputItem],
+        *,
+        mapping: Mapping[str, str] | None = None,
+        fusion: Literal["mm", "concat", "mean"] | None = None,
+        progress: Progress | None = None,
+        labels: Mapping[str, Any] | None = None,
+        collection: str | None = None,
+    ) -> EmbedReport:
+        """Everything in ``inputs`` as ONE multi-sequence MR study (one NIfTI or series per
+        sequence) → one entry: MM-DINOv2, or with a plain DINOv2 the ``concat``/``mean``
+        fusion of per-sequence CLS tokens. ``mapping`` names sequences by series or file
+        name; the rest are guessed (:mod:`.sequences`). See :mod:`.multiseq`."""
+        from .multiseq import embed_study
+
+        return embed_study(
+            self,
+            inputs,
+            mapping=mapping,
+            fusion=fusion,
+            progress=progress,
+            labels=labels,
+            collection=collection,
+        )
+
     def embed_transient(
         self, inputs: Iterable[InputItem], *, modality: str | None = None
     ) -> tuple[list[Transient], list[RadcacheError]]:

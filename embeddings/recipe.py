@@ -124,7 +124,9 @@ class Recipe(_Frozen):
     ) -> Recipe:
         """Fill defaults for ``modality`` and ``model``; checks the size against the patch size."""
         intensity = self.intensity
-        if intensity == "auto":
+        if intensity == "auto" and model.multi_sequence:  # MM-DINOv2's per-volume scaling
+            intensity = Percentile(low=1.0, high=99.0)
+        elif intensity == "auto":
             intensity = default_intensity(modality, photometric)
         size = self.resize.size or model.image_size
         if size % model.patch_size:

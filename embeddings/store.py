@@ -72,6 +72,7 @@ DIMS: dict[str, tuple[str, ...]] = {
     "cls_last": ("slice", "block", "feature"),
     "patch": ("slice", "patch_row", "patch_col", "feature"),
 }
+SEQUENCE_PATCH_DIMS = ("slice", "sequence", "patch_row", "patch_col", "feature")
 _PATCH_SHARD = 32
 
 
@@ -248,7 +249,8 @@ def _create(
             chunks=(1, *shape[1:]),
             shards=shard,
             compressors=None,
-            dimension_names=DIMS[name],
+            # MM-DINOv2 entries keep one grid per sequence: (slice, sequence, h, w, D).
+            dimension_names=DIMS[name] if len(shape) == 4 else SEQUENCE_PATCH_DIMS,
         )
     return group.create_array(
         name,

@@ -166,9 +166,14 @@ async def submit_study(
         fields = await save_upload(request, dest, res.settings.max_upload_bytes)
         query = {"modality": modality, "model": model, "patch_tokens": patch_tokens}
         raw = {**fields, **{k: v for k, v in query.items() if v is not None}}
-        options = job_options(raw, loaded_model=res.encoder.cfg.name)
+        cfg = res.encoder.cfg
+        options = job_options(raw, loaded_model=cfg.name, multi_sequence=cfg.multi_sequence)
         pipeline = job_pipeline(res.pipeline, options)
-        known: EmbedReport | None = await run_in_threadpool(pipeline.recognise, [dest])
+        known: EmbedReport | None = (
+            None  # a study's entry is keyed by all its sequences: no per-file shortcut
+            if options.get("multi_sequence")
+            else await run_in_threadpool(pipeline.recognise, [dest])
+        )
     except BaseException:
         shutil.rmtree(dest, ignore_errors=True)
         raise

@@ -9,10 +9,11 @@ Heavy imports (torch, transformers) happen inside the commands that need them.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import click
@@ -20,7 +21,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.errors import ConfigError, RadcacheError
 from radcache.embeddings.settings import Settings
 
 from ._cliutil import URL, api_fail, err, fail, need_server, out, settings
@@ -74,6 +75,19 @@ def main() -> None:
 )
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
 @click.option("--modality", help="Modality of NIfTI/NRRD inputs (they carry none), e.g. CT or MR.")
+@click.option(
+    "--sequence",
+    "sequences",
+    multiple=True,
+    metavar="NAME=TYPE",
+    help="Multi-sequence MR study: name a file's or series' sequence (t1, t1c, t2, flair); "
+    "the inputs are then ONE study (always so with an MM-DINOv2 model).",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(["mm", "concat", "mean"]),
+    help="Multi-sequence study with a plain DINOv2: concatenate or average per-sequence CLS.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def embed(
     inputs: Sequence[str],
@@ -85,12 +99,16 @@ def embed(
     precision: str | None,
     batch_size: int | None,
     modality: str | None,
+    sequences: Sequence[str],
+    fusion: str | None,
     as_json: bool,
 ) -> None:
     """Embed DICOM files/directories/zips and NIfTI/NRRD/MHA volumes into the store.
 
-    Exit status: 0 when everything was embedded or cached, 1 when any input failed
-    (the rest is still stored), 2 when nothing could run (model, store or settings).
+    With an MM-DINOv2 model, --sequence or --fusion, all inputs are one multi-sequence MR
+    study and become one entry. Exit status: 0 when everything was embedded or cached,
+    1 when any input failed (the rest is still stored), 2 when nothing could run (model,
+    store or settings).
     """
     need_server("embed")
     from radcache.embeddings import Pipeline
@@ -105,11 +123,20 @@ def embed(
             precision=precision,
             batch_size=batch_size,
         )
+        mapping = dict(_pair(x) for x in sequences)
         pipe = Pipeline.from_settings(s)
         encoder = pipe.encoder
     except RadcacheError as exc:
         fail(exc, as_json)
         return
+    run: Callable[..., Any] = functools.partial(pipe.embed, inputs, modality=modality)
+    if mapping or fusion or encoder.cfg.multi_sequence:
+        run = functools.partial(
+            pipe.embed_study,
+            inputs,
+            mapping=mapping,
+            fusion=fusion,  # type: ignore[arg-type]
+        )
     if not as_json and encoder.cfg.random_weights:
         err.print(
             f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only."
@@ -124,9 +151,9 @@ def embed(
             console=err,
             transient=True,
         ) as p:
-            report = pipe.embed(inputs, modality=modality, progress=_Bar(p))
+            report = run(progress=_Bar(p))
     else:
-        report = pipe.embed(inputs, modality=modality)
+        report = run()
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
@@ -175,6 +202,13 @@ def _settings_help() -> str:
             f"  RADCACHE_{name.upper():<20} {field.description or ''} [default: {default}]"
         )
     return "\n".join(lines)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, kind = text.partition("=")
+    if not sep or not name or not kind:
+        raise ConfigError(f"--sequence {text!r}: expected NAME=TYPE, e.g. t1.nii.gz=t1.")
+    return name, kind.lower()
 
 
 @main.command(epilog=_settings_help())

@@ -1,4 +1,5 @@
-"""Options of one submission (modality, model, patch tokens, recipe, labels), validated once.
+"""Options of one submission (modality, model, patch tokens, recipe, labels, and for
+multi-sequence MR studies a sequence mapping and a fusion), validated once.
 
 They are stored with the job, so the worker (in this process or, later, another one)
 runs the job exactly as it was asked for.
@@ -16,7 +17,16 @@ from radcache.embeddings.models import get_cfg
 
 __all__ = ["FIELDS", "InvalidFieldError", "ModelNotLoadedError", "job_options", "job_pipeline"]
 
-FIELDS = ("modality", "model", "patch_tokens", "recipe", "labels", "collection")
+FIELDS = (
+    "modality",
+    "model",
+    "patch_tokens",
+    "recipe",
+    "labels",
+    "collection",
+    "sequences",
+    "fusion",
+)
 
 
 class ModelNotLoadedError(RadcacheError):
@@ -25,8 +35,11 @@ class ModelNotLoadedError(RadcacheError):
     title = "Another model is loaded"
 
 
-def job_options(raw: dict[str, Any], *, loaded_model: str) -> dict[str, Any]:
-    """Validate a submission's options into what the job stores (JSON-ready)."""
+def job_options(
+    raw: dict[str, Any], *, loaded_model: str, multi_sequence: bool = False
+) -> dict[str, Any]:
+    """Validate a submission's options into what the job stores (JSON-ready).
+    ``multi_sequence``: the loaded model is MM-DINOv2, so every upload is one study."""
     out: dict[str, Any] = {}
     if raw.get("modality"):
         out["modality"] = str(raw["modality"]).upper()
@@ -57,10 +70,25 @@ def job_options(raw: dict[str, Any], *, loaded_model: str) -> dict[str, Any]:
             if not isinstance(labels, dict) or not all(isinstance(k, str) for k in labels):
                 raise ValueError("labels must be a JSON object")
             out["labels"] = labels
+        if raw.get("sequences"):
+            seqs = raw["sequences"]
+            seqs = seqs if isinstance(seqs, dict) else json.loads(seqs)
+            if not isinstance(seqs, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in seqs.items()
+            ):
+                raise ValueError('sequences must map names to types, e.g. {"t1.nii.gz": "t1"}')
+            out["sequences"] = {k: v.lower() for k, v in seqs.items()}
     except ValueError as exc:
         raise InvalidFieldError(
             f"a form field is not valid JSON of the expected shape ({exc})."
         ) from exc
+    if raw.get("fusion"):
+        fusion = str(raw["fusion"]).lower()
+        if fusion not in ("mm", "concat", "mean"):
+            raise InvalidFieldError(f"fusion {fusion!r}: expected mm, concat or mean.")
+        out["fusion"] = fusion
+    if multi_sequence or "sequences" in out or "fusion" in out:
+        out["multi_sequence"] = True  # the whole upload is one multi-sequence MR study
     return out
 
 

@@ -162,13 +162,20 @@ def run_job(
     options = row.options or {}
     t0 = time.monotonic()
     pipeline = job_pipeline(pipeline, options)
-    report = pipeline.embed(
-        [upload],
-        modality=options.get("modality"),
-        progress=progress,
-        labels=options.get("labels"),
-        collection=options.get("collection"),
-    )
+    common: dict[str, Any] = {
+        "progress": progress,
+        "labels": options.get("labels"),
+        "collection": options.get("collection"),
+    }
+    if options.get("multi_sequence") or pipeline.encoder.cfg.multi_sequence:
+        report = pipeline.embed_study(
+            [upload],
+            mapping=_uploaded_names(upload, options.get("sequences")),
+            fusion=options.get("fusion"),
+            **common,
+        )
+    else:
+        report = pipeline.embed([upload], modality=options.get("modality"), **common)
     progress.flush()
     out = public_report(report, upload)
     jobs.record_entries(job_id, out["series"], lambda key: _space(pipeline, key))
@@ -176,6 +183,15 @@ def run_job(
         on_done(time.monotonic() - t0, out["series"])
     jobs.finish(job_id, report_state(report), out)
     shutil.rmtree(upload, ignore_errors=True)
+
+
+def _uploaded_names(upload: Path, mapping: dict[str, str] | None) -> dict[str, str] | None:
+    """A sequence mapping by the client's file names, extended to the names the upload's
+    files were saved under (``00003-flair.nii.gz``)."""
+    if not mapping:
+        return mapping
+    saved = {p.name: p.name.split("-", 1)[-1] for p in upload.iterdir()} if upload.is_dir() else {}
+    return {**mapping, **{name: mapping[orig] for name, orig in saved.items() if orig in mapping}}
 
 
 def _space(pipeline: Pipeline, key: str) -> str:

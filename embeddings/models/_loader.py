@@ -18,7 +18,16 @@ if TYPE_CHECKING:
     import torch
 
 from ..errors import ModelError, ModelUnavailableError
-from ._registry import IMAGENET_MEAN, IMAGENET_STD, REGISTRY, ModelCfg, get_cfg
+from ._registry import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MM_MEAN,
+    MM_PAPER,
+    MM_STD,
+    REGISTRY,
+    ModelCfg,
+    get_cfg,
+)
 
 __all__ = ["build_random", "load_backbone"]
 
@@ -135,6 +144,38 @@ def _strict_load(path: Path) -> torch.nn.Module:
     return cast(torch.nn.Module, model)
 
 
+def _is_mm(path: Path) -> bool:
+    try:
+        return "mm_dinov2" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
+def _mm_fields(cfg: ModelCfg) -> dict[str, Any]:
+    """What an MM-DINOv2 entry changes in its base DINOv2's config."""
+    keep = ("name", "arch", "mean", "std", "sequences", "base", "untrained_sequences")
+    return {k: getattr(cfg, k) for k in (*keep, "paper", "note", "random_weights", "hf_id")}
+
+
+def _load_mm_dir(path: Path) -> tuple[ModelCfg, torch.nn.Module]:
+    """A directory written by ``radcache.embeddings.models.convert``."""
+    from .mmdinov2 import load_converted
+
+    mm = load_converted(path)
+    base = _cfg_from_checkpoint(path, None)
+    cfg = dataclasses.replace(
+        base,
+        name=path.name,
+        arch="mm-dinov2",
+        mean=MM_MEAN,
+        std=MM_STD,
+        sequences=tuple(mm.sequences),
+        untrained_sequences=bool(mm.untrained),
+        paper=MM_PAPER,
+    )
+    return cfg, mm
+
+
 def _resolve_hub(hf_id: str, cache_dir: str | None, offline: bool) -> Path:
     """Local snapshot directory of ``hf_id``: from the HF cache, else downloaded."""
     from huggingface_hub import snapshot_download
@@ -180,8 +221,17 @@ def load_backbone(
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     path = Path(spec).expanduser()
     if spec not in REGISTRY and path.is_dir():
+        if _is_mm(path):
+            return _load_mm_dir(path)
         return _cfg_from_checkpoint(path, None), _strict_load(path)
     cfg = get_cfg(spec)
+    if cfg.multi_sequence:
+        assert cfg.base is not None
+        base_cfg, backbone = load_backbone(cfg.base, cache_dir=cache_dir, offline=offline)
+        from .mmdinov2 import MMDinov2
+
+        mm = MMDinov2.from_backbone(backbone, cfg.sequences, seed=RANDOM_SEED)
+        return dataclasses.replace(base_cfg, **_mm_fields(cfg)), mm
     if cfg.random_weights:
         return cfg, build_random(cfg)
     assert cfg.hf_id is not None

@@ -22,7 +22,7 @@ class ModelCfg:
 
     name: str
     hf_id: str | None
-    arch: Literal["dinov2", "dinov2-reg"]
+    arch: Literal["dinov2", "dinov2-reg", "mm-dinov2"]
     dim: int
     patch_size: int
     image_size: int  # native input resolution (square), a multiple of ``patch_size``
@@ -36,6 +36,11 @@ class ModelCfg:
     heads: int = 6
     mlp_dim: int = 1536
     note: str = ""
+    #: MM-DINOv2: the sequence vocabulary, the registry name of the DINOv2 it is built on,
+    #: and whether its sequence embeddings are seeded placeholders (not trained).
+    sequences: tuple[str, ...] = ()
+    base: str | None = None
+    untrained_sequences: bool = False
 
     @property
     def grid(self) -> int:
@@ -44,7 +49,15 @@ class ModelCfg:
     @property
     def label(self) -> str:
         """Name as shown to people; random-weight models say so."""
-        return f"{self.name} (RANDOM WEIGHTS, tests only)" if self.random_weights else self.name
+        if self.random_weights:
+            return f"{self.name} (RANDOM WEIGHTS, tests only)"
+        if self.untrained_sequences:
+            return f"{self.name} (UNTRAINED sequence embeddings)"
+        return self.name
+
+    @property
+    def multi_sequence(self) -> bool:
+        return self.arch == "mm-dinov2"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,6 +143,40 @@ REGISTRY["dinov2-small-random"] = dataclasses.replace(
     paper="n/a",
     note="ViT-S/14 geometry with deterministic random weights; for benchmarks only",
 )
+
+#: MM-DINOv2 (Scholz et al. 2025): the paper's intensity statistics.
+MM_MEAN, MM_STD = (0.45, 0.45, 0.45), (0.22, 0.22, 0.22)
+MM_SEQUENCES = ("t1", "t1c", "t2", "flair")
+MM_PAPER = (
+    "Scholz et al. 2025, MM-DINOv2: Adapting Foundation Models for Multi-Modal Medical "
+    "Image Analysis"
+)
+REGISTRY["mm-dinov2-tiny-random"] = dataclasses.replace(
+    REGISTRY["dinov2-tiny-random"],
+    name="mm-dinov2-tiny-random",
+    arch="mm-dinov2",
+    mean=MM_MEAN,
+    std=MM_STD,
+    sequences=MM_SEQUENCES,
+    base="dinov2-tiny-random",
+    paper=MM_PAPER,
+    note="MM-DINOv2 on the tiny random DINOv2 with seeded sequence embeddings; tests only",
+)
+for _size in ("small", "base", "large", "giant"):
+    REGISTRY[f"mm-dinov2-{_size}-untrained"] = dataclasses.replace(
+        REGISTRY[f"dinov2-{_size}"],
+        name=f"mm-dinov2-{_size}-untrained",
+        arch="mm-dinov2",
+        mean=MM_MEAN,
+        std=MM_STD,
+        sequences=MM_SEQUENCES,
+        base=f"dinov2-{_size}",
+        untrained_sequences=True,
+        paper=MM_PAPER,
+        note=f"MM-DINOv2 built on dinov2-{_size} with seeded, UNTRAINED sequence embeddings "
+        "(for users without MM-DINOv2 weights; pass a converted checkpoint directory for the "
+        "real model)",
+    )
 
 DEFAULT_MODEL = "dinov2-base"
 

@@ -1,0 +1,233 @@
+"""Multi-sequence MR studies in, one entry per study out: MM-DINOv2, or a fusion baseline.
+
+Entry point :func:`embed_study` (also :meth:`Pipeline.embed_study`). The study's volumes
+are named and put on one grid by :func:`~radcache.embeddings.sequences.assemble_study`.
+Each sequence is then prepared with the pipeline's recipe (MM-DINOv2's default: 1–99
+percentile scaling per volume, mean 0.45 / std 0.22). Then, per batch of slice positions:
+
+* ``mm`` (an MM-DINOv2 model): one forward over every sequence of the model's
+  vocabulary, missing ones masked. It stores the CLS per slice position and the patch
+  grid of every sequence ``(n, S, h, w, D)``.
+* ``concat`` / ``mean`` (a plain DINOv2 model, for users without MM-DINOv2 weights): each
+  present sequence is embedded alone, and the per-sequence CLS tokens are concatenated
+  over the vocabulary (zeros for a missing sequence, ``S·D`` wide) or averaged over the
+  present ones.
+
+The cache key covers every present sequence's pixels and geometry, the set of present
+sequences, the fusion, the weights, the recipe and the precision: the same study with a
+sequence more or less is another entry. Entries live in their own space, so search and
+probes treat them like any other.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import xxhash
+
+from .encode import MMEncoder
+from .errors import InputError
+from .ingest import scan
+from .ingest._sources import InputItem
+from .keys import entry_key
+from .models._registry import MM_SEQUENCES
+from .preprocess import Prepared, prepare
+from .sequences import Study, assemble_study
+from .store import EntryInfo, space_id
+
+if TYPE_CHECKING:
+    from .pipeline import EmbedReport, Pipeline, Progress
+
+__all__ = ["FUSIONS", "Fusion", "embed_study"]
+
+Fusion = Literal["mm", "concat", "mean"]
+FUSIONS: tuple[Fusion, ...] = ("mm", "concat", "mean")
+
+
+def embed_study(
+    pipe: Pipeline,
+    inputs: Iterable[InputItem],
+    *,
+    mapping: Mapping[str, str] | None = None,
+    fusion: Fusion | None = None,
+    progress: Progress | None = None,
+    labels: Mapping[str, Any] | None = None,
+    collection: str | None = None,
+) -> EmbedReport:
+    """Embed the volumes in ``inputs`` as ONE multi-sequence MR study. ``fusion`` defaults to
+    ``mm`` for an MM-DINOv2 model and must be ``concat`` or ``mean`` for a plain DINOv2."""
+    from .pipeline import EmbedReport
+
+    cfg = pipe.encoder.cfg
+    fusion = fusion or ("mm" if cfg.multi_sequence else None)
+    if fusion not in FUSIONS:
+        raise InputError(
+            f"{cfg.name} is a single-sequence model: name a fusion for a multi-sequence study "
+            "(concat or mean), or load an MM-DINOv2 model."
+        )
+    if (fusion == "mm") != cfg.multi_sequence:
+        raise InputError(
+            f"fusion {fusion!r} does not fit {cfg.name}: mm needs an MM-DINOv2 model, "
+            "concat and mean a plain DINOv2."
+        )
+    found = scan(list(inputs), pipe.pseudonymizer, modality="MR")
+    report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
+    volumes, names = [], []
+    for cand in found.candidates:
+        try:
+            volumes.append(cand.load())
+            names.append(Path(cand.name).name)
+        except InputError as exc:
+            report.errors.append(exc)
+    vocabulary = cfg.sequences or MM_SEQUENCES
+    try:
+        if not volumes:
+            raise InputError("no readable volume in the study; expected one per MR sequence.")
+        study = assemble_study(volumes, mapping, names=names, sequences=vocabulary)
+        result = _embed_assembled(pipe, study, fusion, progress)
+    except InputError as exc:
+        report.errors.append(exc)
+        return report
+    pipe.store.annotate(result.entry, labels=labels, collection=collection)
+    report.series.append(result)
+    return report
+
+
+def _embed_assembled(
+    pipe: Pipeline, study: Study, fusion: Fusion, progress: Progress | None
+) -> Any:
+    t0 = time.perf_counter()
+    enc, cfg = pipe.encoder, pipe.encoder.cfg
+    vocabulary = cfg.sequences or MM_SEQUENCES
+    ref = study.volumes[study.reference]
+    recipe = pipe.recipe.resolve("MR", cfg, photometric=ref.meta.photometric)
+    parts = [f"{s}:{v.content_hash()}" for s, v in study.volumes.items()]
+    content = xxhash.xxh3_128_hexdigest("|".join(["multiseq-v1", fusion, *parts]).encode())
+    key = entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
+    model_name = cfg.name if fusion == "mm" else f"{cfg.name}+{fusion}"
+    refs = {"study": ref.meta.study, "series": ref.meta.series, "part": ref.meta.part}
+    cached = pipe.store.get(key)
+    if cached is None:
+        with pipe.store.claim(key):
+            cached = pipe.store.get(key)
+            if cached is None:
+                prepared = {s: prepare(v, recipe, cfg) for s, v in study.volumes.items()}
+                n = prepared[study.reference].n
+                if progress is not None:
+                    progress.total(n)
+                arrays = (
+                    _mm(pipe, prepared, vocabulary, progress)
+                    if fusion == "mm"
+                    else _fused(pipe, prepared, vocabulary, fusion, progress)
+                )
+                p = prepared[study.reference]
+                arrays["positions"] = p.positions.astype(np.float64)
+                arrays["slice_index"] = p.indices.astype(np.int32)
+                attrs = _attrs(pipe, study, p, recipe, fusion, vocabulary, model_name)
+                attrs["model"]["dim"] = int(arrays["cls"].shape[1])
+                info: EntryInfo = pipe.store.write(key, attrs, arrays)
+                return pipe._result(info, "miss", t0, ref.meta.warnings, refs)
+    pipe.store.ensure_indexed(cached)
+    return pipe._result(cached, "hit", t0, ref.meta.warnings, refs)
+
+
+def _mm(
+    pipe: Pipeline,
+    prepared: dict[str, Prepared],
+    vocabulary: tuple[str, ...],
+    progress: Progress | None,
+) -> dict[str, np.ndarray]:
+    enc = pipe.encoder
+    if not isinstance(enc, MMEncoder):
+        raise InputError(f"{enc.cfg.name} is not an MM-DINOv2 model.")
+    first = next(iter(prepared.values()))
+    n = first.n
+    present = torch.tensor([s in prepared for s in vocabulary])
+    cls_parts, patch_parts = [], []
+    for start in range(0, n, pipe.batch_size):
+        stop = min(start + pipe.batch_size, n)
+        slices = {s: p.batch(start, stop) for s, p in prepared.items()}
+        blank = torch.zeros_like(next(iter(slices.values())))
+        pixels = torch.stack([slices.get(s, blank) for s in vocabulary], dim=1)
+        cls, patch = enc.forward_study(pixels, present.expand(stop - start, -1))
+        cls_parts.append(cls.float().cpu().numpy())
+        patch_parts.append(patch.to(torch.float16).cpu().numpy())
+        if progress is not None:
+            progress.advance(stop - start)
+    cls_all = np.concatenate(cls_parts)
+    patch_all = np.concatenate(patch_parts)  # (n, S, h, w, D)
+    mean_patch = patch_all[:, present.numpy()].astype(np.float32).mean(axis=(1, 2, 3))
+    out = {
+        "cls": cls_all,
+        "mean_patch": mean_patch,
+        "pooled": cls_all.mean(axis=0).astype(np.float32),
+    }
+    if pipe.patch_tokens:
+        out["patch"] = patch_all
+    return out
+
+
+def _fused(
+    pipe: Pipeline,
+    prepared: dict[str, Prepared],
+    vocabulary: tuple[str, ...],
+    fusion: Fusion,
+    progress: Progress | None,
+) -> dict[str, np.ndarray]:
+    enc = pipe.encoder
+    per: dict[str, Any] = {}
+    for s, p in prepared.items():
+        per[s] = enc.encode(p.batches(pipe.batch_size), patch_tokens=False, last_n=0)
+        if progress is not None:
+            progress.advance(p.n // len(prepared))
+    first = next(iter(per.values()))
+    if fusion == "concat":
+        zeros = np.zeros_like(first.cls)
+        cls = np.concatenate([per[s].cls if s in per else zeros for s in vocabulary], axis=1)
+    else:
+        cls = np.mean([e.cls for e in per.values()], axis=0)
+    mean_patch = np.mean([e.mean_patch for e in per.values()], axis=0)
+    return {
+        "cls": cls.astype(np.float32),
+        "mean_patch": mean_patch.astype(np.float32),
+        "pooled": cls.mean(axis=0).astype(np.float32),
+    }
+
+
+def _attrs(
+    pipe: Pipeline,
+    study: Study,
+    p: Prepared,
+    recipe: Any,
+    fusion: Fusion,
+    vocabulary: tuple[str, ...],
+    model_name: str,
+) -> dict[str, Any]:
+    ref = study.volumes[study.reference]
+    attrs = pipe._attrs(ref, p.volume, recipe, p.grid, p.n)
+    enc, cfg = pipe.encoder, pipe.encoder.cfg
+    attrs["cls_last_n"] = 0
+    attrs["model"] = {
+        **attrs["model"],
+        "name": model_name,
+        "sequences": list(vocabulary),
+        "untrained_sequences": cfg.untrained_sequences,
+    }
+    attrs["space"] = space_id(model_name, enc.weights_hash, recipe.hash())
+    attrs["pooled"] = "mean of slice CLS tokens" + (
+        "" if fusion == "mm" else f" ({fusion} of per-sequence CLS)"
+    )
+    attrs["study"] = {
+        "fusion": fusion,
+        "vocabulary": list(vocabulary),
+        "present": study.present,
+        "reference": study.reference,
+        "series": {s: v.meta.series for s, v in study.volumes.items()},
+        "decisions": [d.to_dict() for d in study.decisions],
+    }
+    return attrs

@@ -1,0 +1,196 @@
+"""Multi-sequence studies end to end: four co-registered MNI152-derived volumes (T1 and
+derived contrasts on two grids), a sequence dropped, embedded by MM-DINOv2 (random test
+weights) and by the fusion baselines; cached by content and present sequences."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer
+from radcache.embeddings.encode import Encoder, load_encoder
+from radcache.embeddings.errors import InputError
+from radcache.embeddings.recipe import Recipe
+
+MAPPING = {"t1.nii.gz": "t1", "t1c.nii.gz": "t1c", "t2.nii.gz": "t2", "flair.nii.gz": "flair"}
+
+
+def mni_study(root: Path, stride: int = 6) -> dict[str, Path]:
+    """T1 (1 mm), T1c (T1 with enhancing spots), T2 (inverted T1, on a 2 mm grid) and
+    FLAIR (T2 with CSF dark), cut to every ``stride``-th axial slab to stay small."""
+    from nilearn import datasets
+
+    img = datasets.load_mni152_template(resolution=1)
+    t1 = np.asarray(img.get_fdata(), np.float32)[:, :, ::stride]
+    affine = img.affine.copy()
+    affine[:3, 2] *= stride
+    brain = t1 > 0
+    rng = np.random.default_rng(0)
+    t1c = t1.copy()
+    for _ in range(5):  # bright, enhancing blobs
+        c = [rng.integers(40, s - 40) for s in t1.shape[:2]]
+        yy, xx = np.ogrid[: t1.shape[0], : t1.shape[1]]
+        t1c[((yy - c[0]) ** 2 + (xx - c[1]) ** 2 < 36)[..., None] & brain] *= 1.8
+    t2 = np.where(brain, t1.max() - t1, 0).astype(np.float32)
+    flair = np.where(t2 > np.percentile(t2[brain], 90), t2 * 0.2, t2).astype(np.float32)
+    paths = {}
+    for name, vol, aff in (
+        ("t1", t1, affine),
+        ("t1c", t1c, affine),
+        ("flair", flair, affine),
+    ):
+        paths[name] = root / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(vol, aff), paths[name])
+    coarse = affine.copy()
+    coarse[:3, :2] *= 2
+    paths["t2"] = root / "t2.nii.gz"
+    nib.save(nib.Nifti1Image(t2[::2, ::2], coarse), paths["t2"])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def mm() -> Encoder:
+    return load_encoder("mm-dinov2-tiny-random", device="cpu", precision="fp32")
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return mni_study(tmp_path_factory.mktemp("mni"))
+
+
+def test_mm_dinov2_embeds_a_study_with_a_missing_sequence(
+    mm: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    store = EmbeddingStore(tmp_path / "s.zarr")
+    pipe = Pipeline(mm, store, pseudo, batch_size=16)
+    three = [study["t1"], study["t2"], study["flair"]]  # T1c dropped
+    report = pipe.embed_study(three, mapping=MAPPING)
+    assert report.ok, [e.to_dict() for e in report.errors]
+    (res,) = report.series
+    info = store.get(res.entry)
+    assert info is not None
+    n = info.n_slices
+    assert store.read(res.entry, "cls").shape == (n, 64)
+    assert store.read(res.entry, "patch").shape == (n, 4, 8, 8, 64)  # every sequence's grid
+    meta = info.attrs["study"]
+    assert meta["present"] == ["t1", "t2", "flair"] and meta["reference"] == "t1"
+    assert meta["vocabulary"] == ["t1", "t1c", "t2", "flair"]
+    assert info.attrs["model"]["name"] == "mm-dinov2-tiny-random"
+    assert info.attrs["recipe"]["intensity"] == {
+        "kind": "percentile", "low": 1.0, "high": 99.0, "foreground": True
+    }  # fmt: skip
+    assert tuple(info.attrs["recipe"]["mean"]) == (0.45, 0.45, 0.45)
+    # The same study again: a cache hit, no forward.
+    before = mm.forward_count
+    (again,) = pipe.embed_study(three, mapping=MAPPING).series
+    assert again.cache == "hit" and again.entry == res.entry and mm.forward_count == before
+    # All four sequences: another entry, in the same space (searchable together).
+    (full,) = pipe.embed_study(list(study.values()), mapping=MAPPING).series
+    assert full.entry != res.entry and full.cache == "miss"
+    assert len(store.spaces()) == 1 and len(store.table(store.spaces()[0]).keys) == 2
+    assert not np.allclose(store.read(full.entry, "cls"), store.read(res.entry, "cls"))
+
+
+def test_fusion_baselines_with_plain_dinov2(
+    tiny_fp32: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    store = EmbeddingStore(tmp_path / "s.zarr")
+    pipe = Pipeline(tiny_fp32, store, pseudo, recipe=Recipe())
+    three = [study["t1"], study["t2"], study["flair"]]
+    (cat,) = pipe.embed_study(three, mapping=MAPPING, fusion="concat").series
+    (avg,) = pipe.embed_study(three, mapping=MAPPING, fusion="mean").series
+    c, a = store.read(cat.entry, "cls"), store.read(avg.entry, "cls")
+    assert c.shape[1] == 4 * 64 and a.shape[1] == 64
+    assert np.all(c[:, 64:128] == 0)  # T1c is missing: its block is zeros
+    np.testing.assert_allclose(a, (c[:, :64] + c[:, 128:192] + c[:, 192:]) / 3, atol=1e-5)
+    assert len(store.spaces()) == 2  # concat and mean are different spaces
+    with pytest.raises(InputError, match="single-sequence model"):
+        pipe.embed_study(three, mapping=MAPPING)
+
+
+def test_a_study_without_nameable_sequences_is_reported(
+    mm: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    pipe = Pipeline(mm, EmbeddingStore(tmp_path / "s.zarr"), pseudo)
+    report = pipe.embed_study([study["t1"], study["t2"]])  # NIfTI: no description, no timing
+    assert not report.series and "no volume could be named" in str(report.errors[0])
+
+
+def test_a_study_through_the_api_with_a_sequence_mapping(
+    study: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    import httpx
+
+    from tests.servers import running_server
+
+    three = ("t1", "t2", "flair")
+    files = [("files", (f"{s}.nii.gz", study[s].read_bytes(), "application/gzip")) for s in three]
+    with (
+        running_server(tmp_path, "--model", "mm-dinov2-tiny-random") as (url, _),
+        httpx.Client(base_url=url, timeout=60) as http,
+    ):
+        r = http.post(
+            "/v1/studies",
+            files=files,
+            data={"sequences": json.dumps(MAPPING), "labels": json.dumps({"tumour": "no"})},
+        )
+        assert r.status_code == 202, r.text
+        for _ in range(600):
+            job = http.get(r.headers["location"]).json()
+            if job["state"] not in ("queued", "running"):
+                break
+            time.sleep(0.1)
+        assert job["state"] == "done", job
+        (series,) = job["series"]
+        entry = http.get(f"/v1/series/{series['entry']}").json()
+        # Searchable like any entry: the index of its space holds it within a refresh.
+        for _ in range(100):
+            spaces = http.get("/v1/indexes").json()
+            if spaces and spaces[0]["entries"] == 1:
+                break
+            time.sleep(0.1)
+        assert spaces[0]["model"] == "mm-dinov2-tiny-random", spaces
+        bad = http.post("/v1/studies", files=files, data={"fusion": "median"})
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid-request"
+    assert entry["slices"] == series["slices"] > 0
+
+
+def test_embed_command_takes_a_study_with_named_sequences(
+    study: dict[str, Path], tmp_path: Path
+) -> None:
+    import json
+
+    from tests.test_cli import run
+
+    args = [str(study[s]) for s in ("t1", "t2", "flair")]
+    named = [f"--sequence={s}.nii.gz={s}" for s in ("t1", "t2", "flair")]
+    p = run("embed", *args, *named, "--model", "dinov2-tiny-random", "--fusion", "mean",
+            "--store", str(tmp_path / "s.zarr"), "--json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    (series,) = json.loads(p.stdout)["series"]
+    assert series["cache"] == "miss"
+    bad = run("embed", *args, "--sequence", "t1.nii.gz", "--store", str(tmp_path / "b.zarr"))
+    assert bad.returncode == 2 and "expected NAME=TYPE" in bad.stderr
+
+
+def test_a_converted_mm_dinov2_directory_loads_as_a_multi_sequence_encoder(
+    mm: Encoder, tmp_path: Path
+) -> None:
+    import torch
+
+    from radcache.embeddings.encode import MMEncoder
+    from radcache.embeddings.models import save_converted
+
+    save_converted(mm.model, tmp_path / "mm-ckpt")  # type: ignore[arg-type]
+    enc = load_encoder(str(tmp_path / "mm-ckpt"), device="cpu", precision="fp32")
+    assert isinstance(enc, MMEncoder) and enc.cfg.multi_sequence
+    assert enc.cfg.sequences == ("t1", "t1c", "t2", "flair") and enc.weights_hash == mm.weights_hash
+    x = torch.randn(2, 4, 3, 112, 112)
+    present = torch.tensor([[True, False, True, True]] * 2)
+    torch.testing.assert_close(enc.forward_study(x, present), mm.forward_study(x, present))
