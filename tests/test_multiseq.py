@@ -194,3 +194,31 @@ def test_a_converted_mm_dinov2_directory_loads_as_a_multi_sequence_encoder(
     x = torch.randn(2, 4, 3, 112, 112)
     present = torch.tensor([[True, False, True, True]] * 2)
     torch.testing.assert_close(enc.forward_study(x, present), mm.forward_study(x, present))
+
+
+def test_a_dicom_study_is_sorted_into_sequences_by_its_headers(
+    mm: Encoder, pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    from tests.dicomgen import phantom, write_series
+
+    study, frame = "1.2.826.0.1.3680043.8.498.51", "1.2.826.0.1.3680043.8.498.52"
+    common = {"modality": "MR", "intercept": 0.0, "study_uid": study,
+              "frame_of_reference_uid": frame}  # fmt: skip
+    write_series(tmp_path / "in" / "a", phantom(6, 32, 32, seed=1), **common,
+                 extra={"SeriesDescription": "t1_mprage_sag", "RepetitionTime": 2300,
+                        "EchoTime": 2.3, "InversionTime": 900})  # fmt: skip
+    write_series(tmp_path / "in" / "b", phantom(6, 32, 32, seed=2), **common,
+                 extra={"SeriesDescription": "AX FLAIR", "RepetitionTime": 9000,
+                        "EchoTime": 85, "InversionTime": 2500})  # fmt: skip
+    loc = {"SeriesDescription": "Ax 3-plane loc"}
+    write_series(tmp_path / "in" / "c", phantom(3, 16, 16, seed=3), **common,
+                 spacing=(5.0, 1.5, 1.0), extra=loc)  # fmt: skip
+    pipe = Pipeline(mm, EmbeddingStore(tmp_path / "s.zarr"), pseudo)
+    report = pipe.embed_study([tmp_path / "in"])
+    assert report.ok, [e.to_dict() for e in report.errors]
+    info = pipe.store.get(report.series[0].entry)
+    assert info is not None
+    decided = {d["sequence"]: d["reason"] for d in info.attrs["study"]["decisions"]}
+    assert set(decided) == {"t1", "flair", None}  # the localizer-like series is left out
+    assert "t1_mprage_sag" in decided["t1"] and info.attrs["study"]["present"] == ["t1", "flair"]
+    assert pipe.store.read(info.key, "patch").shape[:2] == (6, 4)
