@@ -190,7 +190,9 @@ def run_worker(
         run_job(pipeline, jobs, job_id, worker=name)
 
     dramatiq.Actor(embed, broker=broker, actor_name=ACTOR, queue_name=QUEUE, priority=0, options={})
-    worker = dramatiq.Worker(broker, queues={QUEUE}, worker_threads=threads)
+    # An idle consumer backs off up to worker_timeout between polls: 100 ms keeps a job
+    # that arrives at an idle worker from waiting up to a second (Dramatiq's default).
+    worker = dramatiq.Worker(broker, queues={QUEUE}, worker_threads=threads, worker_timeout=100)
     worker.queue_prefetch = threads  # hold only what runs: the rest stays for other workers
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
