@@ -86,14 +86,21 @@ def _processor_stats(path: Path) -> dict[str, Any]:
     return out
 
 
-def _cfg_from_checkpoint(path: Path, base: ModelCfg | None) -> ModelCfg:
+def read_config(path: Path, expected: str) -> dict[str, Any]:
+    """``path/config.json``, or a :class:`ModelError` saying what ``expected`` was."""
     try:
-        config = json.loads((path / "config.json").read_text())
+        config: dict[str, Any] = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as exc:
         raise ModelError(
-            f"{path} has no readable config.json ({exc}); expected a Hugging Face checkpoint "
-            "directory (config.json + model.safetensors)."
+            f"{path} has no readable config.json ({exc}); expected {expected}."
         ) from exc
+    return config
+
+
+def _cfg_from_checkpoint(path: Path, base: ModelCfg | None) -> ModelCfg:
+    config = read_config(
+        path, "a Hugging Face checkpoint directory (config.json + model.safetensors)"
+    )
     model_type = config.get("model_type")
     if model_type not in _SUPPORTED_TYPES:
         raise ModelError(

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError
-from ._loader import _hf_config
+from ._loader import _hf_config, read_config
 from ._registry import ModelCfg
 
 __all__ = [
@@ -595,13 +595,11 @@ def load_converted(out_dir: str | Path) -> MMDinov2:
     from transformers import AutoConfig
 
     path = Path(out_dir)
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{path} has no readable config.json ({exc}); expected a directory written by "
-            "radcache.embeddings.models.convert (config.json + model.safetensors)."
-        ) from exc
+    config = read_config(
+        path,
+        "a directory written by radcache.embeddings.models.convert "
+        "(config.json + model.safetensors)",
+    )
     mm = config.pop("mm_dinov2", None)
     model_type = config.pop("model_type", None)
     if not isinstance(mm, dict) or model_type not in _MODEL_TYPES:
