@@ -128,9 +128,12 @@ def seg_data(
     *,
     classes: Sequence[str] | None = None,
     images: Mapping[str, str | Path] | None = None,
+    sequence: str | None = None,
 ) -> SegData:
     """Stored patch tokens of the entries named in ``masks`` (entry key or series name →
-    label-map file), each mask taken to the embedded slices. ``classes`` names labels
+    label-map file), each mask taken to the embedded slices. Multi-sequence (MM-DINOv2)
+    entries give the grid of ``sequence``, or by default the mean over the sequences
+    present; masks lie on the study's reference grid. ``classes`` names labels
     0, 1, …; by default ``background``, ``class 1``, …. ``images`` (same keys) adds the
     image intensities for pictures."""
     volumes: list[SegVolume] = []
@@ -169,7 +172,7 @@ def seg_data(
             SegVolume(
                 entry=info.key,
                 patient=str(info.attrs["volume"].get("patient") or info.attrs["volume"]["study"]),
-                tokens=store.read(info.key, "patch"),
+                tokens=_grids(store.read(info.key, "patch"), info.attrs, sequence),
                 masks=lab,
                 slices=np.asarray(attrs["_slice_index"]),
                 placement=place,
@@ -203,6 +206,23 @@ def read_masks(path: str | Path) -> tuple[dict[str, Path], dict[str, Path]]:
             if row.get("image"):
                 images[row[key]] = base / row["image"]
     return masks, images
+
+
+def _grids(tokens: np.ndarray, attrs: Mapping[str, Any], sequence: str | None) -> np.ndarray:
+    """``(n, h, w, D)`` patch grids; from an MM-DINOv2 entry's ``(n, S, h, w, D)``, one
+    sequence's or the mean of the present ones."""
+    if tokens.ndim == 4:
+        return tokens
+    study = attrs["study"]
+    vocab, present = list(study["vocabulary"]), list(study["present"])
+    if sequence is not None:
+        if sequence not in present:
+            raise InputError(
+                f"entry has sequences {', '.join(present)}; {sequence!r} is not among them."
+            )
+        return tokens[:, vocab.index(sequence)]
+    idx = [vocab.index(s) for s in present]
+    return tokens[:, idx].astype(np.float32).mean(axis=1).astype(np.float16)
 
 
 def split_slices(

@@ -222,3 +222,24 @@ def test_a_dicom_study_is_sorted_into_sequences_by_its_headers(
     assert set(decided) == {"t1", "flair", None}  # the localizer-like series is left out
     assert "t1_mprage_sag" in decided["t1"] and info.attrs["study"]["present"] == ["t1", "flair"]
     assert pipe.store.read(info.key, "patch").shape[:2] == (6, 4)
+
+
+def test_a_segmentation_probe_runs_on_a_multi_sequence_entry(
+    mm: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    from radcache.embeddings.segment import seg, seg_data, split_slices
+
+    store = EmbeddingStore(tmp_path / "s.zarr")
+    pipe = Pipeline(mm, store, pseudo)
+    (res,) = pipe.embed_study([study["t1"], study["flair"]], mapping=MAPPING).series
+    t1 = nib.load(study["t1"])
+    mask = tmp_path / "brain.nii.gz"  # on the reference (T1) grid
+    nib.save(nib.Nifti1Image((np.asarray(t1.get_fdata()) > 0).astype(np.int16), t1.affine), mask)
+    data = seg_data(store, {res.entry: mask}, classes=["background", "brain"])
+    assert data.volumes[0].tokens.shape[1:] == (8, 8, 64)
+    flair_only = seg_data(store, {res.entry: mask}, sequence="flair")
+    assert not np.array_equal(flair_only.volumes[0].tokens, data.volumes[0].tokens)
+    with pytest.raises(InputError, match="not among them"):
+        seg_data(store, {res.entry: mask}, sequence="t2")
+    result, _ = seg(data, split_slices(data, "blocks", blocks=4), epochs=20, bootstrap=50)
+    assert result["dice_3d"]["brain"]["value"] > 0.5
