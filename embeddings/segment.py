@@ -220,9 +220,9 @@ def _grids(tokens: np.ndarray, attrs: Mapping[str, Any], sequence: str | None) -
             raise InputError(
                 f"entry has sequences {', '.join(present)}; {sequence!r} is not among them."
             )
-        return tokens[:, vocab.index(sequence)]
+        return np.asarray(tokens[:, vocab.index(sequence)])
     idx = [vocab.index(s) for s in present]
-    return tokens[:, idx].astype(np.float32).mean(axis=1).astype(np.float16)
+    return np.asarray(tokens[:, idx].astype(np.float32).mean(axis=1), dtype=np.float16)
 
 
 def split_slices(
