@@ -187,6 +187,11 @@ def probe_linear(multilabel: bool, **opts: Any) -> None:
 )
 @click.option("--classes", help="Names of labels 0, 1, … comma-separated.")
 @click.option(
+    "--sequence",
+    help="MM-DINOv2 entries: train on this sequence's patch grid (default: the mean over "
+    "the sequences present).",
+)
+@click.option(
     "--split",
     type=click.Choice(["patient", "blocks"]),
     default="patient",
@@ -206,6 +211,7 @@ def probe_seg(
     store: str | None,
     masks: str,
     classes: str | None,
+    sequence: str | None,
     split: str,
     blocks: int,
     epochs: int,
@@ -225,7 +231,7 @@ def probe_seg(
         st = open_store(settings(store=store).store)
         mask_files, images = sg.read_masks(masks)
         names = [c.strip() for c in classes.split(",")] if classes else None
-        data = sg.seg_data(st, mask_files, classes=names, images=images)
+        data = sg.seg_data(st, mask_files, classes=names, images=images, sequence=sequence)
         parts = sg.split_slices(data, split, blocks=blocks, seed=seed)  # type: ignore[arg-type]
         res, head = sg.seg(data, parts, epochs=epochs, lr=lr, seed=seed, bootstrap=bootstrap)
     except RadcacheError as exc:

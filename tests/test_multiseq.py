@@ -243,3 +243,10 @@ def test_a_segmentation_probe_runs_on_a_multi_sequence_entry(
         seg_data(store, {res.entry: mask}, sequence="t2")
     result, _ = seg(data, split_slices(data, "blocks", blocks=4), epochs=20, bootstrap=50)
     assert result["dice_3d"]["brain"]["value"] > 0.5
+    from tests.test_cli import run
+
+    csv = tmp_path / "masks.csv"
+    csv.write_text(f"entry,mask\n{res.entry},{mask}\n")
+    p = run("probe", "seg", "--store", store.url, "--masks", str(csv), "--sequence", "t2",
+            "-o", str(tmp_path / "r"))  # fmt: skip
+    assert p.returncode == 2 and "not among them" in p.stderr
