@@ -6,13 +6,11 @@ import json
 import runpy
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_mni152_segmentation_example_runs_and_learns_tissue(tmp_path: Path) -> None:
-    pytest.importorskip("nilearn", reason="the MNI152 example needs nilearn (the test extra)")
+    # nilearn comes with the test extra: the example is a required part, never skipped.
     example = runpy.run_path(str(ROOT / "examples" / "mni152_seg.py"))
     out = tmp_path / "mni"
     report = example["main"](

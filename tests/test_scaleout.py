@@ -131,6 +131,15 @@ def wait(http: httpx.Client, location: str, *, timeout: float = 120) -> dict[str
     raise AssertionError(f"{location} still {job['state']} after {timeout} s")
 
 
+def wait_progress(http: httpx.Client, location: str, slices: int) -> dict[str, Any]:
+    """The job once at least ``slices`` slices are embedded (a worker is mid-study)."""
+    deadline = time.monotonic() + 120
+    while (job := http.get(location).json())["progress"]["done"] < slices:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.05)
+    return dict(job)
+
+
 def stored_once(store_path: Path) -> list[str]:
     """Entry keys of the store's table; asserts none is there twice and nothing is staged."""
     store = open_store(store_path)
@@ -201,10 +210,7 @@ def test_a_killed_worker_s_study_is_finished_by_another(cluster: dict[str, Any])
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         loc = post(http, big)
-        deadline = time.monotonic() + 120
-        while (job := http.get(loc).json())["progress"]["done"] < 20:
-            assert time.monotonic() < deadline, job
-            time.sleep(0.05)
+        job = wait_progress(http, loc, 20)
         assert job["state"] == "running" and job["progress"]["done"] < 240
         w1.send_signal(signal.SIGKILL)
         w1.wait(timeout=30)
@@ -279,10 +285,7 @@ def test_sigterm_lets_the_running_job_finish(cluster: dict[str, Any]) -> None:
         httpx.Client(base_url=url, timeout=60) as http,
     ):
         loc = post(http, study)
-        deadline = time.monotonic() + 60
-        while http.get(loc).json()["progress"]["done"] < 5:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        wait_progress(http, loc, 5)
         w1.send_signal(signal.SIGTERM)
         assert w1.wait(timeout=60) == 0
         job = http.get(loc).json()
