@@ -104,9 +104,10 @@ class Transient:
 
 
 def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
-    """Stream a batch's patch grids (the bulk of an entry) straight to the store."""
+    """Stream a batch's patch grids (the bulk of an entry) to the store while the model
+    runs the next batch."""
     if part.patch is not None:
-        writer.put("patch", start, part.patch)
+        writer.put("patch", start, part.patch, wait=False)
 
 
 class Pipeline:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import os
 import re
@@ -36,7 +37,9 @@ import socket
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -74,6 +77,13 @@ DIMS: dict[str, tuple[str, ...]] = {
 }
 SEQUENCE_PATCH_DIMS = ("slice", "sequence", "patch_row", "patch_col", "feature")
 _PATCH_SHARD = 32
+_WRITES_BEHIND = 2  # background writes one EntryWriter may have outstanding
+
+
+@functools.cache
+def _background() -> ThreadPoolExecutor:
+    """The thread that runs writes a caller does not wait for (see EntryWriter.put)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="radcache-store")
 
 
 def _meta(node: zarr.Group | zarr.Array[Any]) -> dict[str, Any]:
@@ -220,19 +230,43 @@ class EntryWriter:
             name: _create(self.group, name, shape, np.dtype(dt))
             for name, (shape, dt) in layout.items()
         }
+        self._behind: deque[Future[None]] = deque()
 
-    def put(self, name: str, start: int, values: np.ndarray) -> None:
-        """Write ``values`` at rows ``start:`` of array ``name`` (the whole array if 0-d)."""
+    def put(self, name: str, start: int, values: np.ndarray, *, wait: bool = True) -> None:
+        """Write ``values`` at rows ``start:`` of array ``name`` (the whole array if 0-d).
+
+        With ``wait=False`` the write runs on a background thread while the caller goes on
+        (the model's next batch): the caller must not change ``values`` afterwards. At most
+        two such writes are outstanding per entry; :meth:`commit` waits for all of them and
+        raises their errors.
+        """
+        if wait:
+            self._write(name, start, values)
+            return
+        while len(self._behind) >= _WRITES_BEHIND:
+            self._behind.popleft().result()
+        self._behind.append(_background().submit(self._write, name, start, values))
+
+    def _write(self, name: str, start: int, values: np.ndarray) -> None:
         arr = self.arrays[name]
         if values.size == 0:
             return
         if arr.ndim == 0 or (start == 0 and values.shape == arr.shape):
             arr[...] = values
-        else:
-            arr[start : start + values.shape[0]] = values
+            return
+        # zarr clips an out-of-range slice and drops the rest silently: check first.
+        if start < 0 or start + values.shape[0] > arr.shape[0] or values.shape[1:] != arr.shape[1:]:
+            raise StoreError(
+                f"rows {start}:{start + values.shape[0]} of shape {values.shape[1:]} do not fit "
+                f"array {name!r} of shape {arr.shape} in entry {self.key}; this is a bug in "
+                "the caller."
+            )
+        arr[start : start + values.shape[0]] = values
 
     def commit(self, attrs: dict[str, Any], pooled: np.ndarray, cls: np.ndarray) -> EntryInfo:
         """Make the entry visible, then add it to its table."""
+        while self._behind:
+            self._behind.popleft().result()
         full = {**attrs, "kinds": sorted(self.arrays), "created": _now(), "complete": True}
         return self.store._commit(self, full, pooled, cls)
 
@@ -249,6 +283,9 @@ def _create(
             chunks=(1, *shape[1:]),
             shards=shard,
             compressors=None,
+            # Patch tokens are never all fill value: skip zarr's per-chunk emptiness scan,
+            # which took three quarters of the write time.
+            config={"write_empty_chunks": True},
             # MM-DINOv2 entries keep one grid per sequence: (slice, sequence, h, w, D).
             dimension_names=DIMS[name] if len(shape) == 4 else SEQUENCE_PATCH_DIMS,
         )

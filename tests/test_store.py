@@ -9,7 +9,12 @@ import pytest
 import zarr
 
 from radcache.embeddings import EmbeddingStore, open_store
-from radcache.embeddings.errors import AmbiguousReferenceError, NotFoundError, StoreMismatchError
+from radcache.embeddings.errors import (
+    AmbiguousReferenceError,
+    NotFoundError,
+    StoreError,
+    StoreMismatchError,
+)
 
 
 def _attrs(
@@ -220,3 +225,39 @@ def test_a_file_of_two_volumes_is_never_recognised(store_path: Path) -> None:
     assert open_store(store_path).file_index()[_key(5)] == _key(21)
     st.remember_files(_key(22), [_key(5)], {**record, "part": "stack=2"})
     assert open_store(store_path).file_index()[_key(5)] == SHARED_FILE
+
+
+def test_background_writes_are_complete_at_commit_and_their_errors_surface(
+    store_path: Path,
+) -> None:
+    st = EmbeddingStore(store_path)
+    arrays = _arrays(n=70)
+    layout = {name: (a.shape, a.dtype) for name, a in arrays.items()}
+    writer = st.begin(_key(1), layout)
+    for start in range(0, 70, 32):  # more batches than may be outstanding at once
+        writer.put("patch", start, arrays["patch"][start : start + 32], wait=False)
+    for name in ("cls", "mean_patch", "positions", "slice_index", "pooled"):
+        writer.put(name, 0, arrays[name])
+    writer.commit(_attrs("s1", n=70), arrays["pooled"], arrays["cls"])
+    np.testing.assert_array_equal(st.read(_key(1), "patch"), arrays["patch"])
+
+    bad = st.begin(_key(2), layout)
+    bad.put("patch", 60, arrays["patch"][:32], wait=False)  # rows 60:92 of 70: fails
+    with pytest.raises(StoreError, match=r"rows 60:92 .* do not fit array 'patch'"):
+        bad.commit(_attrs("s2", n=70), arrays["pooled"], arrays["cls"])
+    assert st.get(_key(2)) is None  # nothing visible
+
+
+def test_process_tuning_reuses_memory_and_freezes_the_collector() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import gc; from radcache.embeddings.runtime import reuse_memory, settle; "
+        "import torch; print(reuse_memory(), reuse_memory()); settle(); "
+        "print(gc.get_freeze_count() > 100000)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out == ["True", "True", "True"]  # glibc here; torch alone is >100k objects
