@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     worker_grace_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
     )
+    reuse_memory: bool = Field(
+        True,
+        description="radcache processes keep freed memory for reuse (faster; peak memory stays)",
+    )
     lock_url: str | None = Field(
         None, description="Redis URL of the locks object-store writers share (default: queue)"
     )

@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.runtime import reuse_memory
 from radcache.embeddings.settings import Settings
 
 __all__ = ["URL", "api_fail", "err", "fail", "need_server", "out", "settings"]
@@ -21,7 +22,11 @@ out = Console()
 
 
 def settings(**overrides: Any) -> Settings:
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """The settings, flags over environment; applies the process-wide memory setting."""
+    s = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    if s.reuse_memory:
+        reuse_memory()
+    return s
 
 
 def _importable(module: str) -> bool:

@@ -168,8 +168,10 @@ def run_worker(
 
     from radcache.embeddings import Pipeline
     from radcache.embeddings.batching import BatchingEncoder
+    from radcache.embeddings.runtime import settle
 
     pipeline = Pipeline.from_settings(settings)
+    settle()
     if threads > 1:  # slices of concurrent jobs share forward batches
         pipeline.encoder = BatchingEncoder(pipeline.encoder, settings.batch_size)
     jobs = JobStore(settings.db)
