@@ -162,24 +162,25 @@ class Prepared:
         return np.asarray(self.volume.geometry.positions[self.indices])
 
     def _intensity(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, r, c[, 3]) raw → (n, C, r, c) in [0, 1]."""
+        """(n, r, c[, 3]) raw → (n, C, r, c) in [0, 1]. Each window is one new tensor
+        written in place (a full-resolution batch is tens of MB)."""
         policy = self.recipe.intensity
         if x.ndim == 4:  # colour
             x = x.permute(0, 3, 1, 2)
         else:
             x = x.unsqueeze(1)
         if isinstance(policy, CTWindows):
-            chans = [((x - (c - w / 2)) / w).clamp_(0, 1) for c, w in policy.windows]
+            chans = [torch.sub(x, c - w / 2).div_(w).clamp_(0, 1) for c, w in policy.windows]
             return chans[0] if len(chans) == 1 else torch.cat(chans, dim=1)
         if isinstance(policy, Percentile):
             assert self._range is not None
             lo, hi = self._range
-            return ((x - lo) / max(hi - lo, 1e-6)).clamp_(0, 1)
+            return torch.sub(x, lo).div_(max(hi - lo, 1e-6)).clamp_(0, 1)
         if isinstance(policy, VoiMinMax | MinMax):
             flat = x.reshape(x.shape[0], -1)
             mins = flat.amin(dim=1).view(-1, 1, 1, 1)
             maxs = flat.amax(dim=1).view(-1, 1, 1, 1)
-            return (x - mins) / (maxs - mins).clamp_min(1e-6)
+            return torch.sub(x, mins).div_((maxs - mins).clamp_min(1e-6))
         raise RecipeError(f"unresolved intensity policy {policy!r}")
 
     def placement(self) -> Placement:
@@ -199,7 +200,7 @@ class Prepared:
             x = x.expand(-1, 3, -1, -1)
         mean = torch.tensor(self.recipe.mean, dtype=x.dtype).view(1, 3, 1, 1)
         std = torch.tensor(self.recipe.std, dtype=x.dtype).view(1, 3, 1, 1)
-        return ((x - mean) / std).contiguous()
+        return torch.sub(x, mean).div_(std)  # a new (n, 3, S, S) tensor, contiguous
 
     def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
         for start in range(0, self.n, batch_size):
