@@ -471,14 +471,18 @@ def lap(name):
 import radcache.service.cli
 lap("import radcache.service.cli (pulls in torch, zarr, pydicom)")
 from radcache.embeddings import Pipeline, Settings, load_encoder, open_store
+from radcache.embeddings.runtime import reuse_memory, settle
+reuse_memory()
 lap("import radcache.embeddings API (rest)")
 enc = load_encoder(sys.argv[1])
 lap("load_encoder (build model, cast)")
 enc.weights_hash
 lap("weights_hash (needed for the first cache key)")
 Pipeline(enc, open_store(sys.argv[2], mode="a"), Settings().pseudonymizer())
-lap("settings + open_store + Pipeline")
+settle()
+lap("settings + open_store + Pipeline + settle")
 print(json.dumps(t))
+settle()  # as the CLI does when a command ends: a short interpreter shutdown
 """
 
 
