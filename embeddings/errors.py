@@ -2,32 +2,44 @@
 
 The tree::
 
-    RadcacheError                     code            HTTP
-    ├── InputError                    (bad input: one file or series, the rest goes on)
-    │   ├── NotDicomError             not-dicom              415
-    │   ├── TruncatedFileError        truncated-file         422
-    │   ├── InvalidHeaderError        invalid-header         422
-    │   ├── NoPixelDataError          no-pixel-data          422
-    │   ├── DecodeError               decode-failed          422
+    RadcacheError                     code
+    ├── InputError                    invalid-input  (one bad file or series; the rest goes on)
+    │   ├── NotDicomError             not-dicom
+    │   ├── TruncatedFileError        truncated-file
+    │   ├── InvalidHeaderError        invalid-header
+    │   ├── NoPixelDataError          no-pixel-data
+    │   ├── DecodeError               decode-failed
     │   ├── UnsupportedTransferSyntaxError
-    │   │                             unsupported-transfer-syntax 415
-    │   ├── InvalidNiftiError         invalid-nifti          422
-    │   ├── UnreadableVolumeError     unreadable-volume      422
-    │   ├── InconsistentSeriesError   inconsistent-series    422
-    │   └── UnsupportedInputError     unsupported-input      415
-    ├── RecipeError                   invalid-recipe         422
-    ├── ModelError
-    │   ├── UnknownModelError         unknown-model          404
-    │   └── ModelUnavailableError     model-unavailable      503
-    ├── StoreError                    store-error            500
-    │   ├── NotFoundError             not-found              404
-    │   ├── AmbiguousReferenceError   ambiguous-reference    409
-    │   └── StoreMismatchError        store-mismatch         409
-    ├── SearchIndexError              index-error            422
-    └── ConfigError                   invalid-config         500
+    │   │                             unsupported-transfer-syntax
+    │   ├── InvalidNiftiError         invalid-nifti
+    │   ├── UnreadableVolumeError     unreadable-volume
+    │   ├── InconsistentSeriesError   inconsistent-series
+    │   ├── UnsupportedInputError     unsupported-input
+    │   ├── EmptyUploadError          empty-upload
+    │   ├── UnsupportedMediaTypeError unsupported-media-type
+    │   └── InvalidFieldError         invalid-request
+    ├── PayloadTooLargeError          payload-too-large
+    ├── RecipeError                   invalid-recipe
+    ├── ModelError                    model-error
+    │   ├── UnknownModelError         unknown-model
+    │   ├── ModelUnavailableError     model-unavailable
+    │   └── ModelNotLoadedError       model-not-loaded
+    ├── StoreError                    store-error
+    │   ├── NotFoundError             not-found
+    │   ├── AmbiguousReferenceError   ambiguous-reference
+    │   └── StoreMismatchError        store-mismatch
+    ├── SearchIndexError              index-error
+    ├── JobQueueError                 job-queue-error
+    │   ├── QueueFullError            queue-full
+    │   └── QueueUnavailableError     queue-unavailable
+    ├── ConfigError                   invalid-config
+    └── radcache.clients.RadcacheAPIError
+                                      the code of the service's problem answer
 
-Messages say what was seen, what was expected and how to fix it. ``path`` names the
-file (or series) an input error is about, so a report can list failures one per line.
+Errors carry no HTTP knowledge: :mod:`radcache.service.problems` maps each ``code`` to
+its status. Messages say what was seen, what was expected and how to fix it. ``path``
+names the file (or series) an input error is about, so a report can list failures one
+per line.
 """
 
 from __future__ import annotations
@@ -36,15 +48,22 @@ __all__ = [
     "AmbiguousReferenceError",
     "ConfigError",
     "DecodeError",
+    "EmptyUploadError",
     "InconsistentSeriesError",
     "InputError",
+    "InvalidFieldError",
     "InvalidHeaderError",
     "InvalidNiftiError",
+    "JobQueueError",
     "ModelError",
+    "ModelNotLoadedError",
     "ModelUnavailableError",
     "NoPixelDataError",
     "NotDicomError",
     "NotFoundError",
+    "PayloadTooLargeError",
+    "QueueFullError",
+    "QueueUnavailableError",
     "RadcacheError",
     "RecipeError",
     "SearchIndexError",
@@ -54,6 +73,7 @@ __all__ = [
     "UnknownModelError",
     "UnreadableVolumeError",
     "UnsupportedInputError",
+    "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
 ]
 
@@ -62,7 +82,6 @@ class RadcacheError(Exception):
     """Base class: a message for people, a stable ``code`` for programs."""
 
     code: str = "radcache-error"
-    status: int = 500
     title: str = "radcache error"
 
     def __init__(self, message: str, *, path: str | None = None) -> None:
@@ -79,13 +98,11 @@ class InputError(RadcacheError):
     """A file or series that cannot be turned into a volume; other inputs go on."""
 
     code = "invalid-input"
-    status = 422
     title = "Invalid input"
 
 
 class NotDicomError(InputError):
     code = "not-dicom"
-    status = 415
     title = "Not a DICOM, NIfTI or other readable volume file"
 
 
@@ -111,7 +128,6 @@ class DecodeError(InputError):
 
 class UnsupportedTransferSyntaxError(InputError):
     code = "unsupported-transfer-syntax"
-    status = 415
     title = "Unsupported transfer syntax"
 
 
@@ -132,65 +148,94 @@ class InconsistentSeriesError(InputError):
 
 class UnsupportedInputError(InputError):
     code = "unsupported-input"
-    status = 415
     title = "Unsupported input"
 
 
 class RecipeError(RadcacheError):
     code = "invalid-recipe"
-    status = 422
     title = "Invalid preprocessing recipe"
 
 
 class ModelError(RadcacheError):
     code = "model-error"
-    status = 500
     title = "Model error"
 
 
 class UnknownModelError(ModelError):
     code = "unknown-model"
-    status = 404
     title = "Unknown model"
 
 
 class ModelUnavailableError(ModelError):
     code = "model-unavailable"
-    status = 503
     title = "Model weights not available"
 
 
 class StoreError(RadcacheError):
     code = "store-error"
-    status = 500
     title = "Store error"
 
 
 class NotFoundError(StoreError):
     code = "not-found"
-    status = 404
     title = "Not found"
 
 
 class AmbiguousReferenceError(StoreError):
     code = "ambiguous-reference"
-    status = 409
     title = "Reference matches more than one entry"
 
 
 class StoreMismatchError(StoreError):
     code = "store-mismatch"
-    status = 409
     title = "Store was written with another configuration"
 
 
 class SearchIndexError(RadcacheError):
     code = "index-error"
-    status = 422
     title = "Search index cannot do that"
 
 
 class ConfigError(RadcacheError):
     code = "invalid-config"
-    status = 500
     title = "Invalid configuration"
+
+
+class EmptyUploadError(InputError):
+    code = "empty-upload"
+    title = "Nothing uploaded"
+
+
+class UnsupportedMediaTypeError(InputError):
+    code = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class InvalidFieldError(InputError):
+    code = "invalid-request"
+    title = "Invalid request field"
+
+
+class PayloadTooLargeError(RadcacheError):
+    code = "payload-too-large"
+    title = "Upload too large"
+
+
+class ModelNotLoadedError(ModelError):
+    code = "model-not-loaded"
+    title = "Another model is loaded"
+
+
+class JobQueueError(RadcacheError):
+    code = "job-queue-error"
+    title = "Job queue error"
+
+
+class QueueFullError(JobQueueError):
+    code = "queue-full"
+    title = "Too many jobs waiting"
+
+
+class QueueUnavailableError(JobQueueError):
+    code = "queue-unavailable"
+    title = "The job queue cannot be reached"

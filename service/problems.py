@@ -1,8 +1,9 @@
 """Every error leaves the service as RFC 9457 ``application/problem+json`` with a ``code``.
 
-One place maps exceptions to problems: radcache's own errors keep their code and status,
-request validation becomes ``invalid-request``, HTTP errors keep their status, and
-anything unexpected becomes a bare ``internal-error`` — no stack trace leaves the server.
+One place maps exceptions to problems: radcache's own errors keep their code and get the
+status :data:`STATUS` gives it (the library's errors know no HTTP), request validation
+becomes ``invalid-request``, HTTP errors keep their status, and anything unexpected
+becomes a bare ``internal-error`` — no stack trace leaves the server.
 """
 
 from __future__ import annotations
@@ -16,11 +17,43 @@ from starlette.exceptions import HTTPException
 
 from radcache.embeddings.errors import RadcacheError
 
-__all__ = ["PROBLEM", "install", "problem"]
+__all__ = ["PROBLEM", "STATUS", "install", "problem", "status_of"]
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
 _BASE = "https://radcache.dev/problems/"
+# The HTTP status of each radcache error code (a code not listed takes its parent's).
+STATUS: dict[str, int] = {
+    "invalid-input": 422,
+    "not-dicom": 415,
+    "truncated-file": 422,
+    "invalid-header": 422,
+    "no-pixel-data": 422,
+    "decode-failed": 422,
+    "invalid-nifti": 422,
+    "unreadable-volume": 422,
+    "inconsistent-series": 422,
+    "unsupported-transfer-syntax": 415,
+    "unsupported-input": 415,
+    "unsupported-media-type": 415,
+    "empty-upload": 400,
+    "invalid-request": 422,
+    "payload-too-large": 413,
+    "invalid-recipe": 422,
+    "model-error": 500,
+    "unknown-model": 404,
+    "model-unavailable": 503,
+    "model-not-loaded": 409,
+    "store-error": 500,
+    "not-found": 404,
+    "ambiguous-reference": 409,
+    "store-mismatch": 409,
+    "index-error": 422,
+    "job-queue-error": 503,
+    "queue-full": 503,
+    "queue-unavailable": 503,
+    "invalid-config": 500,
+}
 _HTTP_CODES = {
     400: "bad-request",
     404: "not-found",
@@ -44,13 +77,23 @@ def problem(
     return JSONResponse(body, status_code=status, media_type=PROBLEM)
 
 
+def status_of(exc: RadcacheError) -> int:
+    """The HTTP status of ``exc``: its code's, else the nearest parent class's, else 500."""
+    for cls in type(exc).__mro__:
+        code = getattr(cls, "code", None)
+        if isinstance(code, str) and code in STATUS:
+            return STATUS[code]
+    return 500
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers on ``app``."""
 
     @app.exception_handler(RadcacheError)
     async def _radcache(request: Request, exc: RadcacheError) -> JSONResponse:
-        headers = {"Retry-After": "5"} if exc.status == 503 else None
-        resp = problem(exc.status, exc.code, exc.title, str(exc), request.url.path)
+        status = status_of(exc)
+        headers = {"Retry-After": "5"} if status == 503 else None
+        resp = problem(status, exc.code, exc.title, str(exc), request.url.path)
         if headers:
             resp.headers.update(headers)
         return resp
