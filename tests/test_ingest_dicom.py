@@ -29,7 +29,7 @@ from pydicom.uid import (
 
 from radcache.embeddings.errors import InputError
 from radcache.embeddings.ingest import load_volumes, scan
-from radcache.embeddings.keys import Pseudonymizer
+from radcache.embeddings.pseudonyms import Pseudonymizer
 from radcache.embeddings.volume import Volume
 from tests.dicomgen import (
     FAKE_IDENTITY,

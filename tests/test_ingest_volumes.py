@@ -18,7 +18,7 @@ from nibabel.testing import data_path as NIBABEL_DATA
 
 from radcache.embeddings.errors import InputError
 from radcache.embeddings.ingest import load_volumes, scan
-from radcache.embeddings.keys import Pseudonymizer
+from radcache.embeddings.pseudonyms import Pseudonymizer
 from radcache.embeddings.volume import Volume
 from tests.dicomgen import (
     ORIENTATIONS,

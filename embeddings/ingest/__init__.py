@@ -15,13 +15,28 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import InputError
-from ..keys import Pseudonymizer
+from ..pseudonyms import Pseudonymizer
 from ..volume import Volume
-from ._dicom import DicomSeries, Frame, Skipped, assemble, errors_for, read_frames, to_volume
+from ._dicom_assemble import DicomSeries, assemble
+from ._dicom_decode import errors_for
+from ._dicom_read import Frame, Skipped, read_frames
+from ._dicom_volume import to_volume
 from ._sources import InputItem, Source, expand, sniff
 from ._volumes import open_itk, open_nifti
+from .instances import InstanceIds, instance_ids
 
-__all__ = ["Candidate", "ScanResult", "Source", "load_volumes", "scan"]
+__all__ = [
+    "Candidate",
+    "InputItem",
+    "InstanceIds",
+    "ScanResult",
+    "Source",
+    "expand",
+    "instance_ids",
+    "load_volumes",
+    "scan",
+    "sniff",
+]
 
 log = logging.getLogger(__name__)
 

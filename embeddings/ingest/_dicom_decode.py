@@ -1,0 +1,111 @@
+"""DICOM pixel decoding: the stored values of each frame, decoded once per file.
+
+Native little-endian grey data is read straight from the buffer; everything else goes
+through pydicom's decoders. Decoder failures become :class:`InputError` values naming
+the file (truncated data, a transfer syntax with no decoder here, corrupt frames).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels.decoders.base import get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from ..errors import DecodeError, InputError, TruncatedFileError, UnsupportedTransferSyntaxError
+from ._dicom_read import Frame
+
+__all__ = ["errors_for"]
+
+_NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+
+
+def _native_pixels(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed little-endian grey pixels straight from the buffer, when that is exact.
+
+    Covers the common case (8/16-bit, all allocated bits stored, or unsigned) without
+    pydicom's per-file decode machinery; anything else returns None and goes to pydicom.
+    """
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax not in _NATIVE_LE or "PixelData" not in ds or int(ds.get("SamplesPerPixel", 1)) != 1:
+        return None
+    bits, stored = int(ds.get("BitsAllocated", 0) or 0), int(ds.get("BitsStored", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits not in (8, 16) or (signed and stored != bits):
+        return None
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    n = int(ds.get("NumberOfFrames", 1) or 1)
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    buf = ds.PixelData
+    if len(buf) < n * rows * cols * dtype.itemsize:
+        return None
+    arr = np.frombuffer(buf, dtype=dtype, count=n * rows * cols)
+    if not signed and stored < bits:
+        arr = arr & np.asarray((1 << stored) - 1, dtype=dtype)  # drop bits outside BitsStored
+    return arr.reshape((n, rows, cols) if n > 1 else (rows, cols))
+
+
+def _decode_file(frame: Frame) -> np.ndarray:
+    """All frames of the file behind ``frame``, decoded once and shared by its frames."""
+    cache = frame.decoded
+    if "all" in cache:
+        return cache["all"]
+    ds = frame.ds
+    fast = _native_pixels(ds)
+    if fast is not None:
+        cache["all"] = fast
+        return fast
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except ValueError as exc:
+        msg = str(exc)
+        if "less than expected" in msg or "ended" in msg or "truncated" in msg:
+            raise TruncatedFileError(
+                "the pixel data is shorter than its header says "
+                f"({msg.split(' - ', maxsplit=1)[0]}); "
+                "the file was cut short in transfer — send it again.",
+                path=frame.source,
+            ) from exc
+        raise DecodeError(f"pixel data could not be decoded: {msg}", path=frame.source) from exc
+    except (NotImplementedError, RuntimeError) as exc:
+        if tsyntax is not None and tsyntax.is_compressed:
+            try:
+                available = get_decoder(tsyntax).is_available
+            except NotImplementedError:
+                available = False
+            if not available:
+                raise UnsupportedTransferSyntaxError(
+                    f"transfer syntax {tsyntax.name} ({tsyntax}) has no decoder here; radcache "
+                    "decodes JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, RLE, deflate "
+                    "and uncompressed data. Send the series in one of those.",
+                    path=frame.source,
+                ) from exc
+        raise DecodeError(
+            f"the compressed frame could not be decoded ({exc}); the file may be corrupt.",
+            path=frame.source,
+        ) from exc
+    except Exception as exc:
+        raise DecodeError(f"pixel data could not be decoded ({exc}).", path=frame.source) from exc
+    cache["all"] = arr
+    return arr
+
+
+def _frame_pixels(frame: Frame) -> np.ndarray:
+    arr = _decode_file(frame)
+    n_frames = int(frame.ds.get("NumberOfFrames", 1) or 1)
+    spp = int(frame.ds.get("SamplesPerPixel", 1))
+    if (n_frames > 1 or frame.index is not None) and arr.ndim == (3 if spp == 1 else 4):
+        return np.asarray(arr[frame.index or 0])
+    return arr
+
+
+def errors_for(exc: Exception, name: str) -> InputError:
+    """Wrap an unexpected exception from decoding as an input error naming the series."""
+    if isinstance(exc, InputError):
+        return exc
+    return DecodeError(f"the series could not be read ({type(exc).__name__}: {exc}).", path=name)

@@ -1,0 +1,368 @@
+"""DICOM files in, :class:`Frame` values out: one read of each file's header.
+
+Every file is read once; each frame (one per single-frame file, several per multi-frame
+file with per-frame functional groups) becomes a :class:`Frame` carrying the header facts
+that series assembly and decoding need. Truncated files, malformed headers and objects
+without pixels are caught here; localizers and non-image objects (SR, KOS, RTPLAN, …)
+raise :class:`Skipped`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
+
+from ..errors import (
+    InputError,
+    InvalidHeaderError,
+    NoPixelDataError,
+    NotDicomError,
+    TruncatedFileError,
+)
+from ..pseudonyms import Pseudonymizer
+from ._sources import Source
+
+__all__ = ["Frame", "Skipped", "read_frames"]
+
+#: SOP classes that never carry an image to embed (reported as skipped, not as errors).
+NON_IMAGE_SOP_CLASSES = {
+    "1.2.840.10008.1.3.10": "media storage directory (DICOMDIR)",
+    "1.2.840.10008.5.1.4.1.1.481.5": "RT plan",
+    "1.2.840.10008.5.1.4.1.1.481.8": "RT ion plan",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set",
+    "1.2.840.10008.5.1.4.1.1.481.4": "RT beams treatment record",
+    "1.2.840.10008.5.1.4.1.1.88.59": "key object selection",
+    "1.2.840.10008.5.1.4.1.1.11.1": "grayscale softcopy presentation state",
+    "1.2.840.10008.5.1.4.1.1.66": "raw data",
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation",
+    "1.2.840.10008.5.1.4.1.1.104.1": "encapsulated PDF",
+}
+_NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTPLAN", "RTSTRUCT", "RTRECORD", "DOC", "ECG"}
+
+
+@dataclass
+class Frame:
+    """One 2-D image: a frame of a file, with the header facts assembly needs."""
+
+    source: str
+    ds: Dataset
+    index: int | None  # frame number within a multi-frame file, None for single-frame
+    study_uid: str
+    series_uid: str
+    patient_id: str | None
+    iop: np.ndarray | None
+    ipp: np.ndarray | None
+    pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) in mm
+    slope: float
+    intercept: float
+    window: tuple[float, float] | None
+    split: tuple[Any, ...]
+    acquisition: Any = None
+    digest: str = ""  # keyed digest of the file's bytes (Pseudonymizer.file_digest)
+    decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # shared per file
+
+
+def _floats(value: Any, n: int) -> np.ndarray | None:
+    if value is None:
+        return None
+    try:
+        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+
+
+def _first(seq_parent: Dataset | None, seq: str) -> Dataset | None:
+    if seq_parent is None:
+        return None
+    items = seq_parent.get(seq)
+    return items[0] if items else None
+
+
+def _fg_value(per: Dataset | None, shared: Dataset | None, seq: str, attr: str) -> Any:
+    """Value of ``seq[0].attr`` from the per-frame group, else the shared group."""
+    for group in (per, shared):
+        item = _first(group, seq)
+        if item is not None and attr in item:
+            return item.get(attr)
+    return None
+
+
+def _pair(v: np.ndarray | None) -> tuple[float, float] | None:
+    return (float(v[0]), float(v[1])) if v is not None else None
+
+
+def _str(ds: Dataset, kw: str) -> str | None:
+    v = ds.get(kw)
+    if v is None or v == "":
+        return None
+    return str(v).strip() or None
+
+
+def _is_localizer(ds: Dataset) -> bool:
+    image_type = ds.get("ImageType") or []
+    if isinstance(image_type, str):
+        image_type = [image_type]
+    return any(str(t).upper() == "LOCALIZER" for t in image_type)
+
+
+def _window(ds: Dataset | None) -> tuple[float, float] | None:
+    if ds is None:
+        return None
+    c, w = ds.get("WindowCenter"), ds.get("WindowWidth")
+    if c is None or w is None:
+        return None
+    c0 = c[0] if isinstance(c, pydicom.multival.MultiValue) else c
+    w0 = w[0] if isinstance(w, pydicom.multival.MultiValue) else w
+    try:
+        return float(c0), float(w0)
+    except (TypeError, ValueError):
+        return None
+
+
+def _read(source: Source) -> Dataset:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with source.fileobj() as fp:
+                ds = pydicom.dcmread(fp, force=True)
+    except InvalidDicomError as exc:
+        raise NotDicomError(f"not a valid DICOM file ({exc}).", path=source.name) from exc
+    except (EOFError, OSError) as exc:
+        raise TruncatedFileError(
+            f"the file ends before its DICOM header does ({exc}); it was cut short in transfer.",
+            path=source.name,
+        ) from exc
+    except Exception as exc:
+        raise NotDicomError(
+            f"the DICOM header could not be parsed ({exc}).", path=source.name
+        ) from exc
+    _check_last_element(ds, source)
+    if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
+        raise NotDicomError(
+            "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=source.name
+        )
+    if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
+        # A bare dataset (no preamble or file meta, which sniff() accepts): record the
+        # encoding it was read with so that its native pixel data can be decoded.
+        implicit, little = ds.original_encoding
+        if implicit is not None:
+            if getattr(ds, "file_meta", None) is None:
+                ds.file_meta = FileMetaDataset()
+            ds.file_meta.TransferSyntaxUID = (
+                ImplicitVRLittleEndian
+                if implicit
+                else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+            )
+    return ds
+
+
+def _check_last_element(ds: Dataset, source: Source) -> None:
+    """A file cut short ends inside its last element, or inside the header of the next one."""
+    tags = list(ds.keys())
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if not tags or tsyntax == DeflatedExplicitVRLittleEndian:  # offsets are in the inflated stream
+        return
+    raw = ds.get_item(tags[-1])
+    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
+    if not isinstance(length, int) or not isinstance(tell, int) or length == 0xFFFFFFFF:
+        return
+    size = source.path.stat().st_size if source.path is not None else len(source.read())
+    end = tell + length
+    if end > size or 0 < size - end < 8:
+        raise TruncatedFileError(
+            f"the file ends inside element {tags[-1]} (it needs {end} bytes, the file has "
+            f"{size}); it was cut short in transfer — send it again.",
+            path=source.name,
+        )
+
+
+def _check_length(ds: Dataset, name: str) -> None:
+    """Catch native (uncompressed) pixel data that is shorter than its header promises."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or tsyntax.is_compressed or "PixelData" not in ds:
+        return
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    n_px = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
+    n_px *= int(ds.get("NumberOfFrames", 1) or 1)
+    expected = (n_px * bits + 7) // 8
+    got = len(ds.PixelData)
+    if bits and got < expected:
+        raise TruncatedFileError(
+            f"the pixel data holds {got} bytes but the header describes {expected}; the file was "
+            "cut short in transfer — send it again.",
+            path=name,
+        )
+
+
+class Skipped(Exception):
+    """A valid DICOM object that holds no image to embed (SR, RT plan, localizer…)."""
+
+
+def read_frames(source: Source, digest: str = "") -> list[Frame]:
+    """Read one DICOM file into its frames; raise :class:`Skipped` for non-image objects."""
+    ds = _read(source)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _frames(source, ds, digest)
+    except (Skipped, InputError):
+        raise
+    except Exception as exc:
+        raise InvalidHeaderError(
+            f"a header value is malformed ({type(exc).__name__}: {exc}); expected values valid "
+            "for their VR. Fix the header at the source or re-export the file.",
+            path=source.name,
+        ) from exc
+
+
+def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
+    sop = str(ds.get("SOPClassUID", ""))
+    modality = _str(ds, "Modality") or ""
+    if sop in NON_IMAGE_SOP_CLASSES:
+        raise Skipped(f"{NON_IMAGE_SOP_CLASSES[sop]} object, no image")
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        if modality in _NON_IMAGE_MODALITIES:
+            raise Skipped(f"{modality} object, no image")
+        raise NoPixelDataError(
+            f"the dataset (modality {modality or 'unknown'}) has no Pixel Data element; "
+            "expected an image object. Send the image series, not its report or plan.",
+            path=source.name,
+        )
+    if _is_localizer(ds):
+        raise Skipped("localizer (scout) image")
+    _check_length(ds, source.name)
+    study = str(ds.get("StudyInstanceUID", "")) or "unknown-study"
+    series = str(ds.get("SeriesInstanceUID", "")) or f"unknown-series:{source.name}"
+    patient = _str(ds, "PatientID")
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    spp = int(ds.get("SamplesPerPixel", 1))
+    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    top_slope = float(ds.get("RescaleSlope", 1) or 1)
+    if "DoseGridScaling" in ds:  # RT dose grids: stored value × scaling = Gy
+        top_slope *= float(ds.DoseGridScaling)
+    top_intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    echo = ds.get("EchoNumbers")
+    temporal = ds.get("TemporalPositionIdentifier")
+    bvalue = ds.get((0x0018, 0x9087))
+    frames: list[Frame] = []
+    # Fields every frame of this file shares, including one decode cache.
+    make = functools.partial(
+        Frame,
+        source=source.name,
+        ds=ds,
+        study_uid=study,
+        series_uid=series,
+        patient_id=patient,
+        digest=digest,
+        decoded={},
+    )
+    if per_frame is not None and len(per_frame) == n_frames:
+        for i, per in enumerate(per_frame):
+            iop = _floats(
+                _fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+            )
+            ipp = _floats(
+                _fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"), 3
+            )
+            ps = _floats(_fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
+            slope = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleSlope")
+            inter = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleIntercept")
+            content = _first(per, "FrameContentSequence")
+            stack = content.get("StackID") if content is not None else None
+            tpos = content.get("TemporalPositionIndex") if content is not None else None
+            f_echo = _fg_value(per, shared, "MREchoSequence", "EffectiveEchoTime")
+            f_b = _fg_value(per, shared, "MRDiffusionSequence", "DiffusionBValue")
+            frames.append(
+                make(
+                    index=i,
+                    iop=iop,
+                    ipp=ipp,
+                    pixel_spacing=_pair(ps),
+                    slope=float(slope) if slope is not None else top_slope,
+                    intercept=float(inter) if inter is not None else top_intercept,
+                    window=_window(_first(per, "FrameVOILUTSequence")) or _window(ds),
+                    split=(rows, cols, spp, for_uid, stack, tpos, f_echo, f_b),
+                )
+            )
+        return frames
+    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    ipp = _floats(ds.get("ImagePositionPatient"), 3)
+    ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
+    step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    for i in range(n_frames):
+        f_ipp = ipp
+        if n_frames > 1 and ipp is not None and iop is not None:
+            normal = np.cross(iop[:3], iop[3:])
+            if offsets is not None:
+                f_ipp = ipp + offsets[i] * normal
+            elif step:
+                f_ipp = ipp + i * float(step) * normal
+            else:
+                f_ipp = None
+        frames.append(
+            make(
+                index=i if n_frames > 1 else None,
+                iop=iop,
+                ipp=f_ipp,
+                pixel_spacing=_pair(ps),
+                slope=top_slope,
+                intercept=top_intercept,
+                window=_window(ds),
+                split=(rows, cols, spp, for_uid, None, temporal, echo, bvalue),
+                acquisition=ds.get("AcquisitionNumber"),
+            )
+        )
+    return frames
+
+
+#: MR timing attributes, at the top level or in the enhanced objects' functional groups.
+_TIMING = {
+    "repetition_time": ("RepetitionTime", "MRTimingAndRelatedParametersSequence"),
+    "echo_time": ("EchoTime", "MREchoSequence", "EffectiveEchoTime"),
+    "inversion_time": ("InversionTime", "MRModifierSequence", "InversionTimes"),
+}
+
+
+def _acquisition(ds: Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
+    """Non-identifying acquisition parameters that tell MR sequences apart."""
+    out: dict[str, Any] = {}
+    shared = _first(ds, "SharedFunctionalGroupsSequence")
+    for name, (kw, group, *inner) in _TIMING.items():
+        value = ds.get(kw)
+        if value in (None, "") and shared is not None:
+            item = _first(shared, group)
+            value = item.get(inner[0] if inner else kw) if item is not None else None
+        with contextlib.suppress(TypeError, ValueError):
+            if value not in (None, ""):
+                out[name] = float(value[0] if isinstance(value, list | MultiValue) else value)
+    agent = _str(ds, "ContrastBolusAgent")
+    if agent is not None or "ContrastBolusAgentSequence" in ds:
+        out["contrast_agent"] = True
+    for kw, name in (("ScanningSequence", "scanning_sequence"), ("SequenceName", "sequence")):
+        v = ds.get(kw)
+        if v not in (None, ""):
+            out[name] = "\\".join(str(x) for x in v) if isinstance(v, MultiValue) else str(v)
+    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    if for_uid:
+        out["frame_of_reference"] = pseudo.name("frame", for_uid)
+    return out
