@@ -471,7 +471,7 @@ def lap(name):
 import radcache.service.cli
 lap("import radcache.service.cli (pulls in torch, zarr, pydicom)")
 from radcache.embeddings import Pipeline, Settings, load_encoder, open_store
-from radcache.embeddings.runtime import reuse_memory, settle
+from radcache.embeddings.tuning import reuse_memory, settle
 reuse_memory()
 lap("import radcache.embeddings API (rest)")
 enc = load_encoder(sys.argv[1])
@@ -593,10 +593,10 @@ def _timed_embed(pipe: Any, data: Path) -> tuple[float, dict[str, float]]:
 
 def bench_in_process(data: Path, tmp: Path, n: int, repeats: int, retry: Retry) -> dict[str, Any]:
     from radcache.embeddings import Pipeline, Pseudonymizer, load_encoder, open_store
-    from radcache.embeddings.runtime import reuse_memory, settle
+    from radcache.embeddings.tuning import reuse_memory, settle
 
     pseudo = Pseudonymizer(secret=PSEUDONYM_KEY.encode())
-    reuse_memory()  # this process is tuned as a `radcache` process is (see runtime.py)
+    reuse_memory()  # this process is tuned as a `radcache` process is (see tuning.py)
     s = time.perf_counter()
     encoder = load_encoder(MODEL, precision="auto")
     load_s = time.perf_counter() - s

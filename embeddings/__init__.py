@@ -16,18 +16,20 @@ imported without pulling in torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ._lazy import lazy_names
 
 if TYPE_CHECKING:
+    from ._version import __version__
     from .encode import Encoder, SliceEmbeddings, load_encoder
     from .errors import RadcacheError
     from .index import Filters, IndexSet, open_index
     from .ingest import Candidate, ScanResult, load_volumes, scan
-    from .keys import Pseudonymizer
     from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
-    from .pipeline import EmbedReport, Pipeline, SeriesResult, __version__
+    from .pipeline import EmbedReport, Pipeline, SeriesResult
     from .preprocess import Prepared, prepare
+    from .pseudonyms import Pseudonymizer
     from .recipe import Recipe, load_recipe
     from .search import Query, Searcher
     from .settings import Settings, get_settings
@@ -48,14 +50,14 @@ _WHERE = {
     "ScanResult": "ingest",
     "load_volumes": "ingest",
     "scan": "ingest",
-    "Pseudonymizer": "keys",
+    "Pseudonymizer": "pseudonyms",
     "DEFAULT_MODEL": "models",
     "REGISTRY": "models",
     "ModelCfg": "models",
     "EmbedReport": "pipeline",
     "Pipeline": "pipeline",
     "SeriesResult": "pipeline",
-    "__version__": "pipeline",
+    "__version__": "_version",
     "Prepared": "preprocess",
     "prepare": "preprocess",
     "Recipe": "recipe",
@@ -106,14 +108,4 @@ __all__ = [
     "scan",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *__all__})
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)

@@ -6,7 +6,7 @@ canonical orientation (see :mod:`radcache.embeddings.geometry`), so the same ana
 delivered as a DICOM series or as a NIfTI file yields the same array.
 
 It has no field for patient name, patient ID, birth date, accession number or
-institution: identity is reduced to keyed pseudonyms (:mod:`radcache.embeddings.keys`)
+institution: identity is reduced to keyed pseudonyms (:mod:`radcache.embeddings.pseudonyms`)
 before a ``Volume`` is built.
 """
 

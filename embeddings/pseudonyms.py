@@ -1,4 +1,4 @@
-"""Keys: pseudonyms for DICOM identifiers (and their secret), and cache keys.
+"""Pseudonyms for DICOM identifiers, and the deployment secret they are keyed with.
 
 Studies, series and patients are named by ``HMAC-SHA256(secret, kind + ":" + uid)``
 (first 32 hex digits), so the store never holds a UID or patient ID, while the same
@@ -19,7 +19,7 @@ from typing import Literal
 
 from .errors import ConfigError
 
-__all__ = ["Pseudonymizer", "entry_key", "load_or_create_secret"]
+__all__ = ["Pseudonymizer", "load_or_create_secret"]
 
 Kind = Literal["study", "series", "patient", "frame"]
 _DIGITS = 32
@@ -83,11 +83,3 @@ class Pseudonymizer:
     def fingerprint(self) -> str:
         """A short public fingerprint of the secret, recorded in the store."""
         return hmac.new(self.secret, b"radcache-fingerprint", hashlib.sha256).hexdigest()[:16]
-
-
-def entry_key(content_hash: str, weights_hash: str, recipe_hash: str, precision: str) -> str:
-    """Cache key of one embedded volume: pixels+geometry, exact weights, recipe, precision."""
-    import xxhash
-
-    msg = "|".join(("radcache-entry-v1", content_hash, weights_hash, recipe_hash, precision))
-    return xxhash.xxh3_128_hexdigest(msg.encode())
