@@ -1,15 +1,22 @@
-"""Model registry and loading (DINOv2 S/B/L/g, with registers, RAD-DINO, local checkpoints)."""
+"""Model registry and loading (DINOv2 S/B/L/g, with registers, RAD-DINO, local checkpoints).
 
-from ._loader import build_random, load_backbone
-from ._registry import DEFAULT_MODEL, REGISTRY, ModelCfg, get_cfg
+Layout: ``_registry`` (the entries), ``_config`` (checkpoint configs), ``_loader`` (loading,
+and the hooks other architectures register with), ``mmdinov2`` (MM-DINOv2, which registers
+itself; its model in ``_mm_model``, its checkpoints in ``_mm_checkpoint``).
+"""
 
-__all__ = ["DEFAULT_MODEL", "REGISTRY", "ModelCfg", "build_random", "get_cfg", "load_backbone"]
-
-# MM-DINOv2 (several MRI sequences per pass) needs torch: its names load on first use
-# (PEP 562), so the registry above stays importable without torch.
 from typing import TYPE_CHECKING, Any
 
+from ._loader import build_random
+from ._registry import DEFAULT_MODEL, REGISTRY, ModelCfg, get_cfg
+
+__all__ = ["DEFAULT_MODEL", "REGISTRY", "ModelCfg", "build_random", "get_cfg"]
+
+# Names that need torch load on first use (PEP 562), so the registry above stays importable
+# without torch. ``load_backbone`` is among them: reaching it imports ``mmdinov2`` first, so
+# MM-DINOv2's loaders are registered before anything is loaded.
 if TYPE_CHECKING:
+    from ._loader import load_backbone
     from .mmdinov2 import (
         SEQUENCES,
         MMDinov2,
@@ -26,6 +33,7 @@ __all__ += [
     "MMDinov2",
     "MMOutput",
     "convert",
+    "load_backbone",
     "load_converted",
     "load_training_checkpoint",
     "save_converted",
@@ -34,8 +42,8 @@ __all__ += [
 
 
 def __getattr__(name: str) -> Any:
-    if name in __all__:  # only the MM-DINOv2 names reach here
-        from . import mmdinov2
+    if name in __all__:  # only the lazy names reach here
+        from . import _loader, mmdinov2
 
-        return getattr(mmdinov2, name)
+        return getattr(_loader if name == "load_backbone" else mmdinov2, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

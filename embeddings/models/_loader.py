@@ -2,55 +2,50 @@
 
 Loading is strict: a checkpoint whose weights do not cover the architecture raises
 instead of leaving layers randomly initialised (which would give plausible-looking,
-wrong embeddings).
+wrong embeddings). Other architectures built on DINOv2 (MM-DINOv2) register their loaders
+here (:func:`register_dir_loader`, :func:`register_arch_loader`); this module imports no
+model file.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, TypeAlias, cast
 
 if TYPE_CHECKING:
     import torch
 
 from ..errors import ModelError, ModelUnavailableError
-from ._registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    MM_MEAN,
-    MM_PAPER,
-    MM_STD,
-    REGISTRY,
-    ModelCfg,
-    get_cfg,
-)
+from ._config import _SUPPORTED_TYPES, _cfg_from_checkpoint, _hf_config
+from ._registry import REGISTRY, ModelCfg, get_cfg
 
-__all__ = ["build_random", "load_backbone"]
+__all__ = ["build_random", "load_backbone", "register_arch_loader", "register_dir_loader"]
 
 log = logging.getLogger(__name__)
-_SUPPORTED_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2-reg"}
 RANDOM_SEED = 20231101
 
+#: ``load(path)`` for a checkpoint directory; ``load(cfg, cache_dir, offline)`` for a registry
+#: entry of a registered arch. Both return the config and the module.
+DirLoader: TypeAlias = "Callable[[Path], tuple[ModelCfg, torch.nn.Module]]"
+ArchLoader: TypeAlias = "Callable[[ModelCfg, str | None, bool], tuple[ModelCfg, torch.nn.Module]]"
+_DIR_LOADERS: dict[str, tuple[Callable[[Path], bool], DirLoader]] = {}
+_ARCH_LOADERS: dict[str, ArchLoader] = {}
 
-def _hf_config(cfg: ModelCfg) -> Any:
-    from transformers import Dinov2Config, Dinov2WithRegistersConfig
 
-    kwargs: dict[str, Any] = {
-        "hidden_size": cfg.dim,
-        "num_hidden_layers": cfg.depth,
-        "num_attention_heads": cfg.heads,
-        "mlp_ratio": cfg.mlp_dim // cfg.dim,
-        "patch_size": cfg.patch_size,
-        "image_size": cfg.image_size,
-        "layerscale_value": 1.0,
-    }
-    if cfg.arch == "dinov2-reg":
-        return Dinov2WithRegistersConfig(num_register_tokens=cfg.num_registers, **kwargs)
-    return Dinov2Config(**kwargs)
+def register_dir_loader(is_mine: Callable[[Path], bool], load: DirLoader) -> None:
+    """Load checkpoint directories that ``is_mine`` claims with ``load`` (before plain DINOv2).
+
+    Registering the same function again (a reloaded module) replaces the earlier entry.
+    """
+    _DIR_LOADERS[f"{load.__module__}.{load.__qualname__}"] = (is_mine, load)
+
+
+def register_arch_loader(arch: str, load: ArchLoader) -> None:
+    """Build registry entries whose ``arch`` is ``arch`` with ``load(cfg, cache_dir, offline)``."""
+    _ARCH_LOADERS[arch] = load
 
 
 def build_random(cfg: ModelCfg) -> torch.nn.Module:
@@ -63,71 +58,6 @@ def build_random(cfg: ModelCfg) -> torch.nn.Module:
         torch.manual_seed(RANDOM_SEED)
         model: torch.nn.Module = AutoModel.from_config(config, attn_implementation="sdpa")
     return model
-
-
-def _processor_stats(path: Path) -> dict[str, Any]:
-    """Mean, std and input size from a checkpoint's ``preprocessor_config.json``, if any."""
-    p = path / "preprocessor_config.json"
-    if not p.is_file():
-        return {}
-    try:
-        pc = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return {}
-    out: dict[str, Any] = {}
-    if "image_mean" in pc and "image_std" in pc:
-        out["mean"] = tuple(float(v) for v in pc["image_mean"])
-        out["std"] = tuple(float(v) for v in pc["image_std"])
-    crop = pc.get("crop_size")
-    if isinstance(crop, dict) and "height" in crop:
-        out["image_size"] = int(crop["height"])
-    elif isinstance(crop, int):
-        out["image_size"] = crop
-    return out
-
-
-def read_config(path: Path, expected: str) -> dict[str, Any]:
-    """``path/config.json``, or a :class:`ModelError` saying what ``expected`` was."""
-    try:
-        config: dict[str, Any] = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as exc:
-        raise ModelError(
-            f"{path} has no readable config.json ({exc}); expected {expected}."
-        ) from exc
-    return config
-
-
-def _cfg_from_checkpoint(path: Path, base: ModelCfg | None) -> ModelCfg:
-    config = read_config(
-        path, "a Hugging Face checkpoint directory (config.json + model.safetensors)"
-    )
-    model_type = config.get("model_type")
-    if model_type not in _SUPPORTED_TYPES:
-        raise ModelError(
-            f"{path} holds a {model_type!r} model; expected a DINOv2-family checkpoint "
-            f"(model_type one of {sorted(_SUPPORTED_TYPES)})."
-        )
-    stats = _processor_stats(path)
-    patch = int(config.get("patch_size", 14))
-    size = int(stats.get("image_size", base.image_size if base else 224))
-    size -= size % patch
-    fields = {
-        "name": base.name if base else f"local:{path.name}",
-        "hf_id": base.hf_id if base else None,
-        "arch": _SUPPORTED_TYPES[model_type],
-        "dim": int(config["hidden_size"]),
-        "patch_size": patch,
-        "image_size": size,
-        "num_registers": int(config.get("num_register_tokens", 0)),
-        "mean": stats.get("mean", base.mean if base else IMAGENET_MEAN),
-        "std": stats.get("std", base.std if base else IMAGENET_STD),
-        "depth": int(config.get("num_hidden_layers", 12)),
-        "heads": int(config.get("num_attention_heads", 12)),
-        "mlp_dim": int(config.get("mlp_ratio", 4) * config["hidden_size"]),
-    }
-    if base is None:
-        return ModelCfg(license="see checkpoint", paper="see checkpoint", **fields)
-    return dataclasses.replace(base, **fields)
 
 
 def _strict_load(path: Path) -> torch.nn.Module:
@@ -149,38 +79,6 @@ def _strict_load(path: Path) -> torch.nn.Module:
     if info.get("unexpected_keys"):
         log.info("ignoring %d unused tensors in %s", len(info["unexpected_keys"]), path)
     return cast(torch.nn.Module, model)
-
-
-def _is_mm(path: Path) -> bool:
-    try:
-        return "mm_dinov2" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-
-
-def _mm_fields(cfg: ModelCfg) -> dict[str, Any]:
-    """What an MM-DINOv2 entry changes in its base DINOv2's config."""
-    keep = ("name", "arch", "mean", "std", "sequences", "base", "untrained_sequences")
-    return {k: getattr(cfg, k) for k in (*keep, "paper", "note", "random_weights", "hf_id")}
-
-
-def _load_mm_dir(path: Path) -> tuple[ModelCfg, torch.nn.Module]:
-    """A directory written by ``radcache.embeddings.models.convert``."""
-    from .mmdinov2 import load_converted
-
-    mm = load_converted(path)
-    base = _cfg_from_checkpoint(path, None)
-    cfg = dataclasses.replace(
-        base,
-        name=path.name,
-        arch="mm-dinov2",
-        mean=MM_MEAN,
-        std=MM_STD,
-        sequences=tuple(mm.sequences),
-        untrained_sequences=bool(mm.untrained),
-        paper=MM_PAPER,
-    )
-    return cfg, mm
 
 
 def _resolve_hub(hf_id: str, cache_dir: str | None, offline: bool) -> Path:
@@ -228,17 +126,19 @@ def load_backbone(
         offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     path = Path(spec).expanduser()
     if spec not in REGISTRY and path.is_dir():
-        if _is_mm(path):
-            return _load_mm_dir(path)
+        for is_mine, load in _DIR_LOADERS.values():
+            if is_mine(path):
+                return load(path)
         return _cfg_from_checkpoint(path, None), _strict_load(path)
     cfg = get_cfg(spec)
-    if cfg.multi_sequence:
-        assert cfg.base is not None
-        base_cfg, backbone = load_backbone(cfg.base, cache_dir=cache_dir, offline=offline)
-        from .mmdinov2 import MMDinov2
-
-        mm = MMDinov2.from_backbone(backbone, cfg.sequences, seed=RANDOM_SEED)
-        return dataclasses.replace(base_cfg, **_mm_fields(cfg)), mm
+    arch_loader = _ARCH_LOADERS.get(cfg.arch)
+    if arch_loader is not None:
+        return arch_loader(cfg, cache_dir, offline)
+    if cfg.arch not in _SUPPORTED_TYPES.values():
+        raise ModelError(
+            f"no loader is registered for {cfg.name} (arch {cfg.arch!r}); load models through "
+            "radcache.embeddings.models.load_backbone, which registers every architecture."
+        )
     if cfg.random_weights:
         return cfg, build_random(cfg)
     assert cfg.hf_id is not None
