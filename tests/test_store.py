@@ -253,7 +253,7 @@ def test_process_tuning_reuses_memory_and_freezes_the_collector() -> None:
     import sys
 
     code = (
-        "import gc; from radcache.embeddings.runtime import reuse_memory, settle; "
+        "import gc; from radcache.embeddings.tuning import reuse_memory, settle; "
         "import torch; print(reuse_memory(), reuse_memory()); settle(); "
         "print(gc.get_freeze_count() > 100000)"
     )
