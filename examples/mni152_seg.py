@@ -35,9 +35,8 @@ import numpy as np
 
 from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, Recipe
 from radcache.embeddings.encode import load_encoder
+from radcache.embeddings.probes import overlays, seg, seg_data, split_slices, write_report
 from radcache.embeddings.recipe import Resize
-from radcache.embeddings.report import write_report
-from radcache.embeddings.segment import overlays, seg, seg_data, split_slices
 
 CLASSES = ["background", "grey-matter", "white-matter"]
 

@@ -227,7 +227,7 @@ def test_a_dicom_study_is_sorted_into_sequences_by_its_headers(
 def test_a_segmentation_probe_runs_on_a_multi_sequence_entry(
     mm: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
 ) -> None:
-    from radcache.embeddings.segment import seg, seg_data, split_slices
+    from radcache.embeddings.probes import seg, seg_data, split_slices
 
     store = EmbeddingStore(tmp_path / "s.zarr")
     pipe = Pipeline(mm, store, pseudo)

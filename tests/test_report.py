@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from radcache.embeddings.errors import InputError
-from radcache.embeddings.report import Overlay, write_report
+from radcache.embeddings.probes import Overlay, write_report
 
 CLASSES = ["a", "b", "c"]
 NAN = float("nan")
@@ -261,6 +261,6 @@ def test_rejects_unknown_protocol_and_bad_overlay(tmp_path: Path) -> None:
 
 
 def test_import_is_cheap() -> None:
-    code = "import sys, radcache.embeddings.report; assert 'matplotlib' not in sys.modules"
+    code = "import sys, radcache.embeddings.probes.report; assert 'matplotlib' not in sys.modules"
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert p.returncode == 0, p.stderr

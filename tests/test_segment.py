@@ -15,16 +15,16 @@ from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer
 from radcache.embeddings.encode import Encoder
 from radcache.embeddings.errors import InputError
 from radcache.embeddings.preprocess import placement
-from radcache.embeddings.probes import features
-from radcache.embeddings.recipe import Resize
-from radcache.embeddings.segment import (
+from radcache.embeddings.probes import (
     PatchDataset,
     SliceDataset,
     dice,
+    features,
     seg,
     seg_data,
     split_slices,
 )
+from radcache.embeddings.recipe import Resize
 
 SHAPE = (80, 96, 24)  # i (x), j (y), k (z) as NIfTI stores it: non-square slices
 

@@ -1,4 +1,4 @@
-"""Segmentation probes on cached patch tokens, and PyTorch datasets for training on the store.
+"""Segmentation probes on cached patch tokens.
 
 Entry points: :func:`seg_data` reads the stored patch-token grids of some entries together
 with reference label maps (NIfTI or any volume radcache ingests, on the image's grid),
@@ -9,9 +9,7 @@ loss — and scores per-class Dice on held-out slices (2D) and volumes (3D, slic
 in each slice's own pixel grid: predictions go back through the recipe's resize and
 padding (:class:`~radcache.embeddings.preprocess.Placement`).
 
-:class:`PatchDataset` (patch grids with masks resampled to the patch grid) and
-:class:`SliceDataset` (one feature vector and label per slice) serve users who train their
-own heads with PyTorch.
+The PyTorch datasets for users who train their own heads are in :mod:`.datasets`.
 """
 
 from __future__ import annotations
@@ -26,17 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .preprocess import Placement, placement, reslice
-from .recipe import Recipe
-from .store import EmbeddingStore
+from ..errors import InputError
+from ..preprocess import Placement, placement, reslice
+from ..recipe import Recipe
+from ..store import EmbeddingStore
+from .report import Overlay
+from .splits import hash_split
 
 __all__ = [
-    "PatchDataset",
     "SegData",
     "SegHead",
     "SegVolume",
-    "SliceDataset",
     "dice",
     "overlays",
     "read_masks",
@@ -86,8 +84,8 @@ class SegData:
 
 
 def _load_one(path: str | Path, what: str) -> Any:
-    from .ingest import load_volumes
-    from .keys import Pseudonymizer
+    from ..ingest import load_volumes
+    from ..pseudonyms import Pseudonymizer
 
     # Masks and images here are matched by geometry, never by name: any secret will do.
     vols, errors = load_volumes([str(path)], Pseudonymizer(os.urandom(32)))
@@ -236,8 +234,6 @@ def split_slices(
     """``train``/``test`` per row of ``data.rows()``. ``patient``: whole patients, by a hash
     of the pseudonym (as the classification probes split); ``blocks``: each volume cut into
     ``blocks`` runs of adjacent slices, alternately train and test (for a single volume)."""
-    from .probes import hash_split
-
     if how == "patient":
         patients = [data.volumes[v].patient for v, _ in data.rows()]
         return hash_split(patients, (1 - test_fraction, test_fraction), seed, ("train", "test"))
@@ -393,8 +389,6 @@ def seg(
 def overlays(data: SegData, head: SegHead, split: np.ndarray, n: int = 3) -> list[Any]:
     """Pictures of ``n`` test slices (prediction beside reference), spread over the test
     slices that show the most foreground."""
-    from .report import Overlay
-
     rows = data.rows()
     test = [rows[i] for i in np.flatnonzero(split == "test")]
     fg = [(v, i) for v, i in test if (data.volumes[v].masks[i] > 0).mean() > 0.15] or test
@@ -415,48 +409,3 @@ def _group(rows: Sequence[tuple[int, int]]) -> list[tuple[int, np.ndarray]]:
     for v, i in rows:
         out.setdefault(v, []).append(i)
     return [(v, np.asarray(ii)) for v, ii in out.items()]
-
-
-class PatchDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Slices of :class:`SegData` for training a dense head: ``tokens`` ``(D, h, w)``,
-    ``target`` (class fractions on the patch grid, ``(C, h, w)``), ``entry``, ``slice``."""
-
-    def __init__(self, data: SegData, rows: Sequence[tuple[int, int]] | None = None) -> None:
-        self.data = data
-        self.items = list(rows) if rows is not None else data.rows()
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        v, s = self.items[i]
-        vol = self.data.volumes[v]
-        idx = np.asarray([s])
-        return {
-            "tokens": torch.from_numpy(vol.tokens[s]).float().permute(2, 0, 1),
-            "target": vol.grid_targets(len(self.data.classes), idx)[0],
-            "entry": vol.entry,
-            "slice": int(vol.slices[s]),
-        }
-
-
-class SliceDataset(torch.utils.data.Dataset[dict[str, Any]]):
-    """Slice-level features (:func:`radcache.embeddings.probes.features` with
-    ``level="slice"``) with one label: ``x`` ``(D,)``, ``y`` (class number), ``entry``,
-    ``slice``. Rows without the label are left out; ``classes`` fixes the numbering."""
-
-    def __init__(self, features: Any, label: str, classes: Sequence[str] | None = None) -> None:
-        f = features.labelled(label)
-        values = f.labels(label)
-        self.classes = list(classes) if classes else sorted(set(values))
-        number = {c: k for k, c in enumerate(self.classes)}
-        self.x = torch.from_numpy(np.ascontiguousarray(f.x, dtype=np.float32))
-        self.y = torch.as_tensor([number[v] for v in values], dtype=torch.long)
-        self.rows = f.rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        r = self.rows[i]
-        return {"x": self.x[i], "y": self.y[i], "entry": r["entry"], "slice": r["slice"]}

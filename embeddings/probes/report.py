@@ -1,6 +1,6 @@
 """Reports: a probe result as ``result.json``, a short ``report.md`` and PNG plots.
 
-Entry point :func:`write_report` takes the dict a protocol of :mod:`.probes` returns
+Entry point :func:`write_report` takes the dict a protocol of :mod:`.protocols` returns
 (``knn``, ``fewshot``, ``linear``) or a segmentation probe's (``seg``) and writes, per
 protocol:
 
@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
+from .export import save_json
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -332,8 +333,6 @@ def write_report(
 ) -> Path:
     """Write ``result.json``, ``report.md`` and PNG plots into ``directory`` (created if
     missing); returns the ``report.md`` path."""
-    from .probes import save_json
-
     protocol = result.get("protocol")
     if protocol not in _PROTOCOLS:
         raise InputError(f"unknown protocol {protocol!r}; expected one of {', '.join(_PROTOCOLS)}.")
