@@ -24,33 +24,43 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 import xxhash
 
-from .encode import MMEncoder
+from .cache_keys import entry_key
+from .encode import Encoder, MMEncoder
 from .errors import InputError
-from .ingest import scan
-from .ingest._sources import InputItem
-from .keys import entry_key
+from .ingest import InputItem, scan
 from .models._registry import MM_SEQUENCES
 from .preprocess import Prepared, prepare
+from .pseudonyms import Pseudonymizer
+from .recipe import Recipe
+from .results import EmbedReport, Progress, SeriesResult, entry_attrs, series_result
 from .sequences import Study, assemble_study
-from .store import EntryInfo, space_id
+from .store import EmbeddingStore, EntryInfo, space_id
 
-if TYPE_CHECKING:
-    from .pipeline import EmbedReport, Pipeline, Progress
-
-__all__ = ["FUSIONS", "Fusion", "embed_study"]
+__all__ = ["FUSIONS", "Fusion", "StudyEmbedder", "embed_study"]
 
 Fusion = Literal["mm", "concat", "mean"]
 FUSIONS: tuple[Fusion, ...] = ("mm", "concat", "mean")
 
 
+class StudyEmbedder(Protocol):
+    """What a study is embedded with (a :class:`~radcache.embeddings.Pipeline` is one)."""
+
+    encoder: Encoder
+    store: EmbeddingStore
+    pseudonymizer: Pseudonymizer
+    recipe: Recipe
+    patch_tokens: bool
+    batch_size: int
+
+
 def embed_study(
-    pipe: Pipeline,
+    pipe: StudyEmbedder,
     inputs: Iterable[InputItem],
     *,
     mapping: Mapping[str, str] | None = None,
@@ -61,8 +71,6 @@ def embed_study(
 ) -> EmbedReport:
     """Embed the volumes in ``inputs`` as ONE multi-sequence MR study. ``fusion`` defaults to
     ``mm`` for an MM-DINOv2 model and must be ``concat`` or ``mean`` for a plain DINOv2."""
-    from .pipeline import EmbedReport
-
     cfg = pipe.encoder.cfg
     fusion = fusion or ("mm" if cfg.multi_sequence else None)
     if fusion not in FUSIONS:
@@ -99,8 +107,8 @@ def embed_study(
 
 
 def _embed_assembled(
-    pipe: Pipeline, study: Study, fusion: Fusion, progress: Progress | None
-) -> Any:
+    pipe: StudyEmbedder, study: Study, fusion: Fusion, progress: Progress | None
+) -> SeriesResult:
     t0 = time.perf_counter()
     enc, cfg = pipe.encoder, pipe.encoder.cfg
     vocabulary = cfg.sequences or MM_SEQUENCES
@@ -131,13 +139,13 @@ def _embed_assembled(
                 attrs = _attrs(pipe, study, p, recipe, fusion, vocabulary, model_name)
                 attrs["model"]["dim"] = int(arrays["cls"].shape[1])
                 info: EntryInfo = pipe.store.write(key, attrs, arrays)
-                return pipe._result(info, "miss", t0, ref.meta.warnings, refs)
+                return series_result(info, "miss", t0, ref.meta.warnings, refs)
     pipe.store.ensure_indexed(cached)
-    return pipe._result(cached, "hit", t0, ref.meta.warnings, refs)
+    return series_result(cached, "hit", t0, ref.meta.warnings, refs)
 
 
 def _mm(
-    pipe: Pipeline,
+    pipe: StudyEmbedder,
     prepared: dict[str, Prepared],
     vocabulary: tuple[str, ...],
     progress: Progress | None,
@@ -173,7 +181,7 @@ def _mm(
 
 
 def _fused(
-    pipe: Pipeline,
+    pipe: StudyEmbedder,
     prepared: dict[str, Prepared],
     vocabulary: tuple[str, ...],
     fusion: Fusion,
@@ -200,18 +208,17 @@ def _fused(
 
 
 def _attrs(
-    pipe: Pipeline,
+    pipe: StudyEmbedder,
     study: Study,
     p: Prepared,
-    recipe: Any,
+    recipe: Recipe,
     fusion: Fusion,
     vocabulary: tuple[str, ...],
     model_name: str,
 ) -> dict[str, Any]:
     ref = study.volumes[study.reference]
-    attrs = pipe._attrs(ref, p.volume, recipe, p.grid, p.n)
     enc, cfg = pipe.encoder, pipe.encoder.cfg
-    attrs["cls_last_n"] = 0
+    attrs = entry_attrs(enc, ref, p.volume, recipe, p.grid, p.n, cls_last_n=0)
     attrs["model"] = {
         **attrs["model"],
         "name": model_name,

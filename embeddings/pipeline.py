@@ -12,95 +12,34 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import numpy as np
 
+from ._version import __version__
+from .cache_keys import entry_key
 from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, RadcacheError
-from .ingest import Candidate, scan
-from .ingest._sources import InputItem, Source, expand, sniff
-from .keys import Pseudonymizer, entry_key
+from .ingest import Candidate, InputItem, Source, expand, scan, sniff
+from .multiseq import Fusion, embed_study
 from .preprocess import prepare
+from .pseudonyms import Pseudonymizer
 from .recipe import Recipe
+from .results import (
+    EmbedReport,
+    Progress,
+    SeriesResult,
+    Transient,
+    entry_attrs,
+    series_result,
+)
 from .settings import Settings
 from .store import SHARED_FILE, EmbeddingStore, EntryInfo, EntryWriter, space_id
 from .volume import Volume
 
-__all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient"]
+__all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "__version__"]
 
 log = logging.getLogger(__name__)
-
-try:
-    __version__ = version("radcache")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree
-    __version__ = "0+unknown"
-
-
-class Progress(Protocol):
-    """Where the pipeline reports progress (a terminal bar, a job record…)."""
-
-    def total(self, slices: int) -> None: ...
-    def advance(self, slices: int) -> None: ...
-
-
-@dataclass
-class SeriesResult:
-    """What happened to one volume."""
-
-    study: str
-    series: str
-    part: str
-    entry: str
-    modality: str | None
-    slices: int
-    cache: Literal["hit", "miss"]
-    seconds: float
-    warnings: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "study": self.study,
-            "series": self.series,
-            "part": self.part,
-            "entry": self.entry,
-            "modality": self.modality,
-            "slices": self.slices,
-            "cache": self.cache,
-            "seconds": round(self.seconds, 3),
-            "warnings": list(self.warnings),
-        }
-
-
-@dataclass
-class EmbedReport:
-    series: list[SeriesResult] = field(default_factory=list)
-    errors: list[RadcacheError] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.errors
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "series": [s.to_dict() for s in self.series],
-            "errors": [e.to_dict() for e in self.errors],
-            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
-        }
-
-
-@dataclass
-class Transient:
-    """A volume embedded for a query and not stored: its space, vectors and metadata."""
-
-    key: str
-    space: str
-    meta: dict[str, Any]  # the volume's non-identifying metadata (pseudonyms included)
-    pooled: np.ndarray  # (D,)
-    cls: np.ndarray  # (n, D)
 
 
 def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
@@ -166,24 +105,44 @@ class Pipeline:
         progress: Progress | None = None,
         labels: Mapping[str, Any] | None = None,
         collection: str | None = None,
+        recognise: bool = True,
     ) -> EmbedReport:
         """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on.
 
         ``labels`` (e.g. ``{"diagnosis": "pneumonia"}``) are recorded with every entry the
         submission names, for few-shot classification and probes; ``collection`` adds
-        them to a named collection that searches can be restricted to.
+        them to a named collection that searches can be restricted to. ``recognise=False``
+        skips :meth:`recognise` (its caller has tried it already).
         """
-        report = self._embed(list(inputs), modality, progress)
+        inputs = list(inputs)
+        known = self.recognise(inputs) if recognise else None
+        if known is not None:
+            if progress is not None:
+                progress.total(sum(r.slices for r in known.series))
+                progress.advance(sum(r.slices for r in known.series))
+            report = known
+        else:
+            report = self._embed(inputs, modality, progress)
+        self.label(report, labels=labels, collection=collection)
+        return report
+
+    def label(
+        self,
+        report: EmbedReport,
+        *,
+        labels: Mapping[str, Any] | None = None,
+        collection: str | None = None,
+    ) -> None:
+        """Record ``labels`` and ``collection`` with every entry ``report`` names."""
         for r in report.series:
             self.store.annotate(r.entry, labels=labels, collection=collection)
-        return report
 
     def embed_study(
         self,
         inputs: Iterable[InputItem],
         *,
         mapping: Mapping[str, str] | None = None,
-        fusion: Literal["mm", "concat", "mean"] | None = None,
+        fusion: Fusion | None = None,
         progress: Progress | None = None,
         labels: Mapping[str, Any] | None = None,
         collection: str | None = None,
@@ -192,7 +151,6 @@ class Pipeline:
         sequence) → one entry: MM-DINOv2, or with a plain DINOv2 the ``concat``/``mean``
         fusion of per-sequence CLS tokens. ``mapping`` names sequences by series or file
         name; the rest are guessed (:mod:`.sequences`). See :mod:`.multiseq`."""
-        from .multiseq import embed_study
 
         return embed_study(
             self,
@@ -245,12 +203,6 @@ class Pipeline:
     def _embed(
         self, inputs: list[InputItem], modality: str | None, progress: Progress | None
     ) -> EmbedReport:
-        known = self.recognise(inputs)
-        if known is not None:
-            if progress is not None:
-                progress.total(sum(r.slices for r in known.series))
-                progress.advance(sum(r.slices for r in known.series))
-            return known
         found = scan(inputs, self.pseudonymizer, modality=modality)
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
@@ -326,7 +278,7 @@ class Pipeline:
             self.store.ensure_indexed(info)
             refs = {"study": rec["study"], "series": rec["series"], "part": rec["part"]}
             report.series.append(
-                self._result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
+                series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
             )
         return report
 
@@ -352,10 +304,10 @@ class Pipeline:
                 cached = self.store.get(key)
                 if cached is None:
                     info = self._write(volume, key, recipe, progress)
-                    return self._result(info, "miss", t0, meta.warnings, refs)
+                    return series_result(info, "miss", t0, meta.warnings, refs)
         self.store.ensure_indexed(cached)
         self.store.add_alias(key, refs)
-        return self._result(cached, "hit", t0, meta.warnings, refs)
+        return series_result(cached, "hit", t0, meta.warnings, refs)
 
     def _write(
         self, volume: Volume, key: str, recipe: Recipe, progress: Progress | None
@@ -392,59 +344,7 @@ class Pipeline:
         writer.put("pooled", 0, emb.pooled)
         writer.put("positions", 0, prepared.positions.astype(np.float64))
         writer.put("slice_index", 0, prepared.indices.astype(np.int32))
-        attrs = self._attrs(volume, prepared.volume, recipe, prepared.grid, n)
-        return writer.commit(attrs, emb.pooled, emb.cls)
-
-    def _attrs(
-        self, volume: Volume, sliced: Volume, recipe: Recipe, grid: tuple[int, int], n: int
-    ) -> dict[str, Any]:
-        enc, cfg = self.encoder, self.encoder.cfg
-        return {
-            "volume": volume.meta.to_dict(),
-            "geometry": {**sliced.geometry.to_dict(), "shape": list(sliced.shape)},
-            "content_hash": volume.content_hash(),
-            "n_slices": n,
-            "volume_slices": sliced.n_slices,
-            "model": {
-                "name": cfg.name,
-                "label": cfg.label,
-                "hf_id": cfg.hf_id,
-                "arch": cfg.arch,
-                "dim": cfg.dim,
-                "patch_size": cfg.patch_size,
-                "image_size": cfg.image_size,
-                "num_registers": cfg.num_registers,
-                "random_weights": cfg.random_weights,
-                "weights_hash": enc.weights_hash,
-            },
-            "recipe": recipe.model_dump(mode="json"),
-            "recipe_hash": recipe.hash(),
-            "precision": enc.precision,
-            "device": enc.device.type,
-            "grid": list(grid),
-            "cls_last_n": self.cls_last_n,
-            "pooled": "mean of slice CLS tokens",
-            "space": space_id(cfg.name, enc.weights_hash, recipe.hash()),
-            "radcache_version": __version__,
-        }
-
-    @staticmethod
-    def _result(
-        info: EntryInfo,
-        cache: Literal["hit", "miss"],
-        t0: float,
-        warnings: tuple[str, ...],
-        refs: dict[str, str],
-    ) -> SeriesResult:
-        """The outcome, named by the references this submission used (maybe an alias)."""
-        return SeriesResult(
-            study=refs["study"],
-            series=refs["series"],
-            part=refs["part"],
-            entry=info.key,
-            modality=info.modality,
-            slices=info.n_slices,
-            cache=cache,
-            seconds=time.perf_counter() - t0,
-            warnings=warnings,
+        attrs = entry_attrs(
+            self.encoder, volume, prepared.volume, recipe, prepared.grid, n, self.cls_last_n
         )
+        return writer.commit(attrs, emb.pooled, emb.cls)

@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import AmbiguousReferenceError, InputError, NotFoundError, SearchIndexError
 from .index import Filters, Hit, IndexSet, Level, SpaceIndex, normalise
-from .ingest._sources import InputItem
+from .ingest import InputItem
 
 __all__ = [
     "Classification",

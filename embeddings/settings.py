@@ -1,4 +1,9 @@
-"""All settings in one place: ``RADCACHE_*`` environment variables, overridden by CLI flags."""
+"""Settings of the embedding library: ``RADCACHE_*`` environment variables.
+
+The service adds its own fields (host, port, job database, queue, worker) in
+:class:`radcache.service.settings.ServiceSettings`, a subclass: a ``radcache`` process
+builds that one class once, with CLI flags over the environment.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,9 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .keys import Pseudonymizer, load_or_create_secret
-from .locks import Locks
 from .models import DEFAULT_MODEL
+from .pseudonyms import Pseudonymizer, load_or_create_secret
+from .store.locks import Locks
 
 __all__ = ["Settings", "get_settings"]
 
@@ -61,33 +66,6 @@ class Settings(BaseSettings):
     index_recall_target: float = Field(
         0.95, gt=0, le=1, description="recall@10 an approximate index is tuned to at build time"
     )
-    index_refresh_s: float = Field(
-        2.0, gt=0, description="how often the service looks for embeddings written by others"
-    )
-    # --- the HTTP service (radcache serve) ---
-    host: str = Field("127.0.0.1", description="address radcache serve listens on")
-    port: int = Field(8000, ge=1, le=65535, description="port radcache serve listens on")
-    db: str = Field("sqlite:///./radcache.db", description="job database (SQLAlchemy URL)")
-    upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
-    max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
-    queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
-    # --- scale-out: a Redis queue and radcache worker processes ---
-    queue: str | None = Field(
-        None, description="Redis URL of the job queue; None: the embedded in-process worker"
-    )
-    queue_namespace: str = Field("radcache", description="prefix of the queue's Redis keys")
-    queue_visibility_s: float = Field(
-        60.0, gt=0, description="a silent worker's jobs go to another after this long"
-    )
-    queue_max_retries: int = Field(3, ge=0, description="retries of a failing job before dead")
-    queue_backoff_s: float = Field(5.0, gt=0, description="first retry delay (doubles each time)")
-    job_time_limit_s: float = Field(6 * 3600.0, gt=0, description="longest a job may run")
-    worker_threads: int = Field(
-        2, ge=1, le=64, description="jobs a worker runs at once (their slices share batches)"
-    )
-    worker_grace_s: float = Field(
-        60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
-    )
     reuse_memory: bool = Field(
         True,
         description="radcache processes keep freed memory for reuse (faster; peak memory stays)",
@@ -95,13 +73,6 @@ class Settings(BaseSettings):
     lock_url: str | None = Field(
         None, description="Redis URL of the locks object-store writers share (default: queue)"
     )
-    # --- the client commands (radcache submit | jobs | get) ---
-    url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
-
-    @field_validator("upload_dir")
-    @classmethod
-    def _absolute(cls, v: Path) -> Path:
-        return v.expanduser().resolve()  # job rows name uploads that workers elsewhere open
 
     @field_validator("pseudonym_key")
     @classmethod
@@ -110,14 +81,18 @@ class Settings(BaseSettings):
             raise ValueError("RADCACHE_PSEUDONYM_KEY must be at least 16 characters")
         return v
 
+    def lock_server(self) -> tuple[str | None, str]:
+        """(Redis URL, key prefix) of the locks object-store writers share."""
+        return self.lock_url, "radcache"
+
     def store_locks(self) -> Locks | None:
         """Locks for writers of an object store (``s3://`` and other non-local URLs)."""
-        url = self.lock_url or self.queue
+        url, prefix = self.lock_server()
         if url is None or "://" not in self.store or self.store.startswith("file://"):
             return None
-        from .locks import RedisLocks
+        from .store.locks import RedisLocks
 
-        return RedisLocks(url, prefix=self.queue_namespace)
+        return RedisLocks(url, prefix=prefix)
 
     def index_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`radcache.embeddings.open_index`."""
