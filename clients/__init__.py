@@ -1,8 +1,8 @@
 """radcache.clients: the HTTP API from Python, with httpx, numpy and pydantic (no torch)."""
 
-from ._core import RadcacheAPIError
+from ._base import RadcacheAPIError
 from .client import AsyncRadcacheClient, RadcacheClient
-from .models import (
+from .schemas import (
     ClassifyOut,
     EntryOut,
     ErrorOut,
@@ -12,6 +12,7 @@ from .models import (
     SearchOut,
     SeriesOut,
     StudyOut,
+    SubmitOptions,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "SearchOut",
     "SeriesOut",
     "StudyOut",
+    "SubmitOptions",
 ]

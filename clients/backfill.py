@@ -34,9 +34,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._core import RadcacheAPIError, finished
+from ._base import RadcacheAPIError, finished
 from .client import RadcacheClient
-from .models import JobOut
+from .schemas import JobOut
 
 __all__ = [
     "STATE_FILE",

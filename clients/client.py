@@ -7,6 +7,9 @@ with RadcacheClient("http://127.0.0.1:8000") as rc:
     cls = rc.embeddings(job.series[0].entry, kind="cls")  # (n_slices, D)
     similar = rc.search(series=job.series[0].series, k=10)   # nearest cached series
     by_file = rc.search(files=["query.nii.gz"], k=10)       # embedded on the fly
+
+Each method sends the request that ``_base.Endpoints`` builds for it and decodes the answer
+with the decoder that comes with it; :class:`AsyncRadcacheClient` has the same methods, awaitable.
 """
 
 from __future__ import annotations
@@ -15,32 +18,38 @@ import asyncio
 import time
 from collections.abc import Iterable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import httpx
 import numpy as np
 
-from ._core import (
+from ._base import (
+    BaseClient,
+    Call,
+    Endpoints,
     Input,
+    JobWait,
     RadcacheAPIError,
     check,
-    classify_body,
     finished,
-    npy,
-    retry_delay,
-    search_request,
-    upload,
 )
-from .models import ClassifyOut, EntryOut, IndexOut, JobOut, ModelOut, SearchOut, StudyOut
+from .schemas import (
+    ClassifyOut,
+    EntryOut,
+    IndexOut,
+    JobOut,
+    ModelOut,
+    SearchOut,
+    StudyOut,
+    SubmitOptions,
+)
 
 __all__ = ["AsyncRadcacheClient", "RadcacheAPIError", "RadcacheClient"]
 
-
-def _params(kind: str, slices: str | None) -> dict[str, str]:
-    return {"kind": kind, **({"slices": slices} if slices else {})}
+T = TypeVar("T")
 
 
-class RadcacheClient:
+class RadcacheClient(BaseClient[httpx.Client]):
     """Synchronous client. ``http`` lets tests pass an ``httpx.Client`` of their own."""
 
     def __init__(
@@ -51,8 +60,7 @@ class RadcacheClient:
         retries: int = 4,
         http: httpx.Client | None = None,
     ) -> None:
-        self.http = http or httpx.Client(base_url=url, timeout=timeout)
-        self.retries = retries
+        super().__init__(http or httpx.Client(base_url=url, timeout=timeout), retries)
 
     def __enter__(self) -> Self:
         return self
@@ -69,13 +77,18 @@ class RadcacheClient:
             try:
                 r = self.http.request(method, path, **kw)
             except httpx.TransportError:
-                if (delay := retry_delay(attempt, self.retries, None)) is None:
+                if (delay := self._retry_delay(attempt, None)) is None:
                     raise
             else:
-                if (delay := retry_delay(attempt, self.retries, r.status_code)) is None:
+                if (delay := self._retry_delay(attempt, r.status_code)) is None:
                     return check(r)
             time.sleep(delay)
             attempt += 1
+
+    def _send(self, call: Call[T]) -> T:
+        with call.arguments() as kw:
+            r = self._call(call.method, call.path, **kw)
+        return call.decode(r)
 
     def submit(
         self,
@@ -83,71 +96,50 @@ class RadcacheClient:
         *,
         wait: bool = True,
         modality: str | None = None,
+        options: SubmitOptions | None = None,
         poll: float = 0.5,
         timeout: float | None = None,
     ) -> JobOut:
-        """Upload files/directories/zips/NIfTI (one multipart request); optionally wait."""
-        params = {"modality": modality} if modality else None
-        with upload(inputs) as files:
-            job = JobOut.model_validate(
-                self._call("POST", "/v1/studies", files=files, params=params).json()
-            )
+        """Upload files/directories/zips/NIfTI (one multipart request); optionally wait.
+        ``options`` (labels, collection, recipe, …) travel as query parameters."""
+        job = self._send(Endpoints.submit(inputs, modality, options))
         return self.wait(job.id, poll=poll, timeout=timeout) if wait and not finished(job) else job
 
     def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = self.job(job_id)
-            if finished(job):
-                return job
-            if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+        until = JobWait(job_id, timeout)
+        while not until.done(job := self.job(job_id)):
             time.sleep(poll)
+        return job
 
     def job(self, job_id: str) -> JobOut:
-        return JobOut.model_validate(self._call("GET", f"/v1/jobs/{job_id}").json())
+        return self._send(Endpoints.job(job_id))
 
     def jobs(self, limit: int = 50) -> list[JobOut]:
-        return [
-            JobOut.model_validate(j)
-            for j in self._call("GET", "/v1/jobs", params={"limit": limit}).json()
-        ]
+        return self._send(Endpoints.jobs(limit))
 
     def series(self, series: str) -> EntryOut:
-        return EntryOut.model_validate(self._call("GET", f"/v1/series/{series}").json())
+        return self._send(Endpoints.series(series))
 
     def embeddings(
         self, series: str, kind: str = "pooled", *, slices: str | None = None
     ) -> np.ndarray:
         """An array of a cached series (``.npy`` on the wire)."""
-        r = self._call(
-            "GET",
-            f"/v1/series/{series}/embeddings",
-            params=_params(kind, slices),
-            headers={"accept": "application/x-npy"},
-        )
-        return npy(r)
+        return self._send(Endpoints.embeddings(series, kind, slices))
 
     def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
-        r = self._call("GET", "/v1/studies", params={"limit": limit, "offset": offset})
-        return [StudyOut.model_validate(s) for s in r.json()]
+        return self._send(Endpoints.studies(limit, offset))
 
     def delete(self, study: str) -> None:
-        self._call("DELETE", f"/v1/studies/{study}")
+        self._send(Endpoints.delete(study))
 
     def models(self) -> list[ModelOut]:
-        return [ModelOut.model_validate(m) for m in self._call("GET", "/v1/models").json()]
+        return self._send(Endpoints.models())
 
     def search(self, files: Iterable[Input] | None = None, **fields: Any) -> SearchOut:
         """Similar cases. Name the query (``series=``, ``study=``, ``entry=``, ``slice=``,
         ``vector=``) or upload ``files``; other keywords are :class:`SearchRequest` fields
         (``k``, ``level``, ``group_by``, ``filters``, ``exclude_same_patient``…)."""
-        kw = search_request(files is not None, fields)
-        if files is None:
-            return SearchOut.model_validate(self._call("POST", "/v1/search", **kw).json())
-        with upload(files) as parts:
-            r = self._call("POST", "/v1/search", files=parts, **kw)
-        return SearchOut.model_validate(r.json())
+        return self._send(Endpoints.search(files, fields))
 
     def classify(
         self,
@@ -158,15 +150,14 @@ class RadcacheClient:
     ) -> ClassifyOut:
         """Few-shot labels for ``queries`` (series names, or query dicts) from ``support``
         pairs or ``label_field=…``; other keywords are :class:`ClassifyRequest` fields."""
-        body = classify_body(queries, support, fields)
-        return ClassifyOut.model_validate(self._call("POST", "/v1/classify", json=body).json())
+        return self._send(Endpoints.classify(queries, support, fields))
 
     def indexes(self) -> list[IndexOut]:
-        return [IndexOut.model_validate(i) for i in self._call("GET", "/v1/indexes").json()]
+        return self._send(Endpoints.indexes())
 
 
-class AsyncRadcacheClient:
-    """The same API for asyncio code."""
+class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
+    """The same API for asyncio code: every method of :class:`RadcacheClient`, awaitable."""
 
     def __init__(
         self,
@@ -176,8 +167,7 @@ class AsyncRadcacheClient:
         retries: int = 4,
         http: httpx.AsyncClient | None = None,
     ) -> None:
-        self.http = http or httpx.AsyncClient(base_url=url, timeout=timeout)
-        self.retries = retries
+        super().__init__(http or httpx.AsyncClient(base_url=url, timeout=timeout), retries)
 
     async def __aenter__(self) -> Self:
         return self
@@ -185,6 +175,9 @@ class AsyncRadcacheClient:
     async def __aexit__(
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
         await self.http.aclose()
 
     async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -193,13 +186,18 @@ class AsyncRadcacheClient:
             try:
                 r = await self.http.request(method, path, **kw)
             except httpx.TransportError:
-                if (delay := retry_delay(attempt, self.retries, None)) is None:
+                if (delay := self._retry_delay(attempt, None)) is None:
                     raise
             else:
-                if (delay := retry_delay(attempt, self.retries, r.status_code)) is None:
+                if (delay := self._retry_delay(attempt, r.status_code)) is None:
                     return check(r)
             await asyncio.sleep(delay)
             attempt += 1
+
+    async def _send(self, call: Call[T]) -> T:
+        with call.arguments() as kw:
+            r = await self._call(call.method, call.path, **kw)
+        return call.decode(r)
 
     async def submit(
         self,
@@ -207,58 +205,46 @@ class AsyncRadcacheClient:
         *,
         wait: bool = True,
         modality: str | None = None,
+        options: SubmitOptions | None = None,
         poll: float = 0.5,
         timeout: float | None = None,
     ) -> JobOut:
-        params = {"modality": modality} if modality else None
-        with upload(inputs) as files:
-            job = JobOut.model_validate(
-                (await self._call("POST", "/v1/studies", files=files, params=params)).json()
-            )
-        return (
-            await self.wait(job.id, poll=poll, timeout=timeout)
-            if wait and not finished(job)
-            else job
-        )
+        job = await self._send(Endpoints.submit(inputs, modality, options))
+        if wait and not finished(job):
+            return await self.wait(job.id, poll=poll, timeout=timeout)
+        return job
 
     async def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
-        end = None if timeout is None else time.monotonic() + timeout
-        while True:
-            job = await self.job(job_id)
-            if finished(job):
-                return job
-            if end is not None and time.monotonic() > end:
-                raise TimeoutError(f"job {job_id} still {job.state} after {timeout} s")
+        until = JobWait(job_id, timeout)
+        while not until.done(job := await self.job(job_id)):
             await asyncio.sleep(poll)
+        return job
 
     async def job(self, job_id: str) -> JobOut:
-        return JobOut.model_validate((await self._call("GET", f"/v1/jobs/{job_id}")).json())
+        return await self._send(Endpoints.job(job_id))
+
+    async def jobs(self, limit: int = 50) -> list[JobOut]:
+        return await self._send(Endpoints.jobs(limit))
+
+    async def series(self, series: str) -> EntryOut:
+        return await self._send(Endpoints.series(series))
 
     async def embeddings(
         self, series: str, kind: str = "pooled", *, slices: str | None = None
     ) -> np.ndarray:
-        r = await self._call(
-            "GET",
-            f"/v1/series/{series}/embeddings",
-            params=_params(kind, slices),
-            headers={"accept": "application/x-npy"},
-        )
-        return npy(r)
+        return await self._send(Endpoints.embeddings(series, kind, slices))
 
     async def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
-        r = await self._call("GET", "/v1/studies", params={"limit": limit, "offset": offset})
-        return [StudyOut.model_validate(s) for s in r.json()]
+        return await self._send(Endpoints.studies(limit, offset))
 
     async def delete(self, study: str) -> None:
-        await self._call("DELETE", f"/v1/studies/{study}")
+        await self._send(Endpoints.delete(study))
+
+    async def models(self) -> list[ModelOut]:
+        return await self._send(Endpoints.models())
 
     async def search(self, files: Iterable[Input] | None = None, **fields: Any) -> SearchOut:
-        kw = search_request(files is not None, fields)
-        if files is None:
-            return SearchOut.model_validate((await self._call("POST", "/v1/search", **kw)).json())
-        with upload(files) as parts:
-            r = await self._call("POST", "/v1/search", files=parts, **kw)
-        return SearchOut.model_validate(r.json())
+        return await self._send(Endpoints.search(files, fields))
 
     async def classify(
         self,
@@ -267,6 +253,7 @@ class AsyncRadcacheClient:
         support: Iterable[tuple[dict[str, Any] | str, Any]] | None = None,
         **fields: Any,
     ) -> ClassifyOut:
-        body = classify_body(queries, support, fields)
-        r = await self._call("POST", "/v1/classify", json=body)
-        return ClassifyOut.model_validate(r.json())
+        return await self._send(Endpoints.classify(queries, support, fields))
+
+    async def indexes(self) -> list[IndexOut]:
+        return await self._send(Endpoints.indexes())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from radcache.clients import AsyncRadcacheClient, RadcacheAPIError, RadcacheClient
+from radcache.clients import AsyncRadcacheClient, RadcacheAPIError, RadcacheClient, SubmitOptions
 from radcache.embeddings import open_store
 from tests.dicomgen import phantom, write_series
 from tests.servers import running_server
@@ -49,6 +50,24 @@ def test_client_round_trip(server: tuple[str, Path], tmp_path: Path) -> None:
             rc.series(entry)
 
 
+def test_submit_options_travel_with_the_upload(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = server
+    gen = write_series(tmp_path / "opt", phantom(3, 16, 16, seed=72))
+    opts = SubmitOptions(labels={"dx": "normal"}, collection="teaching", patch_tokens=False)
+    assert opts.fields() == {
+        "patch_tokens": "false",
+        "labels": '{"dx": "normal"}',
+        "collection": "teaching",
+    }
+    with RadcacheClient(url) as rc:
+        job = rc.submit([gen.directory], options=opts, timeout=60)
+        entry = rc.series(job.series[0].entry)
+        assert entry.labels == {"dx": "normal"} and "patch" not in entry.kinds
+        with pytest.raises(RadcacheAPIError) as exc:
+            rc.submit([gen.directory], options=SubmitOptions(model="dinov2-giant"))
+        assert exc.value.code == "model-not-loaded"
+
+
 def test_async_client(server: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = server
     gen = write_series(tmp_path / "mr", phantom(3, 16, 16, seed=71), modality="MR", intercept=0.0)
@@ -60,6 +79,43 @@ def test_async_client(server: tuple[str, Path], tmp_path: Path) -> None:
 
     state, pooled = asyncio.run(go())
     assert state == "done" and pooled.shape == (64,)
+
+
+def test_sync_and_async_clients_have_the_same_methods() -> None:
+    def public(cls: type) -> dict[str, inspect.Signature]:
+        return {n: inspect.signature(getattr(cls, n)) for n in dir(cls) if not n.startswith("_")}
+
+    sync, aio = public(RadcacheClient), public(AsyncRadcacheClient)
+    assert set(sync) == set(aio)
+    assert sync == aio  # the same parameters and return annotations
+    assert all(inspect.iscoroutinefunction(getattr(AsyncRadcacheClient, n)) for n in aio)
+
+
+def test_async_client_lists_and_reads_like_the_sync_one(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    url, _ = server
+    gen = write_series(tmp_path / "ct", phantom(3, 16, 16, seed=73))
+
+    async def go() -> None:
+        rc = AsyncRadcacheClient(url)
+        try:
+            job = await rc.submit([gen.directory], wait=True, timeout=60)
+            name = job.series[0].series
+            assert job.id in {j.id for j in await rc.jobs()}
+            assert (await rc.series(name)).slices == 3
+            assert await rc.models()
+            out = await rc.search(series=name, k=1, exclude_same_study=False)
+            assert out.results[0].hits[0].series == name
+            assert any(i.space == out.results[0].space for i in await rc.indexes())
+            with pytest.raises(RadcacheAPIError) as exc:
+                await rc.series("nope")
+            assert exc.value.status == 404
+        finally:
+            await rc.close()
+        assert rc.http.is_closed
+
+    asyncio.run(go())
 
 
 def test_client_retries_on_503_then_gives_up() -> None:
