@@ -1,5 +1,10 @@
 """radcache.service: the `radcache` CLI and the HTTP service, composing radcache.embeddings.
 
+Rooms: ``cli/`` (the console script), ``app`` + ``deps`` + ``routes/`` (HTTP), ``intake``
+(every way a study comes in) with ``uploads`` and ``options``, ``runner`` (one job),
+``worker`` / ``queue`` (who runs jobs), ``jobs`` + ``migrations`` (the job database),
+``problems``, ``metrics``, ``settings``. See docs/ARCHITECTURE.md.
+
 Importing it tunes one process-wide setting before numpy loads: numpy's transparent-huge-
 page advice for large arrays is turned off (``NUMPY_MADVISE_HUGEPAGE=0``, unless already
 set). radcache allocates and frees volume-sized arrays for every series, and on kernels

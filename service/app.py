@@ -1,80 +1,44 @@
 """The FastAPI application: resources loaded once in the lifespan, reached via dependencies.
 
 Entry point :func:`create_app`. The model, store, pipeline, job database and worker are
-made at start-up (or handed in, as ``radcache serve`` does after checking the model can be
-loaded) and live in ``app.state``; routes get them through :data:`ResourcesDep`.
+made at start-up by :func:`build_resources` (or handed in, as ``radcache serve`` does
+after checking the model can be loaded) and live in ``app.state``; routes
+(:mod:`.routes`) get them through :data:`.deps.ResourcesDep`.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from radcache.clients.models import SearchRequest
+from radcache.clients.schemas import SearchRequest
 from radcache.embeddings import (
-    EmbeddingStore,
     Encoder,
-    IndexSet,
     Pipeline,
     Searcher,
-    Settings,
     __version__,
-    get_settings,
     open_index,
 )
 
 from . import problems
+from .deps import Resources
 from .jobs import JobStore
 from .metrics import Metrics
 from .queue import RedisQueue
+from .routes import ROUTERS
+from .settings import ServiceSettings, get_settings
 from .worker import IndexKeeper, Worker
 
-__all__ = ["Resources", "ResourcesDep", "create_app"]
+__all__ = ["build_resources", "create_app"]
 
 
-@dataclass
-class Resources:
-    settings: Settings
-    encoder: Encoder
-    store: EmbeddingStore
-    pipeline: Pipeline
-    jobs: JobStore
-    worker: Worker | RedisQueue
-    metrics: Metrics
-    indexes: IndexSet
-    searcher: Searcher
-    keeper: IndexKeeper
-
-    def ready(self) -> tuple[bool, str]:
-        """Model loaded, worker and index keeper alive, store writable — or why not."""
-        if not self.worker.alive:
-            if isinstance(self.worker, RedisQueue):
-                return False, f"the job queue at {self.settings.queue} does not answer"
-            return False, "the worker thread is not running"
-        if not self.keeper.alive:
-            return False, "the index keeper thread is not running"
-        if self.store.local_path is not None and not os.access(self.store.local_path, os.W_OK):
-            return False, f"the store {self.store.url} is not writable"
-        return True, "ok"
-
-
-def get_resources(request: Request) -> Resources:
-    res: Resources = request.app.state.resources
-    return res
-
-
-ResourcesDep = Annotated[Resources, Depends(get_resources)]
-
-
-def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resources:
+def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -> Resources:
     """Load (or take) the model and open everything the service needs."""
     pipeline = Pipeline.from_settings(settings, encoder=encoder)
     enc, store = pipeline.encoder, pipeline.store
@@ -88,18 +52,13 @@ def build_resources(settings: Settings, encoder: Encoder | None = None) -> Resou
     metrics = Metrics(lambda: worker.depth)
     indexes = open_index(store, **settings.index_options())
     keeper = IndexKeeper(indexes, settings.index_refresh_s)
-
-    def done(seconds: float, series: list[dict[str, Any]]) -> None:
-        metrics.job(seconds, series)
-        keeper.refresh()  # what a job embedded is searchable as soon as it is done …
-        keeper.touch(s["entry"] for s in series)  # … with the labels it was given
-
-    if isinstance(worker, Worker):  # queued jobs: the keeper's periodic refresh finds them
-        worker.on_done = done
     searcher = Searcher(indexes, pipeline)
-    return Resources(
+    res = Resources(
         settings, enc, store, pipeline, jobs, worker, metrics, indexes, searcher, keeper
     )
+    if isinstance(worker, Worker):  # queued jobs: the keeper's periodic refresh finds them
+        worker.on_done = res.job_done
+    return res
 
 
 def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -123,7 +82,9 @@ def _operation_id(route: APIRoute) -> str:
     return route.name  # stable, readable operation ids: submit_study, get_job, …
 
 
-def create_app(settings: Settings | None = None, *, resources: Resources | None = None) -> FastAPI:
+def create_app(
+    settings: ServiceSettings | None = None, *, resources: Resources | None = None
+) -> FastAPI:
     """The radcache HTTP app. Without ``resources`` the lifespan loads them from settings."""
 
     @asynccontextmanager
@@ -138,10 +99,6 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
             res.worker.stop()
             res.keeper.stop()
 
-    from .api import router
-    from .dicomweb import router as dicomweb_router
-    from .search import router as search_router
-
     app = FastAPI(
         title="radcache",
         version=__version__,
@@ -151,9 +108,8 @@ def create_app(settings: Settings | None = None, *, resources: Resources | None 
     )
     problems.install(app)
     _document_models(app, SearchRequest)
-    app.include_router(router)
-    app.include_router(search_router)
-    app.include_router(dicomweb_router)
+    for router in ROUTERS:
+        app.include_router(router)
 
     app.add_middleware(_CountRequests)
     return app

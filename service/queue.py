@@ -2,7 +2,7 @@
 
 The API side (:class:`RedisQueue`) writes the job row and enqueues its id; workers
 (:func:`run_worker`, ``radcache worker``) keep the model loaded and run the same
-:func:`~.worker.run_job` the embedded worker runs. Delivery is at least once: a message is
+:func:`~.runner.run_job` the embedded worker runs. Delivery is at least once: a message is
 acknowledged only after its job is recorded, a worker that stops heartbeating (killed,
 lost) has its messages handed to another worker after ``queue_visibility_s``, and writes
 are keyed by content, so a repeated delivery stores nothing twice. A job that raises is
@@ -24,13 +24,13 @@ import socket
 import threading
 from typing import Any
 
-from radcache.embeddings import Settings
-from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.errors import QueueFullError, QueueUnavailableError
 
 from .jobs import JobStore
-from .worker import QueueFullError, run_job
+from .runner import run_job
+from .settings import ServiceSettings
 
-__all__ = ["QUEUE", "QueueUnavailableError", "RedisQueue", "make_broker", "run_worker"]
+__all__ = ["QUEUE", "RedisQueue", "make_broker", "run_worker"]
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,7 @@ QUEUE = "radcache-embed"
 ACTOR = "radcache.embed"
 
 
-class QueueUnavailableError(RadcacheError):
-    code = "queue-unavailable"
-    status = 503
-    title = "The job queue cannot be reached"
-
-
-def make_broker(settings: Settings, middleware: list[Any] | None = None) -> Any:
+def make_broker(settings: ServiceSettings, middleware: list[Any] | None = None) -> Any:
     """A Redis broker with radcache's delivery rules (``middleware`` sees their outcome)."""
     from dramatiq.brokers.redis import RedisBroker
     from dramatiq.middleware import Retries, TimeLimit
@@ -78,7 +72,7 @@ class RedisQueue:
     """The API side: jobs go to Redis for ``radcache worker`` processes (same interface as
     the embedded :class:`~.worker.Worker`)."""
 
-    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+    def __init__(self, settings: ServiceSettings, jobs: JobStore) -> None:
         self.settings, self.jobs = settings, jobs
         self.broker = make_broker(settings)
         self.limit = settings.queue_size
@@ -158,7 +152,7 @@ def _job_states(jobs: JobStore) -> Any:
 
 
 def run_worker(
-    settings: Settings, *, threads: int = 1, stop: threading.Event | None = None
+    settings: ServiceSettings, *, threads: int = 1, stop: threading.Event | None = None
 ) -> None:
     """Load the model and run jobs from the queue until SIGTERM/SIGINT (or ``stop``).
 
@@ -168,7 +162,7 @@ def run_worker(
 
     from radcache.embeddings import Pipeline
     from radcache.embeddings.batching import BatchingEncoder
-    from radcache.embeddings.runtime import settle
+    from radcache.embeddings.tuning import settle
 
     pipeline = Pipeline.from_settings(settings)
     settle()

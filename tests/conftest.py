@@ -10,6 +10,7 @@ import pytest
 
 from radcache.embeddings import Pseudonymizer, get_settings
 from radcache.embeddings.encode import Encoder, load_encoder
+from radcache.service.settings import get_settings as get_service_settings
 
 TEST_SECRET = "radcache-test-secret-0123456789"
 
@@ -25,8 +26,10 @@ def _isolated_settings(
     monkeypatch.setenv("RADCACHE_PSEUDONYM_KEY", TEST_SECRET)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     get_settings.cache_clear()
+    get_service_settings.cache_clear()
     yield
     get_settings.cache_clear()
+    get_service_settings.cache_clear()
 
 
 @pytest.fixture(scope="session")

@@ -114,3 +114,51 @@ def test_stow_parts_without_the_dicm_preamble(server: str, tmp_path: Path) -> No
     assert r.status_code == 200, r.text
     job = _wait(server, r.headers["location"])
     assert job["state"] == "done" and job["series"][0]["slices"] == 2
+
+
+def _related(files: list[Path], boundary: str = "opts") -> tuple[bytes, str]:
+    body = (
+        b"".join(
+            b"--"
+            + boundary.encode()
+            + b"\r\nContent-Type: application/dicom\r\n\r\n"
+            + f.read_bytes()
+            + b"\r\n"
+            for f in files
+        )
+        + b"--"
+        + boundary.encode()
+        + b"--\r\n"
+    )
+    return body, f'multipart/related; type="application/dicom"; boundary={boundary}'
+
+
+def test_stow_takes_the_submission_options_and_shares_the_cache_answer(
+    server: str, tmp_path: Path
+) -> None:
+    """STOW-RS goes through the same intake as POST /v1/studies: the same options (as query
+    parameters), and a study sent again is answered from the cache at once."""
+    gen = write_series(tmp_path / "o", phantom(3, 16, 16, seed=84))
+    body, ctype = _related(gen.files)
+    params = {"collection": "stowed", "labels": '{"dx": "normal"}', "patch_tokens": "false"}
+    r = httpx.post(
+        f"{server}/dicom-web/studies", content=body, params=params, headers={"content-type": ctype}
+    )
+    assert r.status_code == 200, r.text
+    job = _wait(server, r.headers["location"])
+    assert job["state"] == "done" and job["series"][0]["cache"] == "miss"
+    entry = httpx.get(f"{server}/v1/series/{job['series'][0]['entry']}").json()
+    assert entry["labels"] == {"dx": "normal"} and "patch" not in entry["kinds"]
+    again = httpx.post(
+        f"{server}/dicom-web/studies", content=body, params=params, headers={"content-type": ctype}
+    )
+    assert again.status_code == 200
+    cached = httpx.get(server + again.headers["location"]).json()  # done before the answer
+    assert cached["state"] == "done" and [s["cache"] for s in cached["series"]] == ["hit"]
+    bad = httpx.post(
+        f"{server}/dicom-web/studies",
+        content=body,
+        params={"labels": "[1, 2]"},
+        headers={"content-type": ctype},
+    )
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid-request"

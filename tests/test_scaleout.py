@@ -251,13 +251,13 @@ def test_an_api_restart_loses_no_accepted_job(cluster: dict[str, Any]) -> None:
 
 
 def test_a_job_that_keeps_failing_is_dead_lettered_and_listed(cluster: dict[str, Any]) -> None:
-    from radcache.embeddings import Settings
     from radcache.service.jobs import JobStore
     from radcache.service.queue import RedisQueue
+    from radcache.service.settings import ServiceSettings
 
     root = cluster["root"]
     worker(cluster, "w1")
-    settings = Settings(
+    settings = ServiceSettings(
         **{k.removeprefix("RADCACHE_").lower(): v for k, v in cluster["env"].items()}
     )
     jobs = JobStore(cluster["db"])

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from radcache.embeddings import Settings
 from radcache.embeddings.encode import Encoder
 from radcache.service.app import build_resources, create_app
+from radcache.service.settings import ServiceSettings
 from tests.dicomgen import write_nifti, write_series
 
 
@@ -61,7 +61,7 @@ def cached(
 ) -> Iterator[tuple[TestClient, list[dict], Path]]:
     """A service with 8 series in 6 studies: CT and MR, labelled, one collection."""
     tmp = tmp_path_factory.mktemp("search")
-    settings = Settings(
+    settings = ServiceSettings(
         model="dinov2-tiny-random",
         store=str(tmp / "store.zarr"),
         db=f"sqlite:///{tmp / 'jobs.db'}",

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -18,18 +19,19 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
-from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, Settings, open_store
+from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, open_store
 from radcache.embeddings.encode import Encoder, load_encoder
 from radcache.service.app import build_resources, create_app
 from radcache.service.jobs import JobStore
+from radcache.service.settings import ServiceSettings
 from tests.conftest import TEST_SECRET
 from tests.dicomgen import GeneratedSeries, phantom, write_nifti, write_series, zip_bytes
 from tests.servers import free_port, running_server
 from tests.test_cli import RADCACHE
 
 
-def _settings(tmp: Path, **kw: object) -> Settings:
-    return Settings(
+def _settings(tmp: Path, **kw: object) -> ServiceSettings:
+    return ServiceSettings(
         model="dinov2-tiny-random",
         store=str(tmp / "store.zarr"),
         db=f"sqlite:///{tmp / 'jobs.db'}",
@@ -61,6 +63,25 @@ def _wait(c: TestClient | httpx.Client, location: str, timeout: float = 60) -> d
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {location} did not finish: {job}")
+
+
+def test_a_new_upload_is_recognised_once(
+    client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The intake tries the file-digest shortcut once; the job it queues does not again."""
+    calls: list[int] = []
+    recognise = Pipeline.recognise
+
+    def counted(self: Pipeline, inputs: Any) -> Any:
+        calls.append(1)
+        return recognise(self, inputs)
+
+    monkeypatch.setattr(Pipeline, "recognise", counted)
+    gen = write_series(tmp_path / "once", phantom(3, 16, 16, seed=7))
+    r = client.post("/v1/studies", files=_files(gen.directory))
+    assert r.status_code == 202
+    assert _wait(client, r.headers["location"])["state"] == "done"
+    assert len(calls) == 1
 
 
 def test_submit_wait_fetch_and_resubmit(client: TestClient, tmp_path: Path) -> None:

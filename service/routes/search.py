@@ -1,4 +1,5 @@
-"""HTTP routes for similar-case search, few-shot classification and the index catalogue.
+"""``/v1/search``, ``/v1/classify``, ``/v1/indexes``: similar cases, few-shot classification
+and the index catalogue.
 
 Handlers turn wire models into :mod:`radcache.embeddings.search` calls; searching runs
 in a worker thread (FAISS and the model release the GIL), so the event loop stays free.
@@ -15,7 +16,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
-from radcache.clients.models import (
+from radcache.clients.schemas import (
     ClassifyOut,
     ClassifyRequest,
     IndexOut,
@@ -29,8 +30,9 @@ from radcache.embeddings import Filters, Query
 from radcache.embeddings.errors import InputError
 from radcache.embeddings.search import QueryHits
 
-from .api import ERRORS, save_upload
-from .app import Resources, ResourcesDep
+from ..deps import Resources, ResourcesDep
+from ..uploads import save_upload
+from ._common import ERRORS
 
 __all__ = ["router"]
 

@@ -1,0 +1,63 @@
+"""What routes depend on: the resources loaded once per app, reached through
+:data:`ResourcesDep` (routes import this module, never the app)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, Request
+
+from radcache.embeddings import EmbeddingStore, Encoder, IndexSet, Pipeline, Searcher
+
+from .jobs import JobStore
+from .metrics import Metrics
+from .queue import RedisQueue
+from .settings import ServiceSettings
+from .worker import IndexKeeper, Worker
+
+__all__ = ["Resources", "ResourcesDep", "get_resources"]
+
+
+@dataclass
+class Resources:
+    """The model, store, pipeline, job database, worker and indexes of one app."""
+
+    settings: ServiceSettings
+    encoder: Encoder
+    store: EmbeddingStore
+    pipeline: Pipeline
+    jobs: JobStore
+    worker: Worker | RedisQueue
+    metrics: Metrics
+    indexes: IndexSet
+    searcher: Searcher
+    keeper: IndexKeeper
+
+    def ready(self) -> tuple[bool, str]:
+        """Model loaded, worker and index keeper alive, store writable — or why not."""
+        if not self.worker.alive:
+            if isinstance(self.worker, RedisQueue):
+                return False, f"the job queue at {self.settings.queue} does not answer"
+            return False, "the worker thread is not running"
+        if not self.keeper.alive:
+            return False, "the index keeper thread is not running"
+        if self.store.local_path is not None and not os.access(self.store.local_path, os.W_OK):
+            return False, f"the store {self.store.url} is not writable"
+        return True, "ok"
+
+    def job_done(self, seconds: float, series: list[dict[str, Any]]) -> None:
+        """A job of this process finished: count it, and make what it stored searchable
+        (with the labels it was given) before the job reads done."""
+        self.metrics.job(seconds, series)
+        self.keeper.refresh()
+        self.keeper.touch(s["entry"] for s in series)
+
+
+def get_resources(request: Request) -> Resources:
+    res: Resources = request.app.state.resources
+    return res
+
+
+ResourcesDep = Annotated[Resources, Depends(get_resources)]

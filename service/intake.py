@@ -1,0 +1,71 @@
+"""The one way studies come in: every route that takes a study (``POST /v1/studies``,
+STOW-RS, and any later receiver) saves it with :func:`receiving` and hands it to
+:func:`accept` with its validated :class:`~.options.JobOptions`.
+
+:func:`accept` tries :meth:`Pipeline.recognise` once: a study whose files were all seen
+before is answered from the cache (a job that is done at once); anything else becomes a
+queued job. Either way the job ends in :func:`~.runner.finish_job`.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .deps import Resources
+from .jobs import JobRow
+from .options import JobOptions
+from .runner import finish_job
+
+__all__ = ["Accepted", "accept", "receiving"]
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A study taken in: its job, and whether the cache answered it (the job is done)."""
+
+    job: JobRow
+    cached: bool
+
+
+@asynccontextmanager
+async def receiving(res: Resources, prefix: str = "") -> AsyncIterator[Path]:
+    """A new upload directory, after the capacity check (503 ``queue-full`` before a byte
+    is read); removed with everything in it if saving fails."""
+    res.worker.check_capacity()
+    dest = res.settings.upload_dir / f"{prefix}{uuid.uuid4().hex}"
+    dest.mkdir(parents=True)
+    try:
+        yield dest
+    except BaseException:
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+
+
+def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
+    """Answer a saved upload from the cache, or queue its job. Blocking: call it from a
+    worker thread. The upload directory belongs to the job from here on."""
+    try:
+        t0 = time.monotonic()
+        pipeline = options.pipeline(res.pipeline)
+        # A multi-sequence study's entry is keyed by all its sequences: no per-file shortcut.
+        known = None if options.multi_sequence else pipeline.recognise([upload])
+        row = res.jobs.create(str(upload), options=options.stored())
+    except BaseException:
+        shutil.rmtree(upload, ignore_errors=True)
+        raise
+    if known is None:
+        res.worker.submit(row.id)
+        return Accepted(row, cached=False)
+    pipeline.label(known, labels=options.labels, collection=options.collection)
+    slices = sum(s.slices for s in known.series)
+    res.jobs.update(row.id, slices_done=slices, slices_total=slices)
+    finish_job(res.jobs, res.store, row.id, known, upload, time.monotonic() - t0, res.job_done)
+    done = res.jobs.get(row.id)
+    assert done is not None
+    return Accepted(done, cached=True)

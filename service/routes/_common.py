@@ -1,0 +1,115 @@
+"""What several routes share: error responses for the OpenAPI, the submission options
+every way in takes as query parameters, and the wire forms of jobs, entries and studies."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, Query
+
+from radcache.clients.schemas import EntryOut, JobOut, Problem, StudyOut, SubmitOptions
+from radcache.embeddings import EntryInfo
+
+from ..deps import Resources
+from ..jobs import JobRow
+from ..problems import PROBLEM
+
+__all__ = [
+    "ERRORS",
+    "SubmitQuery",
+    "cached_studies",
+    "entry_out",
+    "job_out",
+    "study_out",
+]
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": Problem, "content": {PROBLEM: {}}} for s in (400, 404, 413, 415, 422, 503)
+}
+
+
+def _about(name: str) -> str:
+    return SubmitOptions.model_fields[name].description or name
+
+
+def _submit_query(
+    modality: Annotated[
+        str | None, Query(description=_about("modality"), examples=["CT"])
+    ] = None,
+    model: Annotated[str | None, Query(description=_about("model"))] = None,
+    patch_tokens: Annotated[bool | None, Query(description=_about("patch_tokens"))] = None,
+    recipe: Annotated[str | None, Query(description=_about("recipe"))] = None,
+    labels: Annotated[str | None, Query(description=_about("labels"))] = None,
+    collection: Annotated[str | None, Query(description=_about("collection"))] = None,
+    sequences: Annotated[str | None, Query(description=_about("sequences"))] = None,
+    fusion: Annotated[str | None, Query(description=_about("fusion"))] = None,
+) -> dict[str, Any]:
+    given = {
+        "modality": modality,
+        "model": model,
+        "patch_tokens": patch_tokens,
+        "recipe": recipe,
+        "labels": labels,
+        "collection": collection,
+        "sequences": sequences,
+        "fusion": fusion,
+    }
+    return {k: v for k, v in given.items() if v is not None}
+
+
+# The options of a submission given as query parameters (JSON text for objects).
+SubmitQuery = Annotated[dict[str, Any], Depends(_submit_query)]
+
+
+def job_out(row: JobRow) -> JobOut:
+    report = row.report or {}
+    return JobOut.model_validate(
+        {
+            "id": row.id,
+            "state": row.state,
+            "created": row.created,
+            "started": row.started,
+            "finished": row.finished,
+            "failure": row.failure,
+            "progress": {"done": row.slices_done, "total": row.slices_total},
+            "series": report.get("series", []),
+            "errors": report.get("errors", []),
+        }
+    )
+
+
+def entry_out(e: EntryInfo) -> EntryOut:
+    a = e.attrs
+    return EntryOut(
+        entry=e.key,
+        study=e.study,
+        series=e.series,
+        part=e.part,
+        modality=e.modality,
+        slices=e.n_slices,
+        dim=e.dim,
+        model=e.model,
+        recipe_hash=e.recipe_hash,
+        precision=e.precision,
+        kinds=list(e.kinds),
+        created=e.created,
+        labels=dict(a.get("labels", {})),
+        geometry=dict(a.get("geometry", {})),
+        recipe=dict(a.get("recipe", {})),
+    )
+
+
+def cached_studies(res: Resources) -> dict[str, list[EntryInfo]]:
+    out: dict[str, list[EntryInfo]] = {}
+    for e in res.store.iter_entries():
+        for study in {e.study, *(a.get("study") for a in e.attrs.get("aliases", []))}:
+            out.setdefault(str(study), []).append(e)
+    return out
+
+
+def study_out(study: str, entries: list[EntryInfo]) -> StudyOut:
+    return StudyOut(
+        study=study,
+        modalities=sorted({e.modality for e in entries if e.modality}),
+        series=[entry_out(e) for e in entries],
+    )

@@ -1,0 +1,137 @@
+"""DICOMweb: STOW-RS (store instances, then embed them) and a QIDO-RS subset (list studies).
+
+``POST /dicom-web/studies[/{study}]`` takes ``multipart/related; type="application/dicom"``
+(boundary quoted or not, chunked or not, parts with or without the DICM preamble). The body
+is parsed as a stream: each part goes straight to its own file, never held whole. Every
+part is checked (readable DICOM, right study); the good ones become one embedding job.
+The good ones go through the same intake as ``POST /v1/studies``
+(:mod:`radcache.service.intake`), with the same options as query parameters. The answer
+is a PS3.18 Store Instances Response in ``application/dicom+json``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from radcache.embeddings.errors import NotDicomError
+from radcache.embeddings.ingest import instance_ids
+
+from ..deps import ResourcesDep
+from ..intake import Accepted, accept, receiving
+from ..options import job_options, parse_submit_options
+from ..uploads import related_boundary, save_related
+from ._common import SubmitQuery, cached_studies
+
+__all__ = ["router"]
+
+router = APIRouter()
+DICOM_JSON = "application/dicom+json"
+# PS3.4 Annex GG / PS3.18 failure reasons
+_CANNOT_UNDERSTAND = 0xC000
+_STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
+
+
+def _ds_json(values: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
+    return {tag: {"vr": vr, "Value": v} if v else {"vr": vr} for tag, (vr, v) in values.items()}
+
+
+def _check_part(path: Path, study: str | None) -> tuple[str, str, int | None]:
+    """(SOP class, SOP instance, failure reason or None) for one stored part."""
+    try:
+        ids = instance_ids(path)
+    except NotDicomError:
+        return "", "", _CANNOT_UNDERSTAND
+    if study is not None and ids.study != study:
+        return ids.sop_class, ids.sop_instance, _STUDY_MISMATCH
+    return ids.sop_class, ids.sop_instance, None
+
+
+def _check_parts(paths: list[Path], study: str | None) -> tuple[list[Any], list[Any]]:
+    """The Referenced (stored) and Failed SOP sequences; failed parts are deleted."""
+    stored: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for path in paths:
+        sop_class, sop, reason = _check_part(path, study)
+        item = {
+            "00081150": ("UI", [sop_class] if sop_class else []),
+            "00081155": ("UI", [sop] if sop else []),
+        }
+        if reason is None:
+            stored.append(_ds_json(item))
+        else:
+            failed.append(_ds_json({**item, "00081197": ("US", [reason])}))
+            path.unlink(missing_ok=True)
+    return stored, failed
+
+
+@router.post(
+    "/dicom-web/studies",
+    operation_id="stow_studies",
+    summary="STOW-RS: store instances (and embed them)",
+)
+@router.post(
+    "/dicom-web/studies/{study}",
+    operation_id="stow_study",
+    summary="STOW-RS: store instances of one study",
+)
+async def stow(
+    request: Request, res: ResourcesDep, query: SubmitQuery, study: str | None = None
+) -> Response:
+    """The instances become one embedding job, with the same options as
+    ``POST /v1/studies`` (query parameters)."""
+    boundary = related_boundary(request.headers.get("content-type", ""))
+    options = job_options(parse_submit_options(query), res.encoder.cfg)
+    async with receiving(res, prefix="stow-") as dest:
+        paths = await save_related(request, dest, res.settings.max_upload_bytes, boundary)
+        stored, failed = await run_in_threadpool(_check_parts, paths, study)
+    body: dict[str, Any] = {}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": stored}
+    if failed:
+        body["00081198"] = {"vr": "SQ", "Value": failed}
+    headers: dict[str, str] = {}
+    if stored:
+        taken: Accepted = await run_in_threadpool(accept, res, dest, options)
+        headers["Location"] = f"/v1/jobs/{taken.job.id}"
+    else:
+        shutil.rmtree(dest, ignore_errors=True)
+    if not failed:
+        status = 200
+    elif stored:
+        status = 202
+    elif all(f["00081197"]["Value"] == [_STUDY_MISMATCH] for f in failed):
+        status = 409
+    else:
+        status = 400
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
+
+
+@router.get("/dicom-web/studies", summary="QIDO-RS (subset): cached studies")
+def qido_studies(
+    res: ResourcesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    study_uid: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
+) -> Response:
+    """StudyInstanceUID (the stored name: a pseudonym unless UIDs are kept) and
+    ModalitiesInStudy of every cached study."""
+    studies = sorted(cached_studies(res).items())
+    if study_uid:
+        studies = [s for s in studies if s[0] == study_uid]
+    out = [
+        _ds_json(
+            {
+                "0020000D": ("UI", [name]),
+                "00080061": ("CS", sorted({e.modality for e in entries if e.modality})),
+                "00201206": ("IS", [len(entries)]),
+            }
+        )
+        for name, entries in studies[offset : offset + limit]
+    ]
+    return JSONResponse(out, media_type=DICOM_JSON)

@@ -1,0 +1,62 @@
+"""About the service: health and readiness probes, Prometheus metrics, the model registry."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+
+from radcache.clients.schemas import Health, ModelOut
+from radcache.embeddings import REGISTRY
+
+from ..deps import ResourcesDep
+from ..problems import problem
+from ._common import ERRORS
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get("/v1/models", response_model=list[ModelOut], summary="The model registry")
+def list_models(res: ResourcesDep) -> list[ModelOut]:
+    loaded = res.encoder.cfg.name
+    return [
+        ModelOut(
+            name=c.name,
+            hf_id=c.hf_id,
+            dim=c.dim,
+            patch_size=c.patch_size,
+            image_size=c.image_size,
+            num_registers=c.num_registers,
+            random_weights=c.random_weights,
+            loaded=c.name == loaded,
+        )
+        for c in REGISTRY.values()
+    ]
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain; version=0.0.4": {}}}},
+    summary="Prometheus metrics",
+)
+def metrics(res: ResourcesDep) -> Response:
+    return Response(res.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/healthz", response_model=Health, summary="The process is up")
+def healthz() -> Health:
+    return Health()
+
+
+@router.get(
+    "/readyz", response_model=Health, responses=ERRORS, summary="Model loaded, store writable"
+)
+def readyz(res: ResourcesDep) -> Response:
+    ok, why = res.ready()
+    if not ok:
+        return problem(503, "not-ready", "Not ready", why, "/readyz")
+    return JSONResponse(
+        Health(model=res.encoder.cfg.label, queue_depth=res.worker.depth).model_dump()
+    )

@@ -1,0 +1,78 @@
+"""``/v1/series/…``: a cached series and its embeddings (JSON or ``.npy``)."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from typing import Annotated, Literal
+
+import numpy as np
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from radcache.clients.schemas import EntryOut
+
+from ..deps import ResourcesDep
+from ._common import ERRORS, entry_out
+
+__all__ = ["router"]
+
+router = APIRouter()
+
+
+@router.get(
+    "/v1/series/{series}", response_model=EntryOut, responses=ERRORS, summary="A cached series"
+)
+def get_series(series: str, res: ResourcesDep) -> EntryOut:
+    """``series`` is a series name, ``series#part``, or an entry key."""
+    return entry_out(res.store.resolve(series))
+
+
+Kind = Literal["pooled", "cls", "mean_patch", "patch", "cls_last", "cls_last4", "positions"]
+
+
+def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
+    yield head.getvalue()
+    flat = np.ascontiguousarray(arr).data.cast("B")
+    for i in range(0, len(flat), 1 << 20):
+        yield bytes(flat[i : i + (1 << 20)])
+
+
+@router.get(
+    "/v1/series/{series}/embeddings",
+    responses={200: {"content": {"application/json": {}, "application/x-npy": {}}}, **ERRORS},
+    summary="Embeddings of a cached series (JSON or .npy)",
+)
+def get_embeddings(
+    series: str,
+    res: ResourcesDep,
+    kind: Kind = "pooled",
+    slices: Annotated[str | None, Query(pattern=r"^\d*:\d*$", examples=["0:16"])] = None,
+    accept: Annotated[str | None, Header()] = None,
+) -> Response:
+    """``pooled`` answers JSON by default, arrays answer ``application/x-npy``; ``Accept``
+    chooses. ``slices=a:b`` cuts per-slice arrays."""
+    info = res.store.resolve(series)
+    arr = res.store.read(info.key, "cls_last" if kind == "cls_last4" else kind)
+    if slices and arr.ndim > 1:
+        a, _, b = slices.partition(":")
+        arr = arr[int(a) if a else None : int(b) if b else None]
+    wants = (accept or "").lower()
+    as_json = "application/json" in wants or (kind == "pooled" and "application/x-npy" not in wants)
+    if as_json:
+        return JSONResponse(
+            {
+                "entry": info.key,
+                "kind": kind,
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "data": arr.astype(np.float64).tolist(),
+            }
+        )
+    return StreamingResponse(
+        _npy_stream(arr),
+        media_type="application/x-npy",
+        headers={"Content-Disposition": f'attachment; filename="{info.key}-{kind}.npy"'},
+    )

@@ -1,0 +1,80 @@
+"""``/v1/studies``: submit a study, list and read cached studies, delete one."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+
+from radcache.clients.schemas import JobOut, StudyOut, SubmitOptions
+from radcache.embeddings.errors import NotFoundError
+
+from ..deps import ResourcesDep
+from ..intake import accept, receiving
+from ..options import job_options, parse_submit_options
+from ..uploads import save_upload
+from ._common import ERRORS, SubmitQuery, cached_studies, job_out, study_out
+
+__all__ = ["router"]
+
+router = APIRouter()
+_FORM_FIELDS = tuple(SubmitOptions.model_fields)
+
+
+@router.post(
+    "/v1/studies",
+    status_code=202,
+    response_model=JobOut,
+    responses={200: {"model": JobOut, "description": "every series was already cached"}, **ERRORS},
+    summary="Submit a study (DICOM files, zips, NIfTI) for embedding",
+)
+async def submit_study(request: Request, res: ResourcesDep, query: SubmitQuery) -> Response:
+    """Upload as ``multipart/form-data`` (any number of files, plus optional fields
+    ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON), ``labels`` (a JSON
+    object recorded with every series), ``collection``, ``sequences`` and ``fusion``) or as
+    one body (``application/zip``, ``application/dicom``, NIfTI) with the options as query
+    parameters (:class:`SubmitOptions`; a query parameter wins over a form field)."""
+    async with receiving(res) as dest:
+        fields = await save_upload(request, dest, res.settings.max_upload_bytes, _FORM_FIELDS)
+        options = job_options(parse_submit_options({**fields, **query}), res.encoder.cfg)
+    taken = await run_in_threadpool(accept, res, dest, options)
+    body = job_out(taken.job).model_dump(mode="json")
+    if taken.cached:
+        return JSONResponse(body, status_code=200)
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{taken.job.id}"})
+
+
+@router.get("/v1/studies", response_model=list[StudyOut], summary="Cached studies")
+def list_studies(
+    res: ResourcesDep,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[StudyOut]:
+    studies = sorted(cached_studies(res).items())[offset : offset + limit]
+    return [study_out(s, es) for s, es in studies]
+
+
+@router.get(
+    "/v1/studies/{study}", response_model=StudyOut, responses=ERRORS, summary="One cached study"
+)
+def get_study(study: str, res: ResourcesDep) -> StudyOut:
+    entries = cached_studies(res).get(study)
+    if not entries:
+        raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
+    return study_out(study, entries)
+
+
+@router.delete(
+    "/v1/studies/{study}",
+    status_code=204,
+    responses=ERRORS,
+    summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
+)
+def delete_study(study: str, res: ResourcesDep) -> Response:
+    named = res.indexes.study_entries(study)
+    gone = set(res.store.delete_study(study))
+    res.keeper.refresh()  # its vectors leave the index before this answers
+    res.keeper.touch(k for k in named if k not in gone)  # kept by another study: renamed
+    return Response(status_code=204)

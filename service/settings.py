@@ -1,0 +1,65 @@
+"""Settings of a ``radcache`` process: the embedding library's, plus the service's own.
+
+:class:`ServiceSettings` is the one class a ``radcache`` command builds (CLI flags over
+``RADCACHE_*`` environment variables); :func:`get_settings` builds it once, on first use.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from radcache.embeddings.settings import Settings
+
+__all__ = ["ServiceSettings", "get_settings"]
+
+
+class ServiceSettings(Settings):
+    """radcache configuration: the library's fields and the service's (``RADCACHE_<NAME>``)."""
+
+    # --- the HTTP service (radcache serve) ---
+    host: str = Field("127.0.0.1", description="address radcache serve listens on")
+    port: int = Field(8000, ge=1, le=65535, description="port radcache serve listens on")
+    db: str = Field("sqlite:///./radcache.db", description="job database (SQLAlchemy URL)")
+    upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
+    max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
+    queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
+    index_refresh_s: float = Field(
+        2.0, gt=0, description="how often the service looks for embeddings written by others"
+    )
+    # --- scale-out: a Redis queue and radcache worker processes ---
+    queue: str | None = Field(
+        None, description="Redis URL of the job queue; None: the embedded in-process worker"
+    )
+    queue_namespace: str = Field("radcache", description="prefix of the queue's Redis keys")
+    queue_visibility_s: float = Field(
+        60.0, gt=0, description="a silent worker's jobs go to another after this long"
+    )
+    queue_max_retries: int = Field(3, ge=0, description="retries of a failing job before dead")
+    queue_backoff_s: float = Field(5.0, gt=0, description="first retry delay (doubles each time)")
+    job_time_limit_s: float = Field(6 * 3600.0, gt=0, description="longest a job may run")
+    worker_threads: int = Field(
+        2, ge=1, le=64, description="jobs a worker runs at once (their slices share batches)"
+    )
+    worker_grace_s: float = Field(
+        60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
+    )
+    # --- the client commands (radcache submit | jobs | get) ---
+    url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
+
+    @field_validator("upload_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()  # job rows name uploads that workers elsewhere open
+
+    def lock_server(self) -> tuple[str | None, str]:
+        """Object-store writers lock through the job queue's Redis unless told otherwise."""
+        return self.lock_url or self.queue, self.queue_namespace
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> ServiceSettings:
+    """Settings built once, on first use (not at import)."""
+    return ServiceSettings()
