@@ -104,9 +104,9 @@ def test_env_settings_and_models_listing(study: Path, tmp_path: Path) -> None:
     names = {m["name"] for m in models}
     assert {"dinov2-small", "dinov2-giant-reg", "rad-dino", "dinov2-tiny-random"} <= names
     serve_help = run("serve", "--help").stdout
-    from radcache.embeddings import Settings
+    from radcache.service.settings import ServiceSettings
 
-    for name in Settings.model_fields:  # every setting is documented
+    for name in ServiceSettings.model_fields:  # every setting is documented
         assert f"RADCACHE_{name.upper()}" in serve_help, name
     help_text = run("embed", "--help").stdout
     for flag in (

@@ -1,4 +1,5 @@
-"""Helpers every ``radcache`` command shares: settings, the server-extra check, error output."""
+"""What every ``radcache`` command shares: settings built from flags over environment, the
+server-extra check, error output, and the options several commands declare."""
 
 from __future__ import annotations
 
@@ -12,18 +13,35 @@ from rich.console import Console
 from rich.markup import escape
 
 from radcache.embeddings.errors import RadcacheError
-from radcache.embeddings.runtime import reuse_memory
-from radcache.embeddings.settings import Settings
+from radcache.embeddings.tuning import reuse_memory
 
-__all__ = ["URL", "api_fail", "err", "fail", "need_server", "out", "settings"]
+from ..settings import ServiceSettings
+
+__all__ = [
+    "STORE",
+    "URL",
+    "api_fail",
+    "encoder_options",
+    "err",
+    "fail",
+    "need_server",
+    "out",
+    "settings",
+]
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 err = Console(stderr=True)
 out = Console()
 
 
-def settings(**overrides: Any) -> Settings:
-    """The settings, flags over environment; applies the process-wide memory setting."""
-    s = Settings(**{k: v for k, v in overrides.items() if v is not None})
+def settings(**overrides: Any) -> ServiceSettings:
+    """The settings, flags over environment; applies the process-wide memory setting.
+
+    A command calls it once; a flag left out (None) falls back to its ``RADCACHE_*``
+    variable.
+    """
+    s = ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
     if s.reuse_memory:
         reuse_memory()
     return s
@@ -57,6 +75,7 @@ def need_server(command: str) -> None:
 
 
 def fail(exc: RadcacheError, as_json: bool) -> None:
+    """Report a library error (as JSON with --json) and exit with status 2."""
     if as_json:
         click.echo(json.dumps({"series": [], "errors": [exc.to_dict()]}))
     else:
@@ -66,17 +85,36 @@ def fail(exc: RadcacheError, as_json: bool) -> None:
     sys.exit(2)
 
 
-URL: Callable[[Callable[..., Any]], Callable[..., Any]] = click.option(
-    "--url",
-    default=None,
-    help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
-)
-
-
 def api_fail(exc: Exception, as_json: bool) -> None:
+    """Report a failed service call (as JSON with --json) and exit with status 2."""
     code = getattr(exc, "code", "unreachable")
     if as_json:
         click.echo(json.dumps({"error": {"code": code, "message": str(exc)}}))
     else:
         err.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+URL: Decorator = click.option(
+    "--url",
+    default=None,
+    help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
+)
+
+STORE: Decorator = click.option(
+    "--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]"
+)
+
+_DEVICE: Decorator = click.option(
+    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs."
+)
+_PRECISION: Decorator = click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="auto: bf16 where fast.",
+)
+
+
+def encoder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The encoder's options of `embed` and `serve`: --device, --precision."""
+    return _DEVICE(_PRECISION(fn))

@@ -1,6 +1,6 @@
 """``radcache probe knn|fewshot|linear|seg`` and ``radcache export``: offline work on a
 store's cached features (no service, no encoder). Each probe writes a report directory
-(result.json, report.md, PNG plots). Added to the main group by :mod:`.cli`."""
+(result.json, report.md, PNG plots)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,10 @@ import click
 
 from radcache.embeddings.errors import RadcacheError
 
-from ._cliutil import err, fail, need_server, out, settings
+from ._common import STORE, err, fail, need_server, out, settings
 
 __all__ = ["export", "probe"]
 
-_STORE = click.option("--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]")
 _SPACE = click.option("--space", help="Which (model, recipe) space, if the store holds several.")
 _LEVEL = click.option(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
@@ -61,10 +60,11 @@ def probe() -> None:
     """Train and score probes on cached features (the DINOv2-on-radiology protocols)."""
 
 
-def _common(fn: Any) -> Any:
+def _probe_options(fn: Any) -> Any:
+    """The options of `probe knn|fewshot|linear`: features, labels, split, report."""
     for opt in reversed(
         [
-            _STORE,
+            STORE,
             _SPACE,
             _LEVEL,
             _KIND,
@@ -140,7 +140,7 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
 
 
 def _finish(protocol: str, res: dict[str, Any], opts: dict[str, Any], pictures: Any = ()) -> None:
-    from radcache.embeddings.report import write_report
+    from radcache.embeddings.probes import write_report
 
     path = write_report(res, opts["output"] or f"probe-{protocol}", pictures)
     if opts["as_json"]:
@@ -149,7 +149,7 @@ def _finish(protocol: str, res: dict[str, Any], opts: dict[str, Any], pictures: 
 
 
 @probe.command("knn")
-@_common
+@_probe_options
 @click.option("-k", "ks", multiple=True, type=int, help="k values (default 5 20 50 100 200).")
 @_MULTILABEL
 def probe_knn(ks: tuple[int, ...], multilabel: bool, **opts: Any) -> None:
@@ -159,7 +159,7 @@ def probe_knn(ks: tuple[int, ...], multilabel: bool, **opts: Any) -> None:
 
 
 @probe.command("fewshot")
-@_common
+@_probe_options
 @click.option("--shots", multiple=True, type=int, help="Examples per class (default 1 2 4 8 16).")
 @click.option("--draws", type=int, default=5, show_default=True)
 def probe_fewshot(shots: tuple[int, ...], draws: int, **opts: Any) -> None:
@@ -168,7 +168,7 @@ def probe_fewshot(shots: tuple[int, ...], draws: int, **opts: Any) -> None:
 
 
 @probe.command("linear")
-@_common
+@_probe_options
 @_MULTILABEL
 def probe_linear(multilabel: bool, **opts: Any) -> None:
     """Logistic regression (multi-label: one per class), C chosen on val, refit on
@@ -177,7 +177,7 @@ def probe_linear(multilabel: bool, **opts: Any) -> None:
 
 
 @probe.command("seg")
-@_STORE
+@STORE
 @click.option(
     "--masks",
     required=True,
@@ -225,24 +225,24 @@ def probe_seg(
     per-class 2D and 3D Dice on test slices."""
     need_server("probe")
     from radcache.embeddings import open_store
-    from radcache.embeddings import segment as sg
+    from radcache.embeddings.probes import overlays, read_masks, seg, seg_data, split_slices
 
     try:
         st = open_store(settings(store=store).store)
-        mask_files, images = sg.read_masks(masks)
+        mask_files, images = read_masks(masks)
         names = [c.strip() for c in classes.split(",")] if classes else None
-        data = sg.seg_data(st, mask_files, classes=names, images=images, sequence=sequence)
-        parts = sg.split_slices(data, split, blocks=blocks, seed=seed)  # type: ignore[arg-type]
-        res, head = sg.seg(data, parts, epochs=epochs, lr=lr, seed=seed, bootstrap=bootstrap)
+        data = seg_data(st, mask_files, classes=names, images=images, sequence=sequence)
+        parts = split_slices(data, split, blocks=blocks, seed=seed)  # type: ignore[arg-type]
+        res, head = seg(data, parts, epochs=epochs, lr=lr, seed=seed, bootstrap=bootstrap)
     except RadcacheError as exc:
         fail(exc, False)
         return
     res = {**res, "split": split, "split_seed": seed}
-    _finish("seg", res, opts, sg.overlays(data, head, parts, pictures))
+    _finish("seg", res, opts, overlays(data, head, parts, pictures))
 
 
 @click.command()
-@_STORE
+@STORE
 @_SPACE
 @_LEVEL
 @_KIND

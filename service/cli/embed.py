@@ -1,0 +1,269 @@
+"""``radcache embed`` (files into the store, on this machine), ``radcache show`` (what a
+store holds) and ``radcache models`` (the model registry)."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import click
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from radcache.embeddings.errors import ConfigError, RadcacheError
+from radcache.embeddings.tuning import settle
+
+from ._common import STORE, encoder_options, err, fail, need_server, out, settings
+
+__all__ = ["embed", "models", "show"]
+
+
+class _Bar:
+    """Adapts a rich progress bar to the pipeline's Progress protocol."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.p = progress
+        self.task = progress.add_task("embedding", total=None)
+
+    def total(self, slices: int) -> None:
+        self.p.update(self.task, total=slices)
+
+    def advance(self, slices: int) -> None:
+        self.p.advance(self.task, slices)
+
+
+@click.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--model",
+    help="Registry name (see `radcache models`) or checkpoint directory. [env RADCACHE_MODEL]",
+)
+@STORE
+@click.option(
+    "--recipe", type=click.Path(exists=True, dir_okay=False), help="Recipe file (JSON or YAML)."
+)
+@click.option(
+    "--patch-tokens/--no-patch-tokens", default=None, help="Keep patch-token grids (fp16)."
+)
+@encoder_options
+@click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
+@click.option("--modality", help="Modality of NIfTI/NRRD inputs (they carry none), e.g. CT or MR.")
+@click.option(
+    "--sequence",
+    "sequences",
+    multiple=True,
+    metavar="NAME=TYPE",
+    help="Multi-sequence MR study: name a file's or series' sequence (t1, t1c, t2, flair); "
+    "the inputs are then ONE study (always so with an MM-DINOv2 model).",
+)
+@click.option(
+    "--fusion",
+    type=click.Choice(["mm", "concat", "mean"]),
+    help="Multi-sequence study with a plain DINOv2: concatenate or average per-sequence CLS.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def embed(
+    inputs: Sequence[str],
+    model: str | None,
+    store: str | None,
+    recipe: str | None,
+    patch_tokens: bool | None,
+    device: str | None,
+    precision: str | None,
+    batch_size: int | None,
+    modality: str | None,
+    sequences: Sequence[str],
+    fusion: str | None,
+    as_json: bool,
+) -> None:
+    """Embed DICOM files/directories/zips and NIfTI/NRRD/MHA volumes into the store.
+
+    With an MM-DINOv2 model, --sequence or --fusion, all inputs are one multi-sequence MR
+    study and become one entry. Exit status: 0 when everything was embedded or cached,
+    1 when any input failed (the rest is still stored), 2 when nothing could run (model,
+    store or settings).
+    """
+    need_server("embed")
+    from radcache.embeddings import Pipeline
+
+    try:
+        s = settings(
+            model=model,
+            store=store,
+            recipe=recipe,
+            patch_tokens=patch_tokens,
+            device=device,
+            precision=precision,
+            batch_size=batch_size,
+        )
+        mapping = dict(_pair(x) for x in sequences)
+        pipe = Pipeline.from_settings(s)
+        encoder = pipe.encoder
+        settle()
+    except RadcacheError as exc:
+        fail(exc, as_json)
+        return
+    run: Callable[..., Any] = functools.partial(pipe.embed, inputs, modality=modality)
+    if mapping or fusion or encoder.cfg.multi_sequence:
+        run = functools.partial(
+            pipe.embed_study,
+            inputs,
+            mapping=mapping,
+            fusion=fusion,  # type: ignore[arg-type]
+        )
+    if not as_json and encoder.cfg.random_weights:
+        err.print(
+            f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only."
+        )
+    show_bar = not as_json and err.is_terminal
+    if show_bar:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err,
+            transient=True,
+        ) as p:
+            report = run(progress=_Bar(p))
+    else:
+        report = run()
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        _print_report(report, encoder.cfg.label, encoder.precision, s.store)
+    sys.exit(0 if report.ok else 1)
+
+
+def _print_report(report: Any, model: str, precision: str, store: str) -> None:
+    table = Table(title=f"{model} · {precision} · {store}", title_justify="left")
+    for col in ("study", "series", "part", "modality", "slices", "cache", "seconds"):
+        table.add_column(col, justify="right" if col in ("slices", "seconds") else "left")
+    for r in report.series:
+        table.add_row(
+            r.study[:12],
+            r.series[:12],
+            r.part or "-",
+            r.modality or "-",
+            str(r.slices),
+            "[green]hit[/]" if r.cache == "hit" else "miss",
+            f"{r.seconds:.2f}",
+        )
+    out.print(table)
+    for r in report.series:
+        for w in r.warnings:
+            err.print(
+                f"[yellow]warning[/] series {r.series[:12]}"
+                f"{'#' + r.part if r.part else ''}: {escape(w)}",
+                highlight=False,
+            )
+    for path, reason in report.skipped:
+        err.print(f"[dim]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
+    for e in report.errors:
+        err.print(
+            f"[bold red]error[/] {escape(f'[{e.code}] {e}')}", highlight=False, soft_wrap=True
+        )
+    hits = sum(r.cache == "hit" for r in report.series)
+    out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
+
+
+def _pair(text: str) -> tuple[str, str]:
+    name, sep, kind = text.partition("=")
+    if not sep or not name or not kind:
+        raise ConfigError(f"--sequence {text!r}: expected NAME=TYPE, e.g. t1.nii.gz=t1.")
+    return name, kind.lower()
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models(as_json: bool) -> None:
+    """List the model registry."""
+    from radcache.embeddings.models import DEFAULT_MODEL, REGISTRY
+
+    if as_json:
+        click.echo(json.dumps([c.to_dict() for c in REGISTRY.values()], indent=1))
+        return
+    table = Table(title=f"models (default: {DEFAULT_MODEL})", title_justify="left")
+    for col in ("name", "weights", "dim", "patch", "input", "registers", "note"):
+        table.add_column(col)
+    for c in REGISTRY.values():
+        table.add_row(
+            c.name,
+            "RANDOM (tests only)" if c.random_weights else (c.hf_id or "-"),
+            str(c.dim),
+            str(c.patch_size),
+            str(c.image_size),
+            str(c.num_registers),
+            c.note,
+        )
+    out.print(table)
+
+
+@click.command()
+@click.argument("store", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def show(store: str | None, as_json: bool) -> None:
+    """List what a store holds (default: RADCACHE_STORE)."""
+    need_server("show")
+    from radcache.embeddings import open_store
+
+    try:
+        st = open_store(store or settings().store)
+        entries = st.series()
+    except RadcacheError as exc:
+        fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(
+            json.dumps(
+                [
+                    {
+                        "entry": e.key,
+                        "study": e.study,
+                        "series": e.series,
+                        "part": e.part,
+                        "modality": e.modality,
+                        "slices": e.n_slices,
+                        "model": e.model,
+                        "dim": e.dim,
+                        "recipe": e.recipe_hash,
+                        "precision": e.precision,
+                        "kinds": list(e.kinds),
+                        "created": e.created,
+                    }
+                    for e in entries
+                ],
+                indent=1,
+            )
+        )
+        return
+    table = Table(title=f"{st.url}: {len(entries)} entries", title_justify="left")
+    for col in (
+        "entry",
+        "series",
+        "part",
+        "modality",
+        "slices",
+        "model",
+        "recipe",
+        "precision",
+        "created",
+    ):
+        table.add_column(col)
+    for e in entries:
+        table.add_row(
+            e.key[:12],
+            e.series[:12],
+            e.part or "-",
+            e.modality or "-",
+            str(e.n_slices),
+            e.model,
+            e.recipe_hash[:8],
+            e.precision,
+            e.created,
+        )
+    out.print(table)

@@ -1,0 +1,99 @@
+"""``radcache index info|rebuild``: the FAISS search indexes of a store, worked on directly
+(no service)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+from rich.table import Table
+
+from radcache.embeddings.errors import RadcacheError
+
+from ._common import STORE, fail, need_server, out, settings
+
+__all__ = ["index"]
+
+
+@click.group()
+def index() -> None:
+    """The FAISS search indexes of a store (built and kept by `radcache serve`)."""
+
+
+def _open(store: str | None, factory: str | None, **kw: Any) -> Any:
+    from radcache.embeddings import IndexSet, open_store
+
+    s = settings(store=store)
+    opts = s.index_options()
+    return IndexSet(
+        open_store(s.store, mode="r"), **{**opts, **kw, "factory": factory or opts["factory"]}
+    )
+
+
+@index.command("info")
+@STORE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_info(store: str | None, as_json: bool) -> None:
+    """Type, size, measured recall and memory of each index (brought up to date first)."""
+    need_server("index")
+    try:
+        idx = _open(store, None)
+        idx.load()
+        idx.refresh()
+        idx.save()
+        info = idx.info()
+    except RadcacheError as exc:
+        fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+        return
+    table = Table(title=f"indexes of {idx.store.url} ({idx.directory})", title_justify="left")
+    for col in ("space", "level", "type", "vectors", "recall@10", "params", "memory"):
+        table.add_column(col)
+    for sp in info:
+        for lv, li in sp["levels"].items():
+            recall = "exact" if li["recall_at_10"] is None else f"{li['recall_at_10']:.3f}"
+            table.add_row(
+                sp["space"],
+                lv,
+                li["factory"],
+                str(li["vectors"]),
+                recall,
+                json.dumps(li["params"]) if li["params"] else "-",
+                f"{li['memory_bytes'] / 2**20:.1f} MiB",
+            )
+    out.print(table)
+
+
+@index.command("rebuild")
+@STORE
+@click.option("--space", help="Only this space (default: all).")
+@click.option(
+    "--level",
+    "levels",
+    multiple=True,
+    type=click.Choice(["series", "slice"]),
+    help="Levels that take --factory (default: both).",
+)
+@click.option("--factory", help="FAISS factory string, e.g. Flat, IVF1024,Flat, HNSW32. [auto]")
+def index_rebuild(
+    store: str | None, space: str | None, levels: Sequence[str], factory: str | None
+) -> None:
+    """Rebuild indexes from the Zarr store alone."""
+    need_server("index")
+    try:
+        idx = _open(store, None)
+        idx.load()
+        names = idx.rebuild(space, factory=factory, levels=levels or ("series", "slice"))
+    except RadcacheError as exc:
+        fail(exc, False)
+        return
+    for name in names:
+        sp = idx.spaces[name].info()
+        parts = [
+            f"{lv} {li['factory']} ({li['vectors']} vectors)" for lv, li in sp["levels"].items()
+        ]
+        out.print(f"{name}: {', '.join(parts)} → {idx.path(name)}")

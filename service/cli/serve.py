@@ -1,0 +1,85 @@
+"""``radcache serve``: the HTTP service in this process (jobs run here, or by `radcache
+worker` processes with --queue). Its --help lists every setting and its variable."""
+
+from __future__ import annotations
+
+import click
+
+from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.tuning import settle
+
+from ..settings import ServiceSettings
+from ._common import STORE, encoder_options, err, fail, need_server, settings
+
+__all__ = ["serve"]
+
+
+def _settings_help() -> str:
+    """Every setting, its environment variable and its default, for --help."""
+    lines = ["\b", "Settings (environment variables; flags above override them):"]
+    for name, field in ServiceSettings.model_fields.items():
+        default = field.default if field.default is not None else "-"
+        lines.append(
+            f"  RADCACHE_{name.upper():<20} {field.description or ''} [default: {default}]"
+        )
+    return "\n".join(lines)
+
+
+@click.command(epilog=_settings_help())
+@click.option("--host", help="Listen address. [env RADCACHE_HOST; default 127.0.0.1]")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), help="Port. [env RADCACHE_PORT; default 8000]"
+)
+@click.option("--model", help="Registry name or checkpoint directory. [env RADCACHE_MODEL]")
+@STORE
+@click.option("--db", help="Job database URL. [env RADCACHE_DB; default sqlite:///./radcache.db]")
+@click.option(
+    "--queue",
+    help="Redis URL: only enqueue jobs, `radcache worker` runs them. [env RADCACHE_QUEUE]",
+)
+@encoder_options
+def serve(
+    host: str | None,
+    port: int | None,
+    model: str | None,
+    store: str | None,
+    db: str | None,
+    queue: str | None,
+    device: str | None,
+    precision: str | None,
+) -> None:
+    """Run the HTTP service: uploads in, embeddings out (OpenAPI at /docs).
+
+    Every setting is also a RADCACHE_* environment variable (see `radcache embed --help`
+    and embeddings/settings.py); flags override them.
+    """
+    need_server("serve")
+    import uvicorn
+
+    from ..app import build_resources, create_app
+
+    try:
+        s = settings(
+            host=host,
+            port=port,
+            model=model,
+            store=store,
+            db=db,
+            queue=queue,
+            device=device,
+            precision=precision,
+        )
+        resources = build_resources(s)  # the model loads here: fail with one clear message
+    except RadcacheError as exc:
+        fail(exc, False)
+        return
+    settle()
+    if resources.encoder.cfg.random_weights:
+        err.print(f"[yellow]warning[/] {resources.encoder.cfg.label}: embeddings are meaningless.")
+    label = resources.encoder.cfg.label
+    jobs_by = f"workers on {s.queue}" if s.queue else "this process"
+    err.print(
+        f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store}; jobs run by "
+        f"{jobs_by})"
+    )
+    uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
