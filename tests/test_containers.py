@@ -347,8 +347,8 @@ def test_dockerignore_keeps_what_the_build_copies() -> None:
     needed = [
         "pyproject.toml",
         "README.md",
-        "embeddings/store.py",
-        "service/cli.py",
+        "embeddings/store/__init__.py",
+        "service/cli/__init__.py",
         "service/migrations/env.py",
         "service/migrations/versions/0001_jobs.py",
         "clients/__init__.py",
