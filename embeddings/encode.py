@@ -8,6 +8,7 @@ with bf16, or a CPU with AVX-512 BF16/AMX) and fp32 otherwise; the choice is rec
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
@@ -95,7 +96,11 @@ def _first(output: object) -> torch.Tensor:
 
 
 class Encoder:
-    """A frozen DINOv2-family backbone on one device, at one precision."""
+    """A frozen DINOv2-family backbone on one device, at one precision.
+
+    :meth:`forward` may be called from several threads at once (a search by upload beside
+    the worker): what a call returns comes from that call's forward alone.
+    """
 
     def __init__(
         self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str
@@ -107,27 +112,34 @@ class Encoder:
         self.weights_hash = weights_hash(model)  # of the weights as loaded, before any cast
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         self.forward_count = 0  # number of model forward passes run (tests use it)
+        # The last blocks' CLS tokens are caught by hooks as the blocks run, rather than
+        # asking for every hidden state (all tokens of every block, kept per batch). The
+        # hooks stay registered and write into the calling thread's own capture: a hook
+        # fires in the thread whose forward runs the block.
+        self._capture = threading.local()
+        if not cfg.multi_sequence:
+            depth = len(self._blocks())
+            for i, block in enumerate(self._blocks()):
+                block.register_forward_hook(self._catcher(depth - i))
+
+    def _catcher(self, from_end: int) -> Callable[..., None]:
+        def catch(_m: object, _i: object, output: object) -> None:
+            caught: list[torch.Tensor] | None = getattr(self._capture, "caught", None)
+            if caught is not None and from_end <= self._capture.last_n:
+                caught.append(_first(output)[:, 0])
+
+        return catch
 
     def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
         """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
         x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        # The last blocks' CLS tokens are caught by hooks as the blocks run, rather than
-        # asking for every hidden state (all tokens of every block, kept per batch).
         caught: list[torch.Tensor] = []
-        hooks = (
-            [
-                block.register_forward_hook(lambda _m, _i, o: caught.append(_first(o)[:, 0]))
-                for block in self._blocks()[-last_n:]
-            ]
-            if last_n > 0
-            else []
-        )
+        self._capture.caught, self._capture.last_n = (caught if last_n > 0 else None), last_n
         try:
             with torch.inference_mode():
                 out = self.model(pixel_values=x)
         finally:
-            for hook in hooks:
-                hook.remove()
+            self._capture.caught = None
         self.forward_count += 1
         tokens = out.last_hidden_state
         cls = tokens[:, 0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, Dinov2Model
 
+from radcache.embeddings import Pseudonymizer
 from radcache.embeddings.encode import Encoder, cpu_has_fast_bf16, load_encoder, resolve_precision
 from radcache.embeddings.errors import ModelError, ModelUnavailableError, UnknownModelError
 from radcache.embeddings.models import REGISTRY, build_random, get_cfg
@@ -136,3 +138,49 @@ def test_registry_geometry() -> None:
         assert c.patch_size == 14 and c.image_size % 14 == 0 and reg.num_registers == 4
         assert reg.dim == c.dim and reg.hf_id and "with-registers" in reg.hf_id
     assert get_cfg("rad-dino").image_size == 518 and get_cfg("rad-dino").dim == 768
+
+
+def test_an_embedding_and_searches_by_upload_in_parallel_get_their_own_outputs(
+    tiny_fp32: Encoder, tmp_path: Path, pseudo: Pseudonymizer
+) -> None:
+    """One encoder, two threads: a long embedding with last-4 CLS (the worker) and repeated
+    queries by upload (a search). Every result equals the same work run alone."""
+    from radcache.embeddings import EmbeddingStore, Pipeline
+    from tests.dicomgen import phantom, write_series
+
+    long = write_series(tmp_path / "long", phantom(40, 28, 28, seed=5))
+    query = write_series(tmp_path / "query", phantom(3, 42, 42, seed=6))
+
+    def pipe(name: str) -> Pipeline:
+        return Pipeline(tiny_fp32, EmbeddingStore(tmp_path / name), pseudo, batch_size=4)
+
+    alone = pipe("alone.zarr")
+    expected = alone.store.read(alone.embed([long.directory]).series[0].entry, "cls_last")
+    (query_alone,), _ = alone.embed_transient([query.directory])
+
+    together = pipe("together.zarr")
+    failures: list[BaseException] = []
+    done = threading.Event()
+
+    def worker() -> None:
+        try:
+            report = together.embed([long.directory])
+            assert report.ok, report.errors
+            got = together.store.read(report.series[0].entry, "cls_last")
+            np.testing.assert_array_equal(got, expected)
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    searches = 0
+    while not done.is_set() or searches < 3:
+        (q,), errors = together.embed_transient([query.directory])
+        assert not errors
+        np.testing.assert_array_equal(q.cls, query_alone.cls)
+        searches += 1
+    thread.join()
+    assert not failures, failures[0]
+    assert searches >= 3
