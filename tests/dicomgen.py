@@ -15,7 +15,9 @@ check ingest against an independent statement of where each value belongs:
 * :func:`write_itk` — the same volume as NRRD / MetaImage through SimpleITK;
 * :func:`expected_at` — the patient position and value of every generated voxel;
 * :func:`assert_matches_series` / :func:`assert_matches_nifti` — check each voxel of an
-  ingested ``Volume``, placed by its own geometry, against the generator / nibabel.
+  ingested ``Volume``, placed by its own geometry, against the generator / nibabel;
+* :func:`kept_alive` / :func:`pixel_holders` — every object a value keeps alive, and
+  those among them that hold pixels (what a scan result may not hold).
 
 Every DICOM file carries recognisable fake identifiers (:data:`FAKE_IDENTITY`) so tests
 can check that none of them reaches a ``Volume``.
@@ -23,10 +25,12 @@ can check that none of them reaches a ``Volume``.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import random
 import struct
+import types
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,8 +60,10 @@ __all__ = [
     "encoder_available",
     "expected_at",
     "fmt_ds",
+    "kept_alive",
     "lps_affine",
     "phantom",
+    "pixel_holders",
     "rescaled",
     "volume_points",
     "write_enhanced_mr",
@@ -348,8 +354,8 @@ def write_series(
     * ``missing`` omits those slice indices; ``duplicates`` writes a second file at the
       position of each listed slice (same acquisition — an inconsistent series);
     * ``repeats`` > 1 writes the whole stack again, ``repeat_by`` (``EchoNumbers``,
-      ``AcquisitionNumber`` or ``TemporalPositionIdentifier``) telling the copies apart;
-      repeat ``e`` stores ``raw + 100·e``;
+      ``AcquisitionNumber``, ``TemporalPositionIdentifier`` or ``DiffusionBValue``, the
+      latter 0, 500, 1000…) telling the copies apart; repeat ``e`` stores ``raw + 100·e``;
     * ``localizer`` adds a sagittal LOCALIZER image to the series; ``sr`` adds a Basic
       Text SR object to the study;
     * ``photometric="MONOCHROME1"`` labels the pixels MONOCHROME1 (ingest should invert);
@@ -432,6 +438,8 @@ def write_series(
                 ds.AcquisitionNumber = e + 1
             elif repeat_by == "TemporalPositionIdentifier":
                 ds.TemporalPositionIdentifier = e + 1
+            elif repeat_by == "DiffusionBValue":
+                ds.DiffusionBValue = 500.0 * e
             else:  # pragma: no cover
                 raise ValueError(repeat_by)
         else:
@@ -785,3 +793,43 @@ def assert_matches_nifti(volume: Any, img: Any, t: int | None = None) -> None:
     assert np.unique(flat).size == data.size, "some file voxels were hit twice"
     want = data.reshape(-1)[flat]
     np.testing.assert_allclose(vals, want, rtol=1e-6, atol=1e-6)
+
+
+def kept_alive(root: Any) -> list[Any]:
+    """Every object ``root`` keeps alive: through containers, instances, bound methods
+    and closures (function globals, modules and classes are not followed)."""
+    seen, out, todo = {id(root)}, [], [root]
+    while todo:
+        obj = todo.pop()
+        out.append(obj)
+        if isinstance(obj, types.ModuleType | type):
+            continue
+        if isinstance(obj, types.FunctionType):
+            cells = []
+            for cell in obj.__closure__ or ():
+                try:
+                    cells.append(cell.cell_contents)
+                except ValueError:  # an empty cell
+                    continue
+            nxt = [*cells, *(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
+        else:
+            nxt = gc.get_referents(obj)
+        for o in nxt:
+            if id(o) not in seen:
+                seen.add(id(o))
+                todo.append(o)
+    return out
+
+
+def pixel_holders(objs: Sequence[Any]) -> list[str]:
+    """What among ``objs`` holds image data: pydicom datasets, bytes over 4 KB, arrays
+    over 1 KB (header values are far smaller)."""
+    found = []
+    for o in objs:
+        if isinstance(o, Dataset):
+            found.append("a pydicom Dataset")
+        elif isinstance(o, bytes | bytearray) and len(o) > 4096:
+            found.append(f"{type(o).__name__} of {len(o)} bytes")
+        elif isinstance(o, np.ndarray) and o.nbytes > 1024:
+            found.append(f"an array of shape {o.shape}")
+    return found

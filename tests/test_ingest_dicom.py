@@ -7,8 +7,11 @@ that, so these tests state *where* values must land, not just what the array loo
 
 from __future__ import annotations
 
+import gc
 import io
 import os
+import tempfile
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +39,9 @@ from tests.dicomgen import (
     ORIENTATIONS,
     assert_matches_series,
     encoder_available,
+    kept_alive,
     phantom,
+    pixel_holders,
     rescaled,
     write_enhanced_mr,
     write_series,
@@ -872,3 +877,105 @@ def test_a_transfer_syntax_without_decoder_is_named():
     assert vols == []
     assert codes(errs) == ["unsupported-transfer-syntax"]
     assert "MPEG2" in str(errs[0]) and errs[0].path == "video.dcm"
+
+
+# ---------------------------------------------------------------------------------------
+# Headers only: a scan holds no pixels, a load keeps nothing
+
+
+def _add_bulk(files: list[Path]) -> None:
+    """Give each file what real headers carry and a scan must not keep: a 12 KB private
+    blob (a CSA header) and a referenced-image sequence."""
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.add_new((0x0029, 0x0010), "LO", "SIEMENS CSA HEADER")
+        ds.add_new((0x0029, 0x1010), "OB", b"\x01" * 12000)
+        refs = []
+        for _ in range(5):
+            item = pydicom.Dataset()
+            item.ReferencedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+            item.ReferencedSOPInstanceUID = pydicom.uid.generate_uid()
+            refs.append(item)
+        ds.ReferencedImageSequence = refs
+        ds.save_as(f, enforce_file_format=True)
+
+
+def test_scan_holds_headers_only_and_a_load_keeps_nothing(tmp_path, pseudo):
+    s = write_series(tmp_path / "dir", phantom(5, 48, 64, seed=61), shuffle=True)
+    _add_bulk(s.files)
+    zpath = tmp_path / "study.zip"
+    zpath.write_bytes(zip_bytes(s.directory))
+    for inp in (s.directory, zpath):
+        result = scan([inp], pseudo)
+        (cand,) = result.candidates
+        assert pixel_holders(kept_alive(result)) == []
+        first = cand.load()
+        assert_matches_series(first, s)
+        assert pixel_holders(kept_alive(result)) == []  # the candidate kept none of it
+        again = cand.load()  # read from the files again
+        np.testing.assert_array_equal(again.voxels, first.voxels)
+
+
+def test_held_headers_are_small(tmp_path, pseudo):
+    n = 40
+    write_series(tmp_path, phantom(n, 8, 8, seed=62))
+    _add_bulk(sorted(tmp_path.iterdir()))
+    scan([tmp_path], pseudo)  # imports and caches, once
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        result = scan([tmp_path], pseudo)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert [c.n_slices for c in result.candidates] == [n]
+    # each file's header is over 13 KB on disk; what the scan keeps of it is a few facts
+    assert held / n < 3000, f"{held / n:.0f} bytes held per file"
+
+
+def test_a_file_changed_or_removed_after_the_scan_is_named(tmp_path, pseudo):
+    s = write_series(tmp_path, phantom(4, 8, 8, seed=63))
+    victim = s.files[1]
+    result = scan([tmp_path], pseudo)
+    ds = pydicom.dcmread(victim)
+    ds.PixelData = bytes(len(ds.PixelData))
+    ds.save_as(victim, enforce_file_format=True)
+    with pytest.raises(InputError) as info:
+        result.candidates[0].load()
+    assert (info.value.code, info.value.path) == ("unsupported-input", str(victim))
+    assert "changed after its header was read" in info.value.message
+    result = scan([tmp_path], pseudo)
+    victim.unlink()
+    with pytest.raises(InputError) as info:
+        result.candidates[0].load()
+    assert (info.value.code, info.value.path) == ("unsupported-input", str(victim))
+    assert "could not be read again" in info.value.message
+
+
+def test_a_zip_inside_a_zip_is_spilled_to_disk_and_removed(tmp_path, pseudo, monkeypatch):
+    spill = tmp_path / "tmp"
+    spill.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spill))
+    s = write_series(tmp_path / "dir", phantom(seed=64))
+    outer = tmp_path / "outer.zip"
+    outer.write_bytes(_zip({"inner.zip": zip_bytes(s.directory)}))
+    result = scan([outer], pseudo)
+    assert len(list(spill.iterdir())) == 1  # the inner archive, on disk
+    assert pixel_holders(kept_alive(result)) == []
+    assert_matches_series(result.candidates[0].load(), s)
+    del result
+    gc.collect()
+    assert list(spill.iterdir()) == []
+
+
+def test_diffusion_b_values_become_separate_volumes(tmp_path):
+    s = write_series(
+        tmp_path, phantom(seed=65), repeats=2, repeat_by="DiffusionBValue", modality="MR"
+    )
+    vols, errs = load([tmp_path])
+    assert errs == []
+    by_part = {v.meta.part: v for v in vols}
+    assert sorted(by_part) == ["b=0.0", "b=500.0"]
+    assert_matches_series(by_part["b=500.0"], s, repeat=1)

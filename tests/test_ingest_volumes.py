@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -24,7 +25,9 @@ from tests.dicomgen import (
     ORIENTATIONS,
     assert_matches_nifti,
     assert_matches_series,
+    kept_alive,
     phantom,
+    pixel_holders,
     write_itk,
     write_nifti,
     write_series,
@@ -407,3 +410,42 @@ def test_gzipped_nifti_under_another_name(tmp_path):
     renamed.write_bytes(path.read_bytes())
     a, b = load_one([path]), load_one([renamed])
     np.testing.assert_array_equal(a.voxels, b.voxels)
+
+
+# ---------------------------------------------------------------------------------------
+# Headers at scan, voxels at load
+
+
+def test_volume_files_are_read_at_load_not_at_scan(tmp_path):
+    raw = phantom(5, 30, 40, seed=66)
+    values = raw.astype(np.float32)
+    files = [
+        write_nifti(tmp_path / "v.nii.gz", values),
+        write_nifti(tmp_path / "v.nii", values),
+        write_itk(tmp_path / "v.nrrd", values),
+        write_itk(tmp_path / "v.mha", values),
+    ]
+    archive = tmp_path / "volumes.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in files:
+            zf.write(f, f"vols/{f.name}")
+    for inputs in (files, [archive]):
+        result = scan(inputs, Pseudonymizer(SECRET))
+        assert result.errors == []
+        assert sorted(c.source_format for c in result.candidates) == ["itk"] * 2 + ["nifti"] * 2
+        assert pixel_holders(kept_alive(result)) == []  # headers only
+        for cand in result.candidates:
+            v = cand.load()
+            assert v.n_slices == cand.n_slices == 5
+            np.testing.assert_array_equal(v.voxels, values)
+        assert pixel_holders(kept_alive(result)) == []  # nothing kept after loading
+
+
+def test_4d_nifti_time_points_load_in_any_order(tmp_path):
+    raw = phantom(4, 5, 6, seed=67).astype(np.float32)
+    frames = np.stack([raw, raw + 1, raw + 2, raw + 3])
+    path = write_nifti(tmp_path / "func.nii.gz", frames)
+    result = scan([path], Pseudonymizer(SECRET))
+    last = result.candidates[-1].load()  # any order: each reads only its own time point
+    np.testing.assert_array_equal(last.voxels, frames[3])
+    np.testing.assert_array_equal(result.candidates[1].load().voxels, frames[1])

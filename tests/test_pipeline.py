@@ -226,3 +226,48 @@ def test_deleting_a_study_keeps_content_another_study_sent(
     assert st.delete_study(rb.study) == [rb.entry]
     assert st.series() == [] and all(not st.table(s).keys for s in st.spaces())
     assert st.delete_study(rb.study) == []
+
+
+def test_an_interrupted_run_keeps_what_finished_and_a_rerun_embeds_the_rest(
+    tiny: Encoder,
+    tmp_path: Path,
+    store_path: Path,
+    pseudo: Pseudonymizer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from radcache.embeddings.ingest import Candidate
+
+    archive = tmp_path / "archive"
+    made = [
+        write_series(archive / name, phantom(n, 16, 16, seed=60 + n))
+        for name, n in (("a", 5), ("b", 6), ("c", 7))
+    ]
+    third = pseudo.name("series", made[2].series_uid)
+    real_load = Candidate.load
+    loaded: list[str] = []
+
+    def load(cand: Candidate):
+        loaded.append(cand.series)
+        if cand.series == third:
+            raise RuntimeError("the process was stopped")
+        return real_load(cand)
+
+    monkeypatch.setattr(Candidate, "load", load)
+    before = tiny.forward_count
+    with pytest.raises(RuntimeError, match="stopped"):
+        _pipe(tiny, store_path, pseudo).embed([archive])
+    assert tiny.forward_count - before == 4  # two series of ≤ 8 slices, batches of 4
+    kept = open_store(store_path).series()
+    assert len(kept) == 2  # each series was committed as soon as it was embedded
+    monkeypatch.setattr(Candidate, "load", lambda c: loaded.append(c.series) or real_load(c))
+    loaded.clear()
+    before = tiny.forward_count
+    report = _pipe(tiny, store_path, pseudo).embed([archive])
+    assert report.ok
+    assert [(r.series, r.cache) for r in report.series] == [
+        (pseudo.name("series", m.series_uid), cache)
+        for m, cache in zip(made, ("hit", "hit", "miss"), strict=True)
+    ]
+    assert tiny.forward_count - before == 2  # only the third series ran the model
+    assert loaded == [third]  # the stored two were answered from their files' digests
+    assert len(open_store(store_path).series()) == 3

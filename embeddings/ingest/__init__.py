@@ -2,8 +2,12 @@
 
 The entry point is :func:`scan`: it expands inputs (files, directories, zips, uploaded
 bytes), reads every header once, assembles DICOM series, and returns one
-:class:`Candidate` per volume to be — each decoded only when ``load()`` is called, so a
-large mixed upload is processed one series at a time. Bad files become
+:class:`Candidate` per volume to be. A scan holds headers only: a DICOM file is read to
+digest it and parse its header without pixel data, and only the facts assembly needs are
+kept; a NIfTI, NRRD or MHA file is hashed as a stream and only its header is parsed. The
+voxels are read from the files (or zip members, or the caller's bytes) again when
+``load()`` is called, and the candidate keeps nothing of them, so an archive is processed
+one series at a time in the memory of one series. Bad files become
 :class:`~radcache.embeddings.errors.InputError` values in ``errors``; the rest go on.
 """
 
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Candidate:
-    """A volume found in the input, not decoded yet."""
+    """A volume found in the input, not read yet: it holds headers, never pixels."""
 
     name: str  # for messages: a file name, or the first file of a series
     source_format: str
@@ -55,7 +59,8 @@ class Candidate:
     files: frozenset[str] = frozenset()  # keyed digests of the DICOM files it came from
 
     def load(self) -> Volume:
-        """Decode the pixels; raises :class:`InputError` naming the file on failure."""
+        """Read and decode the pixels (each call reads the files again and keeps nothing);
+        raises :class:`InputError` naming the file on failure."""
         try:
             return self.loader()
         except InputError:
@@ -93,9 +98,9 @@ def scan(
         try:
             kind = sniff(item)
             if kind == "dicom":
-                data = item.read()
-                digest = pseudonymizer.file_digest(data)
-                frames.extend(read_frames(Source.from_bytes(item.name, data), digest))
+                data = item.read()  # transient: digested, the header parsed, then let go
+                frames.extend(read_frames(item, data, pseudonymizer.file_digest(data)))
+                del data
             elif kind in ("nifti", "itk"):
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
                 for t in range(vf.n_volumes):
@@ -130,7 +135,7 @@ def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
         study=pseudo.name("study", f0.study_uid),
         series=pseudo.name("series", f0.series_uid),
         part=series.part,
-        loader=lambda: to_volume(series, pseudo),
+        loader=functools.partial(to_volume, series, pseudo),
         files=frozenset(f.digest for f in series.frames),
     )
 

@@ -89,7 +89,7 @@ def assemble(frames: Iterable[Frame]) -> list[DicomSeries]:
         seen: set[tuple[str, int | None]] = set()
         resent = 0
         for f in members:
-            sop = str(f.ds.get("SOPInstanceUID", ""))
+            sop = f.sop_instance
             if sop and (sop, f.index) in seen:  # the same instance sent twice
                 resent += 1
                 continue

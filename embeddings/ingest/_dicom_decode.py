@@ -1,13 +1,17 @@
 """DICOM pixel decoding: the stored values of each frame, decoded once per file.
 
-Native little-endian grey data is read straight from the buffer; everything else goes
-through pydicom's decoders. Decoder failures become :class:`InputError` values naming
-the file (truncated data, a transfer syntax with no decoder here, corrupt frames).
+When a series is loaded, each of its files is read again (:func:`read_dataset`), decoded
+once, and dropped as soon as its last frame has been taken (:class:`FilePixels`), so a
+series holds at most the files it is between. Native little-endian grey data is read
+straight from the buffer; everything else goes through pydicom's decoders. Decoder
+failures become :class:`InputError` values naming the file (truncated data, a transfer
+syntax with no decoder here, corrupt frames).
 """
 
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -15,9 +19,10 @@ from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ..errors import DecodeError, InputError, TruncatedFileError, UnsupportedTransferSyntaxError
-from ._dicom_read import Frame
+from ..pseudonyms import Pseudonymizer
+from ._dicom_read import Frame, read_dataset
 
-__all__ = ["errors_for"]
+__all__ = ["FilePixels", "errors_for"]
 
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 
@@ -47,21 +52,16 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
     return arr.reshape((n, rows, cols) if n > 1 else (rows, cols))
 
 
-def _decode_file(frame: Frame) -> np.ndarray:
-    """All frames of the file behind ``frame``, decoded once and shared by its frames."""
-    cache = frame.decoded
-    if "all" in cache:
-        return cache["all"]
-    ds = frame.ds
+def _decode_file(ds: Dataset, name: str) -> np.ndarray:
+    """All frames of the file whose dataset is ``ds``."""
     fast = _native_pixels(ds)
     if fast is not None:
-        cache["all"] = fast
         return fast
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr = ds.pixel_array
+            arr: np.ndarray = ds.pixel_array
     except ValueError as exc:
         msg = str(exc)
         if "less than expected" in msg or "ended" in msg or "truncated" in msg:
@@ -69,9 +69,9 @@ def _decode_file(frame: Frame) -> np.ndarray:
                 "the pixel data is shorter than its header says "
                 f"({msg.split(' - ', maxsplit=1)[0]}); "
                 "the file was cut short in transfer — send it again.",
-                path=frame.source,
+                path=name,
             ) from exc
-        raise DecodeError(f"pixel data could not be decoded: {msg}", path=frame.source) from exc
+        raise DecodeError(f"pixel data could not be decoded: {msg}", path=name) from exc
     except (NotImplementedError, RuntimeError) as exc:
         if tsyntax is not None and tsyntax.is_compressed:
             try:
@@ -83,25 +83,47 @@ def _decode_file(frame: Frame) -> np.ndarray:
                     f"transfer syntax {tsyntax.name} ({tsyntax}) has no decoder here; radcache "
                     "decodes JPEG (baseline, extended, lossless), JPEG-LS, JPEG 2000, RLE, deflate "
                     "and uncompressed data. Send the series in one of those.",
-                    path=frame.source,
+                    path=name,
                 ) from exc
         raise DecodeError(
             f"the compressed frame could not be decoded ({exc}); the file may be corrupt.",
-            path=frame.source,
+            path=name,
         ) from exc
     except Exception as exc:
-        raise DecodeError(f"pixel data could not be decoded ({exc}).", path=frame.source) from exc
-    cache["all"] = arr
+        raise DecodeError(f"pixel data could not be decoded ({exc}).", path=name) from exc
     return arr
 
 
-def _frame_pixels(frame: Frame) -> np.ndarray:
-    arr = _decode_file(frame)
-    n_frames = int(frame.ds.get("NumberOfFrames", 1) or 1)
-    spp = int(frame.ds.get("SamplesPerPixel", 1))
-    if (n_frames > 1 or frame.index is not None) and arr.ndim == (3 if spp == 1 else 4):
-        return np.asarray(arr[frame.index or 0])
+def _frame_of(arr: np.ndarray, ds: Dataset, index: int | None) -> np.ndarray:
+    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    spp = int(ds.get("SamplesPerPixel", 1))
+    if (n_frames > 1 or index is not None) and arr.ndim == (3 if spp == 1 else 4):
+        return np.asarray(arr[index or 0])
     return arr
+
+
+class FilePixels:
+    """The frames of one series, taken in any order: each file is read and decoded when
+    its first frame is asked for, and let go once its last frame has been taken."""
+
+    def __init__(self, frames: list[Frame], pseudo: Pseudonymizer) -> None:
+        self._pseudo = pseudo
+        self._left = Counter(id(f.file) for f in frames)
+        self._open: dict[int, tuple[Dataset, np.ndarray]] = {}
+
+    def take(self, frame: Frame) -> tuple[Dataset, np.ndarray]:
+        """The file's dataset and the stored values of ``frame``."""
+        key = id(frame.file)
+        got = self._open.get(key)
+        if got is None:
+            ds = read_dataset(frame, self._pseudo)
+            got = (ds, _decode_file(ds, frame.source))
+            self._open[key] = got
+        self._left[key] -= 1
+        if self._left[key] <= 0:
+            del self._open[key]
+        ds, arr = got
+        return ds, _frame_of(arr, ds, frame.index)
 
 
 def errors_for(exc: Exception, name: str) -> InputError:

@@ -14,9 +14,10 @@ from ._dicom_read import Frame
 VOI_MODALITIES = {"CR", "DX", "MG", "IO", "PX", "RG"}
 
 
-def _rescale_into(arr: np.ndarray, frame: Frame, out: np.ndarray) -> None:
-    """Modality LUT: stored values → ``out`` (float32), e.g. Hounsfield units for CT."""
-    ds = frame.ds
+def _rescale_into(arr: np.ndarray, ds: Dataset, frame: Frame, out: np.ndarray) -> None:
+    """Modality LUT: stored values → ``out`` (float32), e.g. Hounsfield units for CT.
+
+    ``ds`` is the frame's file, read again for its pixels (it has the LUT sequences)."""
     if "ModalityLUTSequence" in ds:
         out[...] = apply_modality_lut(arr, ds)
         return
@@ -27,8 +28,8 @@ def _rescale_into(arr: np.ndarray, frame: Frame, out: np.ndarray) -> None:
         out[...] = arr.astype(np.float64) * slope + inter
 
 
-def _voi(arr: np.ndarray, frame: Frame) -> tuple[np.ndarray, bool]:
-    ds = frame.ds
+def _voi(arr: np.ndarray, file_ds: Dataset, frame: Frame) -> tuple[np.ndarray, bool]:
+    ds = file_ds
     if "VOILUTSequence" in ds or frame.window is not None:
         if "VOILUTSequence" not in ds and frame.window is not None:
             c, w = frame.window
@@ -36,10 +37,10 @@ def _voi(arr: np.ndarray, frame: Frame) -> tuple[np.ndarray, bool]:
                 return arr, False
             ds = Dataset()
             ds.WindowCenter, ds.WindowWidth = c, w
-            ds.BitsStored = frame.ds.get("BitsStored", 16)
-            ds.PixelRepresentation = frame.ds.get("PixelRepresentation", 0)
+            ds.BitsStored = file_ds.get("BitsStored", 16)
+            ds.PixelRepresentation = file_ds.get("PixelRepresentation", 0)
             ds.PhotometricInterpretation = "MONOCHROME2"
-            fn = frame.ds.get("VOILUTFunction")
+            fn = file_ds.get("VOILUTFunction")
             if fn:
                 ds.VOILUTFunction = fn
         with warnings.catch_warnings():

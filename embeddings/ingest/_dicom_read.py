@@ -1,18 +1,24 @@
 """DICOM files in, :class:`Frame` values out: one read of each file's header.
 
-Every file is read once; each frame (one per single-frame file, several per multi-frame
-file with per-frame functional groups) becomes a :class:`Frame` carrying the header facts
-that series assembly and decoding need. Truncated files, malformed headers and objects
-without pixels are caught here; localizers and non-image objects (SR, KOS, RTPLAN, …)
-raise :class:`Skipped`.
+Every file's header is read once, without its pixel data (values larger than
+:data:`DEFER_BYTES` are skipped, not read); each frame (one per single-frame file, several
+per multi-frame file with per-frame functional groups) becomes a :class:`Frame` carrying
+only the header facts that series assembly needs and the way to read the file again.
+The dataset itself is not kept: pixels and the attributes decoding needs are read from
+the file when its series is loaded (:func:`read_dataset`). Truncated files, malformed
+headers and objects without pixels are caught here; localizers and non-image objects
+(SR, KOS, RTPLAN, …) raise :class:`Skipped`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import io
+import math
+import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,11 +39,16 @@ from ..errors import (
     NoPixelDataError,
     NotDicomError,
     TruncatedFileError,
+    UnsupportedInputError,
 )
 from ..pseudonyms import Pseudonymizer
 from ._sources import Source
 
-__all__ = ["Frame", "Skipped", "read_frames"]
+__all__ = ["Frame", "Skipped", "read_dataset", "read_frames"]
+
+#: Header values larger than this are not read when scanning (pixel data, large private
+#: blobs, overlays); their position and length are still checked against the file size.
+DEFER_BYTES = 4096
 
 #: SOP classes that never carry an image to embed (reported as skipped, not as errors).
 NON_IMAGE_SOP_CLASSES = {
@@ -55,16 +66,21 @@ NON_IMAGE_SOP_CLASSES = {
 _NON_IMAGE_MODALITIES = {"SR", "KO", "PR", "RTPLAN", "RTSTRUCT", "RTRECORD", "DOC", "ECG"}
 
 
-@dataclass
+@dataclass(eq=False, slots=True)
 class Frame:
-    """One 2-D image: a frame of a file, with the header facts assembly needs."""
+    """One 2-D image: a frame of a file, with the header facts assembly needs.
 
-    source: str
-    ds: Dataset
+    It holds no dataset and no pixels: ``file`` reads the file again when the series is
+    loaded (``digest`` checks that it is still the file that was scanned).
+    """
+
+    source: str  # the file's name, for messages
+    file: Source
     index: int | None  # frame number within a multi-frame file, None for single-frame
     study_uid: str
     series_uid: str
     patient_id: str | None
+    sop_instance: str
     iop: np.ndarray | None
     ipp: np.ndarray | None
     pixel_spacing: tuple[float, float] | None  # (row spacing, column spacing) in mm
@@ -74,17 +90,32 @@ class Frame:
     split: tuple[Any, ...]
     acquisition: Any = None
     digest: str = ""  # keyed digest of the file's bytes (Pseudonymizer.file_digest)
-    decoded: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # shared per file
 
 
-def _floats(value: Any, n: int) -> np.ndarray | None:
+def _floats(value: Any, n: int, *, shared: bool = False) -> np.ndarray | None:
+    """``n`` finite floats, or None. ``shared``: one read-only array for every file that
+    has the same values (orientations, pixel spacings), to keep held headers small."""
     if value is None:
         return None
     try:
-        arr = np.asarray([float(v) for v in value], dtype=np.float64)
+        floats = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         return None
-    return arr if arr.shape == (n,) and np.all(np.isfinite(arr)) else None
+    if len(floats) != n or not all(math.isfinite(v) for v in floats):
+        return None
+    return _shared_array(floats) if shared else np.asarray(floats, dtype=np.float64)
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_array(values: tuple[float, ...]) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    arr.flags.writeable = False
+    return arr
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_pair(pair: tuple[float, float] | None) -> tuple[float, float] | None:
+    return pair
 
 
 def _first(seq_parent: Dataset | None, seq: str) -> Dataset | None:
@@ -104,7 +135,7 @@ def _fg_value(per: Dataset | None, shared: Dataset | None, seq: str, attr: str) 
 
 
 def _pair(v: np.ndarray | None) -> tuple[float, float] | None:
-    return (float(v[0]), float(v[1])) if v is not None else None
+    return _shared_pair((float(v[0]), float(v[1]))) if v is not None else None
 
 
 def _str(ds: Dataset, kw: str) -> str | None:
@@ -130,33 +161,28 @@ def _window(ds: Dataset | None) -> tuple[float, float] | None:
     c0 = c[0] if isinstance(c, pydicom.multival.MultiValue) else c
     w0 = w[0] if isinstance(w, pydicom.multival.MultiValue) else w
     try:
-        return float(c0), float(w0)
+        return _shared_pair((float(c0), float(w0)))
     except (TypeError, ValueError):
         return None
 
 
-def _read(source: Source) -> Dataset:
+def _parse(name: str, data: bytes, *, pixels: bool) -> Dataset:
+    """The dataset in ``data``; without values over :data:`DEFER_BYTES` unless ``pixels``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with source.fileobj() as fp:
-                ds = pydicom.dcmread(fp, force=True)
+            ds = pydicom.dcmread(
+                io.BytesIO(data), force=True, defer_size=None if pixels else DEFER_BYTES
+            )
     except InvalidDicomError as exc:
-        raise NotDicomError(f"not a valid DICOM file ({exc}).", path=source.name) from exc
+        raise NotDicomError(f"not a valid DICOM file ({exc}).", path=name) from exc
     except (EOFError, OSError) as exc:
         raise TruncatedFileError(
             f"the file ends before its DICOM header does ({exc}); it was cut short in transfer.",
-            path=source.name,
+            path=name,
         ) from exc
     except Exception as exc:
-        raise NotDicomError(
-            f"the DICOM header could not be parsed ({exc}).", path=source.name
-        ) from exc
-    _check_last_element(ds, source)
-    if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
-        raise NotDicomError(
-            "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=source.name
-        )
+        raise NotDicomError(f"the DICOM header could not be parsed ({exc}).", path=name) from exc
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A bare dataset (no preamble or file meta, which sniff() accepts): record the
         # encoding it was read with so that its native pixel data can be decoded.
@@ -172,7 +198,40 @@ def _read(source: Source) -> Dataset:
     return ds
 
 
-def _check_last_element(ds: Dataset, source: Source) -> None:
+def _read_header(name: str, data: bytes) -> Dataset:
+    """The header of the file whose bytes are ``data``, large values left unread."""
+    ds = _parse(name, data, pixels=False)
+    _check_last_element(ds, len(data), name)
+    if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
+        raise NotDicomError(
+            "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=name
+        )
+    return ds
+
+
+def read_dataset(frame: Frame, pseudo: Pseudonymizer) -> Dataset:
+    """The whole dataset (pixel data included) of the file behind ``frame``, read again
+    when its series is loaded; it must still be the file that was scanned."""
+    try:
+        data = frame.file.read()
+    except InputError as exc:  # a file removed or a zip member gone bad since the scan
+        why = exc.__cause__ or exc
+        raise UnsupportedInputError(
+            f"the file could not be read again to load its series ({why}); keep the input in "
+            "place until embedding has finished.",
+            path=frame.source,
+        ) from exc
+    if frame.digest and pseudo.file_digest(data) != frame.digest:
+        raise UnsupportedInputError(
+            "the file changed after its header was read (its content differs); expected input "
+            "files that stay unchanged while they are embedded. Send it again once it is "
+            "complete.",
+            path=frame.source,
+        )
+    return _parse(frame.source, data, pixels=True)
+
+
+def _check_last_element(ds: Dataset, size: int, name: str) -> None:
     """A file cut short ends inside its last element, or inside the header of the next one."""
     tags = list(ds.keys())
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
@@ -182,14 +241,23 @@ def _check_last_element(ds: Dataset, source: Source) -> None:
     length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
     if not isinstance(length, int) or not isinstance(tell, int) or length == 0xFFFFFFFF:
         return
-    size = source.path.stat().st_size if source.path is not None else len(source.read())
     end = tell + length
     if end > size or 0 < size - end < 8:
         raise TruncatedFileError(
             f"the file ends inside element {tags[-1]} (it needs {end} bytes, the file has "
             f"{size}); it was cut short in transfer — send it again.",
-            path=source.name,
+            path=name,
         )
+
+
+def _pixel_bytes(ds: Dataset) -> int | None:
+    """Length of the Pixel Data value (present) as the header gives it, without reading it."""
+    raw = ds.get_item("PixelData")
+    length = getattr(raw, "length", None)
+    if isinstance(length, int) and length != 0xFFFFFFFF:
+        return length
+    value = raw.value
+    return len(value) if isinstance(value, bytes) else None
 
 
 def _check_length(ds: Dataset, name: str) -> None:
@@ -201,8 +269,8 @@ def _check_length(ds: Dataset, name: str) -> None:
     n_px = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
     n_px *= int(ds.get("NumberOfFrames", 1) or 1)
     expected = (n_px * bits + 7) // 8
-    got = len(ds.PixelData)
-    if bits and got < expected:
+    got = _pixel_bytes(ds)
+    if bits and got is not None and got < expected:
         raise TruncatedFileError(
             f"the pixel data holds {got} bytes but the header describes {expected}; the file was "
             "cut short in transfer — send it again.",
@@ -214,9 +282,10 @@ class Skipped(Exception):
     """A valid DICOM object that holds no image to embed (SR, RT plan, localizer…)."""
 
 
-def read_frames(source: Source, digest: str = "") -> list[Frame]:
-    """Read one DICOM file into its frames; raise :class:`Skipped` for non-image objects."""
-    ds = _read(source)
+def read_frames(source: Source, data: bytes, digest: str = "") -> list[Frame]:
+    """Read the header of one DICOM file (its bytes are ``data``) into its frames; raise
+    :class:`Skipped` for non-image objects."""
+    ds = _read_header(source.name, data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -229,6 +298,11 @@ def read_frames(source: Source, digest: str = "") -> list[Frame]:
             "for their VR. Fix the header at the source or re-export the file.",
             path=source.name,
         ) from exc
+
+
+def _uid(value: Any) -> str:
+    """A UID or ID as a plain string, shared by every frame that carries it."""
+    return sys.intern(str(value))
 
 
 def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
@@ -247,12 +321,12 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
     if _is_localizer(ds):
         raise Skipped("localizer (scout) image")
     _check_length(ds, source.name)
-    study = str(ds.get("StudyInstanceUID", "")) or "unknown-study"
-    series = str(ds.get("SeriesInstanceUID", "")) or f"unknown-series:{source.name}"
+    study = _uid(str(ds.get("StudyInstanceUID", "")) or "unknown-study")
+    series = _uid(str(ds.get("SeriesInstanceUID", "")) or f"unknown-series:{source.name}")
     patient = _str(ds, "PatientID")
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     spp = int(ds.get("SamplesPerPixel", 1))
-    for_uid = str(ds.get("FrameOfReferenceUID", ""))
+    for_uid = _uid(ds.get("FrameOfReferenceUID", ""))
     n_frames = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
@@ -262,28 +336,32 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
     top_intercept = float(ds.get("RescaleIntercept", 0) or 0)
     echo = ds.get("EchoNumbers")
     temporal = ds.get("TemporalPositionIdentifier")
-    bvalue = ds.get((0x0018, 0x9087))
+    bvalue = ds.get("DiffusionBValue")
     frames: list[Frame] = []
-    # Fields every frame of this file shares, including one decode cache.
+    # Fields every frame of this file shares.
     make = functools.partial(
         Frame,
         source=source.name,
-        ds=ds,
+        file=source,
         study_uid=study,
         series_uid=series,
-        patient_id=patient,
+        patient_id=_uid(patient) if patient is not None else None,
+        sop_instance=str(ds.get("SOPInstanceUID", "")),
         digest=digest,
-        decoded={},
     )
     if per_frame is not None and len(per_frame) == n_frames:
         for i, per in enumerate(per_frame):
             iop = _floats(
-                _fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"), 6
+                _fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                6,
+                shared=True,
             )
             ipp = _floats(
                 _fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"), 3
             )
-            ps = _floats(_fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"), 2)
+            ps = _floats(
+                _fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"), 2, shared=True
+            )
             slope = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleSlope")
             inter = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             content = _first(per, "FrameContentSequence")
@@ -304,9 +382,9 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
                 )
             )
         return frames
-    iop = _floats(ds.get("ImageOrientationPatient"), 6)
+    iop = _floats(ds.get("ImageOrientationPatient"), 6, shared=True)
     ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2)
+    ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2, shared=True)
     offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
     step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
     for i in range(n_frames):

@@ -3,7 +3,9 @@
 Slices are sorted by ImagePositionPatient projected on the slice normal, never by
 InstanceNumber or file name; spacing comes from the positions. Irregular spacing (a
 missing slice) and gantry tilt are recorded as warnings; duplicate positions that no
-acquisition number explains are rejected.
+acquisition number explains are rejected. The files are read here, again, for their
+pixels: one float32 volume is filled slice by slice, and each file is let go once its
+frames are in it.
 """
 
 from __future__ import annotations
@@ -11,12 +13,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from pydicom.dataset import Dataset
 
 from ..errors import DecodeError, InconsistentSeriesError
 from ..pseudonyms import Pseudonymizer
 from ..volume import Volume, VolumeMeta
 from ._dicom_assemble import _DUP_TOL_MM, DicomSeries, _projections
-from ._dicom_decode import _frame_pixels
+from ._dicom_decode import FilePixels
 from ._dicom_lut import VOI_MODALITIES, _invert_monochrome1, _rescale_into, _voi
 from ._dicom_read import Frame, _acquisition, _str
 
@@ -26,8 +29,13 @@ _IRREGULAR_REL = 0.1
 _TILT_DEG = 0.5
 
 
-def _geometry(series: DicomSeries, frames: list[Frame], name: str) -> tuple[np.ndarray, ...]:
-    """Direction rows (slice, row, col axes), spacing, origin and positions; plus warnings."""
+def _geometry(
+    series: DicomSeries, frames: list[Frame], name: str, thickness: float
+) -> tuple[np.ndarray, ...]:
+    """Direction rows (slice, row, col axes), spacing, origin and positions; plus warnings.
+
+    ``thickness`` is the slice spacing of a single-slice series (it has no gap to measure).
+    """
     f0 = frames[0]
     row_sp, col_sp = f0.pixel_spacing or (1.0, 1.0)
     if f0.pixel_spacing is None:
@@ -54,17 +62,17 @@ def _geometry(series: DicomSeries, frames: list[Frame], name: str) -> tuple[np.n
         spacing_k = 1.0
     else:
         positions = np.asarray([f.ipp for f in frames], dtype=np.float64)
-        spacing_k = _check_spacing(series, positions, normal, name)
+        spacing_k = _check_spacing(series, positions, normal, name, thickness)
     dirs = np.stack([normal, col_dir, row_dir])
     spacing = np.asarray([spacing_k, row_sp, col_sp])
     return dirs, spacing, positions[0].copy(), positions
 
 
 def _check_spacing(
-    series: DicomSeries, positions: np.ndarray, normal: np.ndarray, name: str
+    series: DicomSeries, positions: np.ndarray, normal: np.ndarray, name: str, thickness: float
 ) -> float:
     if len(positions) < 2:
-        return float(series.frames[0].ds.get("SliceThickness") or 1.0)
+        return thickness
     proj = positions @ normal
     gaps = np.diff(proj)
     if np.any(np.abs(gaps) < _DUP_TOL_MM):
@@ -92,23 +100,24 @@ def _check_spacing(
 
 
 def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
-    """Decode, rescale and stack a series into a canonical :class:`Volume`."""
+    """Read, decode, rescale and stack a series into a canonical :class:`Volume`."""
     frames = series.frames
     proj = _projections(frames)
     if proj is not None:
         order = np.argsort(proj, kind="stable")
         frames = [frames[i] for i in order]
     name = series.name
-    dirs, spacing, origin, positions = _geometry(series, frames, name)
-    ds0 = frames[0].ds
-    modality = _str(ds0, "Modality")
-    photometric = str(ds0.get("PhotometricInterpretation", "MONOCHROME2")).strip()
-    use_voi = (modality or "").upper() in VOI_MODALITIES
+    # Geometry first: a series that cannot be stacked is refused before a file is read.
+    # A single slice's thickness comes from its file, once read (NaN until then).
+    dirs, spacing, origin, positions = _geometry(series, frames, name, float("nan"))
+    pixels = FilePixels(frames, pseudo)
     voxels: np.ndarray | None = None
     voi_applied = False
     for i, f in enumerate(frames):
-        arr = _frame_pixels(f)
-        if arr.ndim == 3 and photometric.startswith("MONOCHROME"):
+        ds, arr = pixels.take(f)
+        if voxels is None:  # the first file says what the series is
+            head = _SeriesHead(ds, pseudo)
+        if arr.ndim == 3 and head.photometric.startswith("MONOCHROME"):
             raise DecodeError(f"expected a 2-D frame, got shape {arr.shape}.", path=f.source)
         if voxels is None:  # one float32 volume, filled slice by slice (no stacking copy)
             voxels = np.empty((len(frames), *arr.shape), dtype=np.float32)
@@ -118,15 +127,17 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
                 path=f.source,
             )
         if arr.ndim == 2:
-            _rescale_into(arr, f, voxels[i])
-            if use_voi:
-                voxels[i], applied = _voi(voxels[i], f)
+            _rescale_into(arr, ds, f, voxels[i])
+            if head.use_voi:
+                voxels[i], applied = _voi(voxels[i], ds, f)
                 voi_applied = voi_applied or applied
         else:
             voxels[i] = arr
+        del ds, arr
     assert voxels is not None
-    for f in frames:  # decoded pixels now live in ``voxels``; free the per-file copies
-        f.decoded.clear()
+    if np.isnan(spacing[0]):
+        spacing[0] = head.thickness
+    photometric, modality = head.photometric, head.modality
     if photometric == "MONOCHROME1":
         voxels = _invert_monochrome1(voxels)
     intensity = "voi" if voi_applied else ("HU" if (modality or "").upper() == "CT" else "modality")
@@ -138,9 +149,9 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         part=series.part,
         patient=pseudo.name("patient", patient) if patient else None,
         modality=modality,
-        body_part=_str(ds0, "BodyPartExamined"),
-        manufacturer_model=_str(ds0, "ManufacturerModelName"),
-        series_description=_str(ds0, "SeriesDescription"),
+        body_part=head.body_part,
+        manufacturer_model=head.model,
+        series_description=head.description,
         # MONOCHROME1 voxels were inverted above: what is stored now reads as MONOCHROME2.
         photometric="RGB"
         if voxels.ndim == 4
@@ -149,6 +160,20 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         window=frames[0].window,
         warnings=tuple(series.notes),
         n_files=len({f.source for f in frames}),
-        acquisition=_acquisition(ds0, pseudo),
+        acquisition=head.acquisition,
     )
     return Volume.from_array(voxels, dirs, spacing, origin, meta, positions=positions)
+
+
+class _SeriesHead:
+    """What the first file (in slice order) says about the whole series."""
+
+    def __init__(self, ds: Dataset, pseudo: Pseudonymizer) -> None:
+        self.modality = _str(ds, "Modality")
+        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        self.use_voi = (self.modality or "").upper() in VOI_MODALITIES
+        self.thickness = float(ds.get("SliceThickness") or 1.0)
+        self.body_part = _str(ds, "BodyPartExamined")
+        self.model = _str(ds, "ManufacturerModelName")
+        self.description = _str(ds, "SeriesDescription")
+        self.acquisition = _acquisition(ds, pseudo)

@@ -3,17 +3,28 @@
 A :class:`Source` is one file-like thing with a display name used in error messages.
 Its kind (DICOM, NIfTI, other volume, zip) is sniffed from the name and the first bytes,
 never trusted from the extension alone.
+
+Nothing is held in memory that the caller did not hand in: a file on disk is a path,
+read when needed; a zip member is a reference into its archive, decompressed (streamed)
+each time it is read. A zip on disk is opened where it lies, never read whole; a zip
+inside a zip is streamed to a temporary file, removed once nothing refers to it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import shutil
+import tempfile
+import threading
+import weakref
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
 from ..errors import InputError, NotDicomError, UnsupportedInputError
 
@@ -29,33 +40,73 @@ _MAX_ZIP_DEPTH = 2
 #: Largest total a zip may inflate to, and the largest inflation ratio (zip-bomb guard).
 MAX_ZIP_BYTES = 16 << 30
 MAX_ZIP_RATIO = 200
+_CHUNK = 1 << 20
 
 
 @dataclass(frozen=True)
 class Source:
-    """One input file: a display ``name``, a way to read its bytes, and its path if on disk."""
+    """One input file: a display ``name`` and a way to read it.
+
+    The content lives in exactly one place: ``path`` (a file on disk), ``stream`` (a zip
+    member, decompressed as it is read; ``opener`` reads it whole) or the in-memory bytes
+    behind ``opener``.
+    """
 
     name: str
-    opener: Callable[[], bytes]
+    opener: Callable[[], bytes] | None = None
     path: Path | None = None
+    stream: Callable[[], IO[bytes]] | None = None
+    nbytes: int | None = None  # the size, where known without reading (zip members)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> Source:
-        return cls(name=name, opener=_const(data))
+        return cls(name=name, opener=_const(data), nbytes=len(data))
 
     def read(self) -> bytes:
-        return self.opener()
+        """The whole content (a transient copy for files and zip members); raises
+        :class:`UnsupportedInputError` naming the file when it cannot be read."""
+        try:
+            if self.path is not None:
+                return self.path.read_bytes()
+            assert self.opener is not None, "a Source needs a path or an opener"
+            return self.opener()
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+            why = getattr(exc, "strerror", None) or exc
+            raise UnsupportedInputError(f"could not be read ({why}).", path=self.name) from exc
 
     def head(self, n: int = 512) -> bytes:
-        if self.path is not None:
-            with self.path.open("rb") as f:
+        if self.path is not None or self.stream is not None:
+            with self.fileobj() as f:
                 return f.read(n)
-        return self.opener()[:n]
+        return self.read()[:n]
 
-    def fileobj(self) -> io.BufferedIOBase:
+    def fileobj(self) -> IO[bytes]:
+        """A readable, seekable file object over the content (close it after use)."""
         if self.path is not None:
             return self.path.open("rb")
-        return io.BytesIO(self.opener())
+        if self.stream is not None:
+            return self.stream()
+        return io.BytesIO(self.read())
+
+    def size(self) -> int:
+        if self.path is not None:
+            return self.path.stat().st_size
+        if self.nbytes is not None:
+            return self.nbytes
+        return len(self.read())
+
+    @contextlib.contextmanager
+    def local_path(self, suffix: str = "") -> Iterator[Path]:
+        """A path on disk holding the content: the file itself, or a temporary copy
+        (streamed, never whole in memory) removed on exit."""
+        if self.path is not None:
+            yield self.path
+            return
+        with tempfile.TemporaryDirectory(prefix="radcache-") as tmp:
+            p = Path(tmp) / f"input{suffix}"
+            with self.fileobj() as src, p.open("wb") as dst:
+                shutil.copyfileobj(src, dst, _CHUNK)
+            yield p
 
 
 def _lower_name(name: str) -> str:
@@ -120,7 +171,7 @@ def _const(data: bytes) -> Callable[[], bytes]:
 
 
 def _file_source(path: Path) -> Source:
-    return Source(name=str(path), opener=path.read_bytes, path=path)
+    return Source(name=str(path), path=path)
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -132,37 +183,122 @@ def _walk(path: Path) -> Iterator[Path]:
             yield Path(root) / f
 
 
-def _zip_members(data: bytes, name: str, depth: int) -> Iterator[Source | InputError]:
+class _Opened:
+    """What a :class:`_ZipArchive` has open; closed by a finalizer that must not hold the
+    archive itself."""
+
+    def __init__(self) -> None:
+        self.zf: zipfile.ZipFile | None = None
+        self.spilled: Path | None = None
+
+    def close(self) -> None:
+        if self.zf is not None:
+            self.zf.close()
+            self.zf = None
+        if self.spilled is not None:
+            shutil.rmtree(self.spilled.parent, ignore_errors=True)
+            self.spilled = None
+
+
+class _ZipArchive:
+    """A zip, opened where it lies (a path, the caller's bytes, or a spilled temporary
+    file), whose members are read one at a time.
+
+    The archive stays open while members are read (reopening parses the whole central
+    directory) and is closed once nothing refers to it any more, or by :meth:`close`;
+    a later read opens it again.
+    """
+
+    def __init__(self, where: Path | bytes, opened: _Opened) -> None:
+        self._where = where
+        self._opened = opened
+        self._lock = threading.Lock()
+        weakref.finalize(self, opened.close)
+
+    @classmethod
+    def of(cls, src: Source) -> _ZipArchive:
+        opened = _Opened()
+        if src.path is not None:
+            return cls(src.path, opened)
+        if src.stream is None:  # the caller's bytes: read in place
+            return cls(src.read(), opened)
+        tmp = Path(tempfile.mkdtemp(prefix="radcache-zip-")) / "archive.zip"
+        opened.spilled = tmp
+        try:  # a zip inside a zip: streamed to disk, not held in memory
+            with src.fileobj() as f, tmp.open("wb") as out:
+                shutil.copyfileobj(f, out, _CHUNK)
+        except BaseException:
+            opened.close()
+            raise
+        return cls(tmp, opened)
+
+    def _zip(self) -> zipfile.ZipFile:
+        if self._opened.zf is None:
+            where = self._where
+            fp = io.BytesIO(where) if isinstance(where, bytes) else where
+            self._opened.zf = zipfile.ZipFile(fp)
+        return self._opened.zf
+
+    def infos(self) -> list[zipfile.ZipInfo]:
+        with self._lock:
+            return self._zip().infolist()
+
+    def open(self, info: zipfile.ZipInfo) -> IO[bytes]:
+        with self._lock:
+            return self._zip().open(info)
+
+    def read(self, info: zipfile.ZipInfo) -> bytes:
+        with self._lock:
+            return self._zip().read(info)
+
+    def close(self) -> None:
+        """Close the open archive (members can still be read: it is opened again)."""
+        with self._lock:
+            if self._opened.zf is not None:
+                self._opened.zf.close()
+                self._opened.zf = None
+
+
+def _member(archive: _ZipArchive, info: zipfile.ZipInfo, name: str) -> Source:
+    def opener() -> bytes:
+        return archive.read(info)
+
+    def stream() -> IO[bytes]:
+        return archive.open(info)
+
+    return Source(name=name, opener=opener, stream=stream, nbytes=info.file_size)
+
+
+def _zip_members(src: Source, depth: int) -> Iterator[Source | InputError]:
+    name = src.name
     try:
-        zf = zipfile.ZipFile(io.BytesIO(data))
-    except zipfile.BadZipFile as exc:
+        archive = _ZipArchive.of(src)
+        infos = archive.infos()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
         yield UnsupportedInputError(f"not a readable zip archive ({exc}).", path=name)
         return
-    # Members are read in memory, never extracted, so names like ../../etc cannot escape;
-    # the declared sizes are checked before anything is inflated (zip bombs).
-    infos = zf.infolist()
+    # Members are read from the archive, never extracted, so names like ../../etc cannot
+    # escape; the declared sizes are checked before anything is inflated (zip bombs).
     total = sum(i.file_size for i in infos)
     packed = max(1, sum(i.compress_size for i in infos))
     if total > MAX_ZIP_BYTES or total / packed > MAX_ZIP_RATIO:
+        archive.close()
         yield UnsupportedInputError(
             f"the archive would inflate to {total} bytes from {packed} ({total / packed:.0f}:1); "
             f"expected at most {MAX_ZIP_BYTES} bytes and {MAX_ZIP_RATIO}:1. Send it in parts.",
             path=name,
         )
         return
-    for info in infos:
-        base = info.filename.rsplit("/", 1)[-1]
-        if info.is_dir() or info.filename.startswith("__MACOSX/") or base in _SKIP_NAMES:
-            continue
-        if base.startswith("._"):
-            continue
-        member_name = f"{name}!{info.filename}"
-
-        def opener(zf: zipfile.ZipFile = zf, info: zipfile.ZipInfo = info) -> bytes:
-            return zf.read(info)
-
-        src = Source(name=member_name, opener=opener)
-        yield from _expand_source(src, depth + 1)
+    try:
+        for info in infos:
+            base = info.filename.rsplit("/", 1)[-1]
+            if info.is_dir() or info.filename.startswith("__MACOSX/") or base in _SKIP_NAMES:
+                continue
+            if base.startswith("._"):
+                continue
+            yield from _expand_source(_member(archive, info, f"{name}!{info.filename}"), depth + 1)
+    finally:
+        archive.close()  # opened again when a member is loaded
 
 
 def _expand_source(src: Source, depth: int) -> Iterator[Source | InputError]:
@@ -171,8 +307,9 @@ def _expand_source(src: Source, depth: int) -> Iterator[Source | InputError]:
     except InputError as exc:
         yield exc
         return
-    except OSError as exc:
-        yield UnsupportedInputError(f"could not be read ({exc.strerror or exc}).", path=src.name)
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        yield UnsupportedInputError(f"could not be read ({why}).", path=src.name)
         return
     if kind != "zip":
         yield src
@@ -182,7 +319,7 @@ def _expand_source(src: Source, depth: int) -> Iterator[Source | InputError]:
             f"zip archives nested more than {_MAX_ZIP_DEPTH} deep are not opened.", path=src.name
         )
         return
-    yield from _zip_members(src.read(), src.name, depth)
+    yield from _zip_members(src, depth)
 
 
 def expand(items: Iterable[InputItem]) -> Iterator[Source | InputError]:

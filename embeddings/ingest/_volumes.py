@@ -3,16 +3,21 @@
 Both are converted from their own conventions (NIfTI: RAS affine over ``data[i, j, k]``;
 ITK: LPS direction over ``array[k, j, i]``) into radcache's canonical layout, taking the
 file's third axis as the slice axis — the acquisition plane for scanner-converted files.
+
+Opening a file reads its header only (the file is hashed as a stream for its key); the
+voxels are read, decompressed and converted when a volume is loaded, one time point at a
+time, and nothing of them is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import IO, Any
 
 import numpy as np
 import xxhash
@@ -37,8 +42,15 @@ class VolumeFile:
     load: Callable[[int], Volume]
 
 
-def _content_key(data: bytes) -> str:
-    return xxhash.xxh3_128_hexdigest(data)
+def _content_key(source: Source) -> str:
+    """xxh3-128 of the file's bytes, read as a stream."""
+    if source.path is None and source.stream is None:
+        return xxhash.xxh3_128_hexdigest(source.read())
+    h = xxhash.xxh3_128()
+    with source.fileobj() as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _meta(key: str, part: str, modality: str | None, fmt: str, notes: list[str]) -> VolumeMeta:
@@ -65,35 +77,54 @@ def _axis_geometry(affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return dirs, spacing, affine_lps[:3, 3].copy()
 
 
-def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
-    """Read a NIfTI-1/2 header; loading a time point decodes only that volume."""
+@contextlib.contextmanager
+def _nifti_stream(source: Source) -> Iterator[IO[bytes] | gzip.GzipFile]:
+    """The NIfTI bytes of ``source`` as a stream, gunzipped as read if compressed."""
+    with source.fileobj() as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        if not gz:
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped
+
+
+def _nifti_image(stream: Any) -> Any:
+    """A NIfTI-1 or NIfTI-2 image over ``stream`` (a seekable binary file object): the
+    header read, the voxels not yet."""
     import nibabel as nib
 
-    raw = source.read()
-    key = _content_key(raw)
-    data = raw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return nib.Nifti1Image.from_stream(stream)
+        except Exception:
+            stream.seek(0)
+            return nib.Nifti2Image.from_stream(stream)
+
+
+def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
+    """Read a NIfTI-1/2 header; loading a time point decodes only that volume."""
     try:
-        if raw[:2] == b"\x1f\x8b":
-            data = gzip.decompress(raw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                img = nib.Nifti1Image.from_bytes(data)
-            except Exception:
-                img = nib.Nifti2Image.from_bytes(data)
-            shape = img.shape
+        with _nifti_stream(source) as stream:
+            img = _nifti_image(stream)
+            full_shape = tuple(int(s) for s in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
+            hdr = img.header
+            qs_codes = int(hdr["sform_code"]), int(hdr["qform_code"])
     except Exception as exc:
         raise InvalidNiftiError(
             f"the NIfTI header could not be read ({exc}); "
             "expected a valid NIfTI-1 or NIfTI-2 file.",
             path=source.name,
         ) from exc
+    del img
+    key = _content_key(source)
     notes: list[str] = []
-    hdr = img.header
-    if int(hdr["sform_code"]) == 0 and int(hdr["qform_code"]) == 0:
+    if qs_codes == (0, 0):
         notes.append("no sform or qform in the NIfTI header; orientation assumed from voxel sizes")
-    shape = tuple(int(s) for s in shape)
+    shape = full_shape
     while len(shape) > 4 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) == 2:
@@ -111,12 +142,15 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
 
     def load(t: int) -> Volume:
         try:
-            with warnings.catch_warnings():
+            with _nifti_stream(source) as stream, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                img = _nifti_image(stream)
+                if tuple(int(s) for s in img.shape) != full_shape:
+                    raise ValueError(f"the header now gives shape {img.shape}, not {full_shape}")
                 proxy = img.dataobj
                 # index the time axis explicitly: trailing length-1 axes beyond it
                 # (dropped from ``shape``) are still in the proxy
-                tail = (0,) * (len(img.shape) - 4)
+                tail = (0,) * (len(full_shape) - 4)
                 arr = np.asarray(proxy[(slice(None),) * 3 + (t, *tail)] if n_t > 1 else proxy)
         except Exception as exc:
             raise InvalidNiftiError(
@@ -131,6 +165,7 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
                 path=source.name,
             )
         vol = np.asarray(arr, dtype=np.float32).transpose(2, 1, 0)  # (k, j, i)
+        del arr
         if not np.all(np.isfinite(vol)):
             vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
         part = f"t={t}" if n_t > 1 else ""
@@ -147,53 +182,62 @@ def _lps(affine_ras: np.ndarray) -> np.ndarray:
     return out
 
 
-def _itk_path(source: Source) -> Iterator[str]:
-    if source.path is not None:
-        yield str(source.path)
-        return
-    suffix = os.path.splitext(source.name)[1]
-    with tempfile.TemporaryDirectory(prefix="radcache-") as tmp:
-        p = os.path.join(tmp, "volume" + suffix)
-        with open(p, "wb") as f:
-            f.write(source.read())
-        yield p
-
-
 def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
-    """Read a NRRD/MetaImage volume through SimpleITK."""
+    """Read a NRRD/MetaImage header through SimpleITK; loading reads the voxels."""
     import SimpleITK as sitk
 
+    suffix = os.path.splitext(source.name)[1]
     try:
-        for path in _itk_path(source):
-            img = sitk.ReadImage(path)
-            arr = sitk.GetArrayFromImage(img)
-            with open(path, "rb") as f:
-                key = _content_key(f.read())
+        with source.local_path(suffix) as path:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
+            size = tuple(int(n) for n in reader.GetSize())
+            direction = np.asarray(reader.GetDirection(), dtype=np.float64)
+            spacing_ijk = np.asarray(reader.GetSpacing(), dtype=np.float64)
+            origin = np.asarray(reader.GetOrigin(), dtype=np.float64)
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
-        raise UnreadableVolumeError(
-            f"SimpleITK could not read the volume: {first}", path=source.name
-        ) from exc
-    if img.GetNumberOfComponentsPerPixel() != 1 or img.GetDimension() not in (2, 3):
+        raise _unreadable(exc, source) from exc
+    if components != 1 or dim not in (2, 3):
         raise UnsupportedInputError(
-            f"{img.GetDimension()}-D image with {img.GetNumberOfComponentsPerPixel()} components "
+            f"{dim}-D image with {components} components "
             "per voxel; expected a 2-D or 3-D scalar volume.",
             path=source.name,
         )
-    dim = img.GetDimension()
-    direction = np.asarray(img.GetDirection(), dtype=np.float64).reshape(dim, dim)
-    spacing_ijk = np.asarray(img.GetSpacing(), dtype=np.float64)
-    origin = np.asarray(img.GetOrigin(), dtype=np.float64)
+    key = _content_key(source)
+    direction = direction.reshape(dim, dim)
     if dim == 2:
         d3 = np.eye(3)
         d3[:2, :2] = direction
         direction, spacing_ijk, origin = d3, np.append(spacing_ijk, 1.0), np.append(origin, 0.0)
-        arr = arr[None]
     dirs = np.stack([direction[:, 2], direction[:, 1], direction[:, 0]])
     spacing = np.asarray([spacing_ijk[2], spacing_ijk[1], spacing_ijk[0]])
-    vol = np.asarray(arr, dtype=np.float32)
+    shape = (size[2] if dim == 3 else 1, size[1], size[0])
 
     def load(t: int) -> Volume:
+        try:
+            with source.local_path(suffix) as path:
+                img = sitk.ReadImage(str(path))
+                arr = sitk.GetArrayFromImage(img)
+                del img
+        except RuntimeError as exc:
+            raise _unreadable(exc, source) from exc
+        if dim == 2:
+            arr = arr[None]
+        if arr.shape != shape:
+            raise UnreadableVolumeError(
+                f"the voxels have shape {arr.shape} but the header read before gave {shape}; "
+                "the file changed while it was being embedded. Send it again.",
+                path=source.name,
+            )
+        vol = np.asarray(arr, dtype=np.float32)
+        del arr
         return Volume.from_array(vol, dirs, spacing, origin, _meta(key, "", modality, "itk", []))
 
-    return VolumeFile(name=source.name, key=key, n_volumes=1, n_slices=vol.shape[0], load=load)
+    return VolumeFile(name=source.name, key=key, n_volumes=1, n_slices=shape[0], load=load)
+
+
+def _unreadable(exc: RuntimeError, source: Source) -> UnreadableVolumeError:
+    first = str(exc).strip().splitlines()[-1] if str(exc).strip() else str(exc)
+    return UnreadableVolumeError(f"SimpleITK could not read the volume: {first}", path=source.name)
