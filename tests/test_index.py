@@ -1,9 +1,15 @@
-"""FAISS indexes: exact = brute force, add/delete/rebuild/restart, filters never leak."""
+"""FAISS indexes: exact = brute force, add/delete/rebuild/restart, filters never leak;
+saved formats, memory-mapped loads, rebuilds beside searches, replicas sharing a folder."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pytest
@@ -15,13 +21,16 @@ from radcache.embeddings.errors import NotFoundError, SearchIndexError
 from radcache.embeddings.index import (
     Catalog,
     Filters,
+    IndexSet,
     LevelIndex,
     Record,
     SpaceIndex,
     choose_factory,
+    folders,
     normalise,
     open_index,
 )
+from radcache.embeddings.index.level import faiss
 from radcache.embeddings.search import Query, Searcher, knn_vote, prototype_probabilities
 
 DIM = 16
@@ -164,7 +173,12 @@ def test_approximate_index_is_chosen_by_size_and_records_recall(store_path: Path
         assert info["kind"] == "approximate" and info["factory"].startswith("IVF")
         assert info["recall_at_10"] >= 0.95 and info["params"]["nprobe"] >= 1
     on_disk = open_index(st_, exact_max=100)  # metadata survives a restart
-    assert next(iter(on_disk.spaces.values())).info()["levels"] == si.info()["levels"]
+
+    def built(index: Any) -> dict:
+        levels = next(iter(index.spaces.values())).info()["levels"]
+        return {lv: {k: v for k, v in i.items() if k != "mapped"} for lv, i in levels.items()}
+
+    assert built(on_disk) == built(idx)
 
 
 def test_hnsw_deletions_are_tombstones_never_returned(store_path: Path) -> None:
@@ -324,3 +338,245 @@ def test_search_by_reference_excludes_own_study_and_optionally_patient(store_pat
     slices = searcher.search(Query(series="series5", slice=1), k=3, group_by_series=True)
     assert len({h.record.series for h in slices[0].hits}) == 3
     assert open_store(store_path).series()  # the store is untouched by searching
+
+
+# -- saved formats and memory-mapped loads -------------------------------------------------
+def _save_format1(si: SpaceIndex, path: Path) -> None:
+    """Save ``si`` as format 1 did: the same folders, a JSON document per catalog record."""
+    where = path / "v1-1"
+    where.mkdir(parents=True)
+    for lv, li in si.levels.items():
+        faiss.write_index(li.index, str(where / f"{lv}.faiss"))
+    rows = [
+        json.dumps({**{k: getattr(r, k) for k in Record.__dataclass_fields__}, "labels": r.labels})
+        if r is not None
+        else ""
+        for r in si.catalog.records
+    ]
+    np.savez(
+        where / "catalog.npz",
+        catalog=np.frombuffer("\n".join(rows).encode(), np.uint8),
+        slice_start=np.asarray(si.catalog.slice_start, np.int64),
+        next_slice=np.asarray(si.catalog.next_slice, np.int64),
+    )
+    levels = {
+        lv: {k: v for k, v in li.info().items() if k not in ("memory_bytes", "mapped")}
+        for lv, li in si.levels.items()
+    }
+    head = {"format": 1, "space": si.space, **si.meta, "levels": levels}
+    (where / "meta.json").write_text(json.dumps(head))
+    (path / "CURRENT").write_text("v1-1")
+
+
+def _answers(si: SpaceIndex) -> list:
+    """Hits of a few queries at both levels, unfiltered and filtered."""
+    queries = np.random.default_rng(11).normal(size=(3, DIM)).astype(np.float32)
+    f = Filters.make(collection="teaching", exclude_studies=["study2"])
+    return [
+        _got(hits)
+        for lv in ("series", "slice")
+        for filters in (Filters(), Filters.make(modality=["CT", "MR"]), f)
+        for hits in si.search(lv, queries, 5, filters)  # type: ignore[arg-type]
+    ]
+
+
+def test_format_1_and_format_2_load_the_same_catalog_and_answers(tmp_path: Path) -> None:
+    si = _space(24)
+    si.meta.update(generation=0, rows=24)
+    rec = si.catalog.record(0)  # an alias, selected slices, labels and an awkward description
+    si.catalog.update(
+        dataclasses.replace(
+            rec,
+            refs=(*rec.refs, ("studyX", "seriesX", "p2")),
+            slice_index=(5, 9),
+            description="Ünïcode\x00\n desc",
+            labels={"dx": "nodule", "score": [1, 2.5, None]},
+        )
+    )
+    si.remove([_key(3)])  # a tombstone
+    _save_format1(si, tmp_path / "old")
+    new_path = si.save(tmp_path / "new")
+    assert json.loads((new_path / "meta.json").read_text())["format"] == 2
+    for path in (tmp_path / "old", tmp_path / "new"):
+        got = SpaceIndex.load(path)
+        assert got.catalog.records == si.catalog.records
+        assert got.catalog.by_key == si.catalog.by_key
+        assert got.catalog.slice_start == si.catalog.slice_start
+        assert got.catalog.ordinals("series", "seriesX#p2") == [0]
+        assert np.array_equal(got.catalog.live("slice"), si.catalog.live("slice"))
+        assert _answers(got) == _answers(si)
+    head = json.loads((new_path / "meta.json").read_text())
+    (new_path / "meta.json").write_text(json.dumps({**head, "format": 99}))
+    with pytest.raises(SearchIndexError, match="format 99"):
+        SpaceIndex.load(tmp_path / "new")
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF4,Flat", "HNSW16"])
+def test_memory_mapped_load_answers_like_a_normal_load(tmp_path: Path, factory: str) -> None:
+    path = tmp_path / "space"
+    _space(40, factory).save(path)
+    on_disk = {f.name: f.read_bytes() for f in (path / folders.current(path)).iterdir()}
+    mapped, read = SpaceIndex.load(path), SpaceIndex.load(path, mmap=False)
+    assert all(li.mapped for li in mapped.levels.values())
+    assert not any(li.mapped for li in read.levels.values())
+    assert _answers(mapped) == _answers(read)
+    # A change copies mapped data into memory first; the saved files stay as they were.
+    extra = Record.from_attrs(_key(100), _entry(100, 3))
+    vecs = _vectors(100, 3)
+    for si in (mapped, read):
+        si.remove([_key(1), _key(2)])
+        si.add([extra], vecs["pooled"][None], vecs["cls"])
+    assert not any(li.mapped for li in mapped.levels.values())
+    assert _answers(mapped) == _answers(read)
+    assert {f.name: f.read_bytes() for f in (path / folders.current(path)).iterdir()} == on_disk
+    # Unchanged, a mapped index is saved whole, even once the folder it maps is deleted.
+    again = SpaceIndex.load(path)
+    shutil.rmtree(path)
+    again.save(tmp_path / "copy")
+    assert _answers(SpaceIndex.load(tmp_path / "copy", mmap=False)) == _answers(again)
+
+
+# -- rebuilds beside the serving index -------------------------------------------------------
+T = TypeVar("T")
+
+
+class _Paused(IndexSet):
+    """A real index set whose builds, once built, wait for the test before they swap in."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.built, self.go = threading.Event(), threading.Event()
+        self.go.set()
+
+    def _assemble(self, *args: Any, **kwargs: Any) -> SpaceIndex:
+        si = super()._assemble(*args, **kwargs)
+        self.built.set()
+        assert self.go.wait(60)
+        return si
+
+
+def _returns(fn: Callable[[], T]) -> T:
+    """``fn()`` run on a thread, which must come back (not wait for the paused build)."""
+    out: list[T] = []
+    t = threading.Thread(target=lambda: out.append(fn()), daemon=True)
+    t.start()
+    t.join(60)
+    assert out, "it waited for the build"
+    return out[0]
+
+
+def test_rebuilds_run_beside_searches_and_keep_the_writes_made_meanwhile(
+    store_path: Path,
+) -> None:
+    st_ = EmbeddingStore(store_path)
+    _fill(st_, range(16))
+    idx = _Paused(st_, exact_max=20)
+    idx.load()
+    idx.refresh()
+    (space,) = idx.spaces
+    old = idx.spaces[space]
+    searcher = Searcher(idx)
+
+    def search() -> list:
+        return _got(searcher.search(Query(series="series5"), k=5)[0].hits)
+
+    before = search()
+    idx.go.clear()
+    idx.built.clear()
+    rebuild = threading.Thread(target=idx.rebuild, daemon=True)
+    rebuild.start()
+    assert idx.built.wait(60)  # built; the swap waits for the test
+    assert _returns(search) == before  # answered by the old index meanwhile
+    _fill(st_, range(16, 20))  # writes during the rebuild reach the old index …
+    st_.delete_study("study1")
+    st_.annotate(_key(4), labels={"dx": "rare"})
+    _returns(idx.refresh)
+    _returns(lambda: idx.touch([_key(4)]))
+    assert idx.spaces[space] is old and _key(17) in old.catalog.by_key
+    idx.go.set()
+    rebuild.join(60)
+    new = idx.spaces[space]  # … and the new index has them all
+    assert new is not old and sorted(new.catalog.by_key) == sorted(e.key for e in st_.series())
+    assert new.catalog.record(new.catalog.by_key[_key(4)]).labels["dx"] == "rare"
+    q = np.random.default_rng(8).normal(size=DIM).astype(np.float32)
+    _same(_got(new.search("series", q[None], 6, Filters())[0]), _brute(st_, q, 6, "series"))
+
+    # A refresh that finds the index outgrown (exact past 20) builds beside it as well.
+    idx.go.clear()
+    idx.built.clear()
+    _fill(st_, range(20, 28))
+    refresh = threading.Thread(target=idx.refresh, daemon=True)
+    refresh.start()
+    assert idx.built.wait(60)
+    assert _returns(search) == _got(searcher.search(Query(series="series5"), k=5)[0].hits)
+    idx.go.set()
+    refresh.join(60)
+    grown = idx.spaces[space]
+    assert grown is not new and grown.levels["series"].kind == "approximate"
+    assert sorted(grown.catalog.by_key) == sorted(e.key for e in st_.series())
+
+
+# -- replicas sharing one index folder -------------------------------------------------------
+def test_replicas_saving_in_turn_never_remove_each_others_current_version(
+    store_path: Path,
+) -> None:
+    st_ = EmbeddingStore(store_path)
+    _fill(st_, range(6))
+    a, b = (open_index(st_, keep_versions=1, version_grace=0) for _ in range(2))
+    (space,) = a.spaces
+    path = a.path(space)
+    latest: dict[str, Path] = {}
+    for i in range(5):
+        for name, replica in (("a", a), ("b", b)):
+            replica.touch([_key(i)])
+            latest[name] = replica.save()[space]
+            assert path / folders.current(path) == latest[name]
+            assert all(v.is_dir() for v in latest.values())  # neither removed the other's
+            assert len([v for v in path.iterdir() if v.name.startswith("v")]) <= 2  # older went
+    assert SpaceIndex.load(path).catalog.records == a.spaces[space].catalog.records
+
+
+def test_concurrent_replicas_and_readers_always_find_a_whole_current_version(
+    store_path: Path,
+) -> None:
+    st_ = EmbeddingStore(store_path)
+    _fill(st_, range(6))
+    replicas = [open_index(st_, keep_versions=1, version_grace=0) for _ in range(2)]
+    (space,) = replicas[0].spaces
+    path = replicas[0].path(space)
+    errors: list[BaseException] = []
+    writing = threading.Barrier(3)
+    done = threading.Event()
+
+    def write(replica: IndexSet) -> None:
+        try:
+            writing.wait()
+            for i in range(8):
+                replica.touch([_key(i % 6)])
+                replica.save()
+        except BaseException as exc:
+            errors.append(exc)
+
+    def read() -> None:
+        writing.wait()
+        loads = 0
+        while not done.is_set() or loads < 3:
+            try:
+                assert len(SpaceIndex.load(path).catalog) == 6
+            except BaseException as exc:
+                errors.append(exc)
+                return
+            loads += 1
+
+    writers = [threading.Thread(target=write, args=(r,)) for r in replicas]
+    reader = threading.Thread(target=read)
+    for t in (*writers, reader):
+        t.start()
+    for t in writers:
+        t.join(120)
+    done.set()
+    reader.join(120)
+    assert errors == []
+    versions = [v for v in path.iterdir() if v.name.startswith("v")]
+    assert path / folders.current(path) in versions and len(versions) <= 2
+    assert not [v for v in path.iterdir() if v.name.endswith((".tmp", ".del"))]

@@ -2,7 +2,7 @@
 
 :class:`Record` (one entry's references and metadata), :class:`Filters` (what a search may
 return) and :class:`Catalog` (records by ordinal, their slice ids, lookups, the bitmaps of
-allowed ids, and its persistence as arrays).
+allowed ids). Its persistence as arrays is :mod:`.catalog_arrays`.
 """
 
 from __future__ import annotations
@@ -203,10 +203,10 @@ class Catalog:
             return None
         rec = self.records[o]
         assert rec is not None
+        ids = self.slice_ids(o)  # before the tombstone, which has no slices
         self._index(o, rec, False)
         self.records[o] = None
         self._live[o] = False
-        ids = self.slice_ids(o)
         self._slice_live[ids.start : ids.stop] = False
         self.version += 1
         return o, ids
@@ -301,47 +301,47 @@ class Catalog:
             return [range(o, o + 1) for o in sorted(ords)]
         return [self.slice_ids(o) for o in sorted(ords)]
 
-    # -- persistence --
-    def to_arrays(self) -> dict[str, np.ndarray]:
-        rows = [
-            json.dumps(_record_json(r), separators=(",", ":")) if r is not None else ""
-            for r in self.records
-        ]
-        return {
-            "catalog": np.frombuffer("\n".join(rows).encode(), dtype=np.uint8),
-            "slice_start": np.asarray(self.slice_start, dtype=np.int64),
-            "next_slice": np.asarray(self.next_slice, dtype=np.int64),
-        }
+    # -- bulk loading --
+    def adopt(self, records: list[Record | None], slice_start: list[int], next_slice: int) -> None:
+        """Take ``records`` (ordinal order, tombstones as None) and their first slice ids in
+        one go, into an empty catalog."""
+        self.records, self.slice_start, self.next_slice = records, slice_start, next_slice
+        self.by_key = {r.key: o for o, r in enumerate(records) if r is not None}
+        by_study, by_series, by_patient = self._by["study"], self._by["series"], self._by["patient"]
 
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> Catalog:
-        cat = cls()
-        blob = arrays["catalog"].tobytes().decode()
-        rows = blob.split("\n") if len(arrays["slice_start"]) else []
-        for row, start in zip(rows, arrays["slice_start"], strict=True):
-            cat.next_slice = int(start)
-            if row:
-                cat.add(_record_from_json(json.loads(row)))
-            else:  # a tombstone keeps its ordinal and slice ids
-                cat.records.append(None)
-                cat.slice_start.append(int(start))
-                cat._live = _grow(cat._live, len(cat.records))
-        cat.next_slice = int(arrays["next_slice"])
-        cat._slice_live = _grow(cat._slice_live, cat.next_slice)
-        return cat
+        def put(table: dict[str, set[int]], name: str, o: int) -> None:
+            found = table.get(name)
+            if found is None:
+                table[name] = {o}
+            else:
+                found.add(o)
 
-
-def _record_json(r: Record) -> dict[str, Any]:
-    d = {k: getattr(r, k) for k in Record.__dataclass_fields__}
-    d["labels"] = dict(r.labels)
-    return d
-
-
-def _record_from_json(d: dict[str, Any]) -> Record:
-    d["refs"] = tuple(tuple(x) for x in d["refs"])
-    d["collections"] = tuple(d["collections"])
-    d["slice_index"] = tuple(d["slice_index"])
-    return Record(**d)
+        for o, rec in enumerate(records):
+            if rec is None:
+                continue
+            if len(rec.refs) != 1:
+                self._index(o, rec, True)
+                continue
+            ((study, series, part),) = rec.refs
+            found = by_study.get(study)  # `put`, inlined: this loop runs once per entry
+            if found is None:
+                by_study[study] = {o}
+            else:
+                found.add(o)
+            found = by_series.get(series)
+            if found is None:
+                by_series[series] = {o}
+            else:
+                found.add(o)
+            if part:
+                put(by_series, f"{series}#{part}", o)
+            if rec.patient:
+                put(by_patient, rec.patient, o)
+        live = np.fromiter((r is not None for r in records), dtype=bool, count=len(records))
+        self._live = live
+        counts = np.diff(np.append(np.asarray(slice_start, np.int64), next_slice))
+        self._slice_live = np.repeat(live, counts) if len(records) else np.zeros(0, bool)
+        self.version += 1
 
 
 def _grow(a: np.ndarray, n: int) -> np.ndarray:

@@ -1,8 +1,11 @@
-"""One FAISS index of a space's level: construction, tuning, search and its helpers.
+"""One FAISS index of a space's level: construction, tuning, search, files and helpers.
 
 :func:`choose_factory` picks exact (``Flat``) or IVF by size; :class:`LevelIndex` trains,
-adds, tunes ``nprobe`` / ``efSearch`` to the recall target, searches under an id bitmap and
-removes ids.
+adds, tunes ``nprobe`` / ``efSearch`` to the recall target, searches under an id bitmap,
+removes ids, and reads / writes its file. A file is read memory-mapped where FAISS can
+(``IO_FLAG_MMAP``: flat, IVF, HNSW, PQ), so start-up costs no copy of the vectors; a mapped
+index is copied into memory on its first change (FAISS's mapped IVF lists are read-only),
+and until then it is saved by linking (or copying) the file it came from.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import importlib
 import logging
 import math
+import os
+import shutil
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -55,6 +62,9 @@ class LevelIndex:
     trained_size: int = 0
     build_seconds: float = 0.0
     tombstones: int = 0
+    mapped: bool = False  # the FAISS data is a read-only map of ``source``
+    source: Path | None = field(default=None, repr=False)  # a file equal to the index
+    _origin: _Origin | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def build(
@@ -148,6 +158,7 @@ class LevelIndex:
 
     def add(self, vectors: np.ndarray, ids: np.ndarray) -> None:
         if len(ids):
+            self._changing()
             self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: Sequence[int] | range) -> None:
@@ -156,6 +167,7 @@ class LevelIndex:
         arr = np.asarray(list(ids), dtype=np.int64)
         if not len(arr):
             return
+        self._changing()
         try:
             self.index.remove_ids(arr)
         except RuntimeError:
@@ -171,6 +183,79 @@ class LevelIndex:
     def reconstruct(self, ids: Sequence[int]) -> np.ndarray:
         return np.asarray(self.index.reconstruct_batch(np.asarray(ids, dtype=np.int64)))
 
+    # -- files --
+    @classmethod
+    def read(
+        cls,
+        path: Path,
+        level: Level,
+        dim: int,
+        info: Mapping[str, Any],
+        *,
+        fd: int | None = None,
+        mmap: bool = True,
+    ) -> LevelIndex:
+        """The index in file ``path`` (memory-mapped where FAISS can, unless ``mmap`` is
+        false), with the build metadata ``info`` that :meth:`info` gave when it was saved.
+        ``fd``, a descriptor of the file (taken over), reads it even once it is deleted."""
+        origin = _Origin(path, fd)
+        where, index = origin.path, None
+        if mmap:
+            try:
+                index = faiss.read_index(where, faiss.IO_FLAG_MMAP)
+            except RuntimeError:  # a type FAISS cannot map: read into memory
+                log.info("%s cannot be memory-mapped; reading it into memory", path)
+        mapped = index is not None
+        if index is None:
+            index = faiss.read_index(where)
+        ondisk = _ondisk_lists(index)
+        if ondisk is not None:
+            ondisk.prefetch_nthread = 0  # pages come from the map; no threads per search
+        return cls(
+            level=level,
+            dim=dim,
+            index=index,
+            factory=info["factory"],
+            kind=info["kind"],
+            params=dict(info["params"]),
+            recall=info["recall_at_10"],
+            trained_size=int(info["trained_size"]),
+            build_seconds=float(info["build_seconds"]),
+            tombstones=int(info["tombstones"]),
+            mapped=mapped,
+            source=path,
+            _origin=origin,
+        )
+
+    def write(self, path: Path) -> None:
+        """Write the index to the new file ``path``: a hard link to (or a copy of) the file
+        it is known to equal, else FAISS's serialisation."""
+        if self._origin is not None:
+            try:  # version files are never changed and their names never reused
+                os.link(self._origin.name, path)
+                return
+            except OSError:  # gone, or another file system: copy what the descriptor holds
+                self._origin.copy_to(path)
+                return
+        faiss.write_index(self.index, str(path))
+
+    def saved_as(self, path: Path) -> None:
+        """Record that the (unchanged) index now equals file ``path``."""
+        self._release()
+        self.source, self._origin = path, _Origin(path)
+
+    def _changing(self) -> None:
+        """Before a change: copy a mapped index into memory, forget the file it equalled."""
+        if self.mapped:
+            self.index = _in_memory(self.index)
+            self.mapped = False
+        self._release()
+
+    def _release(self) -> None:
+        if self._origin is not None:
+            self._origin.close()
+        self.source, self._origin = None, None
+
     def info(self) -> dict[str, Any]:
         return {
             "level": self.level,
@@ -184,8 +269,29 @@ class LevelIndex:
             "build_seconds": round(self.build_seconds, 3),
             "tombstones": self.tombstones,
             "memory_bytes": _memory(self.index),
+            "mapped": self.mapped,
             "device": "cpu",
         }
+
+
+class _Origin:
+    """An open descriptor of the file an index was read from or saved to: the file stays
+    readable (to copy it) when another process deletes its version folder."""
+
+    def __init__(self, path: Path, fd: int | None = None) -> None:
+        self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
+        self._closer = weakref.finalize(self, os.close, self.fd)
+        proc = Path(f"/proc/self/fd/{self.fd}")
+        self.path = str(proc) if proc.exists() else str(path)  # immune to renames on Linux
+        self.name = path
+
+    def copy_to(self, dest: Path) -> None:
+        with open(dest, "xb") as out, os.fdopen(os.dup(self.fd), "rb") as src:
+            src.seek(0)
+            shutil.copyfileobj(src, out, 1 << 24)
+
+    def close(self) -> None:
+        self._closer()
 
 
 def _faiss_index(dim: int, spec: str) -> Any:
@@ -210,6 +316,31 @@ def _ivf(index: Any) -> Any:
         return faiss.extract_index_ivf(index)
     except RuntimeError:
         return None
+
+
+def _ondisk_lists(index: Any) -> Any:
+    """The memory-mapped inverted lists of an IVF index read with ``IO_FLAG_MMAP``, if any."""
+    ivf = _ivf(index)
+    if ivf is None:
+        return None
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    return lists if isinstance(lists, faiss.OnDiskInvertedLists) else None
+
+
+def _in_memory(index: Any) -> Any:
+    """``index`` with its data in memory: mapped IVF lists copied into array lists (FAISS
+    cannot change or clone mapped lists), other mapped types cloned."""
+    ondisk = _ondisk_lists(index)
+    if ondisk is None:
+        return faiss.clone_index(index)
+    lists = faiss.ArrayInvertedLists(ondisk.nlist, ondisk.code_size)
+    for k in range(ondisk.nlist):
+        n = ondisk.list_size(k)
+        if n:
+            lists.add_entries(k, n, ondisk.get_ids(k), ondisk.get_codes(k))
+    _ivf(index).replace_invlists(lists, True)
+    lists.this.disown()  # the index owns (and frees) them now
+    return index
 
 
 def _hnsw(index: Any) -> Any:

@@ -1,8 +1,13 @@
 """A space: the catalog and both level indexes of one (model weights, recipe) space.
 
 :class:`SpaceIndex` searches, adds and removes entries, and saves / loads itself as
-versioned folders behind an atomically replaced ``CURRENT`` pointer; :class:`Hit` is one
-search result.
+version folders behind an atomically replaced ``CURRENT`` pointer (:mod:`.folders`);
+:class:`Hit` is one search result.
+
+A version folder holds ``meta.json`` (format, table position, how each level was built),
+``catalog.npz`` (the catalog as arrays, :mod:`.catalog_arrays`) and ``series.faiss`` /
+``slice.faiss``, read memory-mapped where FAISS can. Format 1 (a JSON document per catalog
+record) is still read; format 2 is written.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import time
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +26,15 @@ import numpy as np
 from ..errors import SearchIndexError
 from ._vectors import LEVELS, Level, normalise
 from .catalog import Catalog, Filters, Record
-from .level import LevelIndex, faiss
+from .catalog_arrays import from_arrays, to_arrays
+from .folders import GRACE_SECONDS, KEEP_VERSIONS, begin, finish, open_current
+from .level import LevelIndex
 
 __all__ = ["INDEX_FORMAT", "Hit", "SpaceIndex"]
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+_READABLE = (1, 2)
+_FILES = ("meta.json", "catalog.npz", "series.faiss", "slice.faiss")
 
 
 @dataclass
@@ -55,6 +64,10 @@ class SpaceIndex:
         self.meta = dict(meta)  # model, weights_hash, recipe_hash, dim, generation, rows
         self.catalog = catalog
         self.levels = levels
+        # Held while entries are added or removed, and while the space is saved: a save
+        # reads the catalog and the FAISS indexes as one state without holding the lock
+        # that searches take.
+        self._writing = threading.Lock()
 
     @property
     def dim(self) -> int:
@@ -125,24 +138,26 @@ class SpaceIndex:
         """Add entries (``cls`` holds their slices, concatenated in order)."""
         if not records:
             return
-        starts = [self.catalog.add(r) for r in records]
-        self.levels["series"].add(
-            normalise(pooled), np.asarray([o for o, _ in starts], dtype=np.int64)
-        )
-        ids = np.concatenate(
-            [np.arange(s, s + r.n_slices) for (_, s), r in zip(starts, records, strict=True)]
-        ).astype(np.int64)
-        self.levels["slice"].add(normalise(cls), ids)
+        with self._writing:
+            starts = [self.catalog.add(r) for r in records]
+            self.levels["series"].add(
+                normalise(pooled), np.asarray([o for o, _ in starts], dtype=np.int64)
+            )
+            ids = np.concatenate(
+                [np.arange(s, s + r.n_slices) for (_, s), r in zip(starts, records, strict=True)]
+            ).astype(np.int64)
+            self.levels["slice"].add(normalise(cls), ids)
 
     def remove(self, keys: Iterable[str]) -> int:
         n = 0
-        for key in keys:
-            gone = self.catalog.remove(key)
-            if gone is not None:
-                o, ids = gone
-                self.levels["series"].remove([o])
-                self.levels["slice"].remove(ids)
-                n += 1
+        with self._writing:
+            for key in keys:
+                gone = self.catalog.remove(key)
+                if gone is not None:
+                    o, ids = gone
+                    self.levels["series"].remove([o])
+                    self.levels["slice"].remove(ids)
+                    n += 1
         return n
 
     def info(self) -> dict[str, Any]:
@@ -157,61 +172,66 @@ class SpaceIndex:
         }
 
     # -- persistence --
-    def save(self, path: Path) -> None:
-        """Write the space into folder ``path`` atomically: a new version folder is written
-        in full, then the ``CURRENT`` pointer is replaced (a rename); older versions go."""
-        levels = {
-            lv: {k: v for k, v in li.info().items() if k != "memory_bytes"}
-            for lv, li in self.levels.items()
-        }
-        head = {"format": INDEX_FORMAT, "space": self.space, **self.meta, "levels": levels}
-        path.mkdir(parents=True, exist_ok=True)
-        version = f"v{time.time_ns()}-{os.getpid()}"
-        tmp = path / f".{version}.tmp"
-        tmp.mkdir()
-        try:
+    def save(
+        self,
+        path: Path,
+        *,
+        keep: int = KEEP_VERSIONS,
+        grace: float = GRACE_SECONDS,
+    ) -> Path:
+        """Write the space as a new version folder under ``path`` and make it current;
+        returns the folder. Safe beside other processes saving or reading ``path``
+        (:mod:`.folders`); searches go on meanwhile, adding and removing entries waits."""
+        head: dict[str, Any] = {"format": INDEX_FORMAT, "space": self.space, **dict(self.meta)}
+        # The metadata is copied first: a refresh updates it after the rows it names are
+        # in, so a save may hold rows its metadata does not count yet (the next refresh
+        # skips them), never the reverse.
+        with self._writing:
+            head["levels"] = {lv: _saved_info(li) for lv, li in self.levels.items()}
+            tmp = begin(path)
+            try:
+                for lv, li in self.levels.items():
+                    li.write(tmp / f"{lv}.faiss")
+                with (tmp / "catalog.npz").open("wb") as fh:
+                    np.savez(fh, **cast(dict[str, Any], to_arrays(self.catalog)))
+                (tmp / "meta.json").write_text(json.dumps(head, indent=1))
+                final = finish(path, tmp, keep=keep, grace=grace)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             for lv, li in self.levels.items():
-                faiss.write_index(li.index, str(tmp / f"{lv}.faiss"))
-            with (tmp / "catalog.npz").open("wb") as fh:
-                np.savez(fh, **cast(dict[str, Any], self.catalog.to_arrays()))
-            (tmp / "meta.json").write_text(json.dumps(head, indent=1))
-            for f in tmp.iterdir():
-                with f.open("rb+") as fh:
-                    os.fsync(fh.fileno())
-            os.rename(tmp, path / version)
-            pointer = path / f".CURRENT.{version}"
-            pointer.write_text(version)
-            os.replace(pointer, path / "CURRENT")  # the commit point
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in path.iterdir():  # earlier versions and debris of interrupted saves
-            if old.is_dir() and old.name != version:
-                shutil.rmtree(old, ignore_errors=True)
+                li.saved_as(final / f"{lv}.faiss")
+        return final
 
     @classmethod
-    def load(cls, path: Path) -> SpaceIndex:
-        """The version of a space that ``path/CURRENT`` names."""
-        where = path / (path / "CURRENT").read_text().strip()
-        head = json.loads((where / "meta.json").read_text())
-        if int(head.get("format", 0)) != INDEX_FORMAT:
-            raise SearchIndexError(f"{where} has index format {head.get('format')}; rebuild it.")
-        with np.load(where / "catalog.npz", allow_pickle=False) as z:
-            catalog = Catalog.from_arrays(z)
-        levels: dict[Level, LevelIndex] = {}
-        for lv in LEVELS:
-            info = head["levels"][lv]
-            levels[lv] = LevelIndex(
-                level=lv,
-                dim=int(head["dim"]),
-                index=faiss.read_index(str(where / f"{lv}.faiss")),
-                factory=info["factory"],
-                kind=info["kind"],
-                params=dict(info["params"]),
-                recall=info["recall_at_10"],
-                trained_size=int(info["trained_size"]),
-                build_seconds=float(info["build_seconds"]),
-                tombstones=int(info["tombstones"]),
-            )
+    def load(cls, path: Path, *, mmap: bool = True) -> SpaceIndex:
+        """The version of a space that ``path/CURRENT`` names (FAISS files memory-mapped
+        where the type allows, unless ``mmap`` is false)."""
+        where, fds = open_current(path, _FILES)
+        try:
+            with os.fdopen(fds.pop("meta.json"), "rb") as fh:
+                head = json.loads(fh.read())
+            if int(head.get("format", 0)) not in _READABLE:
+                raise SearchIndexError(
+                    f"{where} has index format {head.get('format')}; this radcache reads "
+                    f"formats {', '.join(map(str, _READABLE))}. Rebuild it with "
+                    "`radcache index rebuild`."
+                )
+            with os.fdopen(fds.pop("catalog.npz"), "rb") as fh, np.load(fh) as z:
+                catalog = from_arrays(z)
+            levels: dict[Level, LevelIndex] = {}
+            for lv in LEVELS:
+                name = f"{lv}.faiss"
+                info = head["levels"][lv]
+                levels[lv] = LevelIndex.read(
+                    where / name, lv, int(head["dim"]), info, fd=fds.pop(name), mmap=mmap
+                )
+        finally:
+            for fd in fds.values():
+                os.close(fd)
         meta = {k: v for k, v in head.items() if k not in ("format", "space", "levels")}
         return cls(head["space"], meta, catalog, levels)
+
+
+def _saved_info(li: LevelIndex) -> dict[str, Any]:
+    return {k: v for k, v in li.info().items() if k not in ("memory_bytes", "mapped")}
