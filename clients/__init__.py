@@ -12,6 +12,7 @@ from .schemas import (
     SearchOut,
     SeriesOut,
     StudyOut,
+    StudyPage,
     SubmitOptions,
 )
 
@@ -28,5 +29,6 @@ __all__ = [
     "SearchOut",
     "SeriesOut",
     "StudyOut",
+    "StudyPage",
     "SubmitOptions",
 ]

@@ -30,6 +30,7 @@ from .schemas import (
     SearchQuery,
     SearchRequest,
     StudyOut,
+    StudyPage,
     SubmitOptions,
 )
 
@@ -49,6 +50,7 @@ __all__ = [
     "parts",
     "retry_delay",
     "search_request",
+    "study_page",
     "upload",
 ]
 
@@ -181,6 +183,14 @@ def npy(response: httpx.Response) -> np.ndarray:
     return np.asarray(np.load(io.BytesIO(response.content), allow_pickle=False))
 
 
+def study_page(response: httpx.Response) -> StudyPage:
+    """A page of studies, with the next page's cursor from the ``Link: <…>; rel="next"``
+    header."""
+    nxt = response.links.get("next", {}).get("url")
+    cursor = httpx.URL(nxt).params.get("cursor") if nxt else None
+    return StudyPage(studies=[StudyOut.model_validate(x) for x in response.json()], next=cursor)
+
+
 def finished(job: JobOut) -> bool:
     return job.state not in ("queued", "running")
 
@@ -258,6 +268,11 @@ class Endpoints:
     def studies(limit: int, offset: int) -> Call[list[StudyOut]]:
         params = {"limit": limit, "offset": offset}
         return Call("GET", "/v1/studies", _many(StudyOut), params=params)
+
+    @staticmethod
+    def studies_page(limit: int, cursor: str | None) -> Call[StudyPage]:
+        params: dict[str, Any] = {"limit": limit, **({"cursor": cursor} if cursor else {})}
+        return Call("GET", "/v1/studies", study_page, params=params)
 
     @staticmethod
     def delete(study: str) -> Call[None]:

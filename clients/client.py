@@ -41,6 +41,7 @@ from .schemas import (
     ModelOut,
     SearchOut,
     StudyOut,
+    StudyPage,
     SubmitOptions,
 )
 
@@ -128,6 +129,11 @@ class RadcacheClient(BaseClient[httpx.Client]):
 
     def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
         return self._send(Endpoints.studies(limit, offset))
+
+    def studies_page(self, limit: int = 100, cursor: str | None = None) -> StudyPage:
+        """A page of cached studies in name order; pass its ``next`` as ``cursor`` for the
+        following one (None: that was the last)."""
+        return self._send(Endpoints.studies_page(limit, cursor))
 
     def delete(self, study: str) -> None:
         self._send(Endpoints.delete(study))
@@ -236,6 +242,9 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
 
     async def studies(self, limit: int = 100, offset: int = 0) -> list[StudyOut]:
         return await self._send(Endpoints.studies(limit, offset))
+
+    async def studies_page(self, limit: int = 100, cursor: str | None = None) -> StudyPage:
+        return await self._send(Endpoints.studies_page(limit, cursor))
 
     async def delete(self, study: str) -> None:
         await self._send(Endpoints.delete(study))

@@ -15,6 +15,7 @@ from typing import Any
 
 from radcache.embeddings import EmbeddingStore, EmbedReport, Pipeline
 
+from .entry_catalog import EntryCatalog
 from .jobs import JobState, JobStore
 from .options import JobOptions
 
@@ -111,10 +112,12 @@ def finish_job(
     seconds: float,
     on_done: OnDone | None = None,
 ) -> None:
-    """Record what a job stored, tell ``on_done`` (before the job reads done: then what it
-    stored is searchable when a client sees it), finish the job and drop its upload."""
+    """Record what a job stored (the job database's note and the entry catalog), tell
+    ``on_done`` (before the job reads done: then what it stored is searchable when a client
+    sees it), finish the job and drop its upload."""
     out = public_report(report, upload)
     jobs.record_entries(job_id, out["series"], lambda key: _space(store, key))
+    EntryCatalog(jobs).record(store, [s["entry"] for s in out["series"]])
     if on_done is not None:
         on_done(seconds, out["series"])
     jobs.finish(job_id, report_state(report), out)

@@ -1,5 +1,6 @@
 """Background threads: the embedded worker, which runs queued jobs through the pipeline,
-and the index keeper, which keeps the search indexes in step with the store.
+and the index keeper, which keeps the search indexes and the entry catalog in step with
+the store and compacts its tables.
 
 HTTP stays responsive while a study embeds: handlers only write the upload and a job row
 and put the job id on a bounded queue. :func:`~.runner.run_job` is the job itself, the
@@ -9,21 +10,30 @@ in-process one).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import queue
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from radcache.embeddings import IndexSet, Pipeline
 from radcache.embeddings.errors import QueueFullError
 
+from .entry_catalog import EntryCatalog
 from .jobs import JobStore
 from .runner import OnDone, run_job
 
 __all__ = ["IndexKeeper", "Worker"]
 
 log = logging.getLogger(__name__)
+
+#: A table is compacted once its oldest tombstone is this old (deleted vectors leave the
+#: table's files within about this long) …
+COMPACT_AFTER_S = 3600.0
+#: … or once this share of its rows are tombstones.
+COMPACT_SHARE = 0.1
 
 
 class Worker:
@@ -95,25 +105,48 @@ class Worker:
 
 
 class IndexKeeper:
-    """Keeps the search indexes in step with the store: right after each job, and every
-    ``interval`` seconds for embeddings written by other processes. Saves changed indexes
-    at most every ``save_every`` seconds, and on stop."""
+    """Keeps the search indexes and the entry catalog in step with the store: right after
+    each job, and every ``interval`` seconds for embeddings written (or deleted) by other
+    processes. Saves changed indexes at most every ``save_every`` seconds, and on stop.
 
-    def __init__(self, indexes: IndexSet, interval: float, save_every: float = 60.0) -> None:
+    It also compacts the store's tables, on a thread of its own, once tombstones are
+    ``compact_share`` of a table's rows or the oldest is ``compact_after`` seconds old:
+    deleted rows then leave the table's files.
+    """
+
+    def __init__(
+        self,
+        indexes: IndexSet,
+        interval: float,
+        save_every: float = 60.0,
+        *,
+        catalog: EntryCatalog | None = None,
+        compact_after: float = COMPACT_AFTER_S,
+        compact_share: float = COMPACT_SHARE,
+    ) -> None:
         self.indexes = indexes
+        self.catalog = catalog
         self.interval = interval
         self.save_every = save_every
+        self.compact_after = compact_after
+        self.compact_share = compact_share
         self._saved = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radcache-index", daemon=True)
+        self._compactor = threading.Thread(
+            target=self._compact_loop, name="radcache-compact", daemon=True
+        )
 
     def start(self) -> None:
         self._thread.start()
+        if not self.indexes.store.read_only:
+            self._compactor.start()
 
     def stop(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=30)
+        for t in (self._thread, self._compactor):
+            if t.is_alive():
+                t.join(timeout=30)
         self.indexes.save()
 
     @property
@@ -126,7 +159,12 @@ class IndexKeeper:
             changed = self.indexes.refresh()
         except Exception:  # the index is rebuilt on the next refresh or restart
             log.exception("index refresh failed")
-            return
+            changed = []
+        if self.catalog is not None:
+            try:
+                self.catalog.sync(self.indexes.store)
+            except Exception:  # followed from the same place on the next refresh
+                log.exception("entry catalog sync failed")
         if changed and time.monotonic() - self._saved >= self.save_every:
             self.indexes.save()
             self._saved = time.monotonic()
@@ -138,3 +176,37 @@ class IndexKeeper:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self.refresh()
+
+    def due(self, meta: Mapping[str, Any]) -> bool:
+        """Whether a table (its metadata) should be compacted now."""
+        dead, rows = int(meta.get("deleted", 0)), int(meta.get("count", 0))
+        if not dead:
+            return False
+        since = str(meta.get("tombstoned") or "")
+        try:
+            when = dt.datetime.fromisoformat(since)
+        except ValueError:
+            return True  # no time written: compact
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=dt.UTC)
+        age = (dt.datetime.now(dt.UTC) - when).total_seconds()
+        return dead >= self.compact_share * rows or age >= self.compact_after
+
+    def compact(self) -> dict[str, int]:
+        """Compact the tables that are due; returns the rows removed per space."""
+        store = self.indexes.store
+        done: dict[str, int] = {}
+        for space in store.spaces():
+            if self.due(store.table_meta(space)):
+                done[space] = store.compact(space)[space]
+                log.info("compacted table %s: %d deleted rows removed", space, done[space])
+        if done:
+            self.refresh()
+        return done
+
+    def _compact_loop(self) -> None:
+        while not self._stop.wait(min(self.compact_after, 60.0)):
+            try:
+                self.compact()
+            except Exception:  # tried again at the next round
+                log.exception("table compaction failed")

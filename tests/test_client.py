@@ -222,3 +222,31 @@ def test_search_and_classify_from_client_and_cli(server: tuple[str, Path], tmp_p
     assert p.returncode == 0 and json.loads(p.stdout)["predictions"][0]["label"] == "b", p.stderr
     bad = run("search", "--series", "nope", "--url", url, "--json")
     assert bad.returncode == 2 and json.loads(bad.stdout)["error"]["code"] == "not-found"
+
+
+def test_studies_page_by_page(server: tuple[str, Path], tmp_path: Path) -> None:
+    url, _ = server
+    with RadcacheClient(url) as rc:
+        for i in range(3):
+            gen = write_series(tmp_path / f"p{i}", phantom(2, 16, 16, seed=80 + i))
+            assert rc.submit([gen.directory], timeout=60).state == "done"
+        everything = [s.study for s in rc.studies(limit=1000)]
+        assert len(everything) >= 3 and everything == sorted(everything)
+        paged, cursor = [], None
+        while True:
+            page = rc.studies_page(limit=2, cursor=cursor)
+            paged += [s.study for s in page.studies]
+            if page.next is None:
+                break
+            cursor = page.next
+        assert paged == everything
+        assert [s.study for s in rc.studies(limit=2, offset=1)] == everything[1:3]
+
+    async def first_two() -> list[str]:
+        async with AsyncRadcacheClient(url) as rc:
+            page = await rc.studies_page(limit=1)
+            assert page.next is not None
+            nxt = await rc.studies_page(limit=1, cursor=page.next)
+            return [s.study for s in (*page.studies, *nxt.studies)]
+
+    assert asyncio.run(first_two()) == everything[:2]

@@ -28,6 +28,7 @@ from ._studies import (
     Progress,
     SeriesOut,
     StudyOut,
+    StudyPage,
     SubmitOptions,
 )
 
@@ -51,6 +52,7 @@ __all__ = [
     "SearchRequest",
     "SeriesOut",
     "StudyOut",
+    "StudyPage",
     "SubmitOptions",
     "SupportItem",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "Progress",
     "SeriesOut",
     "StudyOut",
+    "StudyPage",
     "SubmitOptions",
 ]
 
@@ -193,6 +194,14 @@ class StudyOut(BaseModel):
     study: str = Field(description="keyed pseudonym of the StudyInstanceUID (or the UID if kept)")
     modalities: list[str]
     series: list[EntryOut]
+
+
+class StudyPage(BaseModel):
+    """One page of ``GET /v1/studies``: its studies and the cursor of the next page (from
+    the answer's ``Link`` header; None on the last page)."""
+
+    studies: list[StudyOut]
+    next: str | None = Field(None, description="pass as cursor= to get the next page")
 
 
 class ModelOut(BaseModel):

@@ -13,20 +13,26 @@ docs/STORE.md)::
         cls_last   (n, k, D)   float32  optional: CLS of the last k blocks (after norm)
         patch      (n, h, w, D) float16 optional: patch tokens, one chunk per slice
     <root>/tables/<space>/              every entry of one (model, recipe) space, appendable
+      [<data>/]                         the rows (in the subgroup ``data`` names, once compacted)
         keys   (N, 2) uint64   entry keys (128-bit)
         pooled (N, D) float32  series vectors
         offsets (N+1,) int64   rows of ``cls`` belonging to entry i: offsets[i]:offsets[i+1]
         cls    (S, D) float32  all slice CLS tokens, concatenated
+        deleted (M,) int64     tombstones: rows of deleted entries
 
 An entry becomes visible only when its metadata, written last, says ``complete``; a table
-row only when the table's ``count`` (written last) covers it. A crash mid-write leaves
-nothing visible, and the next write of the same key replaces the debris.
+row only when the table's ``count`` (written last) covers it, and stops being live when its
+tombstone is counted. A crash mid-write leaves nothing visible, and the next write of the
+same key replaces the debris. Tables are never rewritten in place: compaction writes the
+live rows beside the old ones and swaps them in with one metadata write.
 
 The rooms:
 
 * :mod:`.embedding_store` — :class:`EmbeddingStore` and :func:`open_store`
 * :mod:`.entries` — :class:`EntryInfo`, :class:`EntryWriter` (``entries/``)
-* :mod:`.tables` — :class:`Table`, :func:`space_id`, appending and dropping rows (``tables/``)
+* :mod:`.tables` — :class:`Table`, :func:`space_id`, appending, tombstoning and reading rows
+  (``tables/``)
+* :mod:`.compaction` — tables rewritten without their tombstoned rows, beside the old ones
 * :mod:`.files` — re-sent file digests and volume records (``files/``, ``volumes/``)
 * :mod:`.backend` — :class:`LocalBackend` (directory) and :class:`ObjectBackend` (fsspec
   URL), each declaring what it supports

@@ -111,6 +111,11 @@ class Backend:
         :attr:`supports_direct_reads`)."""
         raise NotImplementedError(f"{type(self).__name__} cannot read documents directly")
 
+    def child_groups(self, path: str) -> list[str] | None:
+        """Names of the groups directly under ``path`` listed without zarr (if
+        :attr:`supports_direct_reads`), else None."""
+        return None
+
 
 class LocalBackend(Backend):
     """A directory: staged writes made visible by a rename, commits under an ``flock``."""
@@ -162,6 +167,16 @@ class LocalBackend(Backend):
             return cast(dict[str, Any], json.loads((self.local_path / path).read_bytes()))
         except (OSError, ValueError):
             return None
+
+    def child_groups(self, path: str) -> list[str] | None:
+        # zarr's own listing warns about the temporary files of other writers' atomic
+        # writes (``zarr.<hex>.partial``, made whenever a node is created below): skip them.
+        try:
+            return [
+                d.name for d in (self.local_path / path).iterdir() if (d / "zarr.json").is_file()
+            ]
+        except FileNotFoundError:
+            return []
 
 
 class ObjectBackend(Backend):

@@ -20,22 +20,28 @@ import zarr
 from ..errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
 from ._common import _array, _group, _meta, _now
 from .backend import Backend, open_backend
+from .compaction import compact_table
 from .entries import ARRAY_KINDS, EntryInfo, EntryWriter, Kind
 from .files import FileIndex, volume_record
 from .locks import Locks
 from .tables import (
+    RowIndex,
     Table,
+    add_tombstones,
     append_row,
-    drop_rows,
     list_spaces,
+    read_keys,
     read_table,
     read_table_meta,
-    table_keys,
+    tombstoned_keys,
 )
 
 __all__ = ["STORE_FORMAT", "EmbeddingStore", "open_store"]
 
-STORE_FORMAT = 1
+#: The format this radcache writes. Format 1 stores (no table tombstones) open as they are
+#: and become format 2 when a row is first tombstoned or compacted.
+STORE_FORMAT = 2
+_READS = (1, 2)
 
 
 class EmbeddingStore:
@@ -56,7 +62,7 @@ class EmbeddingStore:
         self.read_only = mode == "r"
         self._lock = threading.RLock()
         self._lock_depth = 0
-        self._table_keys: dict[str, set[str]] = {}
+        self._rows: dict[str, RowIndex] = {}
         self._files = FileIndex()
         self.backend: Backend = open_backend(
             self.url, read_only=self.read_only, storage_options=storage_options, locks=locks
@@ -79,10 +85,11 @@ class EmbeddingStore:
                     raise NotFoundError(f"{self.url} is a Zarr store but not a radcache store.")
                 meta = {"format": STORE_FORMAT, "created": _now()}
                 self.root.attrs["radcache"] = meta
-        if int(meta.get("format", 0)) != STORE_FORMAT:
+        self.format = int(meta.get("format", 0))
+        if self.format not in _READS:
             raise StoreMismatchError(
-                f"store {self.url} has format {meta.get('format')}; this radcache reads format "
-                f"{STORE_FORMAT}. Use a matching radcache version or a new store."
+                f"store {self.url} has format {meta.get('format')}; this radcache reads formats "
+                f"{', '.join(map(str, _READS))}. Use a matching radcache version or a new store."
             )
 
     # -- identity ----------------------------------------------------------------------
@@ -200,10 +207,9 @@ class EmbeddingStore:
 
     def ensure_indexed(self, info: EntryInfo) -> None:
         """Add an entry to its table if a crash left it out."""
-        if info.key not in self._keys_of(info.space):
+        if info.key not in self._live_rows(info.space):
             with self._writing():
-                self._table_keys.pop(info.space, None)  # re-read: another process may have
-                if info.key in self._keys_of(info.space):
+                if info.key in self._live_rows(info.space):  # another process may have
                     return
                 g = _group(self.root[f"entries/{info.key}"])
                 pooled, cls = _array(g["pooled"])[...], _array(g["cls"])[...]
@@ -248,18 +254,25 @@ class EmbeddingStore:
         """Every complete entry with its metadata."""
         return list(self.iter_entries())
 
-    def delete_study(self, study: str) -> list[str]:
+    def delete_study(self, study: str, keys: Iterable[str] | None = None) -> list[str]:
         """Remove a study (consent withdrawal); returns the entry keys deleted. Idempotent.
 
         An entry whose content another study also delivered (an alias) stays, named by
-        that study; every other entry of ``study`` goes, with its table rows and its
-        re-sent-file record.
+        that study; every other entry of ``study`` goes at once, with its re-sent-file
+        record, and its table row is tombstoned (its vectors leave the table's files at the
+        next :meth:`compact`). ``keys`` are the entries that name the study, as a catalog
+        knows them; without them every entry's metadata is read to find them (O(store)).
         """
         if self.read_only:
             raise StoreError(f"store {self.url} is open read-only.")
+        if keys is None:
+            keys = [e.key for e in self.iter_entries() if study in _studies(e.attrs)]
         gone: list[EntryInfo] = []
         with self._writing():
-            for e in list(self.iter_entries()):
+            for key in sorted(set(keys)):
+                e = self.get(key)
+                if e is None:
+                    continue
                 primary = {k: e.attrs["volume"].get(k) for k in ("study", "series", "part")}
                 refs = [primary, *e.attrs.get("aliases", [])]
                 keep = [r for r in refs if r.get("study") != study]
@@ -277,17 +290,50 @@ class EmbeddingStore:
                 with contextlib.suppress(KeyError):
                     del _group(self.root["volumes"])[content]
                 del _group(self.root["entries"])[e.key]
-            for space in {e.space for e in gone}:
-                self._drop_rows(space, {e.key for e in gone if e.space == space})
+            for space in sorted({e.space for e in gone}):
+                self._tombstone(space, {e.key for e in gone if e.space == space})
         return [e.key for e in gone]
 
-    def _drop_rows(self, space: str, keys: set[str]) -> None:
-        """Rewrite a table without ``keys`` (O(table); the index work will add tombstones)."""
-        drop_rows(self.root, space, keys)
-        self._table_keys.pop(space, None)
+    def _tombstone(self, space: str, keys: set[str]) -> None:
+        """Tombstone the table rows of ``keys`` (under the commit lock)."""
+        live = self._live_rows(space)
+        rows = [live[k] for k in keys if k in live]
+        if rows:
+            self._upgrade_format()
+            add_tombstones(self.root, space, rows)
+        for k in keys:
+            self._row_index(space).removed(k)
+
+    def _upgrade_format(self) -> None:
+        """Mark a format 1 store format 2 before its first tombstone (under the commit lock),
+        so that an older radcache refuses it rather than showing deleted rows."""
+        if self.format >= STORE_FORMAT:
+            return
+        fresh = zarr.open_group(store=self.root.store, mode="a", zarr_format=3)
+        meta = _meta(fresh)
+        if int(meta.get("format", 0)) < STORE_FORMAT:
+            fresh.attrs["radcache"] = {**meta, "format": STORE_FORMAT}
+        self.root, self.format = fresh, STORE_FORMAT
+
+    def compact(self, space: str | None = None) -> dict[str, int]:
+        """Rewrite tables (all, or one space) without their tombstoned rows, beside the rows
+        they replace, and swap them in; returns the rows removed per space. Readers and
+        writers go on meanwhile (see :mod:`.compaction`)."""
+        if self.read_only:
+            raise StoreError(f"store {self.url} is open read-only.")
+        names = [space] if space else self.spaces()
+        out: dict[str, int] = {}
+        for name in names:
+            read_table_meta(self.root, name)  # unknown space: not-found
+            with self._writing():
+                self._upgrade_format()
+            out[name] = compact_table(self.root, name, self._writing)
+        return out
 
     def resolve(self, ref: str, *, model: str | None = None) -> EntryInfo:
-        """An entry by key, or by series name (``series`` or ``series#part``)."""
+        """An entry by key, or by series name (``series`` or ``series#part``). A name is
+        found by reading every entry's metadata (O(store)); the service looks names up in
+        its entry catalog instead."""
         info = self.get(ref) if re.fullmatch(r"[0-9a-f]{32}", ref) else None
         if info is not None:
             return info
@@ -347,27 +393,56 @@ class EmbeddingStore:
 
     # -- tables (see .tables) ----------------------------------------------------------
     def spaces(self) -> list[str]:
-        return list_spaces(self.root)
+        """The spaces that have a table (whose metadata is written: one being created this
+        moment by another writer is left out until it is)."""
+        names = self.backend.child_groups("tables")
+        if names is None:
+            return list_spaces(self.root)
+        return sorted(n for n in names if "count" in self._table_attrs(n))
 
-    def _keys_of(self, space: str) -> set[str]:
-        """Entry keys in a table (only its ``keys`` column is read), cached per process."""
-        if space not in self._table_keys:
-            self._table_keys[space] = table_keys(self.root, space)
-        return self._table_keys[space]
+    def _table_attrs(self, space: str) -> dict[str, Any]:
+        doc = self.backend.read_document(f"tables/{space}/zarr.json") or {}
+        return dict(doc.get("attributes", {}).get("radcache", {}))
+
+    def _row_index(self, space: str) -> RowIndex:
+        return self._rows.setdefault(space, RowIndex())
+
+    def _live_rows(self, space: str) -> dict[str, int]:
+        """Live ``{key: row}`` of a table, cached per process and caught up incrementally
+        (only rows and tombstones added since the last call are read)."""
+        with self._lock:
+            return self._row_index(space).update(self.root, space)
+
+    def table_rows(self, space: str, keys: Iterable[str] | None = None) -> dict[str, int]:
+        """The live rows of ``keys`` (default: every key) in a space's table; keys without
+        one are left out."""
+        live = self._live_rows(space)
+        return dict(live) if keys is None else {k: live[k] for k in keys if k in live}
 
     def _append(self, info: EntryInfo, pooled: np.ndarray, cls: np.ndarray) -> None:
-        append_row(self.root, info, pooled, cls)
-        self._keys_of(info.space).add(info.key)
+        row = append_row(self.root, info, pooled, cls)
+        self._row_index(info.space).appended(info.key, row)
 
     def table_meta(self, space: str) -> dict[str, Any]:
-        """A table's metadata: ``count`` rows, ``slices``, ``generation`` (bumped whenever
-        rows are removed and the rest renumbered), model and recipe."""
+        """A table's metadata: ``count`` rows, ``slices``, ``deleted`` (tombstones),
+        ``generation`` (bumped whenever rows are renumbered: a compaction), model and
+        recipe."""
         return read_table_meta(self.root, space)
 
-    def table(self, space: str, start: int = 0) -> Table:
-        """Rows ``start:`` of a space's table in one pass (rows past the committed count
-        ignored). ``offsets`` and ``cls`` then cover those rows only, offsets from 0."""
-        return read_table(self.root, space, start)
+    def table(self, space: str, start: int = 0, rows: Iterable[int] | None = None) -> Table:
+        """Live rows ``start:`` (or only ``rows``) of a space's table in one pass (rows past
+        the committed count and tombstoned rows left out; ``Table.rows`` numbers the rest).
+        ``offsets`` and ``cls`` then cover those rows only, offsets from 0."""
+        return read_table(self.root, space, start, rows)
+
+    def table_keys(self, space: str, start: int = 0) -> list[str]:
+        """Keys of the live rows ``start:`` of a space's table (its ``keys`` column only)."""
+        return read_keys(self.root, space, start)
+
+    def tombstoned(self, space: str, start: int, stop: int) -> list[str]:
+        """Keys of the rows behind a table's tombstones ``start:stop``, in the order they
+        were deleted (a key deleted, stored again and deleted again comes twice)."""
+        return tombstoned_keys(self.root, space, start, stop)
 
     def entry_attrs(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Metadata of many complete entries (missing or unfinished ones left out); on a local
@@ -385,6 +460,13 @@ class EmbeddingStore:
             if attrs.get("complete"):
                 out[key] = attrs
         return out
+
+
+def _studies(attrs: Mapping[str, Any]) -> set[str]:
+    """Every study that names an entry: its own and its aliases'."""
+    return {str(attrs.get("volume", {}).get("study", ""))} | {
+        str(a.get("study", "")) for a in attrs.get("aliases", [])
+    }
 
 
 def open_store(

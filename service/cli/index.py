@@ -1,5 +1,5 @@
-"""``radcache index info|rebuild``: the FAISS search indexes of a store, worked on directly
-(no service)."""
+"""``radcache index info|rebuild|compact|rebuild-catalog``: the FAISS search indexes of a
+store, its tables and the entry catalog, worked on directly (no service)."""
 
 from __future__ import annotations
 
@@ -97,3 +97,47 @@ def index_rebuild(
             f"{lv} {li['factory']} ({li['vectors']} vectors)" for lv, li in sp["levels"].items()
         ]
         out.print(f"{name}: {', '.join(parts)} → {idx.path(name)}")
+
+
+@index.command("compact")
+@STORE
+@click.option("--space", help="Only this space (default: all).")
+def index_compact(store: str | None, space: str | None) -> None:
+    """Rewrite the store's tables without their deleted rows (a running service does this
+    by itself, within an hour of a deletion)."""
+    need_server("index")
+    from radcache.embeddings import open_store
+
+    try:
+        st = open_store(settings(store=store).store, mode="a")
+        removed = st.compact(space)
+    except RadcacheError as exc:
+        fail(exc, False)
+        return
+    for name, n in removed.items():
+        out.print(f"{name}: {n} deleted rows removed")
+
+
+@index.command("rebuild-catalog")
+@STORE
+@click.option("--db", help="Job database (SQLAlchemy URL). [env RADCACHE_DB]")
+def index_rebuild_catalog(store: str | None, db: str | None) -> None:
+    """Make the entry catalog (in the job database) again from the store alone."""
+    need_server("index")
+    from radcache.embeddings import open_store
+
+    from ..entry_catalog import EntryCatalog
+    from ..jobs import JobStore
+
+    s = settings(store=store, db=db)
+    try:
+        st = open_store(s.store, mode="r")
+        jobs = JobStore(s.db)
+        try:
+            n = EntryCatalog(jobs).rebuild(st)
+        finally:
+            jobs.close()
+    except RadcacheError as exc:
+        fail(exc, False)
+        return
+    out.print(f"catalogued {n} entries of {st.url} in {s.db}")

@@ -1,5 +1,6 @@
 """What several routes share: error responses for the OpenAPI, the submission options
-every way in takes as query parameters, and the wire forms of jobs, entries and studies."""
+every way in takes as query parameters, the entry catalog, and the wire forms of jobs,
+entries and studies."""
 
 from __future__ import annotations
 
@@ -11,13 +12,14 @@ from radcache.clients.schemas import EntryOut, JobOut, Problem, StudyOut, Submit
 from radcache.embeddings import EntryInfo
 
 from ..deps import Resources
+from ..entry_catalog import EntryCatalog
 from ..jobs import JobRow
 from ..problems import PROBLEM
 
 __all__ = [
     "ERRORS",
     "SubmitQuery",
-    "cached_studies",
+    "catalog",
     "entry_out",
     "job_out",
     "study_out",
@@ -33,9 +35,7 @@ def _about(name: str) -> str:
 
 
 def _submit_query(
-    modality: Annotated[
-        str | None, Query(description=_about("modality"), examples=["CT"])
-    ] = None,
+    modality: Annotated[str | None, Query(description=_about("modality"), examples=["CT"])] = None,
     model: Annotated[str | None, Query(description=_about("model"))] = None,
     patch_tokens: Annotated[bool | None, Query(description=_about("patch_tokens"))] = None,
     recipe: Annotated[str | None, Query(description=_about("recipe"))] = None,
@@ -99,12 +99,9 @@ def entry_out(e: EntryInfo) -> EntryOut:
     )
 
 
-def cached_studies(res: Resources) -> dict[str, list[EntryInfo]]:
-    out: dict[str, list[EntryInfo]] = {}
-    for e in res.store.iter_entries():
-        for study in {e.study, *(a.get("study") for a in e.attrs.get("aliases", []))}:
-            out.setdefault(str(study), []).append(e)
-    return out
+def catalog(res: Resources) -> EntryCatalog:
+    """The entry catalog the index keeper keeps in step with the store."""
+    return res.keeper.catalog or EntryCatalog(res.jobs)
 
 
 def study_out(study: str, entries: list[EntryInfo]) -> StudyOut:

@@ -26,7 +26,7 @@ from ..deps import ResourcesDep
 from ..intake import Accepted, accept, receiving
 from ..options import job_options, parse_submit_options
 from ..uploads import related_boundary, save_related
-from ._common import SubmitQuery, cached_studies
+from ._common import SubmitQuery, catalog
 
 __all__ = ["router"]
 
@@ -120,10 +120,13 @@ def qido_studies(
     study_uid: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
 ) -> Response:
     """StudyInstanceUID (the stored name: a pseudonym unless UIDs are kept) and
-    ModalitiesInStudy of every cached study."""
-    studies = sorted(cached_studies(res).items())
+    ModalitiesInStudy of cached studies, in name order, from the entry catalog."""
+    cat = catalog(res)
     if study_uid:
-        studies = [s for s in studies if s[0] == study_uid]
+        found = cat.study(study_uid)
+        studies = [(study_uid, found)][offset : offset + limit] if found else []
+    else:
+        studies = cat.page(limit, offset=offset).studies
     out = [
         _ds_json(
             {
@@ -132,6 +135,6 @@ def qido_studies(
                 "00201206": ("IS", [len(entries)]),
             }
         )
-        for name, entries in studies[offset : offset + limit]
+        for name, entries in studies
     ]
     return JSONResponse(out, media_type=DICOM_JSON)

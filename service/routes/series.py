@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from radcache.clients.schemas import EntryOut
 
 from ..deps import ResourcesDep
-from ._common import ERRORS, entry_out
+from ._common import ERRORS, catalog, entry_out
 
 __all__ = ["router"]
 
@@ -25,7 +25,7 @@ router = APIRouter()
 )
 def get_series(series: str, res: ResourcesDep) -> EntryOut:
     """``series`` is a series name, ``series#part``, or an entry key."""
-    return entry_out(res.store.resolve(series))
+    return entry_out(catalog(res).resolve(series, res.store))
 
 
 Kind = Literal["pooled", "cls", "mean_patch", "patch", "cls_last", "cls_last4", "positions"]
@@ -54,7 +54,7 @@ def get_embeddings(
 ) -> Response:
     """``pooled`` answers JSON by default, arrays answer ``application/x-npy``; ``Accept``
     chooses. ``slices=a:b`` cuts per-slice arrays."""
-    info = res.store.resolve(series)
+    info = catalog(res).resolve(series, res.store)
     arr = res.store.read(info.key, "cls_last" if kind == "cls_last4" else kind)
     if slices and arr.ndim > 1:
         a, _, b = slices.partition(":")

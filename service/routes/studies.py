@@ -9,13 +9,13 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from radcache.clients.schemas import JobOut, StudyOut, SubmitOptions
-from radcache.embeddings.errors import NotFoundError
+from radcache.embeddings.errors import InvalidFieldError, NotFoundError
 
 from ..deps import ResourcesDep
 from ..intake import accept, receiving
 from ..options import job_options, parse_submit_options
 from ..uploads import save_upload
-from ._common import ERRORS, SubmitQuery, cached_studies, job_out, study_out
+from ._common import ERRORS, SubmitQuery, catalog, job_out, study_out
 
 __all__ = ["router"]
 
@@ -46,21 +46,46 @@ async def submit_study(request: Request, res: ResourcesDep, query: SubmitQuery) 
     return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{taken.job.id}"})
 
 
-@router.get("/v1/studies", response_model=list[StudyOut], summary="Cached studies")
+@router.get(
+    "/v1/studies",
+    response_model=list[StudyOut],
+    responses={422: ERRORS[422]},
+    summary="Cached studies, a page at a time",
+)
 def list_studies(
+    request: Request,
+    response: Response,
     res: ResourcesDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    cursor: Annotated[
+        str | None, Query(description="where the previous page ended (its Link header)")
+    ] = None,
+    offset: Annotated[
+        int, Query(ge=0, description="studies to skip (older clients; prefer cursor)")
+    ] = 0,
 ) -> list[StudyOut]:
-    studies = sorted(cached_studies(res).items())[offset : offset + limit]
-    return [study_out(s, es) for s, es in studies]
+    """Studies in name order. When more follow, the ``Link`` header names the next page
+    (``<…?limit=…&cursor=…>; rel="next"``); a study stored meanwhile is listed once or on a
+    later page, never twice. ``offset`` still works, but not together with ``cursor``."""
+    if cursor and offset:
+        raise InvalidFieldError(
+            f"cursor and offset={offset} given together; page with the cursor of the previous "
+            "page's Link header alone."
+        )
+    page = catalog(res).page(limit, cursor, offset)
+    if page.next is not None:
+        nxt = request.url.remove_query_params("offset").include_query_params(
+            limit=limit, cursor=page.next
+        )
+        response.headers["Link"] = f'<{nxt.path}?{nxt.query}>; rel="next"'
+    return [study_out(s, es) for s, es in page.studies]
 
 
 @router.get(
     "/v1/studies/{study}", response_model=StudyOut, responses=ERRORS, summary="One cached study"
 )
 def get_study(study: str, res: ResourcesDep) -> StudyOut:
-    entries = cached_studies(res).get(study)
+    entries = catalog(res).study(study)
     if not entries:
         raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
     return study_out(study, entries)
@@ -73,8 +98,15 @@ def get_study(study: str, res: ResourcesDep) -> StudyOut:
     summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
 )
 def delete_study(study: str, res: ResourcesDep) -> Response:
-    named = res.indexes.study_entries(study)
-    gone = set(res.store.delete_study(study))
+    """The study's entries are found in the catalog (and the index), removed from the
+    store (their table rows tombstoned) and from the catalog; its vectors leave the index
+    before this answers. Content another study also sent stays, named by that study."""
+    cat = catalog(res)
+    named = set(cat.study_keys(study)) | set(res.indexes.study_entries(study))
+    gone = set(res.store.delete_study(study, keys=named))
+    cat.forget(gone)
+    kept = sorted(named - gone)
+    cat.record(res.store, kept)  # kept by another study: now named by it
     res.keeper.refresh()  # its vectors leave the index before this answers
-    res.keeper.touch(k for k in named if k not in gone)  # kept by another study: renamed
+    res.keeper.touch(kept)
     return Response(status_code=204)

@@ -1,0 +1,426 @@
+"""The entry catalog: what identifies each stored entry, in the job database, indexed.
+
+Listing studies (a page at a time, by an opaque cursor), reading one study, finding an
+entry by series name and QIDO answer from here in O(log n), never by reading the store's
+entries. The Zarr store stays the source of truth: the catalog is derived from it and
+can be rebuilt from it (:meth:`EntryCatalog.rebuild`, ``radcache index rebuild-catalog``).
+
+It is kept in step with the store three ways: a finished job records what it stored
+(:func:`.runner.finish_job`), a deletion forgets what it removed, and
+:meth:`EntryCatalog.sync` (the index keeper's refresh) follows each table's appended rows
+and tombstones, for entries written by other processes (``radcache embed``, replicas).
+
+Tables (migration ``0003``): ``catalog_entries`` (one row per entry: key, space, its own
+study, series and part, modality, patient pseudonym, created, and the metadata an answer
+shows), ``catalog_refs`` (every (study, series, part) that names an entry: its own and
+its aliases') and ``catalog_spaces`` (how far each table has been followed).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import logging
+import re
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Index,
+    Integer,
+    String,
+    delete,
+    func,
+    select,
+    text,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Mapped, Session, mapped_column
+
+from radcache.embeddings import EmbeddingStore, EntryInfo
+from radcache.embeddings.errors import AmbiguousReferenceError, InvalidFieldError, NotFoundError
+
+from .jobs import Base, EntryRow, JobStore
+
+__all__ = ["CatalogEntry", "CatalogRef", "CatalogSpace", "EntryCatalog", "Page"]
+
+log = logging.getLogger(__name__)
+
+_BATCH = 500  # keys per IN (...) clause
+_REBUILD_LOCK = 0x7261_6464  # "radd": PostgreSQL advisory lock of a catalog rebuild
+#: The entry metadata a catalog row keeps (what the answers about entries show).
+_VOLUME_FIELDS = ("study", "series", "part", "modality", "patient", "body_part")
+_FIELDS = ("n_slices", "recipe_hash", "precision", "space", "kinds", "created", "complete")
+_SHOWN = ("labels", "collections", "geometry", "recipe", "aliases")
+
+
+class CatalogEntry(Base):
+    __tablename__ = "catalog_entries"
+
+    key: Mapped[str] = mapped_column(String(32), primary_key=True)
+    space: Mapped[str] = mapped_column(String(200), index=True)
+    study: Mapped[str] = mapped_column(String(128))
+    series: Mapped[str] = mapped_column(String(128))
+    part: Mapped[str] = mapped_column(String(128))
+    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    patient: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
+    created: Mapped[str] = mapped_column(String(40))
+    doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # the metadata answers show
+
+
+class CatalogRef(Base):
+    """One (study, series, part) that names an entry; the primary key orders studies."""
+
+    __tablename__ = "catalog_refs"
+    __table_args__ = (Index("ix_catalog_refs_series", "series", "part"),)
+
+    study: Mapped[str] = mapped_column(String(128), primary_key=True)
+    series: Mapped[str] = mapped_column(String(128), primary_key=True)
+    part: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)
+
+
+class CatalogSpace(Base):
+    """How far a table has been followed: its identity, generation, rows and tombstones."""
+
+    __tablename__ = "catalog_spaces"
+
+    space: Mapped[str] = mapped_column(String(200), primary_key=True)
+    table_id: Mapped[str] = mapped_column(String(64))
+    generation: Mapped[int] = mapped_column(Integer)
+    rows: Mapped[int] = mapped_column(BigInteger)
+    deleted: Mapped[int] = mapped_column(BigInteger)
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """How far one table has been followed."""
+
+    table_id: str
+    generation: int
+    rows: int
+    deleted: int
+
+
+@dataclass
+class Page:
+    """One page of studies (by name) and the cursor of the next one (None: the last)."""
+
+    studies: list[tuple[str, list[EntryInfo]]]
+    next: str | None
+
+
+def encode_cursor(study: str) -> str:
+    """An opaque cursor: the page goes on after ``study``."""
+    return "s" + base64.urlsafe_b64encode(study.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    body = cursor[1:]
+    try:
+        if not cursor.startswith("s"):
+            raise ValueError(cursor)
+        return base64.urlsafe_b64decode(body + "=" * (-len(body) % 4)).decode()
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidFieldError(
+            f"cursor {cursor[:40]!r} is not one this service gave out; pass the cursor of "
+            "the previous page's Link header unchanged, or leave it out to start again."
+        ) from None
+
+
+def _doc(attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of an entry's metadata a catalog row keeps."""
+    vol = attrs.get("volume", {})
+    model = attrs.get("model", {})
+    return {
+        "volume": {k: vol.get(k) for k in _VOLUME_FIELDS if k in vol},
+        "model": {k: model.get(k) for k in ("name", "dim", "weights_hash")},
+        **{k: attrs[k] for k in (*_FIELDS, *_SHOWN) if k in attrs},
+    }
+
+
+def _rows(key: str, attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The catalog_entries row and catalog_refs rows of one entry."""
+    doc = _doc(attrs)
+    vol = doc["volume"]
+    primary = {k: str(vol.get(k) or "") for k in ("study", "series", "part")}
+    refs = {(primary["study"], primary["series"], primary["part"])}
+    for a in attrs.get("aliases", []):
+        refs.add((str(a.get("study", "")), str(a.get("series", "")), str(a.get("part", ""))))
+    row = {
+        "key": key,
+        "space": str(attrs.get("space", "")),
+        **primary,
+        "modality": vol.get("modality") or None,
+        "patient": vol.get("patient") or None,
+        "created": str(attrs.get("created", "")),
+        "doc": doc,
+    }
+    return row, [{"study": s, "series": r, "part": p, "key": key} for s, r, p in sorted(refs)]
+
+
+def _info(row: CatalogEntry) -> EntryInfo:
+    return EntryInfo.from_attrs(row.key, row.doc)
+
+
+def _chunks(items: list[str]) -> Iterator[list[str]]:
+    for i in range(0, len(items), _BATCH):
+        yield items[i : i + _BATCH]
+
+
+class EntryCatalog:
+    """The catalog in the job database of ``jobs``; safe to share between threads."""
+
+    def __init__(self, jobs: JobStore) -> None:
+        self.jobs = jobs
+        self._cursors: dict[str, Cursor] | None = None  # this process's, from the database
+        self._sync = threading.Lock()
+
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Session]:
+        with self.jobs.session() as s:
+            yield s
+
+    # -- reading -------------------------------------------------------------------------
+    def page(self, limit: int, cursor: str | None = None, offset: int = 0) -> Page:
+        """Studies in name order, ``limit`` of them after ``cursor`` (or ``offset``)."""
+        q = select(CatalogRef.study).distinct().order_by(CatalogRef.study)
+        if cursor:
+            q = q.where(CatalogRef.study > decode_cursor(cursor))
+        with self._session() as s:
+            names = list(s.scalars(q.offset(offset).limit(limit + 1)))
+            more = len(names) > limit
+            names = names[:limit]
+            found = self._of_studies(s, names)
+        studies = [(n, found.get(n, [])) for n in names]
+        return Page(studies, encode_cursor(names[-1]) if more and names else None)
+
+    def study(self, study: str) -> list[EntryInfo]:
+        """The entries ``study`` names (its own and those another study first sent)."""
+        with self._session() as s:
+            return self._of_studies(s, [study]).get(study, [])
+
+    def study_keys(self, study: str) -> list[str]:
+        with self._session() as s:
+            q = select(CatalogRef.key).where(CatalogRef.study == study).distinct()
+            return sorted(s.scalars(q))
+
+    @staticmethod
+    def _of_studies(s: Session, names: list[str]) -> dict[str, list[EntryInfo]]:
+        if not names:
+            return {}
+        q = (
+            select(CatalogRef.study, CatalogEntry)
+            .join(CatalogEntry, CatalogEntry.key == CatalogRef.key)
+            .where(CatalogRef.study.in_(names))
+            .order_by(CatalogRef.study, CatalogEntry.key)
+        )
+        out: dict[str, list[EntryInfo]] = {}
+        for study, row in s.execute(q):
+            got = out.setdefault(study, [])
+            if not got or got[-1].key != row.key:  # named twice by one study: listed once
+                got.append(_info(row))
+        return out
+
+    def get(self, key: str) -> EntryInfo | None:
+        with self._session() as s:
+            row = s.get(CatalogEntry, key)
+            return _info(row) if row is not None else None
+
+    def resolve(self, ref: str, store: EmbeddingStore | None = None) -> EntryInfo:
+        """An entry by key, or by series name (``series`` or ``series#part``) of any study
+        that sent it. A key the catalog does not know yet (written by another process
+        since the last sync) is looked up in ``store``."""
+        if re.fullmatch(r"[0-9a-f]{32}", ref):
+            found = self.get(ref) or (store.get(ref) if store is not None else None)
+            if found is not None:
+                return found
+        series, _, part = ref.partition("#")
+        q = select(CatalogEntry).join(CatalogRef, CatalogRef.key == CatalogEntry.key)
+        q = q.where(CatalogRef.series == series)
+        if part:
+            q = q.where(CatalogRef.part == part)
+        with self._session() as s:
+            hits = {r.key: r for r in s.scalars(q.order_by(CatalogEntry.key).limit(20))}
+        if not hits:
+            raise NotFoundError(f"no cached series or entry {ref!r}; GET /v1/studies lists them.")
+        if len(hits) > 1:
+            listing = "; ".join(
+                f"{e.key} ({e.model}, recipe {e.recipe_hash}, part {e.part or '-'})"
+                for e in map(_info, hits.values())
+            )
+            many = f"{len(hits)}" if len(hits) < 20 else "20 or more"
+            raise AmbiguousReferenceError(
+                f"{ref!r} matches {many} entries: {listing}. Pass an entry key or series#part."
+            )
+        return _info(next(iter(hits.values())))
+
+    def count(self) -> int:
+        with self._session() as s:
+            return int(s.scalar(select(func.count()).select_from(CatalogEntry)) or 0)
+
+    # -- writing -------------------------------------------------------------------------
+    def record(self, store: EmbeddingStore, keys: Iterable[str]) -> int:
+        """Write (or rewrite) the rows of entries from their metadata in ``store``; entries
+        that are gone are forgotten. Returns how many rows were written."""
+        wanted = sorted(set(keys))
+        if not wanted:
+            return 0
+        attrs = store.entry_attrs(wanted)
+        self._write(attrs)
+        # A deletion that ran while this read the store has forgotten its keys before this
+        # wrote them: look again, so that nothing deleted stays listed.
+        late = [k for k in attrs if store.get(k) is None]
+        self.forget([k for k in wanted if k not in attrs] + late)
+        return len(attrs) - len(late)
+
+    def _write(self, attrs: Mapping[str, Mapping[str, Any]]) -> None:
+        keys = sorted(attrs)
+        rows = [_rows(k, attrs[k]) for k in keys]
+        with self._session() as s:
+            self._put(s, rows, replace=True)
+
+    def _put(
+        self, s: Session, rows: list[tuple[dict[str, Any], list[dict[str, str]]]], replace: bool
+    ) -> None:
+        """Insert or overwrite entry rows, then (``replace``: in place of their old ones)
+        add their references. Upserts, because another process (a worker, a replica's sync)
+        may write the same entry at the same time; and entry rows first, in key order, as
+        every writer does, so that their row locks order the writers (no deadlock)."""
+        if not rows:
+            return
+        ins = postgresql.insert if not self.jobs.sqlite else sqlite.insert
+        entry = ins(CatalogEntry)
+        fields = ("space", "study", "series", "part", "modality", "patient", "created", "doc")
+        s.execute(
+            entry.on_conflict_do_update(
+                index_elements=["key"], set_={f: entry.excluded[f] for f in fields}
+            ),
+            [r for r, _ in rows],
+        )
+        if replace:
+            for chunk in _chunks([r["key"] for r, _ in rows]):
+                s.execute(delete(CatalogRef).where(CatalogRef.key.in_(chunk)))
+        s.execute(
+            ins(CatalogRef).on_conflict_do_nothing(),
+            [x for _, refs in rows for x in refs],
+        )
+
+    def forget(self, keys: Iterable[str]) -> None:
+        """Remove entries (and the job database's note of which job stored them)."""
+        wanted = sorted(set(keys))
+        with self._session() as s:
+            for chunk in _chunks(wanted):  # entry rows first, as every writer does
+                s.execute(delete(CatalogEntry).where(CatalogEntry.key.in_(chunk)))
+                s.execute(delete(CatalogRef).where(CatalogRef.key.in_(chunk)))
+                s.execute(delete(EntryRow).where(EntryRow.key.in_(chunk)))
+
+    # -- following the store -------------------------------------------------------------
+    def _load_cursors(self) -> dict[str, Cursor]:
+        if self._cursors is None:
+            with self._session() as s:
+                self._cursors = {
+                    r.space: Cursor(r.table_id, r.generation, r.rows, r.deleted)
+                    for r in s.scalars(select(CatalogSpace))
+                }
+        return self._cursors
+
+    def _save_cursor(self, space: str, c: Cursor) -> None:
+        assert self._cursors is not None
+        self._cursors[space] = c
+        ins = postgresql.insert if not self.jobs.sqlite else sqlite.insert
+        with self._session() as s:
+            s.execute(ins(CatalogSpace).values(space=space, **vars(c)).on_conflict_do_nothing())
+            row = s.get(CatalogSpace, space, with_for_update=not self.jobs.sqlite)
+            assert row is not None
+            if row.table_id != c.table_id or c.generation > row.generation:
+                row.table_id, row.generation = c.table_id, c.generation
+                row.rows, row.deleted = c.rows, c.deleted
+            elif c.generation == row.generation:  # never backwards: another process may
+                row.rows, row.deleted = max(row.rows, c.rows), max(row.deleted, c.deleted)
+
+    def sync(self, store: EmbeddingStore) -> int:
+        """Follow every table since the last sync: appended rows are recorded, tombstoned
+        ones forgotten (or rewritten, if stored again), a compacted or new table is
+        reconciled by key. Returns how many entries changed."""
+        with self._sync:
+            cursors = self._load_cursors()
+            changed = 0
+            for space in store.spaces():
+                changed += self._sync_space(store, space, cursors.get(space))
+            return changed
+
+    def _sync_space(self, store: EmbeddingStore, space: str, cur: Cursor | None) -> int:
+        meta = store.table_meta(space)
+        now = Cursor(
+            str(meta.get("table_id", "")),
+            int(meta["generation"]),
+            int(meta["count"]),
+            int(meta["deleted"]),
+        )
+        if cur == now:
+            return 0
+        changed = 0
+        if cur is None or (cur.table_id, cur.generation) != (now.table_id, now.generation):
+            changed += self._reconcile(store, space)
+        else:
+            if now.deleted > cur.deleted:
+                dead = store.tombstoned(space, cur.deleted, now.deleted)
+                back = store.entry_attrs(set(dead))  # deleted, then stored again
+                self.forget(k for k in dead if k not in back)
+                self.record(store, back)
+                changed += len(set(dead))
+            if now.rows > cur.rows:
+                changed += self.record(store, store.table_keys(space, cur.rows))
+        self._save_cursor(space, now)
+        return changed
+
+    def _reconcile(self, store: EmbeddingStore, space: str) -> int:
+        """Make the catalog's rows of one space those of its table (by key)."""
+        live = set(store.table_keys(space))
+        with self._session() as s:
+            known = set(s.scalars(select(CatalogEntry.key).where(CatalogEntry.space == space)))
+        self.forget(known - live)
+        return self.record(store, live - known) + len(known - live)
+
+    def rebuild(self, store: EmbeddingStore, *, only_if_empty: bool = False) -> int:
+        """Make the catalog again from the store alone (every table's live rows and their
+        entries' metadata); returns the entries catalogued. With ``only_if_empty`` nothing
+        is done if another process has catalogued anything meanwhile."""
+        spaces = store.spaces()
+        cursors = {}
+        attrs: dict[str, Mapping[str, Any]] = {}
+        for space in spaces:
+            meta = store.table_meta(space)
+            cursors[space] = Cursor(
+                str(meta.get("table_id", "")),
+                int(meta["generation"]),
+                int(meta["count"]),
+                int(meta["deleted"]),
+            )
+            attrs.update(store.entry_attrs(store.table_keys(space)))
+        rows = [_rows(k, attrs[k]) for k in sorted(attrs)]
+        with self._sync, self._session() as s:
+            if not self.jobs.sqlite:  # one rebuild at a time across processes
+                s.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _REBUILD_LOCK})
+            if only_if_empty and s.scalar(select(func.count()).select_from(CatalogSpace)):
+                return 0
+            s.execute(delete(CatalogEntry))  # entry rows first, as every writer does
+            s.execute(delete(CatalogRef))
+            s.execute(delete(CatalogSpace))
+            self._put(s, rows, replace=False)
+            s.add_all(CatalogSpace(space=sp, **vars(c)) for sp, c in cursors.items())
+            self._cursors = dict(cursors)
+        log.info("catalog rebuilt: %d entries in %d spaces", len(rows), len(spaces))
+        return len(rows)
+
+    def needs_rebuild(self, store: EmbeddingStore) -> bool:
+        """Whether the catalog has never followed the store and the store has tables."""
+        with self._session() as s:
+            followed = s.scalar(select(func.count()).select_from(CatalogSpace))
+        return not followed and bool(store.spaces())
