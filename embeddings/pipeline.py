@@ -3,6 +3,12 @@
 Entry point :class:`Pipeline` (``Pipeline.embed(inputs)``). It composes the stage
 modules and adds only the cache logic: a volume whose key (pixels + geometry, weights,
 recipe, precision) is already stored runs no model forward.
+
+Memory is that of one series: :func:`~radcache.embeddings.ingest.scan` reads the headers
+of the whole input (small: no pixels), then each series is loaded, embedded, committed
+and let go before the next is read. An interrupted run therefore keeps every series it
+committed, and running it again answers those from the cache (from their files' digests,
+without reading their pixels) and embeds the rest.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class Pipeline:
         from .recipe import load_recipe
         from .store import open_store
 
+        locks = settings.store_locks()  # an unlocked object store: refused before the model loads
         enc = encoder or load_encoder(
             settings.model,
             device=settings.device,
@@ -89,7 +96,7 @@ class Pipeline:
         )
         return cls(
             enc,
-            open_store(settings.store, mode="a", locks=settings.store_locks()),
+            open_store(settings.store, mode="a", locks=locks),
             settings.pseudonymizer(),
             recipe=load_recipe(settings.recipe),
             patch_tokens=settings.patch_tokens,
@@ -112,7 +119,9 @@ class Pipeline:
         ``labels`` (e.g. ``{"diagnosis": "pneumonia"}``) are recorded with every entry the
         submission names, for few-shot classification and probes; ``collection`` adds
         them to a named collection that searches can be restricted to. ``recognise=False``
-        skips :meth:`recognise` (its caller has tried it already).
+        skips :meth:`recognise` (its caller has tried it already) and the per-series answer
+        from file digests, which reads the store's whole file index; a stored series is
+        then still a cache hit, found by decoding it.
         """
         inputs = list(inputs)
         known = self.recognise(inputs) if recognise else None
@@ -122,7 +131,7 @@ class Pipeline:
                 progress.advance(sum(r.slices for r in known.series))
             report = known
         else:
-            report = self._embed(inputs, modality, progress)
+            report = self._embed(inputs, modality, progress, by_digest=recognise)
         self.label(report, labels=labels, collection=collection)
         return report
 
@@ -201,21 +210,58 @@ class Pipeline:
         return other
 
     def _embed(
-        self, inputs: list[InputItem], modality: str | None, progress: Progress | None
+        self,
+        inputs: list[InputItem],
+        modality: str | None,
+        progress: Progress | None,
+        *,
+        by_digest: bool,
     ) -> EmbedReport:
         found = scan(inputs, self.pseudonymizer, modality=modality)
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
             progress.total(sum(c.n_slices for c in found.candidates))
-        pending = found.candidates[::-1]
-        while pending:  # popped, so each series' files are freed once it is done
+        known = self.store.file_index() if by_digest else {}
+        pending = found.candidates  # headers only; each is let go once it is done
+        pending.reverse()
+        while pending:
             cand = pending.pop()
             try:
-                report.series.append(self._embed_candidate(cand, progress))
+                result = self._stored_candidate(cand, known)
+                if result is None:
+                    result = self._embed_candidate(cand, progress)
+                elif progress is not None:
+                    progress.advance(cand.n_slices)
+                report.series.append(result)
             except InputError as exc:
                 report.errors.append(exc)
                 log.info("series rejected: %s [%s]", exc, exc.code)
+            del cand
         return report
+
+    def _stored_candidate(self, cand: Candidate, known: Mapping[str, str]) -> SeriesResult | None:
+        """The stored entry of a candidate made of exactly the files of a stored volume (a
+        series an earlier, perhaps interrupted, run committed), without reading its pixels;
+        None when it must be loaded."""
+        t0 = time.perf_counter()
+        contents = {known.get(d) for d in cand.files}
+        if len(contents) != 1:
+            return None
+        content = contents.pop()
+        if content is None or content == SHARED_FILE:
+            return None
+        rec = self.store.volume_record(content)
+        if rec is None or int(rec.get("n_files", -1)) != len(cand.files):
+            return None
+        enc = self.encoder
+        recipe = self.recipe.resolve(rec.get("modality"), enc.cfg, photometric=rec["photometric"])
+        info = self.store.get(entry_key(content, enc.weights_hash, recipe.hash(), enc.precision))
+        if info is None:
+            return None
+        refs = {"study": cand.study, "series": cand.series, "part": cand.part}
+        self.store.ensure_indexed(info)
+        self.store.add_alias(info.key, refs)
+        return series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
 
     def _embed_candidate(self, cand: Candidate, progress: Progress | None) -> SeriesResult:
         volume = cand.load()
@@ -250,8 +296,11 @@ class Pipeline:
         for item in expand(inputs):
             if isinstance(item, InputError):
                 return None
-            data = item.read()
-            if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
+            try:
+                data = item.read()
+                if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
+                    return None
+            except InputError:
                 return None
             digest = self.pseudonymizer.file_digest(data)
             content = known.get(digest)

@@ -7,6 +7,7 @@ builds that one class once, with CLI flags over the environment.
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import ConfigError
 from .models import DEFAULT_MODEL
 from .pseudonyms import Pseudonymizer, load_or_create_secret
 from .store.locks import Locks
@@ -73,6 +75,10 @@ class Settings(BaseSettings):
     lock_url: str | None = Field(
         None, description="Redis URL of the locks object-store writers share (default: queue)"
     )
+    store_single_writer: bool = Field(
+        False,
+        description="exactly one process writes this object store: it may run without locks",
+    )
 
     @field_validator("pseudonym_key")
     @classmethod
@@ -86,10 +92,24 @@ class Settings(BaseSettings):
         return self.lock_url, "radcache"
 
     def store_locks(self) -> Locks | None:
-        """Locks for writers of an object store (``s3://`` and other non-local URLs)."""
-        url, prefix = self.lock_server()
-        if url is None or "://" not in self.store or self.store.startswith("file://"):
+        """Locks for a process that writes the store. A local store needs none (it locks
+        with ``flock``); an object store (``s3://`` and other non-local fsspec URLs) takes
+        Redis locks at :meth:`lock_server`, or none when ``store_single_writer`` says this
+        is its only writer. Without either it is refused (:class:`ConfigError`): writers
+        that do not lock overwrite each other's commits."""
+        if "://" not in self.store or self.store.startswith("file://"):
             return None
+        url, prefix = self.lock_server()
+        if url is None:
+            if self.store_single_writer:
+                return None
+            shown = re.sub(r"//[^/@]*@", "//", self.store)  # no credentials in messages
+            raise ConfigError(
+                f"the store {shown} is object storage, and no lock server is set: "
+                "processes writing it would not lock against each other. Set "
+                "RADCACHE_LOCK_URL (or RADCACHE_QUEUE) to a Redis URL, or "
+                "RADCACHE_STORE_SINGLE_WRITER=true if this is the only process that writes it."
+            )
         from .store.locks import RedisLocks
 
         return RedisLocks(url, prefix=prefix)

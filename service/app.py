@@ -12,7 +12,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import anyio
 from fastapi import FastAPI
+from fastapi.concurrency import run_in_threadpool
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -28,6 +30,7 @@ from radcache.embeddings import (
 
 from . import problems
 from .deps import Resources
+from .entry_catalog import EntryCatalog
 from .jobs import JobStore
 from .metrics import Metrics
 from .queue import RedisQueue
@@ -51,14 +54,35 @@ def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -
         worker = Worker(pipeline, jobs, limit=settings.queue_size)
     metrics = Metrics(lambda: worker.depth)
     indexes = open_index(store, **settings.index_options())
-    keeper = IndexKeeper(indexes, settings.index_refresh_s)
+    catalog = EntryCatalog(jobs)
+    if catalog.needs_rebuild(store):  # a new or upgraded job database, a filled store
+        catalog.rebuild(store, only_if_empty=True)
+    catalog.sync(store)  # what other processes stored or deleted while this one was down
+    keeper = IndexKeeper(
+        indexes,
+        settings.index_refresh_s,
+        catalog=catalog,
+        compact_after=settings.compact_after_s,
+        compact_share=settings.compact_share,
+    )
     searcher = Searcher(indexes, pipeline)
     res = Resources(
         settings, enc, store, pipeline, jobs, worker, metrics, indexes, searcher, keeper
     )
-    if isinstance(worker, Worker):  # queued jobs: the keeper's periodic refresh finds them
-        worker.on_done = res.job_done
+    # Jobs this process ran or queued are counted (and made searchable) as they finish:
+    # the embedded worker calls back, the Redis queue watches the job database.
+    worker.on_done = res.job_done
     return res
+
+
+def _start(res: Resources) -> None:
+    res.worker.start()
+    res.keeper.start()
+
+
+def _stop(res: Resources) -> None:
+    res.worker.stop()
+    res.keeper.stop()
 
 
 def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
@@ -89,15 +113,17 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        res = resources or build_resources(settings or get_settings())
-        res.worker.start()
-        res.keeper.start()
+        # Loading, starting and stopping (joins, the last index save) block: worker thread.
+        res = resources
+        if res is None:
+            res = await run_in_threadpool(build_resources, settings or get_settings())
+        await run_in_threadpool(_start, res)
         app.state.resources = res
         try:
             yield
         finally:
-            res.worker.stop()
-            res.keeper.stop()
+            with anyio.CancelScope(shield=True):
+                await run_in_threadpool(_stop, res)
 
     app = FastAPI(
         title="radcache",

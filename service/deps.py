@@ -55,7 +55,8 @@ class Resources:
         self.keeper.touch(s["entry"] for s in series)
 
 
-def get_resources(request: Request) -> Resources:
+async def get_resources(request: Request) -> Resources:
+    """The app's resources (``async``: reading them needs no worker thread)."""
     res: Resources = request.app.state.resources
     return res
 

@@ -17,6 +17,9 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import anyio
+from fastapi.concurrency import run_in_threadpool
+
 from .deps import Resources
 from .jobs import JobRow
 from .options import JobOptions
@@ -33,17 +36,24 @@ class Accepted:
     cached: bool
 
 
+def _new_upload(res: Resources, prefix: str) -> Path:
+    res.worker.check_capacity()  # the scale-out queue asks Redis
+    dest = res.settings.upload_dir / f"{prefix}{uuid.uuid4().hex}"
+    dest.mkdir(parents=True)
+    return dest
+
+
 @asynccontextmanager
 async def receiving(res: Resources, prefix: str = "") -> AsyncIterator[Path]:
     """A new upload directory, after the capacity check (503 ``queue-full`` before a byte
-    is read); removed with everything in it if saving fails."""
-    res.worker.check_capacity()
-    dest = res.settings.upload_dir / f"{prefix}{uuid.uuid4().hex}"
-    dest.mkdir(parents=True)
+    is read); removed with everything in it if saving fails. The checks and file system
+    calls run in a worker thread, off the event loop."""
+    dest = await run_in_threadpool(_new_upload, res, prefix)
     try:
         yield dest
     except BaseException:
-        shutil.rmtree(dest, ignore_errors=True)
+        with anyio.CancelScope(shield=True):  # removed even when the request is cancelled
+            await run_in_threadpool(shutil.rmtree, dest, ignore_errors=True)
         raise
 
 

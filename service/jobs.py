@@ -14,7 +14,7 @@ import contextlib
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
@@ -89,6 +89,11 @@ class JobStore:
         with self._lock or contextlib.nullcontext(), self._sessions.begin() as s:
             yield s
 
+    def session(self) -> contextlib.AbstractContextManager[Session]:
+        """A transaction on the job database (one at a time on SQLite), for the rooms that
+        keep tables of their own in it (:mod:`.entry_catalog`)."""
+        return self._session()
+
     def create(
         self,
         upload: str,
@@ -130,6 +135,18 @@ class JobStore:
                 .order_by(JobRow.created)
             )
             return list(s.scalars(q))
+
+    def finished_among(self, ids: Collection[str]) -> list[JobRow]:
+        """The jobs of ``ids`` that have finished (a process watching the jobs it queued)."""
+        wanted = list(ids)
+        out: list[JobRow] = []
+        with self._session() as s:
+            for i in range(0, len(wanted), 500):
+                q = select(JobRow).where(
+                    JobRow.id.in_(wanted[i : i + 500]), JobRow.state.in_(FINISHED)
+                )
+                out += s.scalars(q)
+        return out
 
     def update(self, job_id: str, **fields: Any) -> None:
         with self._session() as s:

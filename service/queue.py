@@ -26,8 +26,8 @@ from typing import Any
 
 from radcache.embeddings.errors import QueueFullError, QueueUnavailableError
 
-from .jobs import JobStore
-from .runner import run_job
+from .jobs import JobRow, JobStore
+from .runner import OnDone, run_job
 from .settings import ServiceSettings
 
 __all__ = ["QUEUE", "RedisQueue", "make_broker", "run_worker"]
@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 QUEUE = "radcache-embed"
 ACTOR = "radcache.embed"
+_WATCHED = 100_000  # queued jobs a replica watches for at most
+_GONE = object()
 
 
 def make_broker(settings: ServiceSettings, middleware: list[Any] | None = None) -> Any:
@@ -70,18 +72,35 @@ def make_broker(settings: ServiceSettings, middleware: list[Any] | None = None) 
 
 class RedisQueue:
     """The API side: jobs go to Redis for ``radcache worker`` processes (same interface as
-    the embedded :class:`~.worker.Worker`)."""
+    the embedded :class:`~.worker.Worker`).
 
-    def __init__(self, settings: ServiceSettings, jobs: JobStore) -> None:
+    A thread watches the job database for the jobs this process queued and tells
+    ``on_done`` when each finishes, as the embedded worker does: this replica's metrics
+    count the jobs it accepted (so figures summed over replicas count each job once), and
+    what a job stored is searchable here without waiting for the periodic refresh. The
+    watch lives in memory: a job queued before a restart is not counted after it."""
+
+    def __init__(
+        self, settings: ServiceSettings, jobs: JobStore, *, on_done: OnDone | None = None
+    ) -> None:
         self.settings, self.jobs = settings, jobs
         self.broker = make_broker(settings)
         self.limit = settings.queue_size
+        self.on_done = on_done
         self._key = f"{settings.queue_namespace}:{QUEUE}"
+        self._queued: dict[str, None] = {}  # ids queued here, not yet seen finished (in order)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="radcache-jobs", daemon=True)
 
     def start(self) -> None:
-        """Nothing to start; accepted jobs wait in Redis across API restarts."""
+        """Start watching for finished jobs; accepted jobs wait in Redis across restarts."""
+        self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
         self.broker.close()
 
     @property
@@ -113,14 +132,54 @@ class RedisQueue:
         message: Any = Message(
             queue_name=QUEUE, actor_name=ACTOR, args=(job_id,), kwargs={}, options={}
         )
+        with self._lock:
+            self._queued[job_id] = None
+            while len(self._queued) > _WATCHED:  # jobs lost for good: forget the oldest
+                del self._queued[next(iter(self._queued))]
         try:
             self.broker.enqueue(message)
         except Exception as exc:
+            with self._lock:
+                self._queued.pop(job_id, None)
             self.jobs.finish(job_id, "failed", None, failure=f"could not be queued: {exc}")
             raise QueueUnavailableError(
                 f"the job queue at {self.settings.queue} did not take the job ({exc}); "
                 "nothing was accepted, send it again."
             ) from exc
+
+    def collect(self) -> int:
+        """Tell ``on_done`` about each job queued here that finished since the last look,
+        once; returns how many finished. Jobs that ended without a report (dead, or
+        failed before embedding) are not counted, as with the embedded worker."""
+        with self._lock:
+            ids = list(self._queued)
+        if not ids:
+            return 0
+        rows = self.jobs.finished_among(ids)
+        with self._lock:  # a concurrent look may have taken some already
+            mine = [r for r in rows if self._queued.pop(r.id, _GONE) is not _GONE]
+        for row in mine:
+            if row.report is None or self.on_done is None:
+                continue
+            try:
+                self.on_done(_seconds(row), list(row.report.get("series", [])))
+            except Exception:  # one job's figures lost, not the others'
+                log.exception("recording finished job %s failed", row.id)
+        return len(mine)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.index_refresh_s):
+            try:
+                self.collect()
+            except Exception:  # the database is away: look again next time
+                log.exception("looking for finished jobs failed")
+
+
+def _seconds(row: JobRow) -> float:
+    """Wall time of a job's last attempt, from start to finish."""
+    if row.started is None or row.finished is None:
+        return 0.0
+    return max(0.0, (row.finished - row.started).total_seconds())
 
 
 def _job_states(jobs: JobStore) -> Any:

@@ -29,6 +29,12 @@ class ServiceSettings(Settings):
     index_refresh_s: float = Field(
         2.0, gt=0, description="how often the service looks for embeddings written by others"
     )
+    compact_after_s: float = Field(
+        3600.0, gt=0, description="compact a table once its oldest deletion is this old"
+    )
+    compact_share: float = Field(
+        0.1, gt=0, le=1, description="… or once this share of its rows are deleted"
+    )
     # --- scale-out: a Redis queue and radcache worker processes ---
     queue: str | None = Field(
         None, description="Redis URL of the job queue; None: the embedded in-process worker"

@@ -1,30 +1,49 @@
-"""Request bodies streamed to disk under a size limit, never held whole.
+"""Request bodies streamed to disk under a size limit, never held whole, parsed off the
+event loop.
 
 :func:`save_upload` takes ``multipart/form-data`` (one file per part, plus form fields)
 or a single body (zip, DICOM, NIfTI); :func:`save_related` takes the
 ``multipart/related; type="application/dicom"`` body of STOW-RS. Both write each part to
-its own file in the upload's directory as bytes arrive, and refuse (413) the moment the
-limit is passed.
+its own file in the upload's directory, and refuse (413) as soon as the body passes the
+limit (the declared length first, then each chunk received).
+
+The event loop only receives the body. Parsing and file writes run in a worker thread,
+:data:`BATCH` bytes at a time: a part is a file opened, written and closed, so a body of
+many small instances (a STOW-RS of 189 slices) is real work per chunk.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
+import anyio
 import python_multipart
 from fastapi import Request
-from starlette.datastructures import UploadFile
+from fastapi.concurrency import run_in_threadpool
+from python_multipart.multipart import MultipartState, parse_options_header
+from starlette.requests import ClientDisconnect
 
 from radcache.embeddings.errors import (
     EmptyUploadError,
+    InvalidFieldError,
     PayloadTooLargeError,
     RadcacheError,
     UnsupportedMediaTypeError,
 )
 
-__all__ = ["Budget", "related_boundary", "save_related", "save_upload"]
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
+
+__all__ = ["BATCH", "Budget", "related_boundary", "save_related", "save_upload"]
+
+#: Body bytes handed to the parsing thread at a time (at most this much is held).
+BATCH = 1 << 20
+_MAX_FILES = 100_000
+_MAX_FIELDS = 50
+_MAX_FIELD_BYTES = 1 << 20
 
 _BODY_TYPES = {
     "application/zip": "upload.zip",
@@ -57,9 +76,192 @@ def _safe_name(name: str | None, index: int) -> str:
     return f"{index:05d}-{base}"[:200]
 
 
+def _text(raw: bytes) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _declared(request: Request, limit: int) -> None:
     """Refuse early when the client says how big the body is."""
     Budget(limit).spend(int(request.headers.get("content-length") or 0))
+
+
+def _write_all(write: Callable[[bytes], object], chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        write(chunk)
+
+
+async def _close(close: Callable[[], None]) -> None:
+    with anyio.CancelScope(shield=True):  # closed even when the request is cancelled
+        await run_in_threadpool(close)
+
+
+async def _feed(request: Request, write: Callable[[bytes], object], budget: Budget) -> None:
+    """Receive the body on the loop, refusing it as soon as it passes ``budget`` (as the
+    declared length is); ``write`` it in a worker thread, a batch at a time."""
+    batch: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        budget.spend(len(chunk))
+        batch.append(chunk)
+        size += len(chunk)
+        if size >= BATCH:
+            await run_in_threadpool(_write_all, write, batch)
+            batch, size = [], 0
+    if batch:
+        await run_in_threadpool(_write_all, write, batch)
+
+
+class _File:
+    """One file, written as bytes arrive."""
+
+    def __init__(self, path: Path) -> None:
+        self.size = 0
+        self._fh: IO[bytes] | None = path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        assert self._fh is not None, "written after close"
+        self._fh.write(data)
+        self.size += len(data)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class _Parts:
+    """multipart callbacks that write each part to its own file as bytes arrive
+    (``multipart/related``: every part is a file)."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.paths: list[Path] = []
+        self._file: _File | None = None
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.close,
+        }
+
+    def open(self, path: Path) -> None:
+        self.paths.append(path)
+        self._file = _File(path)
+
+    def on_part_begin(self) -> None:
+        self.open(self.dest / f"part-{len(self.paths):06d}.dcm")
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        if self._file is not None:
+            self._file.write(data[start:end])
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _FormParts(_Parts):
+    """``multipart/form-data``: parts with a file name go to files, the ``wanted`` fields
+    are kept (as Starlette's form parser does, with its limits)."""
+
+    def __init__(self, dest: Path, wanted: tuple[str, ...]) -> None:
+        super().__init__(dest)
+        self.wanted = wanted
+        self.fields: dict[str, str] = {}
+        self._headers: dict[bytes, bytes] = {}
+        self._name, self._value = bytearray(), bytearray()
+        self._field: tuple[str, bytearray] | None = None
+        self._n_fields = 0
+
+    def callbacks(self) -> MultipartCallbacks:
+        return {
+            "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
+            "on_part_data": self.on_part_data,
+            "on_part_end": self.on_part_end,
+        }
+
+    def on_part_begin(self) -> None:
+        self._headers = {}
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[bytes(self._name).lower()] = bytes(self._value)
+        self._name, self._value = bytearray(), bytearray()
+
+    def on_headers_finished(self) -> None:
+        kind, params = parse_options_header(self._headers.get(b"content-disposition"))
+        if kind != b"form-data" or b"name" not in params:
+            raise UnsupportedMediaTypeError(
+                "a form part has no Content-Disposition: form-data with a name; send the "
+                "files as multipart/form-data fields (curl -F files=@…)."
+            )
+        if b"filename" in params:
+            if len(self.paths) >= _MAX_FILES:
+                raise PayloadTooLargeError(
+                    f"the form holds more than {_MAX_FILES} files; split the study."
+                )
+            self.open(self.dest / _safe_name(_text(params[b"filename"]), len(self.paths)))
+            return
+        self._n_fields += 1
+        if self._n_fields > _MAX_FIELDS:
+            raise InvalidFieldError(
+                f"the form has more than {_MAX_FIELDS} fields; send files and the "
+                "SubmitOptions fields only."
+            )
+        name = _text(params[b"name"])
+        if name in self.wanted:
+            self._field = (name, bytearray())
+
+    def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        super().on_part_data(data, start, end)
+        if self._field is not None:
+            self._field[1].extend(data[start:end])
+            if len(self._field[1]) > _MAX_FIELD_BYTES:
+                raise InvalidFieldError(
+                    f"form field {self._field[0]}: more than {_MAX_FIELD_BYTES} bytes; "
+                    "expected a short value or JSON object."
+                )
+
+    def on_part_end(self) -> None:
+        self.close()
+        if self._field is not None:
+            name, value = self._field
+            if value:
+                self.fields[name] = _text(bytes(value))
+            self._field = None
+
+
+async def _parse(request: Request, boundary: str, parts: _Parts, limit: int) -> None:
+    """Stream a multipart body through ``parts`` in a worker thread."""
+    parser = python_multipart.MultipartParser(boundary, parts.callbacks())
+    try:
+        await _feed(request, parser.write, Budget(limit))
+        parser.finalize()
+        if parser.state != MultipartState.END:
+            raise UnsupportedMediaTypeError(
+                f"the multipart body ended before its closing boundary --{boundary}--: it was "
+                "cut short; send it again."
+            )
+    except (RadcacheError, ClientDisconnect):
+        raise
+    except Exception as exc:
+        raise UnsupportedMediaTypeError(f"the multipart body could not be parsed ({exc}).") from exc
+    finally:
+        await _close(parts.close)
 
 
 async def save_upload(
@@ -67,27 +269,25 @@ async def save_upload(
 ) -> dict[str, str]:
     """Stream the request into ``dest`` (one file per part); returns the form ``fields``."""
     _declared(request, limit)
-    budget = Budget(limit)
-    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    form_fields: dict[str, str] = {}
-    count = 0
+    content_type = request.headers.get("content-type", "")
+    ctype = content_type.split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        async with request.form(max_files=100_000, max_fields=50) as form:  # spooled to disk
-            for key, value in form.multi_items():
-                if isinstance(value, UploadFile):
-                    with (dest / _safe_name(value.filename, count)).open("wb") as out:
-                        while chunk := await value.read(1 << 20):
-                            budget.spend(len(chunk))
-                            out.write(chunk)
-                    count += 1
-                elif key in fields and value:
-                    form_fields[key] = str(value)
+        boundary = parse_options_header(content_type)[1].get(b"boundary")
+        if not boundary:
+            raise UnsupportedMediaTypeError(
+                f"content type {content_type!r} has no boundary; let the HTTP client build "
+                "the multipart/form-data body."
+            )
+        form = _FormParts(dest, fields)
+        await _parse(request, boundary.decode("latin-1"), form, limit)
+        count, form_fields = len(form.paths), form.fields
     elif ctype in _BODY_TYPES:
-        with (dest / _BODY_TYPES[ctype]).open("wb") as out:
-            async for chunk in request.stream():
-                budget.spend(len(chunk))
-                out.write(chunk)
-        count = 1 if (dest / _BODY_TYPES[ctype]).stat().st_size else 0
+        body = await run_in_threadpool(_File, dest / _BODY_TYPES[ctype])
+        try:
+            await _feed(request, body.write, Budget(limit))
+        finally:
+            await _close(body.close)
+        count, form_fields = (1 if body.size else 0), {}
     else:
         raise UnsupportedMediaTypeError(
             f"content type {ctype or 'none'!r}; expected multipart/form-data, application/zip, "
@@ -96,30 +296,6 @@ async def save_upload(
     if count == 0:
         raise EmptyUploadError("the request holds no file; attach DICOM, zip or NIfTI files.")
     return form_fields
-
-
-class _PartWriter:
-    """multipart callbacks that write each part to its own file as bytes arrive."""
-
-    def __init__(self, dest: Path, budget: Budget) -> None:
-        self.dest, self.budget = dest, budget
-        self.paths: list[Path] = []
-        self._fh: IO[bytes] | None = None
-
-    def on_part_begin(self) -> None:
-        path = self.dest / f"part-{len(self.paths):06d}.dcm"
-        self.paths.append(path)
-        self._fh = path.open("wb")
-
-    def on_part_data(self, data: bytes, start: int, end: int) -> None:
-        assert self._fh is not None
-        self.budget.spend(end - start)
-        self._fh.write(data[start:end])
-
-    def on_part_end(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
 
 
 def related_boundary(content_type: str) -> str:
@@ -145,21 +321,6 @@ def related_boundary(content_type: str) -> str:
 async def save_related(request: Request, dest: Path, limit: int, boundary: str) -> list[Path]:
     """Stream a ``multipart/related`` body into ``dest``, one file per part, in order."""
     _declared(request, limit)
-    writer = _PartWriter(dest, Budget(limit))
-    callbacks = {
-        "on_part_begin": writer.on_part_begin,
-        "on_part_data": writer.on_part_data,
-        "on_part_end": writer.on_part_end,
-    }
-    try:
-        parser = python_multipart.MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
-        async for chunk in request.stream():
-            parser.write(chunk)
-        parser.finalize()
-    except RadcacheError:
-        raise
-    except Exception as exc:
-        raise UnsupportedMediaTypeError(f"the multipart body could not be parsed ({exc}).") from exc
-    finally:
-        writer.on_part_end()
-    return writer.paths
+    parts = _Parts(dest)
+    await _parse(request, boundary, parts, limit)
+    return parts.paths

@@ -121,6 +121,21 @@ def post(http: httpx.Client, directory: Path) -> str:
 FINISHED = ("done", "partially_failed", "failed", "dead")
 
 
+def job_metrics(http: httpx.Client) -> tuple[float, float, float]:
+    """(series embedded, slices embedded, jobs finished) in a replica's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = {"radcache_series_total": 0.0, "radcache_slices_total": 0.0}
+    jobs = 0.0
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for sample in family.samples:
+            if sample.name in got and sample.labels.get("cache") == "miss":
+                got[sample.name] += sample.value
+            elif sample.name == "radcache_job_seconds_count":
+                jobs += sample.value
+    return got["radcache_series_total"], got["radcache_slices_total"], jobs
+
+
 def wait(http: httpx.Client, location: str, *, timeout: float = 120) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -178,6 +193,12 @@ def test_two_workers_and_two_api_replicas_embed_thirty_studies_from_three_client
             while (n := sum(i["entries"] for i in api.get("/v1/indexes").json())) < 30:
                 assert time.monotonic() < deadline, n
                 time.sleep(0.2)
+        # Each replica's /metrics counts the jobs it accepted, once workers finished them
+        # (api1 took 20, api2 10): summed over replicas, every job once.
+        expected = [(20.0, 80.0, 20.0), (10.0, 40.0, 10.0)]
+        while (counted := [job_metrics(api) for api in (api1, api2)]) != expected:
+            assert time.monotonic() < deadline, counted
+            time.sleep(0.2)
     assert [j["state"] for j in jobs] == ["done"] * 30, [j["failure"] for j in jobs]
     entries = [j["series"][0]["entry"] for j in jobs]
     assert len(set(entries)) == 30
@@ -275,6 +296,35 @@ def test_a_job_that_keeps_failing_is_dead_lettered_and_listed(cluster: dict[str,
     jobs.close()
     assert job["state"] == "dead" and "gave up after 2 deliveries" in job["failure"], job
     assert listed[row.id] == "dead"
+
+
+def test_a_replica_counts_each_job_it_queued_once(cluster: dict[str, Any]) -> None:
+    """The API side of the queue hands a job's report to ``on_done`` (the metrics) once,
+    when a worker has finished it; jobs that ended without a report count no series."""
+    from radcache.service.jobs import JobStore
+    from radcache.service.queue import RedisQueue
+    from radcache.service.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        **{k.removeprefix("RADCACHE_").lower(): v for k, v in cluster["env"].items()}
+    )
+    jobs = JobStore(cluster["db"])
+    seen: list[tuple[float, list[dict[str, Any]]]] = []
+    queue = RedisQueue(settings, jobs, on_done=lambda s, series: seen.append((s, series)))
+    done, dead, later = (jobs.create(str(cluster["root"] / n)) for n in ("a", "b", "c"))
+    for row in (done, dead, later):
+        queue.submit(row.id)
+    series = [{"entry": "e" * 32, "study": "s", "series": "x", "cache": "miss", "slices": 4}]
+    jobs.start(done.id, "w1")
+    jobs.finish(done.id, "done", {"series": series, "errors": [], "skipped": []})
+    jobs.finish(dead.id, "dead", None, failure="gave up")
+    assert queue.collect() == 2 and [s for _, s in seen] == [series] and seen[0][0] >= 0
+    assert queue.collect() == 0 and len(seen) == 1  # never counted twice
+    jobs.start(later.id, "w2")
+    jobs.finish(later.id, "failed", {"series": [], "errors": [], "skipped": []})
+    assert queue.collect() == 1 and [s for _, s in seen] == [series, []]
+    queue.stop()
+    jobs.close()
 
 
 def test_sigterm_lets_the_running_job_finish(cluster: dict[str, Any]) -> None:

@@ -178,6 +178,10 @@ def test_bad_files_fail_alone(client: TestClient, tmp_path: Path) -> None:
     assert bad["state"] == "failed"
 
 
+_FORM = "multipart/form-data; boundary=b0"
+_PART = b'--b0\r\nContent-Disposition: form-data; name="files"; filename="a.dcm"\r\n\r\n'
+
+
 @pytest.mark.parametrize(
     ("kwargs", "status", "code"),
     [
@@ -187,14 +191,33 @@ def test_bad_files_fail_alone(client: TestClient, tmp_path: Path) -> None:
             415,
             "unsupported-media-type",
         ),
+        ({"content": b"x", "headers": {"content-type": _FORM}}, 415, "unsupported-media-type"),
+        (  # cut short: no closing boundary
+            {"content": _PART + b"\x00" * 300, "headers": {"content-type": _FORM}},
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            {"content": b"x", "headers": {"content-type": "multipart/form-data"}},
+            415,
+            "unsupported-media-type",
+        ),
+        (
+            {"data": {f"f{i}": "1" for i in range(51)}, "files": [("files", ("a", b"x"))]},
+            422,
+            "invalid-request",
+        ),
     ],
 )
-def test_upload_problems(client: TestClient, kwargs: dict, status: int, code: str) -> None:
+def test_upload_problems(
+    client: TestClient, tmp_path: Path, kwargs: dict, status: int, code: str
+) -> None:
     r = client.post("/v1/studies", **kwargs)
     assert r.status_code == status
     assert r.headers["content-type"] == "application/problem+json"
     body = r.json()
     assert body["code"] == code and body["status"] == status and "Traceback" not in r.text
+    assert not any((tmp_path / "uploads").iterdir())  # nothing half-written stays
 
 
 def test_other_problems_and_openapi(client: TestClient) -> None:
@@ -405,3 +428,107 @@ def test_queue_full_and_not_ready(tmp_path: Path, tiny: Encoder) -> None:
         assert full.headers["retry-after"] == "5"
         ready = c.get("/readyz")
         assert (ready.status_code, ready.json()["code"]) == (503, "not-ready")
+
+
+def _study_pages(c: TestClient, url: str) -> tuple[list[list[str]], list[str]]:
+    """Every page from ``url`` on, following the Link headers; and the links followed."""
+    pages, links = [], []
+    while True:
+        r = c.get(url)
+        assert r.status_code == 200, r.text
+        pages.append([s["study"] for s in r.json()])
+        if "next" not in r.links:
+            return pages, links
+        url = r.links["next"]["url"]
+        links.append(url)
+
+
+def test_studies_come_in_pages_from_the_catalog(client: TestClient, store_path: Path) -> None:
+    from tests.test_entry_catalog import _put
+
+    res = client.app.state.resources  # type: ignore[attr-defined]
+    other = EmbeddingStore(res.store.url)  # another process writes into the store
+    for i in range(14):  # study0 … study6, two series each
+        _put(other, i)
+    res.keeper.refresh()  # the keeper's periodic refresh finds them
+    pages, links = _study_pages(client, "/v1/studies?limit=3")
+    assert pages == [["study0", "study1", "study2"], ["study3", "study4", "study5"], ["study6"]]
+    assert all(link.startswith("/v1/studies?limit=3&cursor=") for link in links)
+    study = client.get("/v1/studies?limit=3").json()[0]
+    assert [s["series"] for s in study["series"]] == ["series0", "series1"]
+    assert study["series"][0]["slices"] == 2 and study["modalities"] == ["CT", "MR"]
+    # a study stored between two pages comes once, on a later page
+    first = client.get("/v1/studies?limit=3")
+    _put(other, 30, study="study4b")
+    res.keeper.refresh()
+    rest, _ = _study_pages(client, first.links["next"]["url"])
+    assert [s for p in rest for s in p] == ["study3", "study4", "study4b", "study5", "study6"]
+    # offset still pages (older clients); not together with a cursor; cursors are checked
+    assert [s["study"] for s in client.get("/v1/studies?limit=2&offset=3").json()] == [
+        "study3",
+        "study4",
+    ]
+    cursor = first.links["next"]["url"].rpartition("cursor=")[2]
+    for bad in (f"/v1/studies?cursor={cursor}&offset=2", "/v1/studies?cursor=nope"):
+        r = client.get(bad)
+        assert (r.status_code, r.json()["code"]) == (422, "invalid-request"), bad
+    assert client.get("/v1/series/series5").json()["entry"] == f"{6:032x}"
+    assert client.get("/dicom-web/studies?StudyInstanceUID=study2").json()[0]["00201206"] == {
+        "vr": "IS",
+        "Value": [2],
+    }
+
+
+def test_deleting_while_the_index_refreshes_drops_nothing_else(client: TestClient) -> None:
+    """DELETE beside a refresh loop: every entry not deleted stays indexed and listed."""
+    import threading
+
+    from tests.test_entry_catalog import _put
+
+    res = client.app.state.resources  # type: ignore[attr-defined]
+    keys = [_put(res.store, i) for i in range(24)]  # study0 … study11
+    res.keeper.refresh()
+    space = res.store.get(keys[0]).space
+    stop, seen, failures = threading.Event(), [], []
+
+    def refresh() -> None:
+        try:
+            while not stop.is_set():
+                res.keeper.refresh()
+                seen.append(set(res.indexes.spaces[space].catalog.by_key))
+        except BaseException as exc:  # reported below
+            failures.append(exc)
+
+    t = threading.Thread(target=refresh)
+    t.start()
+    try:
+        for s in range(0, 12, 3):
+            assert client.delete(f"/v1/studies/study{s}").status_code == 204
+            assert f"study{s}" not in _study_pages(client, "/v1/studies?limit=5")[0][0]
+    finally:
+        stop.set()
+        t.join(60)
+    assert not failures and seen
+    gone = {keys[2 * s + j] for s in range(0, 12, 3) for j in (0, 1)}
+    assert all(set(keys) - gone <= indexed for indexed in seen)
+    assert set(res.indexes.spaces[space].catalog.by_key) == set(keys) - gone
+    listed = [s for p in _study_pages(client, "/v1/studies?limit=5")[0] for s in p]
+    assert listed == sorted(f"study{i}" for i in range(12) if i % 3)
+
+
+def test_the_catalog_is_built_at_start_up_and_follows_the_store_after(
+    tmp_path: Path, tiny: Encoder
+) -> None:
+    from tests.test_entry_catalog import _put
+
+    settings = _settings(tmp_path)
+    st = EmbeddingStore(settings.store)  # filled before the service (or its catalog) existed
+    for i in range(6):
+        _put(st, i)
+    with TestClient(create_app(resources=build_resources(settings, encoder=tiny))) as c:
+        assert [s["study"] for s in c.get("/v1/studies").json()] == ["study0", "study1", "study2"]
+    _put(st, 6)  # while the service is down: stored, and a study deleted
+    st.delete_study("study0")
+    with TestClient(create_app(resources=build_resources(settings, encoder=tiny))) as c:
+        assert [s["study"] for s in c.get("/v1/studies").json()] == ["study1", "study2", "study3"]
+        assert c.get("/v1/series/series0").status_code == 404

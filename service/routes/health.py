@@ -1,4 +1,7 @@
-"""About the service: health and readiness probes, Prometheus metrics, the model registry."""
+"""About the service: health and readiness probes, Prometheus metrics, the model registry.
+
+``/readyz`` and ``/metrics`` ask the queue (Redis in scale-out), so they are plain ``def``
+routes run in worker threads; ``/healthz`` touches nothing and runs on the loop."""
 
 from __future__ import annotations
 
@@ -46,7 +49,9 @@ def metrics(res: ResourcesDep) -> Response:
 
 
 @router.get("/healthz", response_model=Health, summary="The process is up")
-def healthz() -> Health:
+async def healthz() -> Health:
+    """Answered on the event loop itself, needing no worker thread: slow only when the
+    loop is blocked."""
     return Health()
 
 

@@ -1,8 +1,9 @@
 """``/v1/search``, ``/v1/classify``, ``/v1/indexes``: similar cases, few-shot classification
 and the index catalogue.
 
-Handlers turn wire models into :mod:`radcache.embeddings.search` calls; searching runs
-in a worker thread (FAISS and the model release the GIL), so the event loop stays free.
+Handlers turn wire models into :mod:`radcache.embeddings.search` calls. Searching, embedding
+an uploaded query and the upload's files run in worker threads (FAISS and the model release
+the GIL), so the event loop stays free.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import shutil
 import uuid
 from typing import Any
 
+import anyio
 from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
@@ -82,7 +84,8 @@ def _filters(f: SearchFilters) -> Filters:
 
 
 def _out(req: SearchRequest, level: str, results: list[QueryHits]) -> Response:
-    """The answer, validated once and serialised by pydantic (not again by FastAPI)."""
+    """The answer, validated once and serialised by pydantic (not again by FastAPI); many
+    hits are milliseconds of work, so callers run it in a worker thread."""
     out = SearchOut.model_validate(
         {"level": level, "k": req.k, "results": [r.to_dict() for r in results]}
     )
@@ -98,7 +101,7 @@ def _parse(model: type[SearchRequest], raw: str | bytes) -> SearchRequest:
 
 async def _search_upload(request: Request, res: Resources) -> Response:
     dest = res.settings.upload_dir / f"search-{uuid.uuid4().hex}"
-    dest.mkdir(parents=True)
+    await run_in_threadpool(dest.mkdir, parents=True)
     try:
         form = await save_upload(request, dest, res.settings.max_upload_bytes, ("request",))
         req = _parse(SearchRequest, form.get("request", "{}"))
@@ -128,9 +131,10 @@ async def _search_upload(request: Request, res: Resources) -> Response:
             results = await run_in_threadpool(
                 res.searcher.search_upload, [dest], modality=req.modality, **common
             )
-        return _out(req, level, results)
+        return await run_in_threadpool(_out, req, level, results)
     finally:
-        shutil.rmtree(dest, ignore_errors=True)
+        with anyio.CancelScope(shield=True):  # removed even when the request is cancelled
+            await run_in_threadpool(shutil.rmtree, dest, ignore_errors=True)
 
 
 @router.post(
@@ -164,7 +168,7 @@ async def search(request: Request, res: ResourcesDep) -> Response:
         exclude_same_study=req.exclude_same_study,
         exclude_same_patient=req.exclude_same_patient,
     )
-    return _out(req, level, results)
+    return await run_in_threadpool(_out, req, level, results)
 
 
 @router.post(
