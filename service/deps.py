@@ -49,9 +49,12 @@ class Resources:
 
     def job_done(self, seconds: float, series: list[dict[str, Any]]) -> None:
         """A job of this process finished: count it, and make what it stored searchable
-        (with the labels it was given) before the job reads done."""
+        (with the labels it was given) before the job reads done. A job that stored
+        nothing new (every series a cache hit, as when the intake answers from the cache)
+        needs no index refresh, so it never waits behind a rebuild."""
         self.metrics.job(seconds, series)
-        self.keeper.refresh()
+        if any(s.get("cache") != "hit" for s in series):
+            self.keeper.refresh()
         self.keeper.touch(s["entry"] for s in series)
 
 
