@@ -126,8 +126,12 @@ def ct_slice(i: int, n: int, rng: np.random.Generator) -> np.ndarray:
     return hu
 
 
-def write_series(directory: Path, n: int, seed: int = 7) -> dict[str, Any]:
-    """Write ``n`` CT slices as single-frame DICOM files named by SOP Instance UID."""
+def write_series(
+    directory: Path, n: int, seed: int = 7, *, stored: np.ndarray | None = None, offset: int = 0
+) -> dict[str, Any]:
+    """Write ``n`` CT slices as single-frame DICOM files named by SOP Instance UID: the
+    phantom, or the given ``stored`` int16 slices (HU + 1024), plus ``offset`` (so that
+    several series written from one set of slices each have their own content)."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
@@ -136,8 +140,11 @@ def write_series(directory: Path, n: int, seed: int = 7) -> dict[str, Any]:
     study, series, frame_ref = generate_uid(), generate_uid(), generate_uid()
     z0 = 100.0
     for i in range(n):
-        hu = ct_slice(i, n, rng)
-        stored = np.clip(np.round(hu + 1024.0), -32768, 32767).astype(np.int16)
+        if stored is None:
+            pixels = np.clip(np.round(ct_slice(i, n, rng) + 1024.0), -32768, 32767)
+        else:
+            pixels = stored[i]
+        pixels = pixels.astype(np.int16) + np.int16(offset)
         sop = generate_uid()
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
@@ -176,7 +183,7 @@ def write_series(directory: Path, n: int, seed: int = 7) -> dict[str, Any]:
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
         ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
         ds.WindowCenter, ds.WindowWidth = "40", "400"
-        ds.PixelData = stored.tobytes()
+        ds.PixelData = pixels.tobytes()
         ds.save_as(directory / f"{sop}.dcm", enforce_file_format=True)
     return {
         "slices": n,

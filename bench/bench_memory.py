@@ -45,7 +45,6 @@ MODEL = "dinov2-small-random"
 PSEUDONYM_KEY = "radcache-bench-pseudonym-key-0123456789"
 TARGET_GROWTH = 1.10
 TARGET_PEAK_BYTES = 1.5e9  # 1.5 GB
-CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ROWS = COLS = 512
 
 
@@ -65,39 +64,8 @@ def base_slices(n: int) -> np.ndarray:
 
 def write_series(directory: Path, stored: np.ndarray, k: int) -> None:
     """Series ``k``: its own UIDs, pixel values ``stored + k`` (its own content)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     directory.mkdir(parents=True)
-    study, series, frame_ref = generate_uid(), generate_uid(), generate_uid()
-    n = len(stored)
-    for i in range(n):
-        sop = generate_uid()
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CT_IMAGE_STORAGE
-        meta.MediaStorageSOPInstanceUID = sop
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study, series, frame_ref
-        ds.PatientName, ds.PatientID = f"BENCH^{k:02d}", f"BENCH-{k:04d}"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20240101", "120000", f"B{k:04d}"
-        ds.Modality, ds.Manufacturer = "CT", "radcache-bench"
-        ds.BodyPartExamined, ds.SeriesDescription = "CHEST", "Thorax-abdomen 2.0 mm"
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-        ds.SeriesNumber, ds.AcquisitionNumber, ds.InstanceNumber = 3, 1, i + 1
-        z = 100.0 - 2.0 * i
-        ds.ImagePositionPatient = ["-179.6484", "-179.6484", f"{z:.2f}"]
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-        ds.PixelSpacing, ds.SliceThickness = ["0.703125", "0.703125"], "2.0"
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "-1024", "1", "HU"
-        ds.WindowCenter, ds.WindowWidth = "40", "400"
-        ds.PixelData = (stored[i] + np.int16(k)).tobytes()
-        ds.save_as(directory / f"{sop}.dcm", enforce_file_format=True)
+    bench_embed.write_series(directory, len(stored), stored=stored, offset=k)
 
 
 def make_archives(root: Path, sizes: list[int], slices: int) -> dict[int, Path]:

@@ -90,7 +90,14 @@ def _from_columns(arrays: Mapping[str, np.ndarray]) -> Catalog:
     for key, study, series, part, patient, modality, body_part, description, other, n, end in rows:
         if key is None:
             records.append(None)
-        elif other is None:  # the usual record: one reference, every slice, no collection
+        else:
+            if other is None:  # the usual record: one reference, every slice, no collection
+                refs, collections, selected = ((study, series, part),), (), ranges[n]
+            else:
+                r, sel = other.get("refs"), other.get("slice_index")
+                refs = tuple(tuple(x) for x in r) if r is not None else ((study, series, part),)
+                collections = tuple(other.get("collections", ()))
+                selected = tuple(sel) if sel is not None else ranges[n]
             labels = _StoredLabels(blob, begin, end) if end > begin else {}
             records.append(
                 Record(
@@ -99,33 +106,14 @@ def _from_columns(arrays: Mapping[str, np.ndarray]) -> Catalog:
                     series,
                     part,
                     n,
-                    ((study, series, part),),
+                    refs,
                     patient,
                     modality,
                     body_part,
                     description,
                     labels,
-                    (),
-                    ranges[n],
-                )
-            )
-        else:
-            refs, selected = other.get("refs"), other.get("slice_index")
-            records.append(
-                Record(
-                    key,
-                    study,
-                    series,
-                    part,
-                    n,
-                    tuple(tuple(r) for r in refs) if refs is not None else ((study, series, part),),
-                    patient,
-                    modality,
-                    body_part,
-                    description,
-                    _StoredLabels(blob, begin, end) if end > begin else {},
-                    tuple(other.get("collections", ())),
-                    tuple(selected) if selected is not None else ranges[n],
+                    collections,
+                    selected,
                 )
             )
         begin = end
