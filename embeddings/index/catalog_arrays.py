@@ -91,11 +91,13 @@ def _from_columns(arrays: Mapping[str, np.ndarray]) -> Catalog:
         if key is None:
             records.append(None)
         else:
+            refs: tuple[tuple[str, str, str], ...]
             if other is None:  # the usual record: one reference, every slice, no collection
                 refs, collections, selected = ((study, series, part),), (), ranges[n]
             else:
                 r, sel = other.get("refs"), other.get("slice_index")
-                refs = tuple(tuple(x) for x in r) if r is not None else ((study, series, part),)
+                own = ((study, series, part),)
+                refs = tuple((a, b, c) for a, b, c in r) if r is not None else own
                 collections = tuple(other.get("collections", ()))
                 selected = tuple(sel) if sel is not None else ranges[n]
             labels = _StoredLabels(blob, begin, end) if end > begin else {}
