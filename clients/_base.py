@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
@@ -17,7 +18,7 @@ import httpx
 import numpy as np
 from pydantic import BaseModel
 
-from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.errors import ConfigError, RadcacheError
 
 from .schemas import (
     ClassifyOut,
@@ -37,6 +38,7 @@ from .schemas import (
 __all__ = [
     "RETRY_STATUSES",
     "BaseClient",
+    "BearerKey",
     "Call",
     "Endpoints",
     "JobWait",
@@ -321,12 +323,40 @@ class JobWait:
         return False
 
 
-class BaseClient(Generic[H]):
-    """What both clients hold: the httpx client (``http``) and the retry budget."""
+class BearerKey(httpx.Auth):
+    """Sends an API key as ``Authorization: Bearer <key>``; its repr does not show the key."""
 
-    def __init__(self, http: H, retries: int) -> None:
+    def __init__(self, key: str) -> None:
+        if not all("!" <= c <= "~" for c in key):
+            raise ConfigError(
+                "the API key has spaces, control or non-ASCII characters, which a header "
+                "cannot carry: expected the key exactly as `radcache keys create` printed it"
+            )
+        self._header = f"Bearer {key}"
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        request.headers["Authorization"] = self._header
+        yield request
+
+    def __repr__(self) -> str:
+        return "BearerKey(<hidden>)"
+
+
+class BaseClient(Generic[H]):
+    """What both clients hold: the httpx client (``http``), the retry budget and the API
+    key sent with every request (``api_key``; None: ``RADCACHE_API_KEY`` if set; ``""``:
+    none)."""
+
+    def __init__(self, http: H, retries: int, api_key: str | None = None) -> None:
         self.http: H = http
         self.retries = retries
+        key = (os.environ.get("RADCACHE_API_KEY", "") if api_key is None else api_key).strip()
+        #: keyword arguments every request gets: the key, when there is one
+        self._auth: dict[str, Any] = {"auth": BearerKey(key)} if key else {}
+
+    def __repr__(self) -> str:
+        url = re.sub(r"//[^/@]*@", "//", str(self.http.base_url))  # no credentials either
+        return f"{type(self).__name__}(url={url!r}, api_key={'<set>' if self._auth else None})"
 
     def _retry_delay(self, attempt: int, status: int | None) -> float | None:
         return retry_delay(attempt, self.retries, status)

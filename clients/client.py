@@ -51,7 +51,8 @@ T = TypeVar("T")
 
 
 class RadcacheClient(BaseClient[httpx.Client]):
-    """Synchronous client. ``http`` lets tests pass an ``httpx.Client`` of their own."""
+    """Synchronous client. ``api_key`` goes with every request as ``Authorization: Bearer``
+    (default ``RADCACHE_API_KEY``); ``http`` lets tests pass an ``httpx.Client`` of their own."""
 
     def __init__(
         self,
@@ -60,8 +61,9 @@ class RadcacheClient(BaseClient[httpx.Client]):
         timeout: float = 120.0,
         retries: int = 4,
         http: httpx.Client | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(http or httpx.Client(base_url=url, timeout=timeout), retries)
+        super().__init__(http or httpx.Client(base_url=url, timeout=timeout), retries, api_key)
 
     def __enter__(self) -> Self:
         return self
@@ -76,7 +78,7 @@ class RadcacheClient(BaseClient[httpx.Client]):
         attempt = 0
         while True:
             try:
-                r = self.http.request(method, path, **kw)
+                r = self.http.request(method, path, **kw, **self._auth)
             except httpx.TransportError:
                 if (delay := self._retry_delay(attempt, None)) is None:
                     raise
@@ -172,8 +174,9 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
         timeout: float = 120.0,
         retries: int = 4,
         http: httpx.AsyncClient | None = None,
+        api_key: str | None = None,
     ) -> None:
-        super().__init__(http or httpx.AsyncClient(base_url=url, timeout=timeout), retries)
+        super().__init__(http or httpx.AsyncClient(base_url=url, timeout=timeout), retries, api_key)
 
     async def __aenter__(self) -> Self:
         return self
@@ -190,7 +193,7 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
         attempt = 0
         while True:
             try:
-                r = await self.http.request(method, path, **kw)
+                r = await self.http.request(method, path, **kw, **self._auth)
             except httpx.TransportError:
                 if (delay := self._retry_delay(attempt, None)) is None:
                     raise

@@ -33,6 +33,9 @@ The tree::
     │   ├── QueueFullError            queue-full
     │   └── QueueUnavailableError     queue-unavailable
     ├── ConfigError                   invalid-config
+    ├── AccessError                   access-denied
+    │   ├── UnauthenticatedError      unauthenticated
+    │   └── ForbiddenError            forbidden
     └── radcache.clients.RadcacheAPIError
                                       the code of the service's problem answer
 
@@ -45,10 +48,12 @@ per line.
 from __future__ import annotations
 
 __all__ = [
+    "AccessError",
     "AmbiguousReferenceError",
     "ConfigError",
     "DecodeError",
     "EmptyUploadError",
+    "ForbiddenError",
     "InconsistentSeriesError",
     "InputError",
     "InvalidFieldError",
@@ -70,6 +75,7 @@ __all__ = [
     "StoreError",
     "StoreMismatchError",
     "TruncatedFileError",
+    "UnauthenticatedError",
     "UnknownModelError",
     "UnreadableVolumeError",
     "UnsupportedInputError",
@@ -239,3 +245,22 @@ class QueueFullError(JobQueueError):
 class QueueUnavailableError(JobQueueError):
     code = "queue-unavailable"
     title = "The job queue cannot be reached"
+
+
+class AccessError(RadcacheError):
+    code = "access-denied"
+    title = "Access denied"
+
+
+class UnauthenticatedError(AccessError):
+    """No API key, or one that is unknown, revoked or expired."""
+
+    code = "unauthenticated"
+    title = "An API key is needed"
+
+
+class ForbiddenError(AccessError):
+    """A valid key without the scope the operation needs."""
+
+    code = "forbidden"
+    title = "The key lacks the scope this needs"

@@ -53,6 +53,9 @@ STATUS: dict[str, int] = {
     "queue-full": 503,
     "queue-unavailable": 503,
     "invalid-config": 500,
+    "access-denied": 403,
+    "unauthenticated": 401,
+    "forbidden": 403,
 }
 _HTTP_CODES = {
     400: "bad-request",
@@ -93,6 +96,8 @@ def install(app: FastAPI) -> None:
     async def _radcache(request: Request, exc: RadcacheError) -> JSONResponse:
         status = status_of(exc)
         headers = {"Retry-After": "5"} if status == 503 else None
+        if status == 401:
+            headers = {"WWW-Authenticate": 'Bearer realm="radcache"'}
         resp = problem(status, exc.code, exc.title, str(exc), request.url.path)
         if headers:
             resp.headers.update(headers)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from radcache.embeddings.settings import Settings
 
@@ -22,9 +22,32 @@ class ServiceSettings(Settings):
     # --- the HTTP service (radcache serve) ---
     host: str = Field("127.0.0.1", description="address radcache serve listens on")
     port: int = Field(8000, ge=1, le=65535, description="port radcache serve listens on")
+    insecure_open: bool = Field(
+        False,
+        description="serve without API keys on a non-loopback address (lab use only; warned "
+        "at every start)",
+    )
+    cors_origins: list[str] = Field(
+        default_factory=list, description="origins browsers may call from (CORS); none: off"
+    )
     db: str = Field("sqlite:///./radcache.db", description="job database (SQLAlchemy URL)")
     upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
+    max_header_bytes: int = Field(
+        16384, ge=1024, description="largest request line and headers (431 beyond)"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's line and headers must arrive within this (408 beyond)"
+    )
+    body_idle_timeout_s: float = Field(
+        60.0, gt=0, description="longest wait for the next chunk of a request body (408 beyond)"
+    )
+    keep_alive_s: float = Field(
+        5.0, gt=0, description="idle keep-alive connections close after this"
+    )
+    max_connections: int | None = Field(
+        1000, ge=1, description="open connections before 503; None: no limit"
+    )
     queue_size: int = Field(64, ge=1, description="jobs waiting for the worker before 503")
     index_refresh_s: float = Field(
         2.0, gt=0, description="how often the service looks for embeddings written by others"
@@ -54,6 +77,9 @@ class ServiceSettings(Settings):
     )
     # --- the client commands (radcache submit | jobs | get) ---
     url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
+    api_key: SecretStr | None = Field(
+        None, description="API key the client commands send (RADCACHE_API_KEY)"
+    )
 
     @field_validator("upload_dir")
     @classmethod

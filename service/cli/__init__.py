@@ -9,6 +9,7 @@ module per command group.
 - :mod:`.probe`: ``probe knn|fewshot|linear|seg``, ``export`` (a store's cached features)
 - :mod:`.worker`: ``worker`` (scale-out: run queued jobs)
 - :mod:`.backfill`: ``backfill`` (send a folder of studies, resumable)
+- :mod:`.keys`: ``keys create|list|revoke`` (the service's API keys)
 - :mod:`._common`: what they share: settings, error output, shared options
 
 Settings come from :class:`radcache.service.settings.ServiceSettings` (``RADCACHE_*``
@@ -22,7 +23,7 @@ import click
 
 from radcache.embeddings.tuning import settle
 
-from . import backfill, client, embed, index, probe, search, serve, worker
+from . import backfill, client, embed, index, keys, probe, search, serve, worker
 
 __all__ = ["main"]
 
@@ -53,5 +54,6 @@ for _command in (
     probe.export,
     worker.worker,
     backfill.backfill,
+    keys.keys,
 ):
     main.add_command(_command)

@@ -18,6 +18,7 @@ from radcache.embeddings.tuning import reuse_memory
 from ..settings import ServiceSettings
 
 __all__ = [
+    "API_KEY",
     "STORE",
     "URL",
     "api_fail",
@@ -26,6 +27,7 @@ __all__ = [
     "fail",
     "need_server",
     "out",
+    "service_access",
     "settings",
 ]
 
@@ -100,6 +102,19 @@ URL: Decorator = click.option(
     default=None,
     help="A running radcache service. [env RADCACHE_URL; default http://127.0.0.1:8000]",
 )
+
+API_KEY: Decorator = click.option(
+    "--api-key",
+    default=None,
+    help="API key sent to the service (Authorization: Bearer). [env RADCACHE_API_KEY]",
+)
+
+
+def service_access(url: str | None, api_key: str | None) -> tuple[str, str | None]:
+    """The service a client command talks to and the key it sends: flags over environment."""
+    s = settings(url=url, api_key=api_key)
+    return s.url, s.api_key.get_secret_value() if s.api_key else None
+
 
 STORE: Decorator = click.option(
     "--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]"

@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from ._common import URL, api_fail, err, out, settings
+from ._common import API_KEY, URL, api_fail, err, out, service_access
 
 if TYPE_CHECKING:
     from radcache.clients.backfill import BackfillReport
@@ -39,6 +39,7 @@ class _StudiesPerSecond(ProgressColumn):
 @click.command()
 @click.argument("directory", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @URL
+@API_KEY
 @click.option(
     "--concurrency",
     type=click.IntRange(1, 64),
@@ -56,6 +57,7 @@ class _StudiesPerSecond(ProgressColumn):
 def backfill(
     directory: Path,
     url: str | None,
+    api_key: str | None,
     concurrency: int,
     state: Path | None,
     modality: str | None,
@@ -78,7 +80,7 @@ def backfill(
     from radcache.clients.backfill import BackfillInterrupted
     from radcache.clients.backfill import backfill as run_backfill
 
-    url = url or settings().url
+    url, key = service_access(url, api_key)
     show = not as_json and err.is_terminal
     with Progress(
         TextColumn("{task.description}"),
@@ -97,7 +99,7 @@ def backfill(
             bar.update(task, description=desc, total=r.studies - r.skipped, completed=r.finished)
 
         try:
-            with RadcacheClient(url) as rc:
+            with RadcacheClient(url, api_key=key) as rc:
                 report = run_backfill(
                     directory,
                     rc,

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from ._common import URL, api_fail, err, out, settings
+from ._common import API_KEY, URL, api_fail, err, out, service_access
 
 __all__ = ["get", "jobs", "submit"]
 
@@ -22,11 +22,17 @@ __all__ = ["get", "jobs", "submit"]
 @click.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(exists=True))
 @URL
+@API_KEY
 @click.option("--wait/--no-wait", default=True, help="Wait for the job to finish.")
 @click.option("--modality", help="Modality of NIfTI inputs, e.g. CT or MR.")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as JSON.")
 def submit(
-    inputs: Sequence[str], url: str | None, wait: bool, modality: str | None, as_json: bool
+    inputs: Sequence[str],
+    url: str | None,
+    api_key: str | None,
+    wait: bool,
+    modality: str | None,
+    as_json: bool,
 ) -> None:
     """Send files, folders, zips or NIfTI volumes to a running service.
 
@@ -36,9 +42,9 @@ def submit(
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or settings().url
+    url, key = service_access(url, api_key)
     try:
-        with RadcacheClient(url) as rc:
+        with RadcacheClient(url, api_key=key) as rc:
             job = rc.submit(inputs, wait=False, modality=modality)
             if wait and job.state in ("queued", "running"):
                 show = not as_json and err.is_terminal
@@ -80,17 +86,18 @@ def submit(
 
 @click.command()
 @URL
+@API_KEY
 @click.option("--limit", type=click.IntRange(1, 500), default=20, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def jobs(url: str | None, limit: int, as_json: bool) -> None:
+def jobs(url: str | None, api_key: str | None, limit: int, as_json: bool) -> None:
     """List recent jobs of a running service."""
     import httpx
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or settings().url
+    url, key = service_access(url, api_key)
     try:
-        with RadcacheClient(url) as rc:
+        with RadcacheClient(url, api_key=key) as rc:
             rows = rc.jobs(limit)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
         api_fail(exc, as_json)
@@ -116,6 +123,7 @@ def jobs(url: str | None, limit: int, as_json: bool) -> None:
 @click.command()
 @click.argument("series")
 @URL
+@API_KEY
 @click.option(
     "--kind",
     default="pooled",
@@ -130,16 +138,18 @@ def jobs(url: str | None, limit: int, as_json: bool) -> None:
     required=True,
     help="Where to write the .npy.",
 )
-def get(series: str, url: str | None, kind: str, slices: str | None, output: str) -> None:
+def get(
+    series: str, url: str | None, api_key: str | None, kind: str, slices: str | None, output: str
+) -> None:
     """Fetch an embedding array of a cached series as a .npy file."""
     import httpx
     import numpy as np
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
 
-    url = url or settings().url
+    url, key = service_access(url, api_key)
     try:
-        with RadcacheClient(url) as rc:
+        with RadcacheClient(url, api_key=key) as rc:
             arr = rc.embeddings(series, kind, slices=slices)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
         api_fail(exc, False)

@@ -10,7 +10,7 @@ from typing import Any
 import click
 from rich.table import Table
 
-from ._common import URL, api_fail, out, settings
+from ._common import API_KEY, URL, api_fail, out, service_access
 
 __all__ = ["classify", "search"]
 
@@ -47,6 +47,7 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
 @click.option("--modality", help="Modality of uploaded NIfTI files, e.g. CT.")
 @click.option("--space", help="Index space (radcache index info lists them).")
 @URL
+@API_KEY
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
     files: Sequence[str],
@@ -67,6 +68,7 @@ def search(
     modality: str | None,
     space: str | None,
     url: str | None,
+    api_key: str | None,
     as_json: bool,
 ) -> None:
     """Similar cases from a running service: `radcache search --series ID -k 10`, or
@@ -99,7 +101,8 @@ def search(
         },
     }
     try:
-        with RadcacheClient(url or settings().url) as rc:
+        url, key = service_access(url, api_key)
+        with RadcacheClient(url, api_key=key) as rc:
             found = rc.search(list(files) or None, **fields)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
         api_fail(exc, as_json)
@@ -136,6 +139,7 @@ def search(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
 )
 @URL
+@API_KEY
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def classify(
     queries: Sequence[str],
@@ -145,6 +149,7 @@ def classify(
     method: str,
     level: str,
     url: str | None,
+    api_key: str | None,
     as_json: bool,
 ) -> None:
     """Few-shot labels for cached series (QUERIES are series names) from a running service."""
@@ -156,7 +161,8 @@ def classify(
         raise click.UsageError("give --label-field or --support pairs (one of them).")
     pairs = list(_label_pairs(support, "--support").items()) if support else None
     try:
-        with RadcacheClient(url or settings().url) as rc:
+        url, key = service_access(url, api_key)
+        with RadcacheClient(url, api_key=key) as rc:
             predicted = rc.classify(
                 list(queries),
                 support=pairs,
