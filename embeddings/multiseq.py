@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .cache_keys import entry_key
+from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, MMEncoder
 from .errors import InputError
 from .ingest import InputItem, scan
@@ -116,6 +116,7 @@ def _embed_assembled(
     recipe = pipe.recipe.resolve("MR", cfg, photometric=ref.meta.photometric)
     parts = [f"{s}:{v.content_hash()}" for s, v in study.volumes.items()]
     content = xxhash.xxh3_128_hexdigest("|".join(["multiseq-v1", fusion, *parts]).encode())
+    content = tenant_content(content, pipe.pseudonymizer.tenant)
     key = entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
     model_name = cfg.name if fusion == "mm" else f"{cfg.name}+{fusion}"
     refs = {"study": ref.meta.study, "series": ref.meta.series, "part": ref.meta.part}
@@ -218,7 +219,9 @@ def _attrs(
 ) -> dict[str, Any]:
     ref = study.volumes[study.reference]
     enc, cfg = pipe.encoder, pipe.encoder.cfg
-    attrs = entry_attrs(enc, ref, p.volume, recipe, p.grid, p.n, cls_last_n=0)
+    attrs = entry_attrs(
+        enc, ref, p.volume, recipe, p.grid, p.n, cls_last_n=0, tenant=pipe.pseudonymizer.tenant
+    )
     attrs["model"] = {
         **attrs["model"],
         "name": model_name,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from ._version import __version__
-from .cache_keys import entry_key
+from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, RadcacheError
 from .ingest import Candidate, InputItem, Source, expand, scan, sniff
@@ -199,10 +199,16 @@ class Pipeline:
         return out, errors
 
     def variant(
-        self, *, recipe: Recipe | None = None, patch_tokens: bool | None = None
+        self,
+        *,
+        recipe: Recipe | None = None,
+        patch_tokens: bool | None = None,
+        tenant: str | None = None,
     ) -> Pipeline:
-        """The same encoder and store with another recipe or patch-token choice."""
+        """The same encoder and store with another recipe, patch-token choice or tenant."""
         other = copy.copy(self)
+        if tenant is not None:
+            other.pseudonymizer = self.pseudonymizer.for_tenant(tenant)
         if recipe is not None:
             other.recipe = recipe
         if patch_tokens is not None:
@@ -280,7 +286,7 @@ class Pipeline:
                 "n_slices": volume.n_slices,
                 "warnings": list(m.warnings),
             }
-            self.store.remember_files(volume.content_hash(), cand.files, record)
+            self.store.remember_files(self.content_of(volume), cand.files, record)
         return result
 
     def recognise(self, inputs: Iterable[InputItem]) -> EmbedReport | None:
@@ -331,12 +337,24 @@ class Pipeline:
             )
         return report
 
+    @property
+    def tenant(self) -> str:
+        """The tenant this pipeline names, keys and stores for."""
+        return self.pseudonymizer.tenant
+
+    def content_of(self, volume: Volume) -> str:
+        """The content identity of ``volume`` in this pipeline's tenant (its cache key's)."""
+        return tenant_content(volume.content_hash(), self.tenant)
+
     def key_for(self, volume: Volume) -> tuple[str, Recipe]:
         """The cache key of ``volume`` under this pipeline's model, recipe and precision."""
         cfg = self.encoder.cfg
         recipe = self.recipe.resolve(volume.meta.modality, cfg, photometric=volume.meta.photometric)
         key = entry_key(
-            volume.content_hash(), self.encoder.weights_hash, recipe.hash(), self.encoder.precision
+            self.content_of(volume),
+            self.encoder.weights_hash,
+            recipe.hash(),
+            self.encoder.precision,
         )
         return key, recipe
 
@@ -394,6 +412,13 @@ class Pipeline:
         writer.put("positions", 0, prepared.positions.astype(np.float64))
         writer.put("slice_index", 0, prepared.indices.astype(np.int32))
         attrs = entry_attrs(
-            self.encoder, volume, prepared.volume, recipe, prepared.grid, n, self.cls_last_n
+            self.encoder,
+            volume,
+            prepared.volume,
+            recipe,
+            prepared.grid,
+            n,
+            self.cls_last_n,
+            tenant=self.tenant,
         )
         return writer.commit(attrs, emb.pooled, emb.cls)

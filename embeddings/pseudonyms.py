@@ -5,10 +5,15 @@ Studies, series and patients are named by ``HMAC-SHA256(secret, kind + ":" + uid
 study always maps to the same name within one deployment. The secret lives outside the
 store (an environment variable or a key file); the store records only a fingerprint of
 it, so a store opened with the wrong secret is noticed rather than silently forked.
+
+Each tenant is a pseudonym domain of its own: outside :data:`DEFAULT_TENANT` the tenant's
+name is part of every HMAC message, so the same study sent by two tenants gets two
+unrelated names (and two unrelated file digests), and nothing links them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
@@ -19,10 +24,12 @@ from typing import Literal
 
 from .errors import ConfigError
 
-__all__ = ["Pseudonymizer", "load_or_create_secret"]
+__all__ = ["DEFAULT_TENANT", "Pseudonymizer", "load_or_create_secret"]
 
 Kind = Literal["study", "series", "patient", "frame"]
 _DIGITS = 32
+#: The tenant of a deployment without API keys, and of everything stored before tenants.
+DEFAULT_TENANT = "default"
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -50,6 +57,7 @@ class Pseudonymizer:
 
     secret: bytes
     keep_uids: bool = False
+    tenant: str = DEFAULT_TENANT
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
@@ -58,13 +66,21 @@ class Pseudonymizer:
             )
 
     def __repr__(self) -> str:  # never print the secret
-        return f"Pseudonymizer(keep_uids={self.keep_uids})"
+        return f"Pseudonymizer(keep_uids={self.keep_uids}, tenant={self.tenant!r})"
+
+    def for_tenant(self, tenant: str) -> Pseudonymizer:
+        """The same secret, naming in ``tenant``'s domain."""
+        return dataclasses.replace(self, tenant=tenant)
+
+    def _domain(self) -> str:
+        return "" if self.tenant == DEFAULT_TENANT else f"tenant={self.tenant}/"
 
     def name(self, kind: Kind, value: str) -> str:
         """Pseudonym of ``value``; UIDs pass through if ``keep_uids`` (patient IDs never do)."""
         if self.keep_uids and kind != "patient":
             return value
-        mac = hmac.new(self.secret, f"{kind}:{value}".encode(), hashlib.sha256)
+        msg = f"{self._domain()}{kind}:{value}".encode()
+        mac = hmac.new(self.secret, msg, hashlib.sha256)
         return mac.hexdigest()[:_DIGITS]
 
     def file_digest(self, data: bytes) -> str:
@@ -77,7 +93,7 @@ class Pseudonymizer:
         import xxhash
 
         raw = xxhash.xxh3_128_digest(data)
-        msg = b"file:" + (b"uids:" if self.keep_uids else b"") + raw
+        msg = self._domain().encode() + b"file:" + (b"uids:" if self.keep_uids else b"") + raw
         return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:_DIGITS]
 
     def fingerprint(self) -> str:

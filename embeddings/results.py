@@ -123,11 +123,15 @@ def entry_attrs(
     grid: tuple[int, int],
     n: int,
     cls_last_n: int,
+    *,
+    tenant: str,
 ) -> dict[str, Any]:
     """The attributes an entry is stored with: the volume's non-identifying metadata, its
-    geometry as embedded, the model, recipe and precision, and the space it belongs to."""
+    geometry as embedded, the model, recipe and precision, the space it belongs to and the
+    tenant that owns it."""
     cfg = enc.cfg
     return {
+        "tenant": tenant,
         "volume": volume.meta.to_dict(),
         "geometry": {**sliced.geometry.to_dict(), "shape": list(sliced.shape)},
         "content_hash": volume.content_hash(),

@@ -4,7 +4,10 @@ Entry point :class:`Searcher`. A :class:`Query` names a study, series, entry or 
 already indexed, or carries a raw vector; an upload is embedded by the pipeline without
 being stored (:meth:`Searcher.search_upload`). References are resolved through the
 index catalog; the query's own study is excluded by default (and, on request, every
-study of the same patient pseudonym), so a case never finds itself.
+study of the same patient pseudonym), so a case never finds itself. Given a ``tenant``,
+every step stays inside it: queries resolve only to its entries, and the FAISS search
+itself is confined to its ids (the id bitmap), so another tenant's vectors are never
+returned, scored or counted.
 
 Few-shot classification follows the protocol of the DINOv2-on-radiology study
 (Baharoon et al. 2023): cosine similarity, the k nearest support vectors vote with
@@ -143,13 +146,20 @@ class Searcher:
         self.pipeline = pipeline  # embeds uploads; None: uploads refused
 
     # -- resolving queries --
-    def _spaces(self, space: str | None, model: str | None) -> list[SpaceIndex]:
+    def _spaces(
+        self, space: str | None, model: str | None, tenant: str | None = None
+    ) -> list[SpaceIndex]:
+        """The spaces a query may look in (a tenant's: those holding its entries)."""
         spaces = [
             si
             for name, si in sorted(self.indexes.spaces.items())
-            if (space is None or name == space) and (model is None or si.meta.get("model") == model)
+            if (space is None or name == space)
+            and (model is None or si.meta.get("model") == model)
+            and (tenant is None or si.holds(tenant))
         ]
         if space is not None and not spaces:
+            if tenant is not None:
+                raise NotFoundError(f"no index for space {space!r}; GET /v1/indexes lists them.")
             self.indexes.get(space)  # not-found, listing what exists
         return spaces
 
@@ -160,9 +170,11 @@ class Searcher:
         *,
         space: str | None = None,
         model: str | None = None,
+        tenant: str | None = None,
     ) -> list[_Resolved]:
-        """The query's vectors, grouped by the space they live in."""
-        spaces = self._spaces(space, model)
+        """The query's vectors, grouped by the space they live in (``tenant``: only its
+        entries are found)."""
+        spaces = self._spaces(space, model, tenant)
         if query.vector is not None:
             if len(spaces) != 1:
                 names = ", ".join(si.space for si in spaces) or "none"
@@ -183,6 +195,8 @@ class Searcher:
                 ords = cat.ordinals("study", query.study)
             else:
                 raise InputError("a query needs one of entry, series, study or vector.")
+            if tenant is not None:
+                ords = [o for o in ords if cat.record(o).tenant == tenant]
             if ords:
                 found.append((si, ords))
         if not found:
@@ -242,11 +256,14 @@ class Searcher:
         model: str | None = None,
         exclude_same_study: bool = True,
         exclude_same_patient: bool = False,
+        tenant: str | None = None,
     ) -> list[QueryHits]:
-        """The ``k`` nearest live, matching entries (series level) or slices per query vector."""
+        """The ``k`` nearest live, matching entries (series level) or slices per query
+        vector, among ``tenant``'s entries when given."""
         lv: Level = level or ("slice" if query.slice is not None else "series")
+        filters = _confined(filters, tenant)
         with self.indexes.lock:
-            resolved = self.resolve(query, lv, space=space, model=model)
+            resolved = self.resolve(query, lv, space=space, model=model, tenant=tenant)
             return [
                 qh
                 for r in resolved
@@ -275,12 +292,18 @@ class Searcher:
         return [QueryHits(n, r.space.space, h) for n, h in zip(r.names, hits, strict=True)]
 
     def embed_upload(
-        self, inputs: Iterable[InputItem], *, modality: str | None = None
+        self,
+        inputs: Iterable[InputItem],
+        *,
+        modality: str | None = None,
+        tenant: str | None = None,
     ) -> list[_Resolved]:
-        """Embed uploaded files (nothing stored) into query vectors, one per volume."""
+        """Embed uploaded files (nothing stored) into query vectors, one per volume; named
+        in ``tenant``'s pseudonym domain when given."""
         if self.pipeline is None:
             raise SearchIndexError("searching by upload needs a loaded model; none is.")
-        done, errors = self.pipeline.embed_transient(inputs, modality=modality)
+        pipe = self.pipeline if tenant is None else self.pipeline.variant(tenant=tenant)
+        done, errors = pipe.embed_transient(inputs, modality=modality)
         if not done:
             if errors:
                 raise errors[0]
@@ -312,9 +335,11 @@ class Searcher:
         modality: str | None = None,
         exclude_same_study: bool = True,
         exclude_same_patient: bool = False,
+        tenant: str | None = None,
     ) -> list[QueryHits]:
         """Search with volumes embedded on the fly (series level: pooled; slice: every slice)."""
-        resolved = self.embed_upload(inputs, modality=modality)
+        resolved = self.embed_upload(inputs, modality=modality, tenant=tenant)
+        filters = _confined(filters, tenant)
         out = []
         with self.indexes.lock:
             for one in resolved:
@@ -346,17 +371,27 @@ class Searcher:
         space: str | None = None,
         model: str | None = None,
         exclude_same_study: bool = True,
+        tenant: str | None = None,
     ) -> list[Classification]:
         """Per-class probabilities for each query, from a labelled support set: explicit
-        ``(query, label)`` pairs, or every indexed entry with ``labels[label_field]``."""
+        ``(query, label)`` pairs, or every indexed entry with ``labels[label_field]`` (all
+        within ``tenant`` when given)."""
         if (support is None) == (label_field is None):
             raise InputError("give either a support set or a label_field, not both or neither.")
         with self.indexes.lock:
             out: list[Classification] = []
             for q in queries:
-                for r in self.resolve(q, level, space=space, model=model):
+                for r in self.resolve(q, level, space=space, model=model, tenant=tenant):
                     out += self._classify(
-                        r, support, label_field, k, temperature, method, level, exclude_same_study
+                        r,
+                        support,
+                        label_field,
+                        k,
+                        temperature,
+                        method,
+                        level,
+                        exclude_same_study,
+                        tenant,
                     )
             return out
 
@@ -365,11 +400,12 @@ class Searcher:
         si: SpaceIndex,
         support: Sequence[tuple[Query, Any]] | None,
         label_field: str | None,
+        tenant: str | None,
     ) -> list[tuple[int, str]]:
-        """(ordinal, label) of each support entry in this space."""
+        """(ordinal, label) of each support entry in this space (and ``tenant``)."""
         cat = si.catalog
         if label_field is not None:
-            mask = cat.mask("series", Filters(has_label=label_field))
+            mask = cat.mask("series", Filters(has_label=label_field, tenant=tenant))
             return [
                 (int(o), _label(cat.record(int(o)).labels[label_field]))
                 for o in np.flatnonzero(mask)
@@ -377,9 +413,10 @@ class Searcher:
         pairs: list[tuple[int, str]] = []
         for q, lab in support or ():
             try:
-                found = self.resolve(q, "series", space=si.space)
+                found = self.resolve(q, "series", space=si.space, tenant=tenant)
             except NotFoundError:
-                self.resolve(q, "series")  # unknown everywhere: not-found; else another space
+                # unknown everywhere: not-found; else it lives in another space
+                self.resolve(q, "series", tenant=tenant)
                 continue
             for r in found:
                 pairs += [(cat.by_key[n["entry"]], _label(lab)) for n in r.names]
@@ -395,11 +432,12 @@ class Searcher:
         method: str,
         level: Level,
         same_study: bool,
+        tenant: str | None,
     ) -> list[Classification]:
         si, cat = r.space, r.space.catalog
         pairs = [
             (o, lab)
-            for o, lab in self._support(si, support, label_field)
+            for o, lab in self._support(si, support, label_field, tenant)
             if not (same_study and cat.record(o).studies & r.studies)
         ]
         if not pairs:
@@ -440,6 +478,13 @@ class Searcher:
                 )
             )
         return out
+
+
+def _confined(filters: Filters | None, tenant: str | None) -> Filters | None:
+    """``filters``, confined to ``tenant`` when one is given."""
+    if tenant is None:
+        return filters
+    return dataclasses.replace(filters or Filters(), tenant=tenant)
 
 
 def _label(value: Any) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 import anyio
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +33,8 @@ from . import problems
 from .deps import Resources
 from .entry_catalog import EntryCatalog
 from .jobs import JobStore
+from .keys import KeyStore
+from .limits import BodyIdleTimeout
 from .metrics import Metrics
 from .queue import RedisQueue
 from .routes import ROUTERS
@@ -67,7 +70,17 @@ def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -
     )
     searcher = Searcher(indexes, pipeline)
     res = Resources(
-        settings, enc, store, pipeline, jobs, worker, metrics, indexes, searcher, keeper
+        settings,
+        enc,
+        store,
+        pipeline,
+        jobs,
+        worker,
+        metrics,
+        indexes,
+        searcher,
+        keeper,
+        KeyStore(jobs),
     )
     # Jobs this process ran or queued are counted (and made searchable) as they finish:
     # the embedded worker calls back, the Redis queue watches the job database.
@@ -137,7 +150,18 @@ def create_app(
     for router in ROUTERS:
         app.include_router(router)
 
+    s = settings or (resources.settings if resources is not None else get_settings())
+    if s.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=s.cors_origins,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Accept"],
+            expose_headers=["Link", "Location"],
+        )
     app.add_middleware(_CountRequests)
+    # outermost: a body that stalls is cut off whatever the route does with it
+    app.add_middleware(BodyIdleTimeout, idle_s=s.body_idle_timeout_s)
     return app
 
 

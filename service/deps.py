@@ -12,6 +12,7 @@ from fastapi import Depends, Request
 from radcache.embeddings import EmbeddingStore, Encoder, IndexSet, Pipeline, Searcher
 
 from .jobs import JobStore
+from .keys import KeyStore
 from .metrics import Metrics
 from .queue import RedisQueue
 from .settings import ServiceSettings
@@ -22,7 +23,7 @@ __all__ = ["Resources", "ResourcesDep", "get_resources"]
 
 @dataclass
 class Resources:
-    """The model, store, pipeline, job database, worker and indexes of one app."""
+    """The model, store, pipeline, job database, worker, indexes and API keys of one app."""
 
     settings: ServiceSettings
     encoder: Encoder
@@ -34,6 +35,7 @@ class Resources:
     indexes: IndexSet
     searcher: Searcher
     keeper: IndexKeeper
+    keys: KeyStore
 
     def ready(self) -> tuple[bool, str]:
         """Model loaded, worker and index keeper alive, store writable — or why not."""

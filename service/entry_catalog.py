@@ -44,6 +44,7 @@ from sqlalchemy.orm import Mapped, Session, mapped_column
 
 from radcache.embeddings import EmbeddingStore, EntryInfo
 from radcache.embeddings.errors import AmbiguousReferenceError, InvalidFieldError, NotFoundError
+from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
 from .jobs import Base, EntryRow, JobStore
 
@@ -71,18 +72,24 @@ class CatalogEntry(Base):
     patient: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     created: Mapped[str] = mapped_column(String(40))
     doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # the metadata answers show
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
 
 
 class CatalogRef(Base):
-    """One (study, series, part) that names an entry; the primary key orders studies."""
+    """One (study, series, part) that names an entry; the primary key orders studies. The
+    tenant is the entry's (an entry, and every name of it, belongs to one tenant)."""
 
     __tablename__ = "catalog_refs"
-    __table_args__ = (Index("ix_catalog_refs_series", "series", "part"),)
+    __table_args__ = (
+        Index("ix_catalog_refs_series", "series", "part"),
+        Index("ix_catalog_refs_tenant_study", "tenant", "study"),
+    )
 
     study: Mapped[str] = mapped_column(String(128), primary_key=True)
     series: Mapped[str] = mapped_column(String(128), primary_key=True)
     part: Mapped[str] = mapped_column(String(128), primary_key=True)
     key: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
 
 
 class CatalogSpace(Base):
@@ -152,8 +159,10 @@ def _rows(key: str, attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict
     refs = {(primary["study"], primary["series"], primary["part"])}
     for a in attrs.get("aliases", []):
         refs.add((str(a.get("study", "")), str(a.get("series", "")), str(a.get("part", ""))))
+    tenant = str(attrs.get("tenant") or DEFAULT_TENANT)
     row = {
         "key": key,
+        "tenant": tenant,
         "space": str(attrs.get("space", "")),
         **primary,
         "modality": vol.get("modality") or None,
@@ -161,7 +170,10 @@ def _rows(key: str, attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict
         "created": str(attrs.get("created", "")),
         "doc": doc,
     }
-    return row, [{"study": s, "series": r, "part": p, "key": key} for s, r, p in sorted(refs)]
+    return row, [
+        {"study": s, "series": r, "part": p, "key": key, "tenant": tenant}
+        for s, r, p in sorted(refs)
+    ]
 
 
 def _info(row: CatalogEntry) -> EntryInfo:
@@ -187,31 +199,40 @@ class EntryCatalog:
             yield s
 
     # -- reading -------------------------------------------------------------------------
-    def page(self, limit: int, cursor: str | None = None, offset: int = 0) -> Page:
-        """Studies in name order, ``limit`` of them after ``cursor`` (or ``offset``)."""
+    def page(
+        self, limit: int, cursor: str | None = None, offset: int = 0, tenant: str | None = None
+    ) -> Page:
+        """Studies in name order, ``limit`` of them after ``cursor`` (or ``offset``); of
+        ``tenant`` alone when given (as every method that takes one)."""
         q = select(CatalogRef.study).distinct().order_by(CatalogRef.study)
+        if tenant is not None:
+            q = q.where(CatalogRef.tenant == tenant)
         if cursor:
             q = q.where(CatalogRef.study > decode_cursor(cursor))
         with self._session() as s:
             names = list(s.scalars(q.offset(offset).limit(limit + 1)))
             more = len(names) > limit
             names = names[:limit]
-            found = self._of_studies(s, names)
+            found = self._of_studies(s, names, tenant)
         studies = [(n, found.get(n, [])) for n in names]
         return Page(studies, encode_cursor(names[-1]) if more and names else None)
 
-    def study(self, study: str) -> list[EntryInfo]:
+    def study(self, study: str, tenant: str | None = None) -> list[EntryInfo]:
         """The entries ``study`` names (its own and those another study first sent)."""
         with self._session() as s:
-            return self._of_studies(s, [study]).get(study, [])
+            return self._of_studies(s, [study], tenant).get(study, [])
 
-    def study_keys(self, study: str) -> list[str]:
+    def study_keys(self, study: str, tenant: str | None = None) -> list[str]:
         with self._session() as s:
-            q = select(CatalogRef.key).where(CatalogRef.study == study).distinct()
-            return sorted(s.scalars(q))
+            q = select(CatalogRef.key).where(CatalogRef.study == study)
+            if tenant is not None:
+                q = q.where(CatalogRef.tenant == tenant)
+            return sorted(s.scalars(q.distinct()))
 
     @staticmethod
-    def _of_studies(s: Session, names: list[str]) -> dict[str, list[EntryInfo]]:
+    def _of_studies(
+        s: Session, names: list[str], tenant: str | None = None
+    ) -> dict[str, list[EntryInfo]]:
         if not names:
             return {}
         q = (
@@ -220,6 +241,8 @@ class EntryCatalog:
             .where(CatalogRef.study.in_(names))
             .order_by(CatalogRef.study, CatalogEntry.key)
         )
+        if tenant is not None:
+            q = q.where(CatalogRef.tenant == tenant)
         out: dict[str, list[EntryInfo]] = {}
         for study, row in s.execute(q):
             got = out.setdefault(study, [])
@@ -227,22 +250,30 @@ class EntryCatalog:
                 got.append(_info(row))
         return out
 
-    def get(self, key: str) -> EntryInfo | None:
+    def get(self, key: str, tenant: str | None = None) -> EntryInfo | None:
         with self._session() as s:
             row = s.get(CatalogEntry, key)
-            return _info(row) if row is not None else None
+            if row is None or tenant not in (None, row.tenant):
+                return None
+            return _info(row)
 
-    def resolve(self, ref: str, store: EmbeddingStore | None = None) -> EntryInfo:
+    def resolve(
+        self, ref: str, store: EmbeddingStore | None = None, tenant: str | None = None
+    ) -> EntryInfo:
         """An entry by key, or by series name (``series`` or ``series#part``) of any study
         that sent it. A key the catalog does not know yet (written by another process
         since the last sync) is looked up in ``store``."""
         if re.fullmatch(r"[0-9a-f]{32}", ref):
-            found = self.get(ref) or (store.get(ref) if store is not None else None)
+            found = self.get(ref, tenant)
+            if found is None and store is not None and (late := store.get(ref)) is not None:
+                found = late if tenant in (None, late.attrs.get("tenant", DEFAULT_TENANT)) else None
             if found is not None:
                 return found
         series, _, part = ref.partition("#")
         q = select(CatalogEntry).join(CatalogRef, CatalogRef.key == CatalogEntry.key)
         q = q.where(CatalogRef.series == series)
+        if tenant is not None:
+            q = q.where(CatalogRef.tenant == tenant)
         if part:
             q = q.where(CatalogRef.part == part)
         with self._session() as s:
@@ -296,7 +327,17 @@ class EntryCatalog:
             return
         ins = postgresql.insert if not self.jobs.sqlite else sqlite.insert
         entry = ins(CatalogEntry)
-        fields = ("space", "study", "series", "part", "modality", "patient", "created", "doc")
+        fields = (
+            "tenant",
+            "space",
+            "study",
+            "series",
+            "part",
+            "modality",
+            "patient",
+            "created",
+            "doc",
+        )
         s.execute(
             entry.on_conflict_do_update(
                 index_elements=["key"], set_={f: entry.excluded[f] for f in fields}

@@ -65,7 +65,7 @@ def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
         pipeline = options.pipeline(res.pipeline)
         # A multi-sequence study's entry is keyed by all its sequences: no per-file shortcut.
         known = None if options.multi_sequence else pipeline.recognise([upload])
-        row = res.jobs.create(str(upload), options=options.stored())
+        row = res.jobs.create(str(upload), options=options.stored(), tenant=options.tenant)
     except BaseException:
         shutil.rmtree(upload, ignore_errors=True)
         raise

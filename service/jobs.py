@@ -22,6 +22,8 @@ from sqlalchemy import JSON, DateTime, Integer, String, create_engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from radcache.embeddings.pseudonyms import DEFAULT_TENANT
+
 __all__ = ["EntryRow", "JobRow", "JobState", "JobStore"]
 
 #: ``dead``: failed on every delivery the queue allowed (scale-out), kept for inspection.
@@ -53,6 +55,7 @@ class JobRow(Base):
     options: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
 
 
 class EntryRow(Base):
@@ -101,8 +104,10 @@ class JobStore:
         state: JobState = "queued",
         report: dict[str, Any] | None = None,
         options: dict[str, Any] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> JobRow:
         row = JobRow(
+            tenant=tenant,
             id=uuid.uuid4().hex,
             state=state,
             upload=upload,
@@ -118,13 +123,19 @@ class JobStore:
             s.add(row)
         return row
 
-    def get(self, job_id: str) -> JobRow | None:
+    def get(self, job_id: str, tenant: str | None = None) -> JobRow | None:
+        """A job (None if unknown, or not ``tenant``'s when one is given)."""
         with self._session() as s:
-            return s.get(JobRow, job_id)
+            row = s.get(JobRow, job_id)
+        return row if row is not None and tenant in (None, row.tenant) else None
 
-    def recent(self, limit: int = 50) -> list[JobRow]:
+    def recent(self, limit: int = 50, tenant: str | None = None) -> list[JobRow]:
+        """The newest jobs (of ``tenant`` when given)."""
+        q = select(JobRow)
+        if tenant is not None:
+            q = q.where(JobRow.tenant == tenant)
         with self._session() as s:
-            return list(s.scalars(select(JobRow).order_by(JobRow.created.desc()).limit(limit)))
+            return list(s.scalars(q.order_by(JobRow.created.desc()).limit(limit)))
 
     def unfinished(self) -> list[JobRow]:
         """Jobs a restart must pick up again, oldest first."""

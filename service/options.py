@@ -17,6 +17,7 @@ from radcache.clients.schemas import SubmitOptions
 from radcache.embeddings import ModelCfg, Pipeline, Recipe, load_recipe
 from radcache.embeddings.errors import InvalidFieldError, ModelNotLoadedError
 from radcache.embeddings.models import get_cfg
+from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
 __all__ = ["JobOptions", "job_options", "parse_submit_options"]
 
@@ -34,6 +35,7 @@ class JobOptions(BaseModel):
     sequences: dict[str, str] | None = None
     fusion: Literal["mm", "concat", "mean"] | None = None
     multi_sequence: bool = False  # the whole upload is one multi-sequence MR study
+    tenant: str = DEFAULT_TENANT  # who submitted it: what it stores belongs to them
     _recipe: Recipe | None = PrivateAttr(None)
 
     def stored(self) -> dict[str, Any]:
@@ -41,10 +43,11 @@ class JobOptions(BaseModel):
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
     def pipeline(self, base: Pipeline) -> Pipeline:
-        """``base`` with the recipe and patch-token choice these options ask for."""
+        """``base`` with the recipe and patch-token choice these options ask for, storing
+        for the submitting tenant."""
         if self.recipe is not None and self._recipe is None:
             self._recipe = Recipe.model_validate(self.recipe)  # a stored job: parsed once
-        return base.variant(recipe=self._recipe, patch_tokens=self.patch_tokens)
+        return base.variant(recipe=self._recipe, patch_tokens=self.patch_tokens, tenant=self.tenant)
 
 
 def parse_submit_options(raw: dict[str, Any]) -> SubmitOptions:
@@ -60,8 +63,11 @@ def parse_submit_options(raw: dict[str, Any]) -> SubmitOptions:
         ) from None
 
 
-def job_options(options: SubmitOptions, loaded: ModelCfg) -> JobOptions:
-    """Check ``options`` against the ``loaded`` model and load its recipe, once."""
+def job_options(
+    options: SubmitOptions, loaded: ModelCfg, tenant: str = DEFAULT_TENANT
+) -> JobOptions:
+    """Check ``options`` against the ``loaded`` model and load its recipe, once; the job
+    stores for ``tenant``."""
     if options.model and options.model != loaded.name:
         get_cfg(options.model)  # a name no registry knows: unknown-model (404)
         raise ModelNotLoadedError(
@@ -78,6 +84,7 @@ def job_options(options: SubmitOptions, loaded: ModelCfg) -> JobOptions:
         sequences=options.sequences,
         fusion=options.fusion,
         multi_sequence=options.multi_sequence or loaded.multi_sequence,
+        tenant=tenant,
     )
     out._recipe = recipe
     return out

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import NotFoundError
+from ..pseudonyms import DEFAULT_TENANT
 from ._vectors import Level
 
 __all__ = ["Catalog", "Filters", "Record"]
@@ -38,6 +39,7 @@ class Record:
     labels: Mapping[str, Any] = field(default_factory=dict)
     collections: tuple[str, ...] = ()
     slice_index: tuple[int, ...] = ()  # volume slice of each embedded row
+    tenant: str = DEFAULT_TENANT  # who owns the entry (searches never cross tenants)
 
     @classmethod
     def from_attrs(cls, key: str, attrs: Mapping[str, Any]) -> Record:
@@ -62,6 +64,7 @@ class Record:
             labels=dict(attrs.get("labels", {})),
             collections=tuple(attrs.get("collections", ())),
             slice_index=tuple(range(n)),
+            tenant=str(attrs.get("tenant") or DEFAULT_TENANT),
         )
 
     @property
@@ -88,7 +91,8 @@ class Filters:
     """Which entries a search may return. Empty fields do not filter.
 
     ``description`` matches case-insensitively anywhere in the series description;
-    ``labels`` must all match; ``exclude_*`` drop whole studies or patients (pseudonyms).
+    ``labels`` must all match; ``exclude_*`` drop whole studies or patients (pseudonyms);
+    ``tenant`` confines the search to one tenant's entries.
     """
 
     modality: tuple[str, ...] = ()
@@ -99,6 +103,7 @@ class Filters:
     has_label: str | None = None
     exclude_studies: frozenset[str] = frozenset()
     exclude_patients: frozenset[str] = frozenset()
+    tenant: str | None = None
 
     @classmethod
     def make(
@@ -112,6 +117,7 @@ class Filters:
         has_label: str | None = None,
         exclude_studies: Iterable[str] = (),
         exclude_patients: Iterable[str] = (),
+        tenant: str | None = None,
     ) -> Filters:
         return cls(
             modality=tuple(sorted(m.upper() for m in modality)),
@@ -122,6 +128,7 @@ class Filters:
             has_label=has_label or None,
             exclude_studies=frozenset(exclude_studies),
             exclude_patients=frozenset(exclude_patients),
+            tenant=tenant,
         )
 
     def without_exclusions(self) -> Filters:
@@ -140,7 +147,12 @@ class Catalog:
         self.slice_start: list[int] = []
         self.next_slice = 0
         self.by_key: dict[str, int] = {}
-        self._by: dict[str, dict[str, set[int]]] = {"study": {}, "series": {}, "patient": {}}
+        self._by: dict[str, dict[str, set[int]]] = {
+            "study": {},
+            "series": {},
+            "patient": {},
+            "tenant": {},
+        }
         self._live = np.zeros(0, dtype=bool)
         self._slice_live = np.zeros(0, dtype=bool)
         self.version = 0
@@ -160,6 +172,7 @@ class Catalog:
             "study": rec.studies,
             "series": {r[1] for r in rec.refs} | {f"{r[1]}#{r[2]}" for r in rec.refs if r[2]},
             "patient": {rec.patient} if rec.patient else set(),
+            "tenant": {rec.tenant},
         }
         for kind, values in names.items():
             table = self._by[kind]
@@ -222,8 +235,14 @@ class Catalog:
             raise NotFoundError(f"entry ordinal {o} was deleted.")
         return rec
 
-    def ordinals(self, kind: Literal["study", "series", "patient"], name: str) -> list[int]:
+    def ordinals(
+        self, kind: Literal["study", "series", "patient", "tenant"], name: str
+    ) -> list[int]:
         return sorted(self._by[kind].get(name, ()))
+
+    def count(self, kind: Literal["study", "series", "patient", "tenant"], name: str) -> int:
+        """How many live entries ``name`` names (O(1))."""
+        return len(self._by[kind].get(name, ()))
 
     def owner_of_slice(self, slice_ids: np.ndarray) -> np.ndarray:
         """Ordinal of each slice id."""
@@ -250,6 +269,10 @@ class Catalog:
         if hit is not None and hit[0] == self.version:
             return hit[1]
         m = self._live[: self.n_ordinals].copy()
+        if base.tenant is not None:
+            own = np.zeros_like(m)
+            own[np.fromiter(self._by["tenant"].get(base.tenant, ()), np.int64)] = True
+            m &= own
         cols = self._cols() if (base.modality or base.body_part or base.description) else {}
         if base.modality:
             m &= np.isin(cols["modality"], base.modality)
@@ -308,6 +331,7 @@ class Catalog:
         self.records, self.slice_start, self.next_slice = records, slice_start, next_slice
         self.by_key = {r.key: o for o, r in enumerate(records) if r is not None}
         by_study, by_series, by_patient = self._by["study"], self._by["series"], self._by["patient"]
+        by_tenant = self._by["tenant"]
 
         def put(table: dict[str, set[int]], name: str, o: int) -> None:
             found = table.get(name)
@@ -337,6 +361,7 @@ class Catalog:
                 put(by_series, f"{series}#{part}", o)
             if rec.patient:
                 put(by_patient, rec.patient, o)
+            put(by_tenant, rec.tenant, o)
         live = np.fromiter((r is not None for r in records), dtype=bool, count=len(records))
         self._live = live
         counts = np.diff(np.append(np.asarray(slice_start, np.int64), next_slice))

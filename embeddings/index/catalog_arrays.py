@@ -4,7 +4,9 @@ Format 2 (:data:`CATALOG_FORMAT`) is columnar: the string fields of every record
 JSON document of columns (one parse at load), slice counts and first slice ids as integer
 arrays, and each record's labels as a slice of one blob that is parsed only when that
 record's labels are read (:class:`_StoredLabels`). What is rare (aliases, collections,
-selected slices) rides in an ``other`` column. Format 1 (one JSON document per record,
+selected slices) rides in an ``other`` column; the tenant of each record is a column of its
+own, left out when every record is the default tenant's (as in files written before
+tenants, which read as the default tenant's). Format 1 (one JSON document per record,
 newline-separated) is still read.
 """
 
@@ -19,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SearchIndexError
+from ..pseudonyms import DEFAULT_TENANT
 from .catalog import Catalog, Record
 
 __all__ = ["CATALOG_FORMAT", "from_arrays", "to_arrays"]
@@ -34,16 +37,19 @@ def to_arrays(cat: Catalog) -> dict[str, np.ndarray]:
     records = list(cat.records)
     starts = np.asarray(cat.slice_start, np.int64)
     cols: dict[str, list[Any]] = {c: [] for c in (*_COLUMNS, "other")}
+    tenants: list[str | None] = []
     labels: list[bytes] = []
     n_slices = np.zeros(len(records), np.int64)
     for o, r in enumerate(records):
         if r is None:
             for values in cols.values():
                 values.append(None)
+            tenants.append(None)
             labels.append(b"")
             continue
         for c in _COLUMNS:
             cols[c].append(getattr(r, c))
+        tenants.append(r.tenant)
         n_slices[o] = r.n_slices
         other: dict[str, Any] = {}
         if r.refs != ((r.study, r.series, r.part),):
@@ -55,6 +61,8 @@ def to_arrays(cat: Catalog) -> dict[str, np.ndarray]:
         cols["other"].append(other or None)
         text = json.dumps(dict(r.labels), separators=(",", ":")) if r.labels else ""
         labels.append(text.encode())
+    if any(t not in (None, DEFAULT_TENANT) for t in tenants):
+        cols["tenant"] = tenants
     return {
         "format": np.asarray(CATALOG_FORMAT, np.int64),
         "columns": _bytes(json.dumps(cols, separators=(",", ":")).encode()),
@@ -86,8 +94,22 @@ def _from_columns(arrays: Mapping[str, np.ndarray]) -> Catalog:
     ranges = [tuple(range(k)) for k in range(max(n_slices, default=0) + 1)]
     records: list[Record | None] = []
     begin = 0
-    rows = zip(*(cols[c] for c in _COLUMNS), cols["other"], n_slices, ends, strict=True)
-    for key, study, series, part, patient, modality, body_part, description, other, n, end in rows:
+    tenants = cols.get("tenant") or [DEFAULT_TENANT] * len(n_slices)
+    rows = zip(*(cols[c] for c in _COLUMNS), cols["other"], n_slices, ends, tenants, strict=True)
+    for (
+        key,
+        study,
+        series,
+        part,
+        patient,
+        modality,
+        body_part,
+        description,
+        other,
+        n,
+        end,
+        t,
+    ) in rows:
         if key is None:
             records.append(None)
         else:
@@ -116,6 +138,7 @@ def _from_columns(arrays: Mapping[str, np.ndarray]) -> Catalog:
                     labels,
                     collections,
                     selected,
+                    t,
                 )
             )
         begin = end

@@ -336,14 +336,16 @@ class IndexSet:
             )
         return si
 
-    def study_entries(self, study: str) -> list[str]:
-        """Keys of the indexed entries a study sent (primary or alias)."""
+    def study_entries(self, study: str, tenant: str | None = None) -> list[str]:
+        """Keys of the indexed entries a study sent (primary or alias), of ``tenant``'s
+        entries only when given."""
         with self.lock:
-            return [
-                si.catalog.record(o).key
+            recs = [
+                si.catalog.record(o)
                 for si in self.spaces.values()
                 for o in si.catalog.ordinals("study", study)
             ]
+            return [r.key for r in recs if tenant is None or r.tenant == tenant]
 
     def find(self, key: str) -> tuple[SpaceIndex, int]:
         """The space and ordinal of an indexed entry."""
@@ -353,9 +355,15 @@ class IndexSet:
                 return si, o
         raise NotFoundError(f"entry {key} is not indexed; `radcache index rebuild` adds it.")
 
-    def info(self) -> list[dict[str, Any]]:
+    def info(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        """Every space's :meth:`SpaceIndex.info`; for a ``tenant``, the spaces holding its
+        entries, described by them alone."""
         with self.lock:
-            return [si.info() for _, si in sorted(self.spaces.items())]
+            return [
+                si.info(tenant)
+                for _, si in sorted(self.spaces.items())
+                if tenant is None or si.holds(tenant)
+            ]
 
 
 class _Before:

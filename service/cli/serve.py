@@ -11,7 +11,7 @@ from radcache.embeddings.tuning import settle
 from ..settings import ServiceSettings
 from ._common import STORE, encoder_options, err, fail, need_server, settings
 
-__all__ = ["serve"]
+__all__ = ["guard_open_service", "serve"]
 
 
 def _settings_help() -> str:
@@ -23,6 +23,38 @@ def _settings_help() -> str:
             f"  RADCACHE_{name.upper():<20} {field.description or ''} [default: {default}]"
         )
     return "\n".join(lines)
+
+
+def guard_open_service(s: ServiceSettings) -> None:
+    """Refuse to serve a non-loopback address without keys (unless ``insecure_open``,
+    which is warned about at every start)."""
+    from radcache.embeddings.errors import ConfigError
+
+    from ..auth import is_loopback
+    from ..jobs import JobStore
+    from ..keys import KeyStore
+
+    if is_loopback(s.host):
+        return
+    if s.insecure_open:
+        err.print(
+            f"[bold yellow]warning[/] radcache serves {s.host} WITHOUT AUTHENTICATION while "
+            "no API key exists (--insecure-open): anyone who reaches the port can read and "
+            "delete everything."
+        )
+        return
+    jobs = JobStore(s.db)
+    try:
+        if KeyStore(jobs).any_active():
+            return
+    finally:
+        jobs.close()
+    raise ConfigError(
+        f"refusing to serve {s.host} without API keys: anyone reaching the port could read "
+        "and delete every study. Create a key first (`radcache keys create --tenant NAME "
+        "--scopes submit,read,search,admin --db …`), bind 127.0.0.1, or pass --insecure-open "
+        "for a lab network."
+    )
 
 
 @click.command(epilog=_settings_help())
@@ -37,6 +69,13 @@ def _settings_help() -> str:
     "--queue",
     help="Redis URL: only enqueue jobs, `radcache worker` runs them. [env RADCACHE_QUEUE]",
 )
+@click.option(
+    "--insecure-open",
+    is_flag=True,
+    default=None,
+    help="Serve without API keys on a non-loopback address (lab use only). "
+    "[env RADCACHE_INSECURE_OPEN]",
+)
 @encoder_options
 def serve(
     host: str | None,
@@ -45,6 +84,7 @@ def serve(
     store: str | None,
     db: str | None,
     queue: str | None,
+    insecure_open: bool | None,
     device: str | None,
     precision: str | None,
 ) -> None:
@@ -57,6 +97,7 @@ def serve(
     import uvicorn
 
     from ..app import build_resources, create_app
+    from ..limits import uvicorn_limits
 
     try:
         s = settings(
@@ -68,7 +109,9 @@ def serve(
             queue=queue,
             device=device,
             precision=precision,
+            insecure_open=insecure_open,
         )
+        guard_open_service(s)  # before the model loads: a refusal is quick
         resources = build_resources(s)  # the model loads here: fail with one clear message
     except RadcacheError as exc:
         fail(exc, False)
@@ -82,4 +125,10 @@ def serve(
         f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store}; jobs run by "
         f"{jobs_by})"
     )
-    uvicorn.run(create_app(s, resources=resources), host=s.host, port=s.port, log_level="info")
+    uvicorn.run(
+        create_app(s, resources=resources),
+        host=s.host,
+        port=s.port,
+        log_level="info",
+        **uvicorn_limits(s),  # request head size and time, keep-alive, connections
+    )

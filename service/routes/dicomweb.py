@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from radcache.embeddings.errors import NotDicomError
 from radcache.embeddings.ingest import instance_ids
 
+from ..auth import Read, Submit
 from ..deps import ResourcesDep
 from ..intake import Accepted, accept, receiving
 from ..options import job_options, parse_submit_options
@@ -81,12 +82,16 @@ def _check_parts(paths: list[Path], study: str | None) -> tuple[list[Any], list[
     summary="STOW-RS: store instances of one study",
 )
 async def stow(
-    request: Request, res: ResourcesDep, query: SubmitQuery, study: str | None = None
+    request: Request,
+    res: ResourcesDep,
+    query: SubmitQuery,
+    who: Submit,
+    study: str | None = None,
 ) -> Response:
     """The instances become one embedding job, with the same options as
     ``POST /v1/studies`` (query parameters)."""
     boundary = related_boundary(request.headers.get("content-type", ""))
-    options = job_options(parse_submit_options(query), res.encoder.cfg)
+    options = job_options(parse_submit_options(query), res.encoder.cfg, who.tenant)
     async with receiving(res, prefix="stow-") as dest:
         paths = await save_related(request, dest, res.settings.max_upload_bytes, boundary)
         stored, failed = await run_in_threadpool(_check_parts, paths, study)
@@ -115,6 +120,7 @@ async def stow(
 @router.get("/dicom-web/studies", summary="QIDO-RS (subset): cached studies")
 def qido_studies(
     res: ResourcesDep,
+    who: Read,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
     study_uid: Annotated[str | None, Query(alias="StudyInstanceUID")] = None,
@@ -123,10 +129,10 @@ def qido_studies(
     ModalitiesInStudy of cached studies, in name order, from the entry catalog."""
     cat = catalog(res)
     if study_uid:
-        found = cat.study(study_uid)
+        found = cat.study(study_uid, who.tenant)
         studies = [(study_uid, found)][offset : offset + limit] if found else []
     else:
-        studies = cat.page(limit, offset=offset).studies
+        studies = cat.page(limit, offset=offset, tenant=who.tenant).studies
     out = [
         _ds_json(
             {

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from radcache.clients.schemas import Health, ModelOut
 from radcache.embeddings import REGISTRY
 
+from ..auth import Admin, Read
 from ..deps import ResourcesDep
 from ..problems import problem
 from ._common import ERRORS
@@ -21,7 +22,7 @@ router = APIRouter()
 
 
 @router.get("/v1/models", response_model=list[ModelOut], summary="The model registry")
-def list_models(res: ResourcesDep) -> list[ModelOut]:
+def list_models(res: ResourcesDep, who: Read) -> list[ModelOut]:
     loaded = res.encoder.cfg.name
     return [
         ModelOut(
@@ -44,7 +45,8 @@ def list_models(res: ResourcesDep) -> list[ModelOut]:
     responses={200: {"content": {"text/plain; version=0.0.4": {}}}},
     summary="Prometheus metrics",
 )
-def metrics(res: ResourcesDep) -> Response:
+def metrics(res: ResourcesDep, who: Admin) -> Response:
+    """The whole service's counters (every tenant's): an ``admin`` key's."""
     return Response(res.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

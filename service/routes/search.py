@@ -29,10 +29,12 @@ from radcache.clients.schemas import (
     SearchRequest,
 )
 from radcache.embeddings import Filters, Query
-from radcache.embeddings.errors import InputError
+from radcache.embeddings.errors import ForbiddenError, InputError
 from radcache.embeddings.search import QueryHits
 
+from ..auth import Read, Search
 from ..deps import Resources, ResourcesDep
+from ..keys import Principal
 from ..uploads import save_upload
 from ._common import ERRORS
 
@@ -99,7 +101,7 @@ def _parse(model: type[SearchRequest], raw: str | bytes) -> SearchRequest:
         raise RequestValidationError(exc.errors(include_url=False)) from None
 
 
-async def _search_upload(request: Request, res: Resources) -> Response:
+async def _search_upload(request: Request, res: Resources, who: Principal) -> Response:
     dest = res.settings.upload_dir / f"search-{uuid.uuid4().hex}"
     await run_in_threadpool(dest.mkdir, parents=True)
     try:
@@ -115,9 +117,16 @@ async def _search_upload(request: Request, res: Resources) -> Response:
             "filters": _filters(req.filters),
             "exclude_same_study": req.exclude_same_study,
             "exclude_same_patient": req.exclude_same_patient,
+            "tenant": who.tenant,
         }
         if req.store:  # embed into the cache, then search by what was stored
-            report = await run_in_threadpool(res.pipeline.embed, [dest], modality=req.modality)
+            if not who.allows("submit"):
+                raise ForbiddenError(
+                    f"key {who.key} lacks the 'submit' scope that `store` needs; search "
+                    "without `store`, or use a key with --scopes submit,search."
+                )
+            pipe = res.pipeline.variant(tenant=who.tenant)
+            report = await run_in_threadpool(pipe.embed, [dest], modality=req.modality)
             if not report.series:
                 raise report.errors[0] if report.errors else InputError("no volume in upload")
             await run_in_threadpool(res.keeper.refresh)
@@ -144,13 +153,13 @@ async def _search_upload(request: Request, res: Resources) -> Response:
     openapi_extra=_SEARCH_BODY,
     summary="Similar cases: kNN by study, series, slice, vector or uploaded file",
 )
-async def search(request: Request, res: ResourcesDep) -> Response:
+async def search(request: Request, res: ResourcesDep, who: Search) -> Response:
     """A JSON :class:`SearchRequest`, or ``multipart/form-data`` with files (the query,
     embedded with the index's model and recipe, not stored unless ``store``) and a
     ``request`` field holding the rest of the request as JSON."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        return await _search_upload(request, res)
+        return await _search_upload(request, res, who)
     req = _parse(SearchRequest, await request.body())
     if req.query is None:
         raise InputError("a JSON search needs `query` (or upload files as multipart/form-data).")
@@ -167,6 +176,7 @@ async def search(request: Request, res: ResourcesDep) -> Response:
         model=req.model,
         exclude_same_study=req.exclude_same_study,
         exclude_same_patient=req.exclude_same_patient,
+        tenant=who.tenant,
     )
     return await run_in_threadpool(_out, req, level, results)
 
@@ -177,7 +187,7 @@ async def search(request: Request, res: ResourcesDep) -> Response:
     responses=ERRORS,
     summary="Few-shot classification: kNN vote (T = 0.07) or class prototypes",
 )
-def classify(req: ClassifyRequest, res: ResourcesDep) -> ClassifyOut:
+def classify(req: ClassifyRequest, res: ResourcesDep, who: Search) -> ClassifyOut:
     support = [(_query(s.query), s.label) for s in req.support] if req.support else None
     out = res.searcher.classify(
         [_query(q) for q in req.queries],
@@ -190,11 +200,14 @@ def classify(req: ClassifyRequest, res: ResourcesDep) -> ClassifyOut:
         space=req.space,
         model=req.model,
         exclude_same_study=req.exclude_same_study,
+        tenant=who.tenant,
     )
     return ClassifyOut(predictions=[Prediction.model_validate(c.to_dict()) for c in out])
 
 
 @router.get("/v1/indexes", response_model=list[IndexOut], summary="The search indexes")
-def list_indexes(res: ResourcesDep) -> list[IndexOut]:
-    """One per (model, recipe) space: type of each level, size, measured recall, memory."""
-    return [IndexOut.model_validate(i) for i in res.indexes.info()]
+def list_indexes(res: ResourcesDep, who: Read) -> list[IndexOut]:
+    """One per (model, recipe) space holding the caller's entries: their count and vectors
+    (with an open service: every space, its index type, measured recall and memory)."""
+    tenant = None if who.key is None else who.tenant
+    return [IndexOut.model_validate(i) for i in res.indexes.info(tenant)]

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from radcache.clients.schemas import EntryOut
 
+from ..auth import Read
 from ..deps import ResourcesDep
 from ._common import ERRORS, catalog, entry_out
 
@@ -23,9 +24,9 @@ router = APIRouter()
 @router.get(
     "/v1/series/{series}", response_model=EntryOut, responses=ERRORS, summary="A cached series"
 )
-def get_series(series: str, res: ResourcesDep) -> EntryOut:
+def get_series(series: str, res: ResourcesDep, who: Read) -> EntryOut:
     """``series`` is a series name, ``series#part``, or an entry key."""
-    return entry_out(catalog(res).resolve(series, res.store))
+    return entry_out(catalog(res).resolve(series, res.store, who.tenant))
 
 
 Kind = Literal["pooled", "cls", "mean_patch", "patch", "cls_last", "cls_last4", "positions"]
@@ -48,13 +49,14 @@ def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
 def get_embeddings(
     series: str,
     res: ResourcesDep,
+    who: Read,
     kind: Kind = "pooled",
     slices: Annotated[str | None, Query(pattern=r"^\d*:\d*$", examples=["0:16"])] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """``pooled`` answers JSON by default, arrays answer ``application/x-npy``; ``Accept``
     chooses. ``slices=a:b`` cuts per-slice arrays."""
-    info = catalog(res).resolve(series, res.store)
+    info = catalog(res).resolve(series, res.store, who.tenant)
     arr = res.store.read(info.key, "cls_last" if kind == "cls_last4" else kind)
     if slices and arr.ndim > 1:
         a, _, b = slices.partition(":")

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from radcache.clients.schemas import JobOut, StudyOut, SubmitOptions
 from radcache.embeddings.errors import InvalidFieldError, NotFoundError
 
+from ..auth import Admin, Read, Submit
 from ..deps import ResourcesDep
 from ..intake import accept, receiving
 from ..options import job_options, parse_submit_options
@@ -30,7 +31,9 @@ _FORM_FIELDS = tuple(SubmitOptions.model_fields)
     responses={200: {"model": JobOut, "description": "every series was already cached"}, **ERRORS},
     summary="Submit a study (DICOM files, zips, NIfTI) for embedding",
 )
-async def submit_study(request: Request, res: ResourcesDep, query: SubmitQuery) -> Response:
+async def submit_study(
+    request: Request, res: ResourcesDep, query: SubmitQuery, who: Submit
+) -> Response:
     """Upload as ``multipart/form-data`` (any number of files, plus optional fields
     ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON), ``labels`` (a JSON
     object recorded with every series), ``collection``, ``sequences`` and ``fusion``) or as
@@ -38,7 +41,9 @@ async def submit_study(request: Request, res: ResourcesDep, query: SubmitQuery) 
     parameters (:class:`SubmitOptions`; a query parameter wins over a form field)."""
     async with receiving(res) as dest:
         fields = await save_upload(request, dest, res.settings.max_upload_bytes, _FORM_FIELDS)
-        options = job_options(parse_submit_options({**fields, **query}), res.encoder.cfg)
+        options = job_options(
+            parse_submit_options({**fields, **query}), res.encoder.cfg, who.tenant
+        )
     taken = await run_in_threadpool(accept, res, dest, options)
     body = job_out(taken.job).model_dump(mode="json")
     if taken.cached:
@@ -56,6 +61,7 @@ def list_studies(
     request: Request,
     response: Response,
     res: ResourcesDep,
+    who: Read,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     cursor: Annotated[
         str | None, Query(description="where the previous page ended (its Link header)")
@@ -72,7 +78,7 @@ def list_studies(
             f"cursor and offset={offset} given together; page with the cursor of the previous "
             "page's Link header alone."
         )
-    page = catalog(res).page(limit, cursor, offset)
+    page = catalog(res).page(limit, cursor, offset, tenant=who.tenant)
     if page.next is not None:
         nxt = request.url.remove_query_params("offset").include_query_params(
             limit=limit, cursor=page.next
@@ -84,8 +90,8 @@ def list_studies(
 @router.get(
     "/v1/studies/{study}", response_model=StudyOut, responses=ERRORS, summary="One cached study"
 )
-def get_study(study: str, res: ResourcesDep) -> StudyOut:
-    entries = catalog(res).study(study)
+def get_study(study: str, res: ResourcesDep, who: Read) -> StudyOut:
+    entries = catalog(res).study(study, who.tenant)
     if not entries:
         raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
     return study_out(study, entries)
@@ -97,12 +103,15 @@ def get_study(study: str, res: ResourcesDep) -> StudyOut:
     responses=ERRORS,
     summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
 )
-def delete_study(study: str, res: ResourcesDep) -> Response:
+def delete_study(study: str, res: ResourcesDep, who: Admin) -> Response:
     """The study's entries are found in the catalog (and the index), removed from the
     store (their table rows tombstoned) and from the catalog; its vectors leave the index
-    before this answers. Content another study also sent stays, named by that study."""
+    before this answers. Content another study of the tenant also sent stays, named by
+    that study; other tenants' entries are never touched (they are entries of their own)."""
     cat = catalog(res)
-    named = set(cat.study_keys(study)) | set(res.indexes.study_entries(study))
+    named = set(cat.study_keys(study, who.tenant)) | set(
+        res.indexes.study_entries(study, who.tenant)
+    )
     gone = set(res.store.delete_study(study, keys=named))
     cat.forget(gone)
     kept = sorted(named - gone)
