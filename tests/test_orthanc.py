@@ -1,0 +1,181 @@
+"""A real Orthanc pushes studies to a real `radcache serve` over DICOMweb STOW-RS, with API
+keys on.
+
+Orthanc (tests/orthanc.py) knows radcache three times: ``radcache`` with the key as the
+HTTP Basic password (the setup docs/ORTHANC.md shows), ``radcache-bad`` with a wrong
+password, and ``radcache-bearer`` with the key in an ``Authorization: Bearer`` header.
+One radcache and one Orthanc serve the module; each test pushes a study of its own, so
+the order does not matter. Without Orthanc installed the tests skip (fail under CI=true).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from radcache.embeddings import Pseudonymizer
+from radcache.service.jobs import JobStore
+from radcache.service.keys import KeyStore
+from tests.conftest import TEST_SECRET
+from tests.dicomgen import GeneratedSeries, phantom, write_series
+from tests.orthanc import dicomweb_server, require_orthanc, running_orthanc
+from tests.servers import running_server
+
+pytestmark = pytest.mark.timeout(300)
+
+TENANT = "hospital-a"
+
+
+@dataclass
+class Sites:
+    radcache: str
+    orthanc: str
+    admin: str  # an admin key of TENANT, for the checks on the radcache side
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
+    require_orthanc()  # skip before paying for the radcache start
+    root = tmp_path_factory.mktemp("orthanc-push")
+    db = f"sqlite:///{root / 'j.db'}"
+    jobs = JobStore(db)
+    keys = KeyStore(jobs)
+    pusher = keys.create(TENANT, ["submit", "read"])[0]
+    admin = keys.create(TENANT, ["read", "admin"])[0]
+    jobs.close()
+    # the right key prefix with a wrong secret: a key radcache knows, a password it refuses
+    wrong = pusher[:-4] + ("BBBB" if pusher.endswith("AAAA") else "AAAA")
+    with running_server(root, db=db) as (url, _):
+        servers = {
+            "radcache": dicomweb_server(url, username="orthanc", password=pusher),
+            "radcache-bad": dicomweb_server(url, username="orthanc", password=wrong),
+            "radcache-bearer": {
+                **dicomweb_server(url),
+                "HttpHeaders": {"Authorization": f"Bearer {pusher}"},
+            },
+        }
+        with running_orthanc(root / "orthanc", servers) as orthanc:
+            yield Sites(url, orthanc, admin)
+
+
+def _upload(orthanc: str, gen: GeneratedSeries) -> str:
+    """Store the series in Orthanc through its REST API; its Orthanc study id."""
+    parents = set()
+    for path in gen.files:
+        r = httpx.post(f"{orthanc}/instances", content=path.read_bytes(), timeout=30)
+        assert r.status_code == 200, r.text
+        parents.add(r.json()["ParentStudy"])
+    (study,) = parents
+    return str(study)
+
+
+def _push(orthanc: str, server: str, study: str) -> dict[str, Any]:
+    """Have Orthanc send ``study`` to the DICOMweb ``server`` (STOW-RS, as an Orthanc job);
+    the job once it has ended."""
+    r = httpx.post(
+        f"{orthanc}/dicom-web/servers/{server}/stow",
+        json={"Resources": [study], "Synchronous": False},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    job_id = r.json()["ID"]
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = httpx.get(f"{orthanc}/jobs/{job_id}", timeout=10).json()
+        if job["State"] in ("Success", "Failure"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"the Orthanc STOW-RS job did not end: {job}")
+
+
+def _admin(sites: Sites) -> httpx.Client:
+    return httpx.Client(
+        base_url=sites.radcache, headers={"Authorization": f"Bearer {sites.admin}"}, timeout=30
+    )
+
+
+def _seen(http: httpx.Client) -> tuple[set[str], dict[str, list[dict[str, Any]]]]:
+    """The tenant's job ids and studies (name → series entries) as radcache lists them."""
+    jobs = http.get("/v1/jobs", params={"limit": 500})
+    studies = http.get("/v1/studies", params={"limit": 1000})
+    assert jobs.status_code == studies.status_code == 200, (jobs.text, studies.text)
+    return {j["id"] for j in jobs.json()}, {s["study"]: s["series"] for s in studies.json()}
+
+
+def _finished(http: httpx.Client, job_id: str) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        job: dict[str, Any] = http.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"radcache job {job_id} did not finish: {job}")
+
+
+def _assert_received(sites: Sites, gen: GeneratedSeries, before: set[str]) -> None:
+    """radcache made one job of the pushed series, it ended done, and the study is listed
+    (under the tenant's pseudonyms) with the series' embedding."""
+    names = Pseudonymizer(TEST_SECRET.encode()).for_tenant(TENANT)
+    study, series = names.name("study", gen.study_uid), names.name("series", gen.series_uid)
+    with _admin(sites) as http:
+        jobs, _ = _seen(http)
+        (new,) = jobs - before
+        job = _finished(http, new)
+        assert job["state"] == "done", job
+        ((done,),) = [job["series"]]
+        assert (done["study"], done["series"], done["slices"]) == (study, series, 4)
+        _, studies = _seen(http)
+        (entry,) = studies[study]
+        assert (entry["series"], entry["entry"], entry["modality"]) == (series, done["entry"], "CT")
+        r = http.get(f"/v1/series/{entry['entry']}/embeddings")
+        assert r.status_code == 200, r.text
+        pooled = np.asarray(r.json()["data"])
+        assert pooled.shape == (entry["dim"],)
+        assert np.isfinite(pooled).all()
+        assert np.abs(pooled).sum() > 0
+
+
+def test_orthanc_pushes_a_study_with_the_key_as_its_password(sites: Sites, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=301))
+    study = _upload(sites.orthanc, gen)
+    with _admin(sites) as http:
+        before, studies_before = _seen(http)
+    job = _push(sites.orthanc, "radcache", study)
+    assert job["State"] == "Success", job
+    assert job["Content"]["InstancesCount"] == "4", job
+    _assert_received(sites, gen, before)
+    with _admin(sites) as http:
+        _, studies = _seen(http)
+    assert len(studies.keys() - studies_before.keys()) == 1
+
+
+def test_a_wrong_password_is_refused_and_nothing_is_stored(sites: Sites, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=302))
+    study = _upload(sites.orthanc, gen)
+    with _admin(sites) as http:
+        before = _seen(http)
+    job = _push(sites.orthanc, "radcache-bad", study)
+    assert job["State"] == "Failure", job
+    # Orthanc's account of radcache's 401: "Bad credentials were provided to an HTTP request"
+    assert "credentials" in job["Content"]["FunctionErrorDescription"].lower(), job
+    name = Pseudonymizer(TEST_SECRET.encode()).for_tenant(TENANT).name("study", gen.study_uid)
+    with _admin(sites) as http:
+        assert _seen(http) == before
+        assert http.get(f"/v1/studies/{name}").status_code == 404
+
+
+def test_the_key_also_works_as_a_bearer_header(sites: Sites, tmp_path: Path) -> None:
+    gen = write_series(tmp_path / "ct", phantom(4, 16, 16, seed=303))
+    study = _upload(sites.orthanc, gen)
+    with _admin(sites) as http:
+        before, _ = _seen(http)
+    job = _push(sites.orthanc, "radcache-bearer", study)
+    assert job["State"] == "Success", job
+    _assert_received(sites, gen, before)
