@@ -77,7 +77,8 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     }
     keys = {name: store.create(t, s.split(","))[0] for name, (t, s) in made.items()}
     jobs.close()
-    with running_server(root, db=f"sqlite:///{db}") as (url, log):
+    cors = '["https://viewer.example"]'
+    with running_server(root, db=f"sqlite:///{db}", RADCACHE_CORS_ORIGINS=cors) as (url, log):
         yield Service(url, log, db, keys, root)
 
 
@@ -278,6 +279,21 @@ def test_openapi_declares_the_scheme_and_each_operation_scope(service: Service) 
             declared.get((method, templ)),
         )
     assert ("GET", "/healthz") not in declared and ("GET", "/readyz") not in declared
+
+
+def test_cors_answers_only_the_configured_origins(service: Service) -> None:
+    with service.client(None) as http:
+        ask = {
+            "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization",
+        }
+        ok = http.options("/v1/studies", headers={"Origin": "https://viewer.example", **ask})
+        assert ok.status_code == 200
+        assert ok.headers["access-control-allow-origin"] == "https://viewer.example"
+        other = http.options("/v1/studies", headers={"Origin": "https://evil.example", **ask})
+        assert "access-control-allow-origin" not in other.headers
+        plain = http.get("/healthz", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in plain.headers
 
 
 def test_a_public_address_without_keys_is_refused(tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from radcache.embeddings.errors import NotFoundError
 from radcache.embeddings.index import Filters, Record, open_index
 from radcache.embeddings.index.catalog import Catalog
 from radcache.embeddings.index.catalog_arrays import from_arrays, to_arrays
+from radcache.embeddings.probes import features
 from tests.conftest import TEST_SECRET
 from tests.dicomgen import phantom, write_series
 
@@ -98,3 +99,6 @@ def test_tenants_get_entries_of_their_own_and_searches_stay_inside(
     (space,) = info.values()
     assert space["entries"] == 1 and space["levels"]["slice"]["vectors"] == 4
     assert searcher.indexes.info("nobody") == []
+    mine = features(store, tenant="b")
+    assert sorted(r["entry"] for r in mine.rows) == sorted([rb.entry, rb2.entry])
+    assert len(features(store)) == 3

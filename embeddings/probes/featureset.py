@@ -17,6 +17,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ..errors import InputError, NotFoundError
+from ..pseudonyms import DEFAULT_TENANT
 from ..store import EmbeddingStore
 
 __all__ = ["KINDS", "Features", "Kind", "Level", "features", "pool_slices", "read_labels"]
@@ -130,8 +131,10 @@ def features(
     kind: Kind = "pooled",
     space: str | None = None,
     labels: Mapping[str, Mapping[str, Any]] | None = None,
+    tenant: str | None = None,
 ) -> Features:
-    """Every entry of one space as features, read in one pass over the store.
+    """Every entry of one space (of one ``tenant``, when given) as features, read in one
+    pass over the store.
 
     ``kind``: ``pooled`` (series: the stored mean of slice CLS; slice: the CLS), ``cls``
     (the same vectors), ``cls_last4`` (CLS of the last 4 blocks, concatenated), or
@@ -148,7 +151,7 @@ def features(
     rows: list[dict[str, Any]] = []
     for i, key in enumerate(table.keys):
         a = attrs.get(key)
-        if a is None:
+        if a is None or tenant not in (None, a.get("tenant", DEFAULT_TENANT)):
             continue
         vol = a.get("volume", {})
         base = {

@@ -16,6 +16,7 @@ from ._common import STORE, err, fail, need_server, out, settings
 __all__ = ["export", "probe"]
 
 _SPACE = click.option("--space", help="Which (model, recipe) space, if the store holds several.")
+_TENANT = click.option("--tenant", help="Only this tenant's entries. [default: every entry]")
 _LEVEL = click.option(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
 )
@@ -45,14 +46,26 @@ _REPORT = [
 
 
 def _features(
-    store: str | None, level: str, kind: str, space: str | None, labels: str | None
+    store: str | None,
+    level: str,
+    kind: str,
+    space: str | None,
+    labels: str | None,
+    tenant: str | None = None,
 ) -> Any:
     from radcache.embeddings import open_store
     from radcache.embeddings.probes import features, read_labels
 
     st = open_store(settings(store=store).store)
     given = read_labels(labels) if labels else None
-    return features(st, level=level, kind=kind, space=space, labels=given)  # type: ignore[arg-type]
+    return features(
+        st,
+        level=level,  # type: ignore[arg-type]
+        kind=kind,  # type: ignore[arg-type]
+        space=space,
+        labels=given,
+        tenant=tenant,
+    )
 
 
 @click.group()
@@ -66,6 +79,7 @@ def _probe_options(fn: Any) -> Any:
         [
             STORE,
             _SPACE,
+            _TENANT,
             _LEVEL,
             _KIND,
             click.option(
@@ -107,7 +121,14 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
     from radcache.embeddings import probes
 
     try:
-        f = _features(opts["store"], opts["level"], opts["kind"], opts["space"], opts["labels"])
+        f = _features(
+            opts["store"],
+            opts["level"],
+            opts["kind"],
+            opts["space"],
+            opts["labels"],
+            opts["tenant"],
+        )
         if opts["pool"] != "none":
             f = probes.pool_slices(f, opts["pool"])
         if opts["split_column"]:
@@ -244,6 +265,7 @@ def probe_seg(
 @click.command()
 @STORE
 @_SPACE
+@_TENANT
 @_LEVEL
 @_KIND
 @click.option(
@@ -251,7 +273,13 @@ def probe_seg(
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False), required=True)
 def export(
-    store: str | None, space: str | None, level: str, kind: str, fmt: str, output: str
+    store: str | None,
+    space: str | None,
+    tenant: str | None,
+    level: str,
+    kind: str,
+    fmt: str,
+    output: str,
 ) -> None:
     """Write a store's features and their row descriptions for other tools (npz, or Parquet
     with the features as a fixed-size list column); the file is replaced atomically."""
@@ -259,7 +287,7 @@ def export(
     from radcache.embeddings.probes import export_features
 
     try:
-        f = _features(store, level, kind, space, None)
+        f = _features(store, level, kind, space, None, tenant)
         path = export_features(f, output, fmt)  # type: ignore[arg-type]
     except RadcacheError as exc:
         fail(exc, False)
