@@ -7,6 +7,7 @@ own studies, so the order does not matter.
 from __future__ import annotations
 
 import base64
+import json
 import os
 import subprocess
 import time
@@ -306,3 +307,35 @@ def test_a_public_address_without_keys_is_refused(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "refusing to serve 0.0.0.0 without API keys" in done.stderr
     assert "radcache keys create" in done.stderr
+
+
+def test_the_client_commands_send_the_key(service: Service, tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    gen = write_series(tmp_path / "cli", phantom(3, 16, 16, seed=61))
+    run = CliRunner().invoke
+    url = ["--url", service.url]
+    refused = run(main, ["jobs", *url, "--json"])
+    assert refused.exit_code == 2 and "unauthenticated" in refused.output
+    done = run(
+        main,
+        ["submit", str(gen.directory), *url, "--json"],
+        env={"RADCACHE_API_KEY": service.keys["a"]},
+    )
+    assert done.exit_code == 0, done.output
+    entry = json.loads(done.output)["series"][0]["entry"]
+    listed = run(main, ["jobs", *url, "--api-key", service.keys["a_read"], "--json"])
+    assert listed.exit_code == 0 and entry in listed.output
+    got = run(
+        main,
+        ["get", entry, *url, "--api-key", service.keys["a_read"], "-o", str(tmp_path / "e.npy")],
+    )
+    assert got.exit_code == 0, got.output
+    other = run(
+        main, ["get", entry, *url, "--api-key", service.keys["b"], "-o", str(tmp_path / "f.npy")]
+    )
+    assert other.exit_code == 2 and "not-found" in other.output
+    for result in (refused, done, listed, got, other):
+        assert service.keys["a"].split("_", 2)[2] not in result.output
