@@ -102,3 +102,10 @@ def test_tenants_get_entries_of_their_own_and_searches_stay_inside(
     mine = features(store, tenant="b")
     assert sorted(r["entry"] for r in mine.rows) == sorted([rb.entry, rb2.entry])
     assert len(features(store)) == 3
+    # deleting b's study removes b's entry and its volume record, nothing of a's
+    raw = str(store.get(rb.entry).attrs["content_hash"])  # type: ignore[union-attr]
+    assert store.volume_record(tenant_content(raw, "b")) is not None
+    assert store.delete_study(rb.study, keys=[rb.entry]) == [rb.entry]
+    assert store.volume_record(tenant_content(raw, "b")) is None
+    assert store.volume_record(tenant_content(raw, "a")) is not None
+    assert store.get(ra.entry) is not None

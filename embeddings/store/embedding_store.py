@@ -17,7 +17,9 @@ from typing import Any, Literal
 import numpy as np
 import zarr
 
+from ..cache_keys import tenant_content
 from ..errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
+from ..pseudonyms import DEFAULT_TENANT
 from ._common import _array, _group, _meta, _now
 from .backend import Backend, open_backend
 from .compaction import compact_table
@@ -286,7 +288,8 @@ class EmbeddingStore:
                     g.attrs["radcache"] = attrs
                     continue
                 gone.append(e)
-                content = str(e.attrs.get("content_hash", ""))
+                tenant = str(e.attrs.get("tenant") or DEFAULT_TENANT)
+                content = tenant_content(str(e.attrs.get("content_hash", "")), tenant)
                 with contextlib.suppress(KeyError):
                     del _group(self.root["volumes"])[content]
                 del _group(self.root["entries"])[e.key]
