@@ -1,10 +1,11 @@
 """Who is calling: an API key on every route but the probes, a scope per operation, and the
 tenant the key belongs to.
 
-Routes declare what they need with :data:`Submit`, :data:`Read`, :data:`Search` or
-:data:`Admin` (each a :class:`~.keys.Principal`); the OpenAPI document shows the bearer
-scheme and each operation's scope. A key comes as ``Authorization: Bearer <key>``, or as
-the password of HTTP Basic credentials (what DICOMweb clients such as Orthanc send).
+Routes declare what they need with :data:`Submit`, :data:`Read`, :data:`Search`,
+:data:`Admin` or :data:`Metrics` (each a :class:`~.keys.Principal`); the OpenAPI document
+shows the bearer scheme and each operation's scope. A key comes as
+``Authorization: Bearer <key>``, or as the password of HTTP Basic credentials (what
+DICOMweb clients such as Orthanc send).
 
 A service whose database holds no active key is *open*: every request acts for the
 default tenant with every scope. That is allowed only where :func:`open_allowed` says so
@@ -31,7 +32,17 @@ from .deps import ResourcesDep
 from .keys import SCOPES, Principal
 from .settings import ServiceSettings
 
-__all__ = ["OPEN", "Admin", "Read", "Search", "Submit", "caller", "is_loopback", "open_allowed"]
+__all__ = [
+    "OPEN",
+    "Admin",
+    "Metrics",
+    "Read",
+    "Search",
+    "Submit",
+    "caller",
+    "is_loopback",
+    "open_allowed",
+]
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +125,4 @@ Submit = Annotated[Principal, Security(caller, scopes=["submit"])]
 Read = Annotated[Principal, Security(caller, scopes=["read"])]
 Search = Annotated[Principal, Security(caller, scopes=["search"])]
 Admin = Annotated[Principal, Security(caller, scopes=["admin"])]
+Metrics = Annotated[Principal, Security(caller, scopes=["metrics"])]

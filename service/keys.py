@@ -51,7 +51,8 @@ __all__ = [
     "Principal",
 ]
 
-SCOPES: tuple[str, ...] = ("submit", "read", "search", "admin")
+#: ``metrics`` reads /metrics alone: a Prometheus scraper's key reads no study.
+SCOPES: tuple[str, ...] = ("submit", "read", "search", "admin", "metrics")
 CACHE_S = 1.0  # longest a verification (or any_active) answer is reused in-process
 TOUCH_S = 60.0  # last_used is written at most this often per key
 _TENANT = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")

@@ -45,7 +45,7 @@ GUARDED: list[tuple[str, str, str]] = [
     ("POST", "/v1/search", "search"),
     ("POST", "/v1/classify", "search"),
     ("DELETE", "/v1/studies/x", "admin"),
-    ("GET", "/metrics", "admin"),
+    ("GET", "/metrics", "metrics"),
 ]
 
 
@@ -73,6 +73,7 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         "a_read": ("hospital-a", "read"),
         "a_submit": ("hospital-a", "submit"),
         "a_search": ("hospital-a", "search,read"),
+        "scraper": ("hospital-a", "metrics"),
         "b": ("hospital-b", "submit,read,search,admin"),
         "doomed": ("hospital-a", "read"),
     }
@@ -117,7 +118,12 @@ def test_anonymous_requests_are_refused_but_the_probes_answer(service: Service) 
 
 
 def test_each_scope_opens_its_routes_and_no_other(service: Service) -> None:
-    only = {"a_read": {"read"}, "a_submit": {"submit"}, "a_search": {"search", "read"}}
+    only = {
+        "a_read": {"read"},
+        "a_submit": {"submit"},
+        "a_search": {"search", "read"},
+        "scraper": {"metrics"},
+    }
     for key, scopes in only.items():
         with service.client(key) as http:
             for method, path, scope in GUARDED:

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 from radcache.clients.schemas import Health, ModelOut
 from radcache.embeddings import REGISTRY
 
-from ..auth import Admin, Read
+from ..auth import Metrics, Read
 from ..deps import ResourcesDep
 from ..problems import problem
 from ._common import ERRORS
@@ -45,8 +45,9 @@ def list_models(res: ResourcesDep, who: Read) -> list[ModelOut]:
     responses={200: {"content": {"text/plain; version=0.0.4": {}}}},
     summary="Prometheus metrics",
 )
-def metrics(res: ResourcesDep, who: Admin) -> Response:
-    """The whole service's counters (every tenant's): an ``admin`` key's."""
+def metrics(res: ResourcesDep, who: Metrics) -> Response:
+    """The whole service's counters (every tenant's): for a ``metrics`` key (a scraper's,
+    which reads nothing else) or an ``admin`` one."""
     return Response(res.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
