@@ -36,6 +36,12 @@ def guard_open_service(s: ServiceSettings) -> None:
 
     if is_loopback(s.host):
         return
+    jobs = JobStore(s.db)
+    try:
+        if KeyStore(jobs).any_active():
+            return
+    finally:
+        jobs.close()
     if s.insecure_open:
         err.print(
             f"[bold yellow]warning[/] radcache serves {s.host} WITHOUT AUTHENTICATION while "
@@ -43,12 +49,6 @@ def guard_open_service(s: ServiceSettings) -> None:
             "delete everything."
         )
         return
-    jobs = JobStore(s.db)
-    try:
-        if KeyStore(jobs).any_active():
-            return
-    finally:
-        jobs.close()
     raise ConfigError(
         f"refusing to serve {s.host} without API keys: anyone reaching the port could read "
         "and delete every study. Create a key first (`radcache keys create --tenant NAME "
