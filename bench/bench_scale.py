@@ -8,9 +8,12 @@ Data, per size N: a store in the real format written through the store API
 lock; the table rows then written once, in order, into the table ``append_row`` makes, or
 with ``--no-bulk-table`` appended by each write), N series of 10
 slices each (so 1M slice vectors at 100k), 3 series per study, 2 studies per patient,
-pseudonym-like hex names. Slice CLS vectors are unit vectors of dim 384 around 1000 random
-centres (``bench_search.clustered``); ``pooled`` is their mean, ``mean_patch`` another
-clustered draw; ``positions`` and ``slice_index`` as a real entry has them. No ``patch``
+pseudonym-like hex names. Vectors (unit, dim 384) are synthetic but have neighbourhoods:
+each series is a case around one of 1000 shared centres (an anatomy and protocol: cosine
+≈ 0.86 to it) and its slices lie around their case (cosine ≈ 0.94: neighbouring slices
+alike), so the nearest neighbours of a series are cases of the same kind; ``pooled`` is
+the mean of its slices, ``mean_patch`` another draw around the case; ``positions`` and
+``slice_index`` as a real entry has them. No ``patch``
 tokens and no ``cls_last`` (optional arrays the listing and search never read). The entry
 metadata is what ``entry_attrs`` makes for ``dinov2-small-random`` (the served model, dim
 384) on a tiny volume, with each entry's study, series, patient and content hash
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import http.client
 import json
 import multiprocessing as mp
@@ -52,8 +56,6 @@ from typing import Any
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-from bench_search import clustered  # noqa: E402
 
 DIM = 384
 SLICES = 10
@@ -97,19 +99,38 @@ def templates() -> dict[str, dict[str, Any]]:
             meta,
         )
         recipe = Recipe().resolve(mod, enc.cfg)
-        out[mod] = entry_attrs(enc, vol, vol, recipe, (16, 16), SLICES, 0)
+        out[mod] = entry_attrs(enc, vol, vol, recipe, (16, 16), SLICES, 0, tenant="default")
     return out
 
 
 BLOCK = 500  # series generated together; the vectors of block b depend on b only
 
 
+CENTRES, CASE_SPREAD, SLICE_SPREAD = 1000, 0.03, 0.02  # per-dimension noise
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x / np.linalg.norm(x, axis=-1, keepdims=True), np.float32)
+
+
+@functools.lru_cache(maxsize=1)
+def _centres() -> np.ndarray:
+    return _unit(np.random.default_rng(7).standard_normal((CENTRES, DIM), dtype=np.float32))
+
+
 def _block(b: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Slice CLS and mean-patch vectors ``(m, SLICES, DIM)`` of series ``b:b+BLOCK``."""
+    """Slice CLS and mean-patch vectors ``(m, SLICES, DIM)`` of series ``b:b+BLOCK``: cases
+    around shared centres, slices around their case (the module docstring)."""
     m = min(n, b + BLOCK) - b
-    cls = clustered(m * SLICES, DIM, 1000, seed=b + 7).reshape(m, SLICES, DIM)
-    mean_patch = clustered(m * SLICES, DIM, 1000, seed=b + 10**9).reshape(m, SLICES, DIM)
-    return cls, mean_patch
+    rng = np.random.default_rng(b + 7)
+    case = _centres()[rng.integers(0, CENTRES, m)]
+    case = _unit(case + rng.standard_normal((m, DIM), dtype=np.float32) * CASE_SPREAD)
+
+    def around(r: np.random.Generator) -> np.ndarray:
+        noise = r.standard_normal((m, SLICES, DIM), dtype=np.float32) * SLICE_SPREAD
+        return _unit(case[:, None, :] + noise)
+
+    return around(rng), around(np.random.default_rng(b + 10**9))
 
 
 def _write_part(args: tuple[str, int, list[int], bool, dict[str, dict[str, Any]]]) -> int:
@@ -377,7 +398,10 @@ def run_size(n: int, args: argparse.Namespace, tmpl: dict[str, dict[str, Any]]) 
         print(f"[{n}] peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         return res
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep:
+            print(f"[{n}] kept {work}", flush=True)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def verdict(sizes: dict[int, dict[str, Any]]) -> dict[str, Any]:
@@ -409,6 +433,11 @@ def main() -> None:
         "(--no-bulk-table: each write appends its row, ~30 ms an entry here)",
     )
     ap.add_argument("--workdir", type=Path, default=None, help="default: the temp folder")
+    ap.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep each size's store and job database (for profiling a server against it)",
+    )
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     args = ap.parse_args()
     cpu = next(

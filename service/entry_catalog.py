@@ -72,7 +72,7 @@ class CatalogEntry(Base):
     patient: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
     created: Mapped[str] = mapped_column(String(40))
     doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # the metadata answers show
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT, index=True)
+    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
 
 
 class CatalogRef(Base):
@@ -81,7 +81,7 @@ class CatalogRef(Base):
 
     __tablename__ = "catalog_refs"
     __table_args__ = (
-        Index("ix_catalog_refs_series", "series", "part"),
+        Index("ix_catalog_refs_series", "series", "tenant", "part"),
         Index("ix_catalog_refs_tenant_study", "tenant", "study"),
     )
 

@@ -259,12 +259,11 @@ class KeyStore:
                 "the API key is malformed: expected rc_<8 hex digits>_<secret> exactly as "
                 f"`radcache keys create` printed it; {_USAGE}"
             )
+        hit = self.recent(token)
+        if hit is not None:
+            return hit
         cache_key = hashlib.sha256(token.encode()).hexdigest()
         now, tick = _now(), time.monotonic()
-        with self._lock:
-            hit = self._verified.get(cache_key)
-        if hit is not None and tick < hit.until and (hit.expires is None or now < hit.expires):
-            return hit.principal
         principal, expires = self._lookup(match.group(1), token, now)
         with self._lock:
             if len(self._verified) >= _CACHE_MAX:
@@ -300,15 +299,33 @@ class KeyStore:
                 row.last_used = now
         return Principal(info.tenant, frozenset(info.scopes), prefix), info.expires
 
+    def recent(self, token: str) -> Principal | None:
+        """The principal of ``token`` if it verified less than :data:`CACHE_S` seconds ago
+        (and has not expired since), else None; never touches the database, so an event
+        loop may call it."""
+        cache_key = hashlib.sha256(token.encode()).hexdigest()
+        with self._lock:
+            hit = self._verified.get(cache_key)
+        if hit is None or time.monotonic() >= hit.until:
+            return None
+        if hit.expires is not None and _now() >= hit.expires:
+            return None
+        return hit.principal
+
+    def recent_any_active(self) -> bool | None:
+        """:meth:`any_active`'s answer if it is less than :data:`CACHE_S` seconds old,
+        else None (without touching the database)."""
+        with self._lock:
+            cached = self._any_active
+        return cached[1] if cached is not None and time.monotonic() < cached[0] else None
+
     def any_active(self) -> bool:
         """Whether any key is active (none: the service is open); reused for up to
         :data:`CACHE_S` seconds."""
-        tick = time.monotonic()
-        with self._lock:
-            cached = self._any_active
-        if cached is not None and tick < cached[0]:
-            return cached[1]
-        now = _now()
+        cached = self.recent_any_active()
+        if cached is not None:
+            return cached
+        tick, now = time.monotonic(), _now()
         with self.jobs.session() as s:
             q = (
                 select(ApiKeyRow.prefix)

@@ -25,11 +25,15 @@ def upgrade() -> None:
             )
     op.create_index("ix_jobs_tenant_created", "jobs", ["tenant", "created"])
     op.create_index("ix_catalog_refs_tenant_study", "catalog_refs", ["tenant", "study"])
-    op.create_index("ix_catalog_entries_tenant", "catalog_entries", ["tenant"])
+    # A lookup by series name is (series, tenant): with the tenant second, the planner
+    # never prefers the (tenant, study) index, which would scan the tenant's every study.
+    op.drop_index("ix_catalog_refs_series", "catalog_refs")
+    op.create_index("ix_catalog_refs_series", "catalog_refs", ["series", "tenant", "part"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_catalog_entries_tenant", "catalog_entries")
+    op.drop_index("ix_catalog_refs_series", "catalog_refs")
+    op.create_index("ix_catalog_refs_series", "catalog_refs", ["series", "part"])
     op.drop_index("ix_catalog_refs_tenant_study", "catalog_refs")
     op.drop_index("ix_jobs_tenant_created", "jobs")
     for table in reversed(_TABLES):
