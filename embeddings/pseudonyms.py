@@ -53,11 +53,16 @@ def load_or_create_secret(path: Path) -> bytes:
 
 @dataclass(frozen=True)
 class Pseudonymizer:
-    """Maps DICOM UIDs and patient IDs to keyed pseudonyms (or keeps UIDs when asked)."""
+    """Maps DICOM UIDs and patient IDs to keyed pseudonyms (or keeps UIDs when asked).
+
+    It is also what ingest asks how much header text to keep: ``keep_descriptions`` keeps
+    series descriptions, cleaned of each file's identifying values; without it none is kept.
+    """
 
     secret: bytes
     keep_uids: bool = False
     tenant: str = DEFAULT_TENANT
+    keep_descriptions: bool = False
 
     def __post_init__(self) -> None:
         if len(self.secret) < 16:
@@ -66,7 +71,10 @@ class Pseudonymizer:
             )
 
     def __repr__(self) -> str:  # never print the secret
-        return f"Pseudonymizer(keep_uids={self.keep_uids}, tenant={self.tenant!r})"
+        return (
+            f"Pseudonymizer(keep_uids={self.keep_uids}, tenant={self.tenant!r}, "
+            f"keep_descriptions={self.keep_descriptions})"
+        )
 
     def for_tenant(self, tenant: str) -> Pseudonymizer:
         """The same secret, naming in ``tenant``'s domain."""

@@ -10,11 +10,15 @@ Volumes in another frame of reference are refused: their coordinates need not ma
 The heuristics, in order:
 
 1. SeriesDescription patterns (FLAIR; T2; T1 with a contrast word such as post, +C, Gd,
-   CE, contrast; T1 or MPRAGE);
+   CE, contrast; T1 or MPRAGE). Ingest matches them while it reads the header
+   (:func:`description_sequence`) and keeps the result as ``VolumeMeta.sequence_hint``,
+   because the description itself is not kept by default;
 2. a contrast agent recorded in the header (ContrastBolusAgent) turns T1 into T1c;
 3. timing (ms): TI ≥ 1500 with TR ≥ 4000 is FLAIR; TR ≥ 2000 with TE ≥ 60 is T2;
    TR ≤ 1000 with TE ≤ 30 is T1 (T1c with a contrast agent); an MPRAGE-like TI of
    600–1300 with TE ≤ 10 is T1 too.
+
+A decision's reason names the rule that matched; it never quotes the header text.
 """
 
 from __future__ import annotations
@@ -29,7 +33,15 @@ import numpy as np
 from .errors import InputError
 from .volume import Geometry, Volume
 
-__all__ = ["SEQUENCES", "Decision", "Study", "assemble_study", "guess_sequence", "resample_onto"]
+__all__ = [
+    "SEQUENCES",
+    "Decision",
+    "Study",
+    "assemble_study",
+    "description_sequence",
+    "guess_sequence",
+    "resample_onto",
+]
 
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 
@@ -40,6 +52,13 @@ _PATTERNS: tuple[tuple[str, str], ...] = (
     ("t1c", rf"(\bt1|mprage|bravo|vibe|spgr|tfl).*{_CONTRAST}|{_CONTRAST}.*(\bt1|mprage)"),
     ("t1", r"\bt1|mprage|bravo|\bspgr\b|\btfl\b"),
 )
+#: How a reason names each description pattern.
+_RULES = {
+    "flair": "the FLAIR pattern",
+    "t2": "the T2 pattern",
+    "t1c": "the T1-with-contrast pattern",
+    "t1": "the T1 pattern",
+}
 
 
 @dataclass(frozen=True)
@@ -58,29 +77,44 @@ def _name(v: Volume) -> str:
     return v.meta.series + (f"#{v.meta.part}" if v.meta.part else "")
 
 
+def description_sequence(description: str | None) -> str | None:
+    """The sequence type (``t1``, ``t1c``, ``t2``, ``flair``) a series description names
+    by the patterns above, or None."""
+    desc = (description or "").lower().replace("_", " ")
+    for seq, pattern in _PATTERNS:
+        if desc and re.search(pattern, desc):
+            return seq
+    return None
+
+
 def guess_sequence(volume: Volume) -> tuple[str | None, str]:
-    """The sequence type of an MR volume by the heuristics above, and the reason."""
+    """The sequence type of an MR volume by the heuristics above, and the reason (the rule
+    that matched, never the header's text)."""
     meta = volume.meta
     acq = meta.acquisition
     agent = bool(acq.get("contrast_agent"))
-    desc = (meta.series_description or "").lower().replace("_", " ")
-    for seq, pattern in _PATTERNS:
-        if desc and re.search(pattern, desc):
-            if seq == "t1" and agent:
-                return "t1c", f"SeriesDescription {meta.series_description!r} and a contrast agent"
-            return seq, f"SeriesDescription {meta.series_description!r}"
+    named = meta.sequence_hint or description_sequence(meta.series_description)
+    if named is not None and named in _RULES:
+        why = f"SeriesDescription matched {_RULES[named]}"
+        if named == "t1" and agent:
+            return "t1c", f"{why}, and a contrast agent is recorded"
+        return named, why
     tr, te, ti = (acq.get(k) for k in ("repetition_time", "echo_time", "inversion_time"))
-    timing = f"TR {tr}, TE {te}, TI {ti} ms"
     if ti is not None and tr is not None and ti >= 1500 and tr >= 4000:
-        return "flair", f"{timing}: long inversion"
+        return "flair", "timing: long inversion (TI ≥ 1500 ms, TR ≥ 4000 ms)"
     if tr is not None and te is not None and tr >= 2000 and te >= 60:
-        return "t2", f"{timing}: long TR and TE"
-    t1_like = (tr is not None and te is not None and tr <= 1000 and te <= 30) or (
-        ti is not None and 600 <= ti <= 1300 and te is not None and te <= 10
+        return "t2", "timing: long TR and TE (TR ≥ 2000 ms, TE ≥ 60 ms)"
+    if tr is not None and te is not None and tr <= 1000 and te <= 30:
+        why = "timing: short TR and TE (TR ≤ 1000 ms, TE ≤ 30 ms)"
+        return ("t1c", f"{why}, and a contrast agent is recorded") if agent else ("t1", why)
+    if ti is not None and 600 <= ti <= 1300 and te is not None and te <= 10:
+        why = "timing: MPRAGE-like inversion (TI 600–1300 ms, TE ≤ 10 ms)"
+        return ("t1c", f"{why}, and a contrast agent is recorded") if agent else ("t1", why)
+    known = [n for n, v in (("TR", tr), ("TE", te), ("TI", ti)) if v is not None]
+    return None, (
+        "no SeriesDescription pattern matched and the timing decides nothing "
+        f"({', '.join(known) or 'no timing'} recorded)"
     )
-    if t1_like:
-        return ("t1c", f"{timing} and a contrast agent") if agent else ("t1", f"{timing}")
-    return None, f"no SeriesDescription pattern and no decisive timing ({timing})"
 
 
 @dataclass

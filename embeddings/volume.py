@@ -7,7 +7,9 @@ delivered as a DICOM series or as a NIfTI file yields the same array.
 
 It has no field for patient name, patient ID, birth date, accession number or
 institution: identity is reduced to keyed pseudonyms (:mod:`radcache.embeddings.pseudonyms`)
-before a ``Volume`` is built.
+before a ``Volume`` is built. Header free text is not kept either: body part only as a
+defined term, the series description only where a deployment keeps descriptions, and then
+cleaned of the file's identifying values.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ class VolumeMeta:
     ``study``/``series``/``patient`` are keyed pseudonyms (or the original UIDs
     where a deployment keeps them); ``part`` names the split of a series into
     several volumes (``"echo=2"``, ``"t=3"``), empty when the series is one volume.
+    ``body_part`` is a Body Part Examined defined term or ``OTHER``;
+    ``series_description`` is None unless the deployment keeps descriptions (then it is
+    cleaned of names, IDs, dates and institution); ``sequence_hint`` is the MR sequence
+    type (``t1``, ``t1c``, ``t2``, ``flair``) the description names, which is kept in its
+    stead.
     """
 
     source_format: SourceFormat
@@ -72,6 +79,7 @@ class VolumeMeta:
     body_part: str | None = None
     manufacturer_model: str | None = None
     series_description: str | None = None
+    sequence_hint: str | None = None
     photometric: str = "MONOCHROME2"
     intensity: str = "raw"
     window: tuple[float, float] | None = None

@@ -68,6 +68,7 @@ def cached(
         upload_dir=tmp / "uploads",
         batch_size=4,
         patch_tokens=False,
+        keep_descriptions=True,  # the description filter needs descriptions
     )
     app = create_app(resources=build_resources(settings, encoder=tiny_fp32))
     with TestClient(app) as c:

@@ -70,7 +70,9 @@ def _part_label(keys: list[tuple[Any, ...]], key: tuple[Any, ...]) -> str:
     differing = [i for i in range(len(key)) if len({k[i] for k in keys}) > 1]
     parts = []
     for i in differing:
-        if i in {0, 4}:  # orientation / frame of reference: number them
+        # Orientations, frames of reference and stack IDs that are not plain numbers
+        # (header text) are numbered; the other keys are numbers read from the header.
+        if i in {0, 4} or (i == 5 and not all(str(k[i]).isdigit() for k in keys)):
             values = sorted({str(k[i]) for k in keys})
             parts.append(f"{names[i]}={values.index(str(key[i])) + 1}")
         else:

@@ -7,7 +7,9 @@ only the header facts that series assembly needs and the way to read the file ag
 The dataset itself is not kept: pixels and the attributes decoding needs are read from
 the file when its series is loaded (:func:`read_dataset`). Truncated files, malformed
 headers and objects without pixels are caught here; localizers and non-image objects
-(SR, KOS, RTPLAN, …) raise :class:`Skipped`.
+(SR, KOS, RTPLAN, …) raise :class:`Skipped`. Numbers are read through
+:mod:`._dicom_values`: a value that does not parse is an error naming the attribute, never
+quoting the value.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
-import math
 import sys
 import warnings
 from dataclasses import dataclass
@@ -42,6 +43,8 @@ from ..errors import (
     UnsupportedInputError,
 )
 from ..pseudonyms import Pseudonymizer
+from ._deidentify import clean_description
+from ._dicom_values import finite, float_of, floats_of, integer, ints_of, one_of, uint_of, unsigned
 from ._sources import Source
 
 __all__ = ["Frame", "Skipped", "read_dataset", "read_frames"]
@@ -90,27 +93,6 @@ class Frame:
     split: tuple[Any, ...]
     acquisition: Any = None
     digest: str = ""  # keyed digest of the file's bytes (Pseudonymizer.file_digest)
-
-
-def _floats(value: Any, n: int, *, shared: bool = False) -> np.ndarray | None:
-    """``n`` finite floats, or None. ``shared``: one read-only array for every file that
-    has the same values (orientations, pixel spacings), to keep held headers small."""
-    if value is None:
-        return None
-    try:
-        floats = tuple(float(v) for v in value)
-    except (TypeError, ValueError):
-        return None
-    if len(floats) != n or not all(math.isfinite(v) for v in floats):
-        return None
-    return _shared_array(floats) if shared else np.asarray(floats, dtype=np.float64)
-
-
-@functools.lru_cache(maxsize=1024)
-def _shared_array(values: tuple[float, ...]) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    arr.flags.writeable = False
-    return arr
 
 
 @functools.lru_cache(maxsize=1024)
@@ -181,8 +163,12 @@ def _parse(name: str, data: bytes, *, pixels: bool) -> Dataset:
             f"the file ends before its DICOM header does ({exc}); it was cut short in transfer.",
             path=name,
         ) from exc
-    except Exception as exc:
-        raise NotDicomError(f"the DICOM header could not be parsed ({exc}).", path=name) from exc
+    except Exception as exc:  # its text may quote a value: name the kind of failure only
+        raise NotDicomError(
+            f"the DICOM header could not be parsed ({type(exc).__name__}); expected a PS3.10 "
+            "file or a bare dataset.",
+            path=name,
+        ) from None
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A bare dataset (no preamble or file meta, which sniff() accepts): record the
         # encoding it was read with so that its native pixel data can be decoded.
@@ -265,9 +251,9 @@ def _check_length(ds: Dataset, name: str) -> None:
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsyntax is None or tsyntax.is_compressed or "PixelData" not in ds:
         return
-    bits = int(ds.get("BitsAllocated", 0) or 0)
-    n_px = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1))
-    n_px *= int(ds.get("NumberOfFrames", 1) or 1)
+    bits = uint_of(ds, "BitsAllocated", name, 0)
+    n_px = uint_of(ds, "Rows", name, 0) * uint_of(ds, "Columns", name, 0)
+    n_px *= uint_of(ds, "SamplesPerPixel", name, 1) * (uint_of(ds, "NumberOfFrames", name, 1) or 1)
     expected = (n_px * bits + 7) // 8
     got = _pixel_bytes(ds)
     if bits and got is not None and got < expected:
@@ -292,12 +278,12 @@ def read_frames(source: Source, data: bytes, digest: str = "") -> list[Frame]:
             return _frames(source, ds, digest)
     except (Skipped, InputError):
         raise
-    except Exception as exc:
+    except Exception as exc:  # its text may quote the value: name the kind of failure only
         raise InvalidHeaderError(
-            f"a header value is malformed ({type(exc).__name__}: {exc}); expected values valid "
-            "for their VR. Fix the header at the source or re-export the file.",
+            f"a header value is malformed ({type(exc).__name__}); expected values valid for "
+            "their VR. Fix the header at the source or re-export the file.",
             path=source.name,
-        ) from exc
+        ) from None
 
 
 def _uid(value: Any) -> str:
@@ -314,34 +300,36 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
         if modality in _NON_IMAGE_MODALITIES:
             raise Skipped(f"{modality} object, no image")
         raise NoPixelDataError(
-            f"the dataset (modality {modality or 'unknown'}) has no Pixel Data element; "
-            "expected an image object. Send the image series, not its report or plan.",
+            "the dataset has no Pixel Data element; expected an image object. Send the image "
+            "series, not its report or plan.",
             path=source.name,
         )
     if _is_localizer(ds):
         raise Skipped("localizer (scout) image")
-    _check_length(ds, source.name)
+    name = source.name
+    _check_length(ds, name)
     study = _uid(str(ds.get("StudyInstanceUID", "")) or "unknown-study")
     series = _uid(str(ds.get("SeriesInstanceUID", "")) or f"unknown-series:{source.name}")
     patient = _str(ds, "PatientID")
-    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
-    spp = int(ds.get("SamplesPerPixel", 1))
+    rows, cols = uint_of(ds, "Rows", name, 0), uint_of(ds, "Columns", name, 0)
+    spp = uint_of(ds, "SamplesPerPixel", name, 1)
     for_uid = _uid(ds.get("FrameOfReferenceUID", ""))
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = uint_of(ds, "NumberOfFrames", name, 1) or 1
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     shared = _first(ds, "SharedFunctionalGroupsSequence")
-    top_slope = float(ds.get("RescaleSlope", 1) or 1)
-    if "DoseGridScaling" in ds:  # RT dose grids: stored value × scaling = Gy
-        top_slope *= float(ds.DoseGridScaling)
-    top_intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    echo = ds.get("EchoNumbers")
-    temporal = ds.get("TemporalPositionIdentifier")
-    bvalue = ds.get("DiffusionBValue")
+    top_slope = float_of(ds.get("RescaleSlope"), "RescaleSlope", name, 1.0) or 1.0
+    # RT dose grids: stored value × scaling = Gy
+    top_slope *= float_of(ds.get("DoseGridScaling"), "DoseGridScaling", name, 1.0)
+    top_intercept = float_of(ds.get("RescaleIntercept"), "RescaleIntercept", name, 0.0)
+    # Split keys become part labels ("echo=2"): numbers only, never header text.
+    echo = ints_of(ds.get("EchoNumbers"), "EchoNumbers", name)
+    temporal = ints_of(ds.get("TemporalPositionIdentifier"), "TemporalPositionIdentifier", name)
+    bvalue = one_of(ds.get("DiffusionBValue"), "DiffusionBValue", name, finite)
     frames: list[Frame] = []
     # Fields every frame of this file shares.
     make = functools.partial(
         Frame,
-        source=source.name,
+        source=name,
         file=source,
         study_uid=study,
         series_uid=series,
@@ -351,42 +339,62 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
     )
     if per_frame is not None and len(per_frame) == n_frames:
         for i, per in enumerate(per_frame):
-            iop = _floats(
+            iop = floats_of(
                 _fg_value(per, shared, "PlaneOrientationSequence", "ImageOrientationPatient"),
                 6,
+                "ImageOrientationPatient",
+                name,
                 shared=True,
             )
-            ipp = _floats(
-                _fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"), 3
+            ipp = floats_of(
+                _fg_value(per, shared, "PlanePositionSequence", "ImagePositionPatient"),
+                3,
+                "ImagePositionPatient",
+                name,
             )
-            ps = _floats(
-                _fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"), 2, shared=True
+            ps = floats_of(
+                _fg_value(per, shared, "PixelMeasuresSequence", "PixelSpacing"),
+                2,
+                "PixelSpacing",
+                name,
+                shared=True,
             )
             slope = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleSlope")
             inter = _fg_value(per, shared, "PixelValueTransformationSequence", "RescaleIntercept")
             content = _first(per, "FrameContentSequence")
             stack = content.get("StackID") if content is not None else None
             tpos = content.get("TemporalPositionIndex") if content is not None else None
+            tpos = one_of(tpos, "TemporalPositionIndex", name, unsigned)
             f_echo = _fg_value(per, shared, "MREchoSequence", "EffectiveEchoTime")
+            f_echo = one_of(f_echo, "EffectiveEchoTime", name, finite)
             f_b = _fg_value(per, shared, "MRDiffusionSequence", "DiffusionBValue")
+            f_b = one_of(f_b, "DiffusionBValue", name, finite)
             frames.append(
                 make(
                     index=i,
                     iop=iop,
                     ipp=ipp,
                     pixel_spacing=_pair(ps),
-                    slope=float(slope) if slope is not None else top_slope,
-                    intercept=float(inter) if inter is not None else top_intercept,
+                    slope=float_of(slope, "RescaleSlope", name, top_slope),
+                    intercept=float_of(inter, "RescaleIntercept", name, top_intercept),
                     window=_window(_first(per, "FrameVOILUTSequence")) or _window(ds),
                     split=(rows, cols, spp, for_uid, stack, tpos, f_echo, f_b),
                 )
             )
         return frames
-    iop = _floats(ds.get("ImageOrientationPatient"), 6, shared=True)
-    ipp = _floats(ds.get("ImagePositionPatient"), 3)
-    ps = _floats(ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing"), 2, shared=True)
-    offsets = _floats(ds.get("GridFrameOffsetVector"), n_frames) if n_frames > 1 else None
-    step = ds.get("SpacingBetweenSlices") or ds.get("SliceThickness")
+    iop = floats_of(
+        ds.get("ImageOrientationPatient"), 6, "ImageOrientationPatient", name, shared=True
+    )
+    ipp = floats_of(ds.get("ImagePositionPatient"), 3, "ImagePositionPatient", name)
+    ps_kw = "PixelSpacing" if ds.get("PixelSpacing") else "ImagerPixelSpacing"
+    ps = floats_of(ds.get(ps_kw), 2, ps_kw, name, shared=True)
+    offsets = None
+    if n_frames > 1:
+        offsets = floats_of(
+            ds.get("GridFrameOffsetVector"), n_frames, "GridFrameOffsetVector", name
+        )
+    step = float_of(ds.get("SpacingBetweenSlices"), "SpacingBetweenSlices", name, 0.0)
+    step = step or float_of(ds.get("SliceThickness"), "SliceThickness", name, 0.0)
     for i in range(n_frames):
         f_ipp = ipp
         if n_frames > 1 and ipp is not None and iop is not None:
@@ -394,7 +402,7 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
             if offsets is not None:
                 f_ipp = ipp + offsets[i] * normal
             elif step:
-                f_ipp = ipp + i * float(step) * normal
+                f_ipp = ipp + i * step * normal
             else:
                 f_ipp = None
         frames.append(
@@ -407,7 +415,7 @@ def _frames(source: Source, ds: Dataset, digest: str) -> list[Frame]:
                 intercept=top_intercept,
                 window=_window(ds),
                 split=(rows, cols, spp, for_uid, None, temporal, echo, bvalue),
-                acquisition=ds.get("AcquisitionNumber"),
+                acquisition=one_of(ds.get("AcquisitionNumber"), "AcquisitionNumber", name, integer),
             )
         )
     return frames
@@ -439,7 +447,10 @@ def _acquisition(ds: Dataset, pseudo: Pseudonymizer) -> dict[str, Any]:
     for kw, name in (("ScanningSequence", "scanning_sequence"), ("SequenceName", "sequence")):
         v = ds.get(kw)
         if v not in (None, ""):
-            out[name] = "\\".join(str(x) for x in v) if isinstance(v, MultiValue) else str(v)
+            text = "\\".join(str(x) for x in v) if isinstance(v, MultiValue) else str(v)
+            kept = clean_description(text, ds)  # header text: never a name, ID or date
+            if kept is not None:
+                out[name] = kept
     for_uid = str(ds.get("FrameOfReferenceUID", ""))
     if for_uid:
         out["frame_of_reference"] = pseudo.name("frame", for_uid)

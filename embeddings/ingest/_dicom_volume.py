@@ -6,27 +6,54 @@ missing slice) and gantry tilt are recorded as warnings; duplicate positions tha
 acquisition number explains are rejected. The files are read here, again, for their
 pixels: one float32 volume is filled slice by slice, and each file is let go once its
 frames are in it.
+
+Of the header's free text, the volume keeps the scanner model (without the file's names,
+IDs and dates), Body Part Examined only as a defined term (else ``OTHER``), the sequence
+type an MR series description names (not the description), and the description itself
+only where the pseudonymizer says to keep descriptions, cleaned of the file's identifying
+values (:mod:`._deidentify`).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from pydicom.dataset import Dataset
 
 from ..errors import DecodeError, InconsistentSeriesError
 from ..pseudonyms import Pseudonymizer
+from ..sequences import description_sequence
 from ..volume import Volume, VolumeMeta
+from ._deidentify import body_part, clean_description
 from ._dicom_assemble import _DUP_TOL_MM, DicomSeries, _projections
 from ._dicom_decode import FilePixels
 from ._dicom_lut import VOI_MODALITIES, _invert_monochrome1, _rescale_into, _voi
 from ._dicom_read import Frame, _acquisition, _str
+from ._dicom_values import float_of, malformed
 
 __all__ = ["to_volume"]
 
 _IRREGULAR_REL = 0.1
 _TILT_DEG = 0.5
+#: PhotometricInterpretation defined terms (PS3.3 C.7.6.3.1.2).
+_PHOTOMETRIC = {
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "HSV",
+    "ARGB",
+    "CMYK",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "XYB",
+}
 
 
 def _geometry(
@@ -101,6 +128,12 @@ def _check_spacing(
 
 def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
     """Read, decode, rescale and stack a series into a canonical :class:`Volume`."""
+    with warnings.catch_warnings():  # pydicom's warnings quote the malformed values
+        warnings.simplefilter("ignore")
+        return _to_volume(series, pseudo)
+
+
+def _to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
     frames = series.frames
     proj = _projections(frames)
     if proj is not None:
@@ -116,7 +149,7 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
     for i, f in enumerate(frames):
         ds, arr = pixels.take(f)
         if voxels is None:  # the first file says what the series is
-            head = _SeriesHead(ds, pseudo)
+            head = _SeriesHead(ds, pseudo, f.source)
         if arr.ndim == 3 and head.photometric.startswith("MONOCHROME"):
             raise DecodeError(f"expected a 2-D frame, got shape {arr.shape}.", path=f.source)
         if voxels is None:  # one float32 volume, filled slice by slice (no stacking copy)
@@ -152,6 +185,7 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         body_part=head.body_part,
         manufacturer_model=head.model,
         series_description=head.description,
+        sequence_hint=head.sequence_hint,
         # MONOCHROME1 voxels were inverted above: what is stored now reads as MONOCHROME2.
         photometric="RGB"
         if voxels.ndim == 4
@@ -166,14 +200,24 @@ def to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
 
 
 class _SeriesHead:
-    """What the first file (in slice order) says about the whole series."""
+    """What the first file (in slice order) says about the whole series: no identifying
+    text (see the module docstring)."""
 
-    def __init__(self, ds: Dataset, pseudo: Pseudonymizer) -> None:
+    def __init__(self, ds: Dataset, pseudo: Pseudonymizer, name: str) -> None:
         self.modality = _str(ds, "Modality")
-        self.photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip()
+        self.photometric = str(ds.get("PhotometricInterpretation") or "MONOCHROME2").strip()
+        if self.photometric not in _PHOTOMETRIC:
+            raise malformed(
+                "PhotometricInterpretation", "a defined term such as MONOCHROME2 or RGB", name
+            )
         self.use_voi = (self.modality or "").upper() in VOI_MODALITIES
-        self.thickness = float(ds.get("SliceThickness") or 1.0)
-        self.body_part = _str(ds, "BodyPartExamined")
-        self.model = _str(ds, "ManufacturerModelName")
-        self.description = _str(ds, "SeriesDescription")
+        self.thickness = float_of(ds.get("SliceThickness"), "SliceThickness", name, 1.0) or 1.0
+        self.body_part = body_part(_str(ds, "BodyPartExamined"))
+        # The scanner model, as free text kept without the file's names, IDs and dates; never
+        # StationName or serial numbers.
+        self.model = clean_description(_str(ds, "ManufacturerModelName"), ds)
+        description = _str(ds, "SeriesDescription")
+        mr = (self.modality or "MR").upper() == "MR"
+        self.sequence_hint = description_sequence(description) if mr else None
+        self.description = clean_description(description, ds) if pseudo.keep_descriptions else None
         self.acquisition = _acquisition(ds, pseudo)

@@ -35,8 +35,8 @@ def instance_ids(path: str | Path) -> InstanceIds:
         return InstanceIds(
             str(ds.SOPClassUID), str(ds.SOPInstanceUID), str(ds.get("StudyInstanceUID", ""))
         )
-    except Exception as exc:
+    except Exception:  # pydicom's text may quote a header value: not passed on
         raise NotDicomError(
             "not a DICOM instance with SOP class and instance UIDs; send PS3.10 files.",
             path=Path(path).name,
-        ) from exc
+        ) from None
