@@ -17,7 +17,11 @@ The tree::
     │   ├── UnsupportedInputError     unsupported-input
     │   ├── EmptyUploadError          empty-upload
     │   ├── UnsupportedMediaTypeError unsupported-media-type
-    │   └── InvalidFieldError         invalid-request
+    │   ├── MalformedBodyError        bad-multipart
+    │   ├── InvalidFieldError         invalid-request
+    │   ├── VolumeTooLargeError       volume-too-large
+    │   ├── DecompressedTooLargeError decompressed-too-large
+    │   └── UnsafeReferenceError      unsafe-reference
     ├── PayloadTooLargeError          payload-too-large
     ├── RecipeError                   invalid-recipe
     ├── ModelError                    model-error
@@ -52,6 +56,7 @@ __all__ = [
     "AmbiguousReferenceError",
     "ConfigError",
     "DecodeError",
+    "DecompressedTooLargeError",
     "EmptyUploadError",
     "ForbiddenError",
     "InconsistentSeriesError",
@@ -60,6 +65,7 @@ __all__ = [
     "InvalidHeaderError",
     "InvalidNiftiError",
     "JobQueueError",
+    "MalformedBodyError",
     "ModelError",
     "ModelNotLoadedError",
     "ModelUnavailableError",
@@ -78,9 +84,11 @@ __all__ = [
     "UnauthenticatedError",
     "UnknownModelError",
     "UnreadableVolumeError",
+    "UnsafeReferenceError",
     "UnsupportedInputError",
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
+    "VolumeTooLargeError",
 ]
 
 
@@ -264,3 +272,35 @@ class ForbiddenError(AccessError):
 
     code = "forbidden"
     title = "The key lacks the scope this needs"
+
+
+class MalformedBodyError(InputError):
+    """A multipart request body that breaks its own framing: cut short, a part longer or
+    shorter than its Content-Length, an instance cut inside."""
+
+    code = "bad-multipart"
+    title = "Malformed multipart body"
+
+
+class VolumeTooLargeError(InputError):
+    """A header that declares more voxels than the ``max_voxels`` setting allows; refused
+    before any voxel is read or decoded."""
+
+    code = "volume-too-large"
+    title = "Volume too large"
+
+
+class DecompressedTooLargeError(InputError):
+    """An input that would inflate past the ``max_decompressed_bytes`` an upload may
+    decompress to (zip members, gzipped volumes, compressed pixel data)."""
+
+    code = "decompressed-too-large"
+    title = "Input inflates past the decompression limit"
+
+
+class UnsafeReferenceError(InputError):
+    """A detached header (MetaImage ``.mhd``, NRRD ``.nhdr``) naming a data file that is not
+    a file beside it in the same input."""
+
+    code = "unsafe-reference"
+    title = "Header names a file outside its input"

@@ -26,7 +26,7 @@ from ._version import __version__
 from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, RadcacheError
-from .ingest import Candidate, InputItem, Source, expand, scan, sniff
+from .ingest import Candidate, InputItem, Limits, Source, expand, scan, sniff
 from .multiseq import Fusion, embed_study
 from .preprocess import prepare
 from .pseudonyms import Pseudonymizer
@@ -68,6 +68,7 @@ class Pipeline:
         patch_tokens: bool = True,
         cls_last_n: int = 4,
         batch_size: int = 32,
+        limits: Limits | None = None,
     ) -> None:
         self.encoder = encoder
         self.store = store
@@ -76,6 +77,7 @@ class Pipeline:
         self.patch_tokens = patch_tokens
         self.cls_last_n = min(cls_last_n, encoder.cfg.depth)
         self.batch_size = batch_size
+        self.limits = limits or Limits()  # what one submission may declare and inflate to
         store.bind_pseudonyms(pseudonymizer.fingerprint())
 
     @classmethod
@@ -102,6 +104,7 @@ class Pipeline:
             patch_tokens=settings.patch_tokens,
             cls_last_n=settings.cls_last_n,
             batch_size=settings.batch_size,
+            limits=Limits(settings.max_voxels, settings.max_decompressed_bytes),
         )
 
     def embed(
@@ -176,7 +179,7 @@ class Pipeline:
     ) -> tuple[list[Transient], list[RadcacheError]]:
         """Embed ``inputs`` without writing anything (a query by upload); a volume already
         stored is read back instead of recomputed."""
-        found = scan(list(inputs), self.pseudonymizer, modality=modality)
+        found = scan(list(inputs), self.pseudonymizer, modality=modality, limits=self.limits)
         out: list[Transient] = []
         errors: list[RadcacheError] = list(found.errors)
         for cand in found.candidates:
@@ -223,7 +226,7 @@ class Pipeline:
         *,
         by_digest: bool,
     ) -> EmbedReport:
-        found = scan(inputs, self.pseudonymizer, modality=modality)
+        found = scan(inputs, self.pseudonymizer, modality=modality, limits=self.limits)
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
             progress.total(sum(c.n_slices for c in found.candidates))
@@ -241,7 +244,7 @@ class Pipeline:
                 report.series.append(result)
             except InputError as exc:
                 report.errors.append(exc)
-                log.info("series rejected: %s [%s]", exc, exc.code)
+                log.info("a series was rejected: %s", exc.code)  # not its file names
             del cand
         return report
 
@@ -299,7 +302,7 @@ class Pipeline:
         t0 = time.perf_counter()
         groups: dict[str, set[str]] = {}
         known = self.store.file_index()
-        for item in expand(inputs):
+        for item in expand(inputs, limits=self.limits):
             if isinstance(item, InputError):
                 return None
             try:

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     keep_uids: bool = Field(
         False, description="store original Study/Series UIDs instead of pseudonyms"
     )
+    keep_descriptions: bool = Field(
+        False,
+        description="store series descriptions, cleaned of names, IDs, dates and institution "
+        "(default: none stored)",
+    )
     hf_cache_dir: str | None = Field(
         None, description="Hugging Face cache directory (default: HF_HOME)"
     )
@@ -78,6 +83,19 @@ class Settings(BaseSettings):
     store_single_writer: bool = Field(
         False,
         description="exactly one process writes this object store: it may run without locks",
+    )
+    # --- hostile input: what one upload (or one run's inputs) may declare and inflate to ---
+    max_voxels: int = Field(
+        1 << 30,
+        ge=1,
+        description="most voxels one file or series may declare (rows × columns × slices × "
+        "samples, 2³⁰ = 1024³), checked from its header before any voxel is read or decoded",
+    )
+    max_decompressed_bytes: int = Field(
+        16 << 30,
+        ge=1,
+        description="most bytes one upload may inflate to (zip members, gzipped NIfTI, "
+        "compressed NRRD/MetaImage and DICOM pixel data), counted as it inflates",
     )
 
     @field_validator("pseudonym_key")
@@ -129,7 +147,9 @@ class Settings(BaseSettings):
             secret = self.pseudonym_key.get_secret_value().encode()
         else:
             secret = load_or_create_secret(self.pseudonym_key_file.expanduser())
-        return Pseudonymizer(secret=secret, keep_uids=self.keep_uids)
+        return Pseudonymizer(
+            secret=secret, keep_uids=self.keep_uids, keep_descriptions=self.keep_descriptions
+        )
 
 
 @lru_cache(maxsize=1)

@@ -38,6 +38,9 @@ STATUS: dict[str, int] = {
     "unsupported-media-type": 415,
     "empty-upload": 400,
     "invalid-request": 422,
+    "volume-too-large": 413,
+    "decompressed-too-large": 413,
+    "unsafe-reference": 422,
     "payload-too-large": 413,
     "invalid-recipe": 422,
     "model-error": 500,
@@ -56,6 +59,7 @@ STATUS: dict[str, int] = {
     "access-denied": 403,
     "unauthenticated": 401,
     "forbidden": 403,
+    "bad-multipart": 400,
 }
 _HTTP_CODES = {
     400: "bad-request",
@@ -98,6 +102,8 @@ def install(app: FastAPI) -> None:
         headers = {"Retry-After": "5"} if status == 503 else None
         if status == 401:
             headers = {"WWW-Authenticate": 'Bearer realm="radcache"'}
+        if exc.code in ("payload-too-large", "bad-multipart"):  # refused mid-body: not read on
+            headers = {"Connection": "close"}
         resp = problem(status, exc.code, exc.title, str(exc), request.url.path)
         if headers:
             resp.headers.update(headers)

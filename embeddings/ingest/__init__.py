@@ -9,23 +9,27 @@ voxels are read from the files (or zip members, or the caller's bytes) again whe
 ``load()`` is called, and the candidate keeps nothing of them, so an archive is processed
 one series at a time in the memory of one series. Bad files become
 :class:`~radcache.embeddings.errors.InputError` values in ``errors``; the rest go on.
+A scan and its candidates' loads share one set of :class:`Limits` (voxels a header may
+declare, bytes the input may inflate to), checked before the expensive work.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from ..errors import InputError
+from ..errors import InputError, NotDicomError
 from ..pseudonyms import Pseudonymizer
 from ..volume import Volume
 from ._dicom_assemble import DicomSeries, assemble
 from ._dicom_decode import errors_for
 from ._dicom_read import Frame, Skipped, read_frames
 from ._dicom_volume import to_volume
-from ._sources import InputItem, Source, expand, sniff
+from ._limits import Budget, Limits
+from ._sources import InputItem, Source, expand, expand_within, sniff
 from ._volumes import open_itk, open_nifti
 from .instances import InstanceIds, instance_ids
 
@@ -33,6 +37,7 @@ __all__ = [
     "Candidate",
     "InputItem",
     "InstanceIds",
+    "Limits",
     "ScanResult",
     "Source",
     "expand",
@@ -81,17 +86,21 @@ def scan(
     pseudonymizer: Pseudonymizer,
     *,
     modality: str | None = None,
+    limits: Limits | None = None,
 ) -> ScanResult:
     """Find every volume in ``inputs``.
 
     ``modality`` labels non-DICOM volumes (NIfTI, NRRD carry none), so the right
-    intensity recipe applies to them.
+    intensity recipe applies to them. ``limits`` bound what the inputs together may
+    declare and inflate to, at scan and when the candidates are loaded (defaults:
+    :class:`Limits`).
     """
     errors: list[InputError] = []
     skipped: list[tuple[str, str]] = []
     frames: list[Frame] = []
     candidates: list[Candidate] = []
-    for item in expand(inputs):
+    claimed: set[str] = set()  # data files of detached headers: not inputs of their own
+    for item in expand_within(inputs, Budget(limits)):
         if isinstance(item, InputError):
             errors.append(item)
             continue
@@ -103,6 +112,7 @@ def scan(
                 del data
             elif kind in ("nifti", "itk"):
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
+                claimed.update(vf.data_files)
                 for t in range(vf.n_volumes):
                     candidates.append(
                         Candidate(
@@ -121,8 +131,12 @@ def scan(
             errors.append(exc)
     for series in assemble(frames):
         candidates.append(_dicom_candidate(series, pseudonymizer))
-    for err in errors:
-        log.info("input rejected: %s [%s]", err, err.code)
+    errors = [e for e in errors if not (isinstance(e, NotDicomError) and e.path in claimed)]
+    if errors:  # counted by code: a file's name may name the patient
+        codes = Counter(e.code for e in errors)
+        log.info(
+            "%d input(s) rejected: %s", len(errors), ", ".join(f"{n} {c}" for c, n in codes.items())
+        )
     return ScanResult(candidates=candidates, errors=errors, skipped=skipped)
 
 
@@ -141,10 +155,14 @@ def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
 
 
 def load_volumes(
-    inputs: Iterable[InputItem], pseudonymizer: Pseudonymizer, *, modality: str | None = None
+    inputs: Iterable[InputItem],
+    pseudonymizer: Pseudonymizer,
+    *,
+    modality: str | None = None,
+    limits: Limits | None = None,
 ) -> tuple[list[Volume], list[InputError]]:
     """Scan and decode everything at once (convenient for small inputs and tests)."""
-    result = scan(inputs, pseudonymizer, modality=modality)
+    result = scan(inputs, pseudonymizer, modality=modality, limits=limits)
     volumes: list[Volume] = []
     errors = list(result.errors)
     for cand in result.candidates:

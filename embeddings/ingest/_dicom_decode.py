@@ -6,6 +6,12 @@ series holds at most the files it is between. Native little-endian grey data is 
 straight from the buffer; everything else goes through pydicom's decoders. Decoder
 failures become :class:`InputError` values naming the file (truncated data, a transfer
 syntax with no decoder here, corrupt frames).
+
+Before a file is decoded its header is held to the input's limits
+(:class:`~._limits.Limits`): rows × columns × samples × frames, of the file and of the
+series, against the voxel limit; compressed pixel data charges its decoded size to the
+input's budget; and RLE data too short for the image it declares (RLE inflates at most
+64:1) is refused as corrupt, so a few kilobytes cannot make a decoder allocate gigabytes.
 """
 
 from __future__ import annotations
@@ -16,15 +22,47 @@ from collections import Counter
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from ..errors import DecodeError, InputError, TruncatedFileError, UnsupportedTransferSyntaxError
 from ..pseudonyms import Pseudonymizer
 from ._dicom_read import Frame, read_dataset
+from ._dicom_values import uint_of
 
 __all__ = ["FilePixels", "errors_for"]
 
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+#: Most bytes of image one byte of RLE (PackBits) data decodes to: a 2-byte run gives 128.
+_RLE_MAX_RATIO = 64
+
+
+def _check_size(ds: Dataset, frame: Frame, series_frames: int) -> None:
+    """Hold the file behind ``frame`` to its input's limits from its header alone, before
+    any pixel is decoded (the series has ``series_frames`` frames of the same size)."""
+    name, source = frame.source, frame.file
+    rows, cols = uint_of(ds, "Rows", name, 0), uint_of(ds, "Columns", name, 0)
+    spp = uint_of(ds, "SamplesPerPixel", name, 1) or 1
+    n = uint_of(ds, "NumberOfFrames", name, 1) or 1
+    per_frame = rows * cols * spp
+    size = f"{rows}×{cols}, {spp} sample(s) per pixel"
+    source.limits.check_voxels(per_frame * n, f"the header ({n} frame(s) of {size})", name)
+    source.limits.check_voxels(
+        per_frame * series_frames, f"its series ({series_frames} frames of {size})", name
+    )
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is None or not tsyntax.is_compressed or "PixelData" not in ds:
+        return
+    decoded = per_frame * n * ((uint_of(ds, "BitsAllocated", name, 8) + 7) // 8)
+    packed = len(ds.PixelData)
+    if tsyntax == RLELossless and decoded > _RLE_MAX_RATIO * packed:
+        raise DecodeError(
+            f"the RLE pixel data ({packed} bytes) is far too short for the image its header "
+            f"declares ({decoded} bytes; RLE packs at most {_RLE_MAX_RATIO}:1); the file is "
+            "corrupt or its Rows, Columns or Number of Frames are wrong.",
+            path=name,
+        )
+    if source.budget is not None:
+        source.budget.charge((source, "pixels"), decoded, name)
 
 
 def _native_pixels(ds: Dataset) -> np.ndarray | None:
@@ -108,6 +146,7 @@ class FilePixels:
 
     def __init__(self, frames: list[Frame], pseudo: Pseudonymizer) -> None:
         self._pseudo = pseudo
+        self._n = len(frames)
         self._left = Counter(id(f.file) for f in frames)
         self._open: dict[int, tuple[Dataset, np.ndarray]] = {}
 
@@ -117,6 +156,7 @@ class FilePixels:
         got = self._open.get(key)
         if got is None:
             ds = read_dataset(frame, self._pseudo)
+            _check_size(ds, frame, self._n)
             got = (ds, _decode_file(ds, frame.source))
             self._open[key] = got
         self._left[key] -= 1

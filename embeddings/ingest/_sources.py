@@ -8,6 +8,11 @@ Nothing is held in memory that the caller did not hand in: a file on disk is a p
 read when needed; a zip member is a reference into its archive, decompressed (streamed)
 each time it is read. A zip on disk is opened where it lies, never read whole; a zip
 inside a zip is streamed to a temporary file, removed once nothing refers to it.
+
+One input shares one :class:`~._limits.Budget`: a zip's declared sizes are charged before
+any member is inflated, and each member charges it again as it streams. A source can name
+the files beside it (:meth:`Source.sibling`): in its directory, its zip folder, or among
+the uploaded bytes of the same call, never anywhere else.
 """
 
 from __future__ import annotations
@@ -22,13 +27,14 @@ import weakref
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
 
 from ..errors import InputError, NotDicomError, UnsupportedInputError
+from ._limits import Budget, Limits, counted
 
-__all__ = ["Source", "SourceKind", "expand", "sniff"]
+__all__ = ["Source", "SourceKind", "expand", "expand_within", "sniff"]
 
 SourceKind = Literal["dicom", "nifti", "itk", "zip"]
 InputItem = str | os.PathLike[str] | tuple[str, bytes]
@@ -37,8 +43,7 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _SKIP_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini"}
 _MAX_ZIP_DEPTH = 2
-#: Largest total a zip may inflate to, and the largest inflation ratio (zip-bomb guard).
-MAX_ZIP_BYTES = 16 << 30
+#: Largest inflation ratio of a zip (zip-bomb guard; the total is the budget's).
 MAX_ZIP_RATIO = 200
 _CHUNK = 1 << 20
 
@@ -49,7 +54,8 @@ class Source:
 
     The content lives in exactly one place: ``path`` (a file on disk), ``stream`` (a zip
     member, decompressed as it is read; ``opener`` reads it whole) or the in-memory bytes
-    behind ``opener``.
+    behind ``opener``. ``budget`` is what its input may still inflate to; ``siblings``
+    finds the files beside it that are not on disk (zip members, uploaded bytes).
     """
 
     name: str
@@ -57,6 +63,24 @@ class Source:
     path: Path | None = None
     stream: Callable[[], IO[bytes]] | None = None
     nbytes: int | None = None  # the size, where known without reading (zip members)
+    budget: Budget | None = field(default=None, repr=False, compare=False)
+    siblings: Callable[[str], Source | None] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def limits(self) -> Limits:
+        return self.budget.limits if self.budget is not None else Limits()
+
+    def sibling(self, base: str) -> Source | None:
+        """The file called ``base`` (a bare file name) beside this one in the same input,
+        or None: in the same directory (not through a link that leads out of it), the
+        same zip folder, or among the same call's uploaded bytes."""
+        if self.path is None:
+            return self.siblings(base) if self.siblings is not None else None
+        p = self.path.parent / base
+        here = os.path.realpath(self.path.parent)
+        if not p.is_file() or os.path.dirname(os.path.realpath(p)) != here:
+            return None
+        return _file_source(p, self.budget)
 
     @classmethod
     def from_bytes(cls, name: str, data: bytes) -> Source:
@@ -170,8 +194,8 @@ def _const(data: bytes) -> Callable[[], bytes]:
     return opener
 
 
-def _file_source(path: Path) -> Source:
-    return Source(name=str(path), path=path)
+def _file_source(path: Path, budget: Budget | None) -> Source:
+    return Source(name=str(path), path=path, budget=budget)
 
 
 def _walk(path: Path) -> Iterator[Path]:
@@ -259,14 +283,50 @@ class _ZipArchive:
                 self._opened.zf = None
 
 
-def _member(archive: _ZipArchive, info: zipfile.ZipInfo, name: str) -> Source:
+def _member(
+    archive: _ZipArchive,
+    info: zipfile.ZipInfo,
+    name: str,
+    budget: Budget | None,
+    siblings: Callable[[str], Source | None],
+) -> Source:
+    def stream() -> IO[bytes]:  # charges the budget under the member's own key
+        f = archive.open(info)
+        return f if budget is None else counted(f, budget.meter(info, name))
+
     def opener() -> bytes:
-        return archive.read(info)
+        out = io.BytesIO()  # its value is handed over, not copied
+        with stream() as f:
+            shutil.copyfileobj(f, out, _CHUNK)
+        return out.getvalue()
 
-    def stream() -> IO[bytes]:
-        return archive.open(info)
+    return Source(
+        name=name,
+        opener=opener,
+        stream=stream,
+        nbytes=info.file_size,
+        budget=budget,
+        siblings=siblings,
+    )
 
-    return Source(name=name, opener=opener, stream=stream, nbytes=info.file_size)
+
+def _zip_siblings(
+    archive: _ZipArchive, infos: list[zipfile.ZipInfo], zip_name: str, budget: Budget | None
+) -> Callable[[str], Callable[[str], Source | None]]:
+    """For each folder of the archive, the lookup of a member by its bare name there."""
+    by_name = {i.filename: i for i in infos if not i.is_dir()}
+    folders: dict[str, Callable[[str], Source | None]] = {}
+
+    def of(folder: str) -> Callable[[str], Source | None]:
+        def sibling(base: str) -> Source | None:
+            info = by_name.get(folder + base)
+            if info is None:
+                return None
+            return _member(archive, info, f"{zip_name}!{info.filename}", budget, sibling)
+
+        return folders.setdefault(folder, sibling)
+
+    return of
 
 
 def _zip_members(src: Source, depth: int) -> Iterator[Source | InputError]:
@@ -278,17 +338,28 @@ def _zip_members(src: Source, depth: int) -> Iterator[Source | InputError]:
         yield UnsupportedInputError(f"not a readable zip archive ({exc}).", path=name)
         return
     # Members are read from the archive, never extracted, so names like ../../etc cannot
-    # escape; the declared sizes are checked before anything is inflated (zip bombs).
+    # escape; the declared sizes are checked before anything is inflated (zip bombs): the
+    # ratio here, the total against the input's budget (zipfile never inflates a member
+    # past its declared size, and each member also charges the budget as it streams).
     total = sum(i.file_size for i in infos)
     packed = max(1, sum(i.compress_size for i in infos))
-    if total > MAX_ZIP_BYTES or total / packed > MAX_ZIP_RATIO:
+    if total / packed > MAX_ZIP_RATIO:
         archive.close()
         yield UnsupportedInputError(
             f"the archive would inflate to {total} bytes from {packed} ({total / packed:.0f}:1); "
-            f"expected at most {MAX_ZIP_BYTES} bytes and {MAX_ZIP_RATIO}:1. Send it in parts.",
+            f"expected at most {MAX_ZIP_RATIO}:1. Send it in parts.",
             path=name,
         )
         return
+    if src.budget is not None:
+        declared: dict[object, int] = {i: i.file_size for i in infos}
+        try:
+            src.budget.reserve(declared, name)
+        except InputError as exc:
+            archive.close()
+            yield exc
+            return
+    siblings = _zip_siblings(archive, infos, name, src.budget)
     try:
         for info in infos:
             base = info.filename.rsplit("/", 1)[-1]
@@ -296,7 +367,9 @@ def _zip_members(src: Source, depth: int) -> Iterator[Source | InputError]:
                 continue
             if base.startswith("._"):
                 continue
-            yield from _expand_source(_member(archive, info, f"{name}!{info.filename}"), depth + 1)
+            folder = info.filename[: len(info.filename) - len(base)]  # "" or "a/b/"
+            member = _member(archive, info, f"{name}!{info.filename}", src.budget, siblings(folder))
+            yield from _expand_source(member, depth + 1)
     finally:
         archive.close()  # opened again when a member is loaded
 
@@ -322,18 +395,61 @@ def _expand_source(src: Source, depth: int) -> Iterator[Source | InputError]:
     yield from _zip_members(src, depth)
 
 
-def expand(items: Iterable[InputItem]) -> Iterator[Source | InputError]:
-    """Yield one :class:`Source` per file found (directories walked, zips opened), or an error."""
+def _bytes_siblings(
+    uploaded: dict[str, bytes], budget: Budget | None
+) -> Callable[[str], Callable[[str], Source | None]]:
+    """For each folder of the uploaded names, the lookup of an upload by its bare name."""
+    folders: dict[str, Callable[[str], Source | None]] = {}
+
+    def of(folder: str) -> Callable[[str], Source | None]:
+        def sibling(base: str) -> Source | None:
+            data = uploaded.get(folder + base)
+            if data is None:
+                return None
+            return Source(
+                name=folder + base,
+                opener=_const(data),
+                nbytes=len(data),
+                budget=budget,
+                siblings=sibling,
+            )
+
+        return folders.setdefault(folder, sibling)
+
+    return of
+
+
+def expand(
+    items: Iterable[InputItem], *, limits: Limits | None = None
+) -> Iterator[Source | InputError]:
+    """Yield one :class:`Source` per file found (directories walked, zips opened), or an
+    error; what the items may inflate to together is bounded by ``limits``."""
+    return expand_within(items, Budget(limits))
+
+
+def expand_within(items: Iterable[InputItem], budget: Budget) -> Iterator[Source | InputError]:
+    """:func:`expand`, charging ``budget`` (one input's, shared with its later loads)."""
+    items = list(items)  # names and references: uploaded bytes are not copied
+    uploaded = {item[0]: item[1] for item in items if isinstance(item, tuple)}
+    siblings = _bytes_siblings(uploaded, budget)
     for item in items:
         if isinstance(item, tuple):
             name, data = item
-            yield from _expand_source(Source.from_bytes(name, data), 0)
+            folder = name[: len(name) - len(name.rsplit("/", 1)[-1])]
+            src = Source(
+                name=name,
+                opener=_const(data),
+                nbytes=len(data),
+                budget=budget,
+                siblings=siblings(folder),
+            )
+            yield from _expand_source(src, 0)
             continue
         path = Path(item)
         if path.is_dir():
             for f in _walk(path):
-                yield from _expand_source(_file_source(f), 0)
+                yield from _expand_source(_file_source(f, budget), 0)
         elif path.exists():
-            yield from _expand_source(_file_source(path), 0)
+            yield from _expand_source(_file_source(path, budget), 0)
         else:
             yield UnsupportedInputError("no such file or directory.", path=str(path))

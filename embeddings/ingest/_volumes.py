@@ -6,29 +6,48 @@ file's third axis as the slice axis — the acquisition plane for scanner-conver
 
 Opening a file reads its header only (the file is hashed as a stream for its key); the
 voxels are read, decompressed and converted when a volume is loaded, one time point at a
-time, and nothing of them is kept.
+time, and nothing of them is kept. The header's voxel count is checked against the
+input's :class:`~._limits.Limits` first; a gzipped NIfTI charges the input's budget as it
+inflates, and a compressed NRRD/MetaImage its declared size before it is read. A
+detached NRRD/MetaImage header is read only with its data files beside it in the same
+input (:mod:`._itk_header`); SimpleITK is held to the reader that header is for.
 """
 
 from __future__ import annotations
 
 import contextlib
 import gzip
+import itertools
+import math
 import os
+import shutil
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 import xxhash
 
-from ..errors import InvalidNiftiError, UnreadableVolumeError, UnsupportedInputError
+from ..errors import (
+    InputError,
+    InvalidNiftiError,
+    UnreadableVolumeError,
+    UnsafeReferenceError,
+    UnsupportedInputError,
+)
 from ..volume import Volume, VolumeMeta
+from ._itk_header import MAX_HEADER_BYTES, ItkHeader, read_header
+from ._limits import counted
 from ._sources import Source
 
 __all__ = ["VolumeFile", "open_itk", "open_nifti"]
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+#: Most bytes a NIfTI header and its extensions may take (read before the voxel count).
+_NIFTI_HEADER_BYTES = 64 << 20
 
 
 @dataclass
@@ -40,6 +59,7 @@ class VolumeFile:
     n_volumes: int
     n_slices: int
     load: Callable[[int], Volume]
+    data_files: tuple[str, ...] = ()  # names of the files a detached header reads
 
 
 def _content_key(source: Source) -> str:
@@ -78,16 +98,30 @@ def _axis_geometry(affine_lps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 @contextlib.contextmanager
-def _nifti_stream(source: Source) -> Iterator[IO[bytes] | gzip.GzipFile]:
-    """The NIfTI bytes of ``source`` as a stream, gunzipped as read if compressed."""
+def _nifti_stream(source: Source, *, header_only: bool = False) -> Iterator[IO[bytes]]:
+    """The NIfTI bytes of ``source`` as a stream, gunzipped as read if compressed (charging
+    the input's budget); ``header_only``: refuse to read past the header's size limit."""
     with source.fileobj() as raw:
         gz = raw.read(2) == b"\x1f\x8b"
         raw.seek(0)
+        budget = source.budget if gz else None
+        meter = budget.meter((source, "gunzip"), source.name) if budget is not None else None
+
+        def charge(upto: int) -> None:
+            if header_only and upto > _NIFTI_HEADER_BYTES:
+                raise InvalidNiftiError(
+                    f"the NIfTI header and its extensions run past {_NIFTI_HEADER_BYTES} bytes; "
+                    "expected a header of a few kilobytes.",
+                    path=source.name,
+                )
+            if meter is not None:
+                meter(upto)
+
         if not gz:
-            yield raw
+            yield counted(raw, charge) if header_only else raw
             return
         with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
-            yield unzipped
+            yield counted(unzipped, charge)
 
 
 def _nifti_image(stream: Any) -> Any:
@@ -99,6 +133,8 @@ def _nifti_image(stream: Any) -> Any:
         warnings.simplefilter("ignore")
         try:
             return nib.Nifti1Image.from_stream(stream)
+        except InputError:
+            raise
         except Exception:
             stream.seek(0)
             return nib.Nifti2Image.from_stream(stream)
@@ -107,12 +143,15 @@ def _nifti_image(stream: Any) -> Any:
 def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
     """Read a NIfTI-1/2 header; loading a time point decodes only that volume."""
     try:
-        with _nifti_stream(source) as stream:
+        with _nifti_stream(source, header_only=True) as stream:
             img = _nifti_image(stream)
             full_shape = tuple(int(s) for s in img.shape)
             affine = np.asarray(img.affine, dtype=np.float64)
             hdr = img.header
             qs_codes = int(hdr["sform_code"]), int(hdr["qform_code"])
+            offset, itemsize = max(0, int(hdr["vox_offset"])), img.get_data_dtype().itemsize
+    except InputError:
+        raise
     except Exception as exc:
         raise InvalidNiftiError(
             f"the NIfTI header could not be read ({exc}); "
@@ -120,6 +159,10 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
             path=source.name,
         ) from exc
     del img
+    dims = "×".join(str(n) for n in full_shape)
+    source.limits.check_voxels(
+        math.prod(full_shape), f"the NIfTI header (shape {dims})", source.name
+    )
     key = _content_key(source)
     notes: list[str] = []
     if qs_codes == (0, 0):
@@ -140,7 +183,12 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
     except ValueError as exc:
         raise InvalidNiftiError(f"the NIfTI affine is unusable ({exc}).", path=source.name) from exc
 
+    volume_bytes = math.prod(shape[:3]) * itemsize
+
     def load(t: int) -> Volume:
+        if source.budget is not None and _gzipped(source):  # declared: before any is inflated
+            upto = offset + volume_bytes * (t + 1 if n_t > 1 else 1)
+            source.budget.charge((source, "gunzip"), upto, source.name)
         try:
             with _nifti_stream(source) as stream, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -152,6 +200,8 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
                 # (dropped from ``shape``) are still in the proxy
                 tail = (0,) * (len(full_shape) - 4)
                 arr = np.asarray(proxy[(slice(None),) * 3 + (t, *tail)] if n_t > 1 else proxy)
+        except InputError:
+            raise
         except Exception as exc:
             raise InvalidNiftiError(
                 f"the voxel data could not be read ({exc}); the file may be truncated.",
@@ -176,27 +226,77 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
     return VolumeFile(name=source.name, key=key, n_volumes=n_t, n_slices=shape[2], load=load)
 
 
+def _gzipped(source: Source) -> bool:
+    return source.head(2) == b"\x1f\x8b"
+
+
 def _lps(affine_ras: np.ndarray) -> np.ndarray:
     out = affine_ras.copy()
     out[:3, :] = _RAS_TO_LPS @ affine_ras[:3, :]
     return out
 
 
+def _itk_header(source: Source) -> tuple[ItkHeader, list[tuple[str, Source]]]:
+    """The header's checks (:mod:`._itk_header`) and its data files, each found beside
+    ``source`` in the same input; :class:`UnsafeReferenceError` for one that is not."""
+    with source.fileobj() as f:
+        header = read_header(f.read(MAX_HEADER_BYTES + 1), source.name)
+    data: list[tuple[str, Source]] = []
+    for base in dict.fromkeys(header.data_files):
+        found = source.sibling(base)
+        if found is None:
+            raise UnsafeReferenceError(
+                "the header names a data file that is not beside it in this input; a data "
+                "file must be sent with its header, in the same upload, zip folder or "
+                "directory, under the name the header gives it.",
+                path=source.name,
+            )
+        data.append((base, found))
+    return header, data
+
+
+@contextlib.contextmanager
+def _staged(source: Source, data: list[tuple[str, Source]]) -> Iterator[Path]:
+    """A path to the header on disk with its data files beside it under the names the
+    header gives them: the file itself when it lies in a directory (its data files, found
+    there, too), else temporary copies (streamed) removed on exit."""
+    suffix = os.path.splitext(source.name)[1]
+    if source.path is not None:
+        yield source.path
+        return
+    taken = {base for base, _ in data}
+    name = next(n for i in itertools.count() if (n := f"header{i}{suffix}") not in taken)
+    with tempfile.TemporaryDirectory(prefix="radcache-") as tmp:
+        for base, src in [(name, source), *data]:
+            with src.fileobj() as fin, open(os.path.join(tmp, base), "wb") as out:
+                shutil.copyfileobj(fin, out, 1 << 20)
+        yield Path(tmp) / name
+
+
+def _itk_reader(header: ItkHeader, path: Path) -> Any:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetImageIO(header.io)  # the format checked, not one SimpleITK guesses
+    reader.SetFileName(str(path))
+    return reader
+
+
 def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
     """Read a NRRD/MetaImage header through SimpleITK; loading reads the voxels."""
     import SimpleITK as sitk
 
-    suffix = os.path.splitext(source.name)[1]
+    header, data = _itk_header(source)
     try:
-        with source.local_path(suffix) as path:
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
+        with _staged(source, data) as path:
+            reader = _itk_reader(header, path)
             reader.ReadImageInformation()
             dim, components = reader.GetDimension(), reader.GetNumberOfComponents()
             size = tuple(int(n) for n in reader.GetSize())
             direction = np.asarray(reader.GetDirection(), dtype=np.float64)
             spacing_ijk = np.asarray(reader.GetSpacing(), dtype=np.float64)
             origin = np.asarray(reader.GetOrigin(), dtype=np.float64)
+            pixel_id = reader.GetPixelID()
     except RuntimeError as exc:
         raise _unreadable(exc, source) from exc
     if components != 1 or dim not in (2, 3):
@@ -205,6 +305,9 @@ def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
             "per voxel; expected a 2-D or 3-D scalar volume.",
             path=source.name,
         )
+    dims = "×".join(str(n) for n in size)
+    source.limits.check_voxels(math.prod(size), f"the header (size {dims})", source.name)
+    itemsize = sitk.Image([1] * dim, pixel_id).GetSizeOfPixelComponent()
     key = _content_key(source)
     direction = direction.reshape(dim, dim)
     if dim == 2:
@@ -216,9 +319,11 @@ def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
     shape = (size[2] if dim == 3 else 1, size[1], size[0])
 
     def load(t: int) -> Volume:
+        if header.compressed and source.budget is not None:  # declared: before inflating
+            source.budget.charge((source, "itk"), math.prod(size) * itemsize, source.name)
         try:
-            with source.local_path(suffix) as path:
-                img = sitk.ReadImage(str(path))
+            with _staged(source, data) as path:
+                img = _itk_reader(header, path).Execute()
                 arr = sitk.GetArrayFromImage(img)
                 del img
         except RuntimeError as exc:
@@ -235,7 +340,14 @@ def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
         del arr
         return Volume.from_array(vol, dirs, spacing, origin, _meta(key, "", modality, "itk", []))
 
-    return VolumeFile(name=source.name, key=key, n_volumes=1, n_slices=shape[0], load=load)
+    return VolumeFile(
+        name=source.name,
+        key=key,
+        n_volumes=1,
+        n_slices=shape[0],
+        load=load,
+        data_files=tuple(src.name for _, src in data),
+    )
 
 
 def _unreadable(exc: RuntimeError, source: Source) -> UnreadableVolumeError:
