@@ -407,11 +407,14 @@ class EntryCatalog:
         if cur == now:
             return 0
         changed = 0
-        if cur is None or (cur.table_id, cur.generation) != (now.table_id, now.generation):
+        dead: list[str] | None = []
+        same = cur is not None and (cur.table_id, cur.generation) == (now.table_id, now.generation)
+        if same and cur is not None and now.deleted > cur.deleted:
+            dead = store.tombstoned(space, cur.deleted, now.deleted, generation=now.generation)
+        if cur is None or not same or dead is None:  # new or compacted (perhaps just now)
             changed += self._reconcile(store, space)
         else:
-            if now.deleted > cur.deleted:
-                dead = store.tombstoned(space, cur.deleted, now.deleted)
+            if dead:
                 back = store.entry_attrs(set(dead))  # deleted, then stored again
                 self.forget(k for k in dead if k not in back)
                 self.record(store, back)

@@ -128,10 +128,12 @@ class IndexSet:
         seen = int(si.meta.get("deleted", 0))
         if si.meta["generation"] == gen and si.meta["rows"] == rows and seen == dead:
             return False
-        if si.meta["generation"] == gen:
+        gone: list[str] | None = []
+        if si.meta["generation"] == gen and dead > seen:  # deleted since: they leave at once
+            gone = self.store.tombstoned(space, seen, dead, generation=gen)
+        if si.meta["generation"] == gen and gone is not None:
             back: list[str] = []
-            if dead > seen:  # deleted since: those entries leave at once
-                gone = self.store.tombstoned(space, seen, dead)
+            if gone:
                 si.remove(gone)
                 # a key deleted, then stored again (its entry exists) comes back below
                 back = list(self.store.entry_attrs(set(gone)))
@@ -141,7 +143,7 @@ class IndexSet:
             if back:
                 live = self.store.table_rows(space, back)
                 self._absorb(si, self.store.table(space, rows=live.values()))
-        else:  # rows renumbered (compacted): reconcile by key, reading only missing rows
+        else:  # rows renumbered (compacted, perhaps just now): reconcile by key
             live = self.store.table_rows(space)
             si.remove([k for k in list(si.catalog.by_key) if k not in live])
             missing = [r for k, r in live.items() if k not in si.catalog.by_key]

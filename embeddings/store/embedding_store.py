@@ -442,10 +442,13 @@ class EmbeddingStore:
         """Keys of the live rows ``start:`` of a space's table (its ``keys`` column only)."""
         return read_keys(self.root, space, start)
 
-    def tombstoned(self, space: str, start: int, stop: int) -> list[str]:
+    def tombstoned(
+        self, space: str, start: int, stop: int, generation: int | None = None
+    ) -> list[str] | None:
         """Keys of the rows behind a table's tombstones ``start:stop``, in the order they
-        were deleted (a key deleted, stored again and deleted again comes twice)."""
-        return tombstoned_keys(self.root, space, start, stop)
+        were deleted (a key deleted, stored again and deleted again comes twice); None if
+        the table has left ``generation`` (compacted meanwhile: reconcile by key)."""
+        return tombstoned_keys(self.root, space, start, stop, generation)
 
     def entry_attrs(self, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
         """Metadata of many complete entries (missing or unfinished ones left out); on a local

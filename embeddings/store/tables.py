@@ -254,7 +254,6 @@ def read_table(
     for _ in range(_RETRIES):
         meta = read_table_meta(root, space)
         g = _group(root[f"tables/{space}"])
-        d = data_group(g, meta)
         n = int(meta["count"])
         wanted = (
             np.arange(min(start, n), n, dtype=np.int64)
@@ -262,10 +261,11 @@ def read_table(
             else np.unique(np.asarray(list(rows), dtype=np.int64))
         )
         wanted = wanted[(wanted >= 0) & (wanted < n)]
-        dead = tombstones(d, meta)
-        if len(dead):
-            wanted = wanted[~np.isin(wanted, dead)]
-        try:
+        try:  # the rows group the metadata names may be swapped away from here on
+            d = data_group(g, meta)
+            dead = tombstones(d, meta)
+            if len(dead):
+                wanted = wanted[~np.isin(wanted, dead)]
             table = _read(d, meta, space, wanted)
         except (KeyError, FileNotFoundError, StoreError):
             table = None  # the rows went away under us: a compaction swapped them
@@ -280,14 +280,14 @@ def read_keys(root: zarr.Group, space: str, start: int = 0) -> list[str]:
     """Keys of the live rows ``start:`` of a table (only its ``keys`` column is read)."""
     for _ in range(_RETRIES):
         meta = read_table_meta(root, space)
-        d = data_group(_group(root[f"tables/{space}"]), meta)
         n = int(meta["count"])
-        try:
+        try:  # the rows group the metadata names may be swapped away from here on
+            d = data_group(_group(root[f"tables/{space}"]), meta)
             words = np.asarray(_array(d["keys"])[min(start, n) : n])
-        except (KeyError, FileNotFoundError):
+            dead = tombstones(d, meta)
+        except (KeyError, FileNotFoundError, StoreError):
             words = None
         if words is not None and _where(read_table_meta(root, space)) == _where(meta):
-            dead = tombstones(d, meta)
             live = ~np.isin(np.arange(min(start, n), n), dead)
             return [_words_key(hi, lo) for hi, lo in words[live]]
     raise StoreError(
@@ -295,15 +295,27 @@ def read_keys(root: zarr.Group, space: str, start: int = 0) -> list[str]:
     )
 
 
-def tombstoned_keys(root: zarr.Group, space: str, start: int, stop: int) -> list[str]:
-    """Keys of the rows behind tombstones ``start:stop`` (of the ``deleted`` count)."""
-    meta = read_table_meta(root, space)
-    d = data_group(_group(root[f"tables/{space}"]), meta)
-    rows = tombstones(d, {**meta, "deleted": min(stop, int(meta["deleted"]))}, start)
-    if not len(rows):
-        return []
-    words = _array(d["keys"]).oindex[rows, :]
-    return [_words_key(hi, lo) for hi, lo in np.asarray(words).reshape(-1, 2)]
+def tombstoned_keys(
+    root: zarr.Group, space: str, start: int, stop: int, generation: int | None = None
+) -> list[str] | None:
+    """Keys of the rows behind tombstones ``start:stop`` (of the ``deleted`` count); None
+    when the table is no longer at ``generation`` (its rows were renumbered since the
+    caller read its metadata: the positions mean nothing now, reconcile by key)."""
+    for _ in range(_RETRIES):
+        meta = read_table_meta(root, space)
+        if generation is not None and int(meta["generation"]) != generation:
+            return None
+        try:
+            d = data_group(_group(root[f"tables/{space}"]), meta)
+            rows = tombstones(d, {**meta, "deleted": min(stop, int(meta["deleted"]))}, start)
+            words = _array(d["keys"]).oindex[rows, :] if len(rows) else np.zeros((0, 2))
+        except (KeyError, FileNotFoundError, StoreError):
+            continue
+        if _where(read_table_meta(root, space)) == _where(meta):
+            return [_words_key(hi, lo) for hi, lo in np.asarray(words).reshape(-1, 2)]
+    raise StoreError(
+        f"table {space!r} was compacted {_RETRIES} times while it was read; read it again."
+    )
 
 
 class RowIndex:
