@@ -54,7 +54,9 @@ def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -
     if settings.queue:  # scale-out: `radcache worker` processes run the jobs
         worker = RedisQueue(settings, jobs)
     else:
-        worker = Worker(pipeline, jobs, limit=settings.queue_size)
+        worker = Worker(
+            pipeline, jobs, limit=settings.queue_size, quarantine=settings.quarantine_dir
+        )
     metrics = Metrics(lambda: worker.depth)
     indexes = open_index(store, **settings.index_options())
     catalog = EntryCatalog(jobs)
@@ -67,6 +69,8 @@ def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -
         catalog=catalog,
         compact_after=settings.compact_after_s,
         compact_share=settings.compact_share,
+        retention=settings.job_retention_days * 86400,
+        quarantine=settings.quarantine_dir,
     )
     searcher = Searcher(indexes, pipeline)
     res = Resources(

@@ -5,7 +5,9 @@ SQLAlchemy 2 models; the schema is made and upgraded by Alembic migrations
 (``service/migrations``) for both databases, once per database even when several processes
 start together. A job is written ``queued`` before the upload is acknowledged, so a restart
 loses nothing that was accepted. ``entries`` records, once per content key (a unique
-primary key), which job first stored each entry.
+primary key), which job first stored each entry. A finished job's row and report (which
+names the files the client uploaded) are kept only until :meth:`JobStore.purge` deletes it;
+its ``entries`` rows stay.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from sqlalchemy import JSON, DateTime, Integer, String, create_engine, select
+from sqlalchemy import JSON, DateTime, Integer, String, create_engine, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
@@ -215,3 +217,11 @@ class JobStore:
         failure: str | None = None,
     ) -> None:
         self.update(job_id, state=state, finished=_now(), report=report, failure=failure)
+
+    def purge(self, older_than: dt.timedelta) -> int:
+        """Delete the jobs (their reports, failures and options) that finished more than
+        ``older_than`` ago; the entries they stored stay noted. Returns how many went."""
+        cutoff = _now() - older_than
+        stmt = delete(JobRow).where(JobRow.state.in_(FINISHED), JobRow.finished < cutoff)
+        with self._session() as s:
+            return len(s.execute(stmt.returning(JobRow.id)).all())

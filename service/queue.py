@@ -9,6 +9,7 @@ are keyed by content, so a repeated delivery stores nothing twice. A job that ra
 retried with exponential back-off up to ``queue_max_retries`` times, then marked ``dead``
 (Dramatiq's dead-letter queue keeps the message) — visible in ``GET /v1/jobs``. Deliveries
 that never finish (a worker killed each time) count too, so nothing is retried forever.
+A job's upload is kept while it may be retried and deleted (or quarantined) once it ends.
 
 Why Dramatiq: acknowledgement after processing, dead-worker requeueing, retries with
 back-off and a dead-letter queue are built in and kept up by its maintainers, on the Redis
@@ -17,17 +18,19 @@ the deployment already runs; see docs/ARCHITECTURE.md.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
 import socket
 import threading
+from pathlib import Path
 from typing import Any
 
 from radcache.embeddings.errors import QueueFullError, QueueUnavailableError
 
 from .jobs import JobRow, JobStore
-from .runner import OnDone, run_job
+from .runner import OnDone, fail_job, log_failure, purge_quarantine, run_job
 from .settings import ServiceSettings
 
 __all__ = ["QUEUE", "RedisQueue", "make_broker", "run_worker"]
@@ -38,6 +41,18 @@ QUEUE = "radcache-embed"
 ACTOR = "radcache.embed"
 _WATCHED = 100_000  # queued jobs a replica watches for at most
 _GONE = object()
+
+
+class _Attempt(Exception):
+    """A delivery whose job raised ``cause``: what Dramatiq logs (the job id and the error's
+    type, not its message, which may name the client's files) and retries."""
+
+    def __init__(self, job_id: str, cause: BaseException) -> None:
+        super().__init__(f"job {job_id}: {type(cause).__name__}")
+        self.cause = cause
+
+
+_PURGE_EVERY_S = 600.0
 
 
 def make_broker(settings: ServiceSettings, middleware: list[Any] | None = None) -> Any:
@@ -141,7 +156,7 @@ class RedisQueue:
         except Exception as exc:
             with self._lock:
                 self._queued.pop(job_id, None)
-            self.jobs.finish(job_id, "failed", None, failure=f"could not be queued: {exc}")
+            fail_job(self.jobs, job_id, "failed", f"could not be queued: {exc}")
             raise QueueUnavailableError(
                 f"the job queue at {self.settings.queue} did not take the job ({exc}); "
                 "nothing was accepted, send it again."
@@ -182,11 +197,12 @@ def _seconds(row: JobRow) -> float:
     return max(0.0, (row.finished - row.started).total_seconds())
 
 
-def _job_states(jobs: JobStore) -> Any:
+def _job_states(jobs: JobStore, quarantine: Path | None = None) -> Any:
     from dramatiq import Middleware
 
     class JobStates(Middleware):
-        """Retries and dead letters, written into the job row (after Retries decided)."""
+        """Retries and dead letters, written into the job row (after Retries decided); a
+        dead job's upload is deleted (or quarantined)."""
 
         def after_process_message(
             self, broker: Any, message: Any, *, result: Any = None, exception: Any = None
@@ -194,11 +210,12 @@ def _job_states(jobs: JobStore) -> Any:
             if exception is None:
                 return
             job_id = message.args[0]
-            why = f"{type(exception).__name__}: {exception}"
+            cause = getattr(exception, "cause", exception)  # what the job raised
+            why = f"{type(cause).__name__}: {cause}"
             tries = message.options.get("retries", 0)
             if message.failed:
-                jobs.finish(
-                    job_id, "dead", None, failure=f"gave up after {tries} deliveries: {why}"[:2000]
+                fail_job(
+                    jobs, job_id, "dead", f"gave up after {tries} deliveries: {why}", quarantine
                 )
             else:
                 jobs.update(
@@ -208,6 +225,14 @@ def _job_states(jobs: JobStore) -> Any:
                 )
 
     return JobStates()
+
+
+def _purge(quarantine: Path, retention: dt.timedelta) -> None:
+    """Delete the uploads quarantined more than ``retention`` ago."""
+    try:
+        purge_quarantine(quarantine, retention)
+    except OSError:  # tried again at the next round
+        log.exception("purging quarantined uploads failed")
 
 
 def run_worker(
@@ -228,21 +253,22 @@ def run_worker(
     if threads > 1:  # slices of concurrent jobs share forward batches
         pipeline.encoder = BatchingEncoder(pipeline.encoder, settings.batch_size)
     jobs = JobStore(settings.db)
-    broker = make_broker(settings, [_job_states(jobs)])
+    quarantine = settings.quarantine_dir
+    broker = make_broker(settings, [_job_states(jobs, quarantine)])
     name = f"{socket.gethostname()}:{os.getpid()}"
     limit = settings.queue_max_retries + 2
 
     def embed(job_id: str) -> None:
         row = jobs.get(job_id)
         if row is not None and row.state == "running" and (row.attempts or 0) >= limit:
-            jobs.finish(
-                job_id,
-                "dead",
-                None,
-                failure=f"delivered {row.attempts + 1} times and never finished",
-            )
+            failure = f"delivered {row.attempts + 1} times and never finished"
+            fail_job(jobs, job_id, "dead", failure, quarantine)
             return
-        run_job(pipeline, jobs, job_id, worker=name)
+        try:
+            run_job(pipeline, jobs, job_id, worker=name, quarantine=quarantine)
+        except Exception as exc:
+            log_failure(job_id, exc)
+            raise _Attempt(job_id, exc) from None
 
     dramatiq.Actor(embed, broker=broker, actor_name=ACTOR, queue_name=QUEUE, priority=0, options={})
     # An idle consumer backs off up to worker_timeout between polls: 100 ms keeps a job
@@ -255,8 +281,13 @@ def run_worker(
             signal.signal(sig, lambda *_: stop.set())
     worker.start()
     log.info("radcache worker %s: %d thread(s) on %s", name, threads, settings.queue)
+    retention = dt.timedelta(days=settings.job_retention_days)
     try:
-        stop.wait()
+        while True:
+            if quarantine is not None:  # this worker's, after the retention period
+                _purge(quarantine, retention)
+            if stop.wait(_PURGE_EVERY_S):
+                break
     finally:
         worker.stop(timeout=int(settings.worker_grace_s * 1000))
         broker.close()

@@ -2,13 +2,25 @@
 
 :func:`run_job` is what every worker runs (the embedded one in :mod:`.worker`, scale-out
 workers in :mod:`.queue`); :func:`finish_job` is how every job ends, including one that
-:mod:`.intake` answers from the cache without running anything.
+:mod:`.intake` answers from the cache without running anything, and :func:`fail_job` how
+one ends that raised or that the queue gave up on.
+
+An upload lives only as long as its job runs: whatever state a job ends in, its upload is
+deleted (:func:`dispose_upload`), or, for a job that did not end ``done`` and a
+``quarantine`` directory, moved there under the job's id, until :func:`purge_quarantine`
+deletes it after the retention period. The reports keep the names the client gave its
+files (so it can act on failures); they reach only the job's tenant and leave with the job
+(:meth:`~.jobs.JobStore.purge`).
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
 import shutil
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,8 +31,19 @@ from .entry_catalog import EntryCatalog
 from .jobs import JobState, JobStore
 from .options import JobOptions
 
-__all__ = ["OnDone", "finish_job", "public_report", "report_state", "run_job"]
+__all__ = [
+    "OnDone",
+    "dispose_upload",
+    "fail_job",
+    "finish_job",
+    "log_failure",
+    "public_report",
+    "purge_quarantine",
+    "report_state",
+    "run_job",
+]
 
+log = logging.getLogger(__name__)
 OnDone = Callable[[float, list[dict[str, Any]]], None]  # (seconds, the report's series)
 
 
@@ -30,14 +53,83 @@ def report_state(report: EmbedReport) -> JobState:
     return "partially_failed" if report.series else "failed"
 
 
+def _unplaced(text: str, upload: Path) -> str:
+    """``text`` with the upload's server path cut back to the names the client uploaded."""
+    return text.replace(str(upload) + "/", "").replace(str(upload), "")
+
+
 def public_report(report: EmbedReport, upload: Path) -> dict[str, Any]:
     """The report with server paths cut back to the names the client uploaded."""
     out = report.to_dict()
-    prefix = str(upload) + "/"
     for item in (*out["errors"], *out["skipped"]):
-        if isinstance(item.get("path"), str):
-            item["path"] = item["path"].replace(prefix, "")
+        for field in ("path", "message", "reason"):
+            if isinstance(item.get(field), str):
+                item[field] = _unplaced(item[field], upload)
     return out
+
+
+def dispose_upload(
+    upload: Path, job_id: str, state: JobState, quarantine: Path | None = None
+) -> Path | None:
+    """Delete a finished job's upload, or move it to ``quarantine``/``job_id`` when the job
+    did not end ``done`` (its time there counts from now). Returns where it was kept."""
+    if upload.name in ("", ".", "..") or not upload.exists():
+        return None  # never a directory above the upload's own
+    if quarantine is None or state == "done":
+        shutil.rmtree(upload, ignore_errors=True)
+        return None
+    kept = quarantine / job_id
+    quarantine.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(kept, ignore_errors=True)  # an earlier delivery's
+    shutil.move(upload, kept)
+    os.utime(kept)
+    return kept
+
+
+def purge_quarantine(quarantine: Path, older_than: dt.timedelta) -> int:
+    """Delete the uploads quarantined more than ``older_than`` ago; returns how many."""
+    if not quarantine.is_dir():
+        return 0
+    cutoff = time.time() - older_than.total_seconds()
+    gone = 0
+    for kept in quarantine.iterdir():
+        try:
+            if kept.lstat().st_mtime >= cutoff:
+                continue
+            if kept.is_dir() and not kept.is_symlink():
+                shutil.rmtree(kept)
+            else:
+                kept.unlink()
+        except FileNotFoundError:  # purged by another process meanwhile
+            continue
+        gone += 1
+    return gone
+
+
+def log_failure(job_id: str, exc: BaseException) -> None:
+    """Log a job that raised by its id, the error's type and where it was raised: not the
+    error's message, which may name the client's files (the job's failure records it)."""
+    where = "".join(traceback.format_tb(exc.__traceback__)).rstrip()
+    log.error("job %s failed: %s\n%s", job_id, type(exc).__name__, where)
+
+
+def fail_job(
+    jobs: JobStore,
+    job_id: str,
+    state: JobState,
+    failure: str,
+    quarantine: Path | None = None,
+) -> None:
+    """End a job without a report: ``failed`` (it raised, or was never queued) or ``dead``
+    (the queue gave up on it). ``failure`` is recorded without server paths, and the upload
+    is deleted or quarantined."""
+    row = jobs.get(job_id)
+    upload = Path(row.upload) if row is not None else None
+    if upload is not None:
+        failure = _unplaced(failure, upload)
+    jobs.finish(job_id, state, None, failure=failure[:2000])
+    if upload is not None:
+        dispose_upload(upload, job_id, state, quarantine)
 
 
 class _JobProgress:
@@ -69,10 +161,11 @@ def run_job(
     *,
     on_done: OnDone | None = None,
     worker: str | None = None,
+    quarantine: Path | None = None,
 ) -> None:
     """Embed one job's upload and record the outcome. A job already finished (a repeated
     delivery) is left alone. Exceptions (a bug, a broken model, a lost store) propagate:
-    the caller decides between failing the job and trying again."""
+    the caller decides between failing the job (:func:`fail_job`) and trying again."""
     row = jobs.start(job_id, worker)
     if row is None:
         return
@@ -100,7 +193,7 @@ def run_job(
             recognise=False,
         )
     progress.flush()
-    finish_job(jobs, pipe.store, job_id, report, upload, time.monotonic() - t0, on_done)
+    finish_job(jobs, pipe.store, job_id, report, upload, time.monotonic() - t0, on_done, quarantine)
 
 
 def finish_job(
@@ -111,17 +204,19 @@ def finish_job(
     upload: Path,
     seconds: float,
     on_done: OnDone | None = None,
+    quarantine: Path | None = None,
 ) -> None:
     """Record what a job stored (the job database's note and the entry catalog), tell
     ``on_done`` (before the job reads done: then what it stored is searchable when a client
-    sees it), finish the job and drop its upload."""
+    sees it), finish the job and drop its upload (or quarantine it, unless done)."""
     out = public_report(report, upload)
     jobs.record_entries(job_id, out["series"], lambda key: _space(store, key))
     EntryCatalog(jobs).record(store, [s["entry"] for s in out["series"]])
     if on_done is not None:
         on_done(seconds, out["series"])
-    jobs.finish(job_id, report_state(report), out)
-    shutil.rmtree(upload, ignore_errors=True)
+    state = report_state(report)
+    jobs.finish(job_id, state, out)
+    dispose_upload(upload, job_id, state, quarantine)
 
 
 def _uploaded_names(upload: Path, mapping: dict[str, str] | None) -> dict[str, str] | None:

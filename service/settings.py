@@ -75,6 +75,18 @@ class ServiceSettings(Settings):
     worker_grace_s: float = Field(
         60.0, ge=0, description="on SIGTERM, how long running jobs may take to finish"
     )
+    # --- what is kept of submissions ---
+    job_retention_days: float = Field(
+        7.0,
+        gt=0,
+        description="finished jobs (their reports name the uploaded files) and quarantined "
+        "uploads are deleted this long after they finished",
+    )
+    quarantine_dir: Path | None = Field(
+        None,
+        description="uploads of jobs that did not finish done are moved here (named by job id) "
+        "for inspection; None: deleted like the others",
+    )
     # --- the client commands (radcache submit | jobs | get) ---
     url: str = Field("http://127.0.0.1:8000", description="the service the client commands talk to")
     api_key: SecretStr | None = Field(
@@ -85,6 +97,11 @@ class ServiceSettings(Settings):
     @classmethod
     def _absolute(cls, v: Path) -> Path:
         return v.expanduser().resolve()  # job rows name uploads that workers elsewhere open
+
+    @field_validator("quarantine_dir")
+    @classmethod
+    def _absolute_quarantine(cls, v: Path | None) -> Path | None:
+        return v.expanduser().resolve() if v is not None else None
 
     def lock_server(self) -> tuple[str | None, str]:
         """Object-store writers lock through the job queue's Redis unless told otherwise."""

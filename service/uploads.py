@@ -5,7 +5,10 @@ event loop.
 or a single body (zip, DICOM, NIfTI); :func:`save_related` takes the
 ``multipart/related; type="application/dicom"`` body of STOW-RS. Both write each part to
 its own file in the upload's directory, and refuse (413) as soon as the body passes the
-limit (the declared length first, then each chunk received).
+limit (the declared length first, then each chunk received, so a chunked body without a
+Content-Length is held to it too). A body that breaks its own framing (cut short before its
+closing boundary, a part longer or shorter than its Content-Length, headers without end)
+is refused with 400 ``bad-multipart``; one with nothing in it with 400 ``empty-upload``.
 
 The event loop only receives the body. Parsing and file writes run in a worker thread,
 :data:`BATCH` bytes at a time: a part is a file opened, written and closed, so a body of
@@ -29,6 +32,7 @@ from starlette.requests import ClientDisconnect
 from radcache.embeddings.errors import (
     EmptyUploadError,
     InvalidFieldError,
+    MalformedBodyError,
     PayloadTooLargeError,
     RadcacheError,
     UnsupportedMediaTypeError,
@@ -44,6 +48,7 @@ BATCH = 1 << 20
 _MAX_FILES = 100_000
 _MAX_FIELDS = 50
 _MAX_FIELD_BYTES = 1 << 20
+_MAX_HEAD_BYTES = 16384  # the headers of one part
 
 _BODY_TYPES = {
     "application/zip": "upload.zip",
@@ -98,20 +103,28 @@ async def _close(close: Callable[[], None]) -> None:
         await run_in_threadpool(close)
 
 
-async def _feed(request: Request, write: Callable[[bytes], object], budget: Budget) -> None:
+async def _feed(request: Request, write: Callable[[bytes], object], budget: Budget) -> int:
     """Receive the body on the loop, refusing it as soon as it passes ``budget`` (as the
-    declared length is); ``write`` it in a worker thread, a batch at a time."""
+    declared length is), before a byte more is held or written; ``write`` it in a worker
+    thread, a batch at a time. Returns the bytes received."""
     batch: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        budget.spend(len(chunk))
-        batch.append(chunk)
-        size += len(chunk)
-        if size >= BATCH:
-            await run_in_threadpool(_write_all, write, batch)
-            batch, size = [], 0
+    size = total = 0
+    try:
+        async for chunk in request.stream():
+            budget.spend(len(chunk))
+            total += len(chunk)
+            batch.append(chunk)
+            size += len(chunk)
+            if size >= BATCH:
+                await run_in_threadpool(_write_all, write, batch)
+                batch, size = [], 0
+    except ClientDisconnect:  # answered like any body cut short (to no one, most likely)
+        raise MalformedBodyError(
+            f"the connection closed after {total} bytes, before the body's end; send it again."
+        ) from None
     if batch:
         await run_in_threadpool(_write_all, write, batch)
+    return total
 
 
 class _File:
@@ -134,30 +147,77 @@ class _File:
 
 class _Parts:
     """multipart callbacks that write each part to its own file as bytes arrive
-    (``multipart/related``: every part is a file)."""
+    (``multipart/related``: every part is a file). A part that declares its
+    Content-Length must hold exactly that many bytes."""
 
     def __init__(self, dest: Path) -> None:
         self.dest = dest
         self.paths: list[Path] = []
         self._file: _File | None = None
+        self._headers: dict[bytes, bytes] = {}
+        self._name, self._value = bytearray(), bytearray()
+        self._part = 0  # parts begun
+        self._head = 0  # bytes of the current part's headers
+        self._size = 0  # bytes of the current part's data
 
     def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self.on_part_begin,
+            "on_header_field": self.on_header_field,
+            "on_header_value": self.on_header_value,
+            "on_header_end": self.on_header_end,
+            "on_headers_finished": self.on_headers_finished,
             "on_part_data": self.on_part_data,
-            "on_part_end": self.close,
+            "on_part_end": self.on_part_end,
         }
 
     def open(self, path: Path) -> None:
+        if len(self.paths) >= _MAX_FILES:
+            raise PayloadTooLargeError(f"the body holds more than {_MAX_FILES} files; split it.")
         self.paths.append(path)
         self._file = _File(path)
 
     def on_part_begin(self) -> None:
+        self._headers, self._head, self._size = {}, 0, 0
+        self._part += 1
+
+    def _header_bytes(self, n: int) -> None:
+        self._head += n
+        if self._head > _MAX_HEAD_BYTES:
+            raise MalformedBodyError(
+                f"part {self._part} has more than {_MAX_HEAD_BYTES} bytes of headers; "
+                "expected a few short headers (Content-Type, Content-Disposition) per part."
+            )
+
+    def on_header_field(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
+        self._name += data[start:end]
+
+    def on_header_value(self, data: bytes, start: int, end: int) -> None:
+        self._header_bytes(end - start)
+        self._value += data[start:end]
+
+    def on_header_end(self) -> None:
+        self._headers[bytes(self._name).lower()] = bytes(self._value)
+        self._name, self._value = bytearray(), bytearray()
+
+    def on_headers_finished(self) -> None:
         self.open(self.dest / f"part-{len(self.paths):06d}.dcm")
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
+        self._size += end - start
         if self._file is not None:
             self._file.write(data[start:end])
+
+    def on_part_end(self) -> None:
+        self.close()
+        declared = self._headers.get(b"content-length")
+        if declared is not None and declared.strip() != str(self._size).encode():
+            raise MalformedBodyError(
+                f"part {self._part} declares Content-Length {_text(declared.strip())!r} "
+                f"but holds {self._size} bytes; the body was altered or cut in transfer: send "
+                "it again (or leave Content-Length out of the parts)."
+            )
 
     def close(self) -> None:
         if self._file is not None:
@@ -173,34 +233,8 @@ class _FormParts(_Parts):
         super().__init__(dest)
         self.wanted = wanted
         self.fields: dict[str, str] = {}
-        self._headers: dict[bytes, bytes] = {}
-        self._name, self._value = bytearray(), bytearray()
         self._field: tuple[str, bytearray] | None = None
         self._n_fields = 0
-
-    def callbacks(self) -> MultipartCallbacks:
-        return {
-            "on_part_begin": self.on_part_begin,
-            "on_header_field": self.on_header_field,
-            "on_header_value": self.on_header_value,
-            "on_header_end": self.on_header_end,
-            "on_headers_finished": self.on_headers_finished,
-            "on_part_data": self.on_part_data,
-            "on_part_end": self.on_part_end,
-        }
-
-    def on_part_begin(self) -> None:
-        self._headers = {}
-
-    def on_header_field(self, data: bytes, start: int, end: int) -> None:
-        self._name += data[start:end]
-
-    def on_header_value(self, data: bytes, start: int, end: int) -> None:
-        self._value += data[start:end]
-
-    def on_header_end(self) -> None:
-        self._headers[bytes(self._name).lower()] = bytes(self._value)
-        self._name, self._value = bytearray(), bytearray()
 
     def on_headers_finished(self) -> None:
         kind, params = parse_options_header(self._headers.get(b"content-disposition"))
@@ -210,10 +244,6 @@ class _FormParts(_Parts):
                 "files as multipart/form-data fields (curl -F files=@…)."
             )
         if b"filename" in params:
-            if len(self.paths) >= _MAX_FILES:
-                raise PayloadTooLargeError(
-                    f"the form holds more than {_MAX_FILES} files; split the study."
-                )
             self.open(self.dest / _safe_name(_text(params[b"filename"]), len(self.paths)))
             return
         self._n_fields += 1
@@ -237,7 +267,7 @@ class _FormParts(_Parts):
                 )
 
     def on_part_end(self) -> None:
-        self.close()
+        super().on_part_end()
         if self._field is not None:
             name, value = self._field
             if value:
@@ -249,17 +279,21 @@ async def _parse(request: Request, boundary: str, parts: _Parts, limit: int) -> 
     """Stream a multipart body through ``parts`` in a worker thread."""
     parser = python_multipart.MultipartParser(boundary, parts.callbacks())
     try:
-        await _feed(request, parser.write, Budget(limit))
+        if not await _feed(request, parser.write, Budget(limit)):
+            raise EmptyUploadError("the request body is empty; send the files as a multipart body.")
         parser.finalize()
         if parser.state != MultipartState.END:
-            raise UnsupportedMediaTypeError(
+            raise MalformedBodyError(
                 f"the multipart body ended before its closing boundary --{boundary}--: it was "
-                "cut short; send it again."
+                "cut short (or its Content-Length is short of the body); send it again."
             )
-    except (RadcacheError, ClientDisconnect):
+    except RadcacheError:
         raise
     except Exception as exc:
-        raise UnsupportedMediaTypeError(f"the multipart body could not be parsed ({exc}).") from exc
+        raise MalformedBodyError(
+            f"the multipart body could not be parsed ({exc}); expected parts separated by "
+            f"--{boundary} lines, ending with --{boundary}--."
+        ) from exc
     finally:
         await _close(parts.close)
 

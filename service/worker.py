@@ -1,6 +1,7 @@
 """Background threads: the embedded worker, which runs queued jobs through the pipeline,
 and the index keeper, which keeps the search indexes and the entry catalog in step with
-the store and compacts its tables.
+the store, compacts its tables and deletes finished jobs (and quarantined uploads) once
+their retention period is over.
 
 HTTP stays responsive while a study embeds: handlers only write the upload and a job row
 and put the job id on a bounded queue. :func:`~.runner.run_job` is the job itself, the
@@ -16,6 +17,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 from radcache.embeddings import IndexSet, Pipeline
@@ -23,7 +25,7 @@ from radcache.embeddings.errors import QueueFullError
 
 from .entry_catalog import EntryCatalog
 from .jobs import JobStore
-from .runner import OnDone, run_job
+from .runner import OnDone, fail_job, log_failure, purge_quarantine, run_job
 
 __all__ = ["IndexKeeper", "Worker"]
 
@@ -34,10 +36,15 @@ log = logging.getLogger(__name__)
 COMPACT_AFTER_S = 3600.0
 #: … or once this share of its rows are tombstones.
 COMPACT_SHARE = 0.1
+#: Finished jobs (their reports name the client's files) are deleted after this long.
+JOB_RETENTION_S = 7 * 86400.0
+#: How often the index keeper looks for jobs past their retention.
+PURGE_EVERY_S = 600.0
 
 
 class Worker:
-    """Runs jobs one at a time on a background thread."""
+    """Runs jobs one at a time on a background thread. A job's upload is deleted when it
+    ends, or moved to ``quarantine`` when it did not end ``done``."""
 
     def __init__(
         self,
@@ -46,9 +53,11 @@ class Worker:
         *,
         limit: int,
         on_done: OnDone | None = None,
+        quarantine: Path | None = None,
     ) -> None:
         self.pipeline, self.jobs, self.limit = pipeline, jobs, limit
         self.on_done = on_done
+        self.quarantine = quarantine
         self.queue: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radcache-worker", daemon=True)
@@ -76,7 +85,13 @@ class Worker:
             )
 
     def submit(self, job_id: str) -> None:
-        self.check_capacity()
+        """Queue a job; when no more may wait, the job fails (its upload deleted) and
+        :class:`QueueFullError` says nothing was accepted."""
+        try:
+            self.check_capacity()
+        except QueueFullError as exc:
+            fail_job(self.jobs, job_id, "failed", f"could not be queued: {exc}")
+            raise
         self.queue.put(job_id)
 
     def _run(self) -> None:
@@ -94,10 +109,12 @@ class Worker:
 
     def process(self, job_id: str) -> None:
         try:
-            run_job(self.pipeline, self.jobs, job_id, on_done=self.on_done)
+            run_job(
+                self.pipeline, self.jobs, job_id, on_done=self.on_done, quarantine=self.quarantine
+            )
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
-            log.exception("job %s failed", job_id)
-            self.jobs.finish(job_id, "failed", None, failure=f"{type(exc).__name__}: {exc}"[:2000])
+            log_failure(job_id, exc)
+            fail_job(self.jobs, job_id, "failed", f"{type(exc).__name__}: {exc}", self.quarantine)
 
     @property
     def alive(self) -> bool:
@@ -112,6 +129,10 @@ class IndexKeeper:
     It also compacts the store's tables, on a thread of its own, once tombstones are
     ``compact_share`` of a table's rows or the oldest is ``compact_after`` seconds old:
     deleted rows then leave the table's files.
+
+    And, on another thread, every ``purge_every`` seconds, it deletes the jobs of the
+    catalog's job database that finished more than ``retention`` seconds ago (their reports
+    name the client's files) and the uploads quarantined as long ago.
     """
 
     def __init__(
@@ -123,6 +144,9 @@ class IndexKeeper:
         catalog: EntryCatalog | None = None,
         compact_after: float = COMPACT_AFTER_S,
         compact_share: float = COMPACT_SHARE,
+        retention: float = JOB_RETENTION_S,
+        quarantine: Path | None = None,
+        purge_every: float = PURGE_EVERY_S,
     ) -> None:
         self.indexes = indexes
         self.catalog = catalog
@@ -130,21 +154,27 @@ class IndexKeeper:
         self.save_every = save_every
         self.compact_after = compact_after
         self.compact_share = compact_share
+        self.retention = retention
+        self.quarantine = quarantine
+        self.purge_every = purge_every
         self._saved = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radcache-index", daemon=True)
         self._compactor = threading.Thread(
             target=self._compact_loop, name="radcache-compact", daemon=True
         )
+        self._purger = threading.Thread(target=self._purge_loop, name="radcache-purge", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
         if not self.indexes.store.read_only:
             self._compactor.start()
+        if self.catalog is not None or self.quarantine is not None:
+            self._purger.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for t in (self._thread, self._compactor):
+        for t in (self._thread, self._compactor, self._purger):
             if t.is_alive():
                 t.join(timeout=30)
         self.indexes.save()
@@ -210,3 +240,24 @@ class IndexKeeper:
                 self.compact()
             except Exception:  # tried again at the next round
                 log.exception("table compaction failed")
+
+    def purge(self) -> tuple[int, int]:
+        """Delete the jobs and the quarantined uploads past their retention; returns how
+        many of each."""
+        age = dt.timedelta(seconds=self.retention)
+        jobs = self.catalog.jobs.purge(age) if self.catalog is not None else 0
+        kept = purge_quarantine(self.quarantine, age) if self.quarantine is not None else 0
+        if jobs or kept:
+            log.info(
+                "retention: %d finished job(s) and %d quarantined upload(s) deleted", jobs, kept
+            )
+        return jobs, kept
+
+    def _purge_loop(self) -> None:
+        while True:
+            try:
+                self.purge()
+            except Exception:  # tried again at the next round
+                log.exception("purging old jobs failed")
+            if self._stop.wait(self.purge_every):
+                return

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
 
 __all__ = [
     "ClassifyOut",
@@ -21,6 +21,9 @@ __all__ = [
 ]
 
 LabelValue = str | int | float | bool
+#: A filter value: an empty one, or one holding NUL, would match every entry.
+FilterText = Annotated[str, StringConstraints(min_length=1, pattern=r"^[^\x00]*$")]
+FilterLabelValue = FilterText | int | float | bool
 _HIT_EXAMPLE: dict[str, JsonValue] = {
     "rank": 1,
     "score": 0.93,
@@ -60,18 +63,26 @@ class SearchQuery(BaseModel):
 
 
 class SearchFilters(BaseModel):
-    """Restrict results to entries whose non-identifying metadata matches (all must hold)."""
+    """Restrict results to entries whose non-identifying metadata matches (all must hold).
+    Text values (and label names) are non-empty and hold no NUL character: either would
+    match every entry."""
 
     model_config = ConfigDict(
         extra="forbid",
         json_schema_extra={"examples": [{"modality": ["CT"], "description": "chest"}]},
     )
 
-    modality: list[str] = Field([], description="any of these modalities")
-    body_part: list[str] = Field([], description="any of these BodyPartExamined values")
-    description: str | None = Field(None, description="case-insensitive series description match")
-    collection: str | None = Field(None, description="only entries submitted to this collection")
-    labels: dict[str, LabelValue] = Field({}, description="label values that must all match")
+    modality: list[FilterText] = Field([], description="any of these modalities")
+    body_part: list[FilterText] = Field([], description="any of these BodyPartExamined values")
+    description: FilterText | None = Field(
+        None, description="case-insensitive series description match"
+    )
+    collection: FilterText | None = Field(
+        None, description="only entries submitted to this collection"
+    )
+    labels: dict[FilterText, FilterLabelValue] = Field(
+        {}, description="label values that must all match"
+    )
     exclude_studies: list[str] = []
     exclude_patients: list[str] = Field([], description="patient pseudonyms to leave out")
 

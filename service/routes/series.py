@@ -33,12 +33,14 @@ Kind = Literal["pooled", "cls", "mean_patch", "patch", "cls_last", "cls_last4", 
 
 
 def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
+    """``arr`` as a ``.npy`` file, a MiB at a time (an empty array is a header alone)."""
+    arr = np.ascontiguousarray(arr)  # C order, as the header will say
     head = io.BytesIO()
     np.lib.format.write_array_header_1_0(head, np.lib.format.header_data_from_array_1_0(arr))
     yield head.getvalue()
-    flat = np.ascontiguousarray(arr).data.cast("B")
-    for i in range(0, len(flat), 1 << 20):
-        yield bytes(flat[i : i + (1 << 20)])
+    flat = arr.reshape(-1).view(np.uint8)
+    for i in range(0, flat.size, 1 << 20):
+        yield flat[i : i + (1 << 20)].tobytes()
 
 
 @router.get(
@@ -55,7 +57,8 @@ def get_embeddings(
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
     """``pooled`` answers JSON by default, arrays answer ``application/x-npy``; ``Accept``
-    chooses. ``slices=a:b`` cuts per-slice arrays."""
+    chooses. ``slices=a:b`` cuts per-slice arrays (a range past the last slice: an empty
+    array, shape ``(0, …)``)."""
     info = catalog(res).resolve(series, res.store, who.tenant)
     arr = res.store.read(info.key, "cls_last" if kind == "cls_last4" else kind)
     if slices and arr.ndim > 1:
