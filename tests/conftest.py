@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,6 +14,30 @@ from radcache.embeddings.encode import Encoder, load_encoder
 from radcache.service.settings import get_settings as get_service_settings
 
 TEST_SECRET = "radcache-test-secret-0123456789"
+PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
+
+
+def pg_database(prefix: str) -> Iterator[str]:
+    """A throwaway PostgreSQL database (its URL), dropped afterwards; skipped with the
+    reason when PostgreSQL does not answer, failed instead under CI=true."""
+    import sqlalchemy as sa
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as c:
+            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    except sa.exc.OperationalError as exc:
+        admin.dispose()
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"PostgreSQL at {PG} is needed under CI ({exc})")
+        pytest.skip(f"PostgreSQL at {PG} does not answer ({exc})")
+    try:
+        yield f"{PG}/{name}"
+    finally:
+        with admin.connect() as c:
+            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 @pytest.fixture(autouse=True)

@@ -3,8 +3,6 @@ following the store's tables (appends, tombstones, compaction), rebuilding from 
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,28 +14,8 @@ from radcache.embeddings import EmbeddingStore
 from radcache.embeddings.errors import AmbiguousReferenceError, InvalidFieldError, NotFoundError
 from radcache.service.entry_catalog import CatalogRef, EntryCatalog
 from radcache.service.jobs import JobStore
+from tests.conftest import pg_database
 from tests.test_index import _entry, _key, _vectors
-
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
-
-
-def _pg_database() -> Iterator[str]:
-    name = f"radcache_catalog_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG} is needed under CI ({exc})")
-        pytest.skip(f"PostgreSQL at {PG} does not answer ({exc})")
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -45,7 +23,7 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'jobs.db'}"
     else:
-        yield from _pg_database()
+        yield from pg_database("radcache_catalog")
 
 
 @pytest.fixture

@@ -8,12 +8,10 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
-import os
 import re
 import secrets
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,28 +34,9 @@ from radcache.service import keys as keys_module
 from radcache.service.cli import main
 from radcache.service.jobs import JobStore
 from radcache.service.keys import SCOPES, ApiKeyRow, KeyStore, Principal
+from tests.conftest import pg_database
 
-PG = "postgresql+psycopg://postgres@127.0.0.1:5432"
 TOKEN = re.compile(r"^rc_([0-9a-f]{8})_([A-Za-z0-9_-]{43})$")
-
-
-def _pg_database() -> Iterator[str]:
-    name = f"radcache_keys_{uuid.uuid4().hex[:12]}"
-    admin = sa.create_engine(f"{PG}/postgres", isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as c:
-            c.execute(sa.text(f'CREATE DATABASE "{name}"'))
-    except sa.exc.OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"PostgreSQL at {PG} is needed under CI ({exc})")
-        pytest.skip(f"PostgreSQL at {PG} does not answer ({exc})")
-    try:
-        yield f"{PG}/{name}"
-    finally:
-        with admin.connect() as c:
-            c.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -66,7 +45,7 @@ def db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory)
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('keys') / 'jobs.db'}"
     else:
-        yield from _pg_database()
+        yield from pg_database("radcache_keys")
 
 
 @pytest.fixture(scope="module")

@@ -167,32 +167,23 @@ class SpaceIndex:
     def info(self, tenant: str | None = None) -> dict[str, Any]:
         """What the space holds; for a ``tenant``, only its own entries and vector counts
         (nothing that another tenant's data changes: memory, training, tombstones)."""
-        if tenant is not None:
-            mine = self.catalog.ordinals("tenant", tenant)
-            counts = {
-                "series": len(mine),
-                "slice": sum(self.catalog.record(o).n_slices for o in mine),
-            }
-            return {
-                "space": self.space,
-                "model": self.meta.get("model"),
-                "weights_hash": self.meta.get("weights_hash"),
-                "recipe_hash": self.meta.get("recipe_hash"),
-                "dim": self.dim,
-                "entries": len(mine),
-                "levels": {
-                    lv: {"level": lv, "vectors": counts[lv], "dim": self.dim} for lv in self.levels
-                },
-            }
-        return {
+        head = {
             "space": self.space,
             "model": self.meta.get("model"),
             "weights_hash": self.meta.get("weights_hash"),
             "recipe_hash": self.meta.get("recipe_hash"),
             "dim": self.dim,
-            "entries": len(self.catalog),
-            "levels": {lv: li.info() for lv, li in self.levels.items()},
         }
+        if tenant is None:
+            levels = {lv: li.info() for lv, li in self.levels.items()}
+            return {**head, "entries": len(self.catalog), "levels": levels}
+        mine = self.catalog.ordinals("tenant", tenant)
+        counts = {
+            "series": len(mine),
+            "slice": sum(self.catalog.record(o).n_slices for o in mine),
+        }
+        levels = {lv: {"level": lv, "vectors": counts[lv], "dim": self.dim} for lv in self.levels}
+        return {**head, "entries": len(mine), "levels": levels}
 
     # -- persistence --
     def save(
