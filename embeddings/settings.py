@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     index_factory: str = Field(
         "auto", description="FAISS factory string, or auto: exact below index_exact_max, else IVF"
     )
-    index_exact_max: int = Field(50_000, ge=1, description="largest exact (Flat) index")
+    index_exact_max: int = Field(10_000, ge=1, description="largest exact (Flat) index")
     index_recall_target: float = Field(
         0.95, gt=0, le=1, description="recall@10 an approximate index is tuned to at build time"
     )

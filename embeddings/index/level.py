@@ -74,7 +74,7 @@ class LevelIndex:
         ids: np.ndarray,
         *,
         factory: str = "auto",
-        exact_max: int = 50_000,
+        exact_max: int = 10_000,
         recall_target: float = 0.95,
         seed: int = 0,
     ) -> LevelIndex:
