@@ -182,7 +182,12 @@ class Searcher:
                     f"a raw vector needs one space; {len(spaces)} match ({names}). Pass `space` "
                     "(GET /v1/indexes lists them) or `model`."
                 )
-            vec = np.asarray(query.vector, dtype=np.float32)[None]
+            vec = np.asarray(query.vector, dtype=np.float32).reshape(1, -1)
+            if vec.shape[1] != spaces[0].dim:
+                raise SearchIndexError(
+                    f"the raw vector has {vec.shape[1]} values; space {spaces[0].space} has "
+                    f"{spaces[0].dim} dimensions (GET /v1/indexes lists each space's)."
+                )
             return [_Resolved(spaces[0], vec, [query.describe()], set(), set())]
         found: list[tuple[SpaceIndex, list[int]]] = []
         for si in spaces:

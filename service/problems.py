@@ -8,16 +8,20 @@ becomes a bare ``internal-error`` — no stack trace leaves the server.
 
 from __future__ import annotations
 
+import json
 import logging
+from http import HTTPStatus
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from radcache.embeddings.errors import RadcacheError
 
-__all__ = ["PROBLEM", "STATUS", "install", "problem", "status_of"]
+__all__ = ["PROBLEM", "STATUS", "document", "install", "problem", "status_of"]
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
@@ -42,6 +46,7 @@ STATUS: dict[str, int] = {
     "decompressed-too-large": 413,
     "unsafe-reference": 422,
     "payload-too-large": 413,
+    "json-too-large": 413,
     "invalid-recipe": 422,
     "model-error": 500,
     "unknown-model": 404,
@@ -51,6 +56,7 @@ STATUS: dict[str, int] = {
     "not-found": 404,
     "ambiguous-reference": 409,
     "store-mismatch": 409,
+    "store-busy": 409,
     "index-error": 422,
     "job-queue-error": 503,
     "queue-full": 503,
@@ -124,7 +130,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http(request: Request, exc: HTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, f"http-{exc.status_code}")
-        return problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path)
+        resp = problem(exc.status_code, code, str(exc.detail), str(exc.detail), request.url.path)
+        resp.headers.update(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names the first route's methods: name all
+            resp.headers["Allow"] = ", ".join(_allowed(request))
+        return resp
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
@@ -136,3 +146,46 @@ def install(app: FastAPI) -> None:
             "the server failed on this request; the error is logged.",
             request.url.path,
         )
+
+
+def _allowed(request: Request) -> list[str]:
+    """The methods some route answers at the request's path."""
+    routes = request.app.router.routes
+    return [
+        m
+        for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    ]
+
+
+def document(schema: dict[str, Any]) -> dict[str, Any]:
+    """Make an OpenAPI document (FastAPI's, changed in place) declare the problems
+    :func:`install` answers: every 4xx/5xx is ``application/problem+json`` with the
+    ``Problem`` schema (FastAPI's own validation-error model is never sent); an operation
+    behind an API key declares 401 and 403, one with parameters or a body 422, and one
+    with a body 408 (the body stalled)."""
+    content = {PROBLEM: {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    for operations in schema.get("paths", {}).values():
+        for op in operations.values():
+            responses: dict[str, Any] = op.setdefault("responses", {})
+            needed: set[int] = set()
+            if op.get("security"):
+                needed |= {401, 403}
+            if op.get("parameters") or op.get("requestBody"):
+                needed.add(422)
+            if op.get("requestBody"):
+                needed.add(408)
+            for code in sorted(needed):
+                responses.setdefault(str(code), {"description": HTTPStatus(code).phrase})
+            for status, answer in responses.items():
+                if status[0] in "45":  # problem+json, and what else the route declared
+                    declared = answer.get("content", {}).items()
+                    answer["content"] = {
+                        t: c for t, c in declared if c.get("schema") and t != "application/json"
+                    } | content
+    # FastAPI's validation-error models, now named by no operation
+    if '/HTTPValidationError"' not in json.dumps(schema.get("paths", {})):
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+    return schema

@@ -41,7 +41,7 @@ from radcache.embeddings.errors import (
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-__all__ = ["BATCH", "Budget", "related_boundary", "save_related", "save_upload"]
+__all__ = ["BATCH", "BODY_TYPES", "Budget", "related_boundary", "save_related", "save_upload"]
 
 #: Body bytes handed to the parsing thread at a time (at most this much is held).
 BATCH = 1 << 20
@@ -58,6 +58,8 @@ _BODY_TYPES = {
     "application/gzip": "upload.nii.gz",
     "application/x-nifti": "upload.nii",
 }
+#: The content types :func:`save_upload` takes as one body (besides multipart/form-data).
+BODY_TYPES: tuple[str, ...] = tuple(_BODY_TYPES)
 
 
 class Budget:

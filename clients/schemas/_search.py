@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, StringConstraints, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    FiniteFloat,
+    JsonValue,
+    StringConstraints,
+    model_validator,
+)
 
 __all__ = [
     "ClassifyOut",
@@ -52,7 +60,9 @@ class SearchQuery(BaseModel):
     series: str | None = Field(None, description="a series name or series#part")
     study: str | None = Field(None, description="a study: one query per series (or slice)")
     slice: int | None = Field(None, ge=0, description="one volume slice of the entry or series")
-    vector: list[float] | None = Field(None, description="a raw vector of the space's dimension")
+    vector: list[FiniteFloat] | None = Field(
+        None, min_length=1, description="a raw vector of the space's dimension"
+    )
 
     @model_validator(mode="after")
     def _one(self) -> SearchQuery:

@@ -3,9 +3,10 @@
 When a series is loaded, each of its files is read again (:func:`read_dataset`), decoded
 once, and dropped as soon as its last frame has been taken (:class:`FilePixels`), so a
 series holds at most the files it is between. Native little-endian grey data is read
-straight from the buffer; everything else goes through pydicom's decoders. Decoder
-failures become :class:`InputError` values naming the file (truncated data, a transfer
-syntax with no decoder here, corrupt frames).
+straight from the buffer; everything else goes through pydicom's decoders, never GDCM's
+(:func:`_pixel_array`). Decoder failures, a decoder's Rust panic included, become
+:class:`InputError` values naming the file (truncated data, a transfer syntax with no
+decoder here, corrupt frames).
 
 Before a file is decoded its header is held to the input's limits
 (:class:`~._limits.Limits`): rows × columns × samples × frames, of the file and of the
@@ -22,7 +23,8 @@ from collections import Counter
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.pixels.decoders.base import get_decoder
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless
 
 from ..errors import DecodeError, InputError, TruncatedFileError, UnsupportedTransferSyntaxError
 from ..pseudonyms import Pseudonymizer
@@ -53,7 +55,7 @@ def _check_size(ds: Dataset, frame: Frame, series_frames: int) -> None:
     if tsyntax is None or not tsyntax.is_compressed or "PixelData" not in ds:
         return
     decoded = per_frame * n * ((uint_of(ds, "BitsAllocated", name, 8) + 7) // 8)
-    packed = len(ds.PixelData)
+    packed = len(ds.PixelData or b"")  # an empty value reads as None
     if tsyntax == RLELossless and decoded > _RLE_MAX_RATIO * packed:
         raise DecodeError(
             f"the RLE pixel data ({packed} bytes) is far too short for the image its header "
@@ -90,6 +92,29 @@ def _native_pixels(ds: Dataset) -> np.ndarray | None:
     return arr.reshape((n, rows, cols) if n > 1 else (rows, cols))
 
 
+def _pixel_array(ds: Dataset, tsyntax: UID | None) -> np.ndarray:
+    """``ds.pixel_array``, by pydicom's decoder plugins in its order but never GDCM: its
+    JPEG codec aborts the whole process (an uncaught C++ exception) on some corrupt data,
+    and pylibjpeg covers every syntax it does. Raises the first plugin's error when none
+    can decode."""
+    if tsyntax is None or not tsyntax.is_compressed:
+        return ds.pixel_array
+    try:
+        plugins = [p for p in get_decoder(tsyntax).available_plugins if p != "gdcm"]
+    except NotImplementedError:  # no decoder for the syntax: pydicom says so
+        plugins = []
+    if not plugins:
+        return ds.pixel_array
+    errors: list[Exception] = []
+    for plugin in plugins:
+        try:
+            arr: np.ndarray = pixel_array(ds, decoding_plugin=plugin)
+            return arr
+        except Exception as exc:  # the next plugin may read it
+            errors.append(exc)
+    raise errors[0]
+
+
 def _decode_file(ds: Dataset, name: str) -> np.ndarray:
     """All frames of the file whose dataset is ``ds``."""
     fast = _native_pixels(ds)
@@ -99,7 +124,7 @@ def _decode_file(ds: Dataset, name: str) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            arr: np.ndarray = ds.pixel_array
+            arr = _pixel_array(ds, tsyntax)
     except ValueError as exc:
         msg = str(exc)
         if "less than expected" in msg or "ended" in msg or "truncated" in msg:
@@ -129,6 +154,14 @@ def _decode_file(ds: Dataset, name: str) -> np.ndarray:
         ) from exc
     except Exception as exc:
         raise DecodeError(f"pixel data could not be decoded ({exc}).", path=name) from exc
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # a decoder in Rust panics on some corrupt data (pyo3)
+        raise DecodeError(
+            f"the compressed frame could not be decoded (the decoder failed: "
+            f"{type(exc).__name__}); the file may be corrupt.",
+            path=name,
+        ) from exc
     return arr
 
 

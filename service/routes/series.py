@@ -29,6 +29,18 @@ def get_series(series: str, res: ResourcesDep, who: Read) -> EntryOut:
     return entry_out(catalog(res).resolve(series, res.store, who.tenant))
 
 
+# The JSON form of an array: its values as nested lists of numbers, ``shape`` deep.
+_ARRAY_JSON = {
+    "type": "object",
+    "properties": {
+        "entry": {"type": "string"},
+        "kind": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+        "dtype": {"type": "string"},
+        "data": {"type": "array"},
+    },
+    "required": ["entry", "kind", "shape", "dtype", "data"],
+}
 Kind = Literal["pooled", "cls", "mean_patch", "patch", "cls_last", "cls_last4", "positions"]
 
 
@@ -45,7 +57,15 @@ def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
 
 @router.get(
     "/v1/series/{series}/embeddings",
-    responses={200: {"content": {"application/json": {}, "application/x-npy": {}}}, **ERRORS},
+    responses={
+        200: {
+            "content": {
+                "application/json": {"schema": _ARRAY_JSON},
+                "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+            }
+        },
+        **ERRORS,
+    },
     summary="Embeddings of a cached series (JSON or .npy)",
 )
 def get_embeddings(
