@@ -23,6 +23,7 @@ The tree::
     │   ├── DecompressedTooLargeError decompressed-too-large
     │   └── UnsafeReferenceError      unsafe-reference
     ├── PayloadTooLargeError          payload-too-large
+    │   └── JsonTooLargeError         json-too-large
     ├── RecipeError                   invalid-recipe
     ├── ModelError                    model-error
     │   ├── UnknownModelError         unknown-model
@@ -31,7 +32,8 @@ The tree::
     ├── StoreError                    store-error
     │   ├── NotFoundError             not-found
     │   ├── AmbiguousReferenceError   ambiguous-reference
-    │   └── StoreMismatchError        store-mismatch
+    │   ├── StoreMismatchError        store-mismatch
+    │   └── StoreBusyError            store-busy
     ├── SearchIndexError              index-error
     ├── JobQueueError                 job-queue-error
     │   ├── QueueFullError            queue-full
@@ -65,6 +67,7 @@ __all__ = [
     "InvalidHeaderError",
     "InvalidNiftiError",
     "JobQueueError",
+    "JsonTooLargeError",
     "MalformedBodyError",
     "ModelError",
     "ModelNotLoadedError",
@@ -78,6 +81,7 @@ __all__ = [
     "RadcacheError",
     "RecipeError",
     "SearchIndexError",
+    "StoreBusyError",
     "StoreError",
     "StoreMismatchError",
     "TruncatedFileError",
@@ -205,6 +209,13 @@ class StoreMismatchError(StoreError):
     title = "Store was written with another configuration"
 
 
+class StoreBusyError(StoreError):
+    """Another process has the store open for writing (``radcache check --repair``)."""
+
+    code = "store-busy"
+    title = "Store is open for writing elsewhere"
+
+
 class SearchIndexError(RadcacheError):
     code = "index-error"
     title = "Search index cannot do that"
@@ -233,6 +244,14 @@ class InvalidFieldError(InputError):
 class PayloadTooLargeError(RadcacheError):
     code = "payload-too-large"
     title = "Upload too large"
+
+
+class JsonTooLargeError(PayloadTooLargeError):
+    """A request body that is not an upload (the JSON of a search, a classification, …)
+    over the ``max_json_bytes`` setting; refused while it streams, before it is parsed."""
+
+    code = "json-too-large"
+    title = "Request body too large"
 
 
 class ModelNotLoadedError(ModelError):

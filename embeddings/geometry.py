@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["PLANE_NORMAL_AXIS", "AxisPlan", "canonicalize", "nearest_axes", "plan"]
 
@@ -77,21 +79,28 @@ def canonicalize(
     origin: np.ndarray,
     slice_axis: int,
     positions: np.ndarray | None = None,
+    *,
+    dtype: npt.DTypeLike | None = None,
+    in_place: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Permute and flip ``array`` (first three axes) into canonical layout.
 
     ``dirs[a]`` is the unit LPS direction of array axis ``a``, ``spacing[a]`` its step in
     mm, ``origin`` the position of voxel ``[0, 0, 0]``; ``positions`` optionally gives the
     measured position of each slice along axis 0 (kept when axis 0 stays the slice axis).
-    Returns the new array, direction rows, spacings, origin and per-slice positions, all
-    in the new axis order.
+    Returns the new array (of ``dtype``, default the input's), direction rows, spacings,
+    origin and per-slice positions, all in the new axis order.
+
+    The array is never copied whole: it is returned as is when already canonical, else
+    rearranged slice by slice, into a new array (the only full-size allocation), or, with
+    ``in_place`` (the caller hands ``array`` over), within ``array`` itself when that needs
+    no new array (same dtype, the slice axis first, square slices if rows and columns swap).
     """
     dirs = np.asarray(dirs, dtype=np.float64)
     spacing = np.asarray(spacing, dtype=np.float64)
     origin = np.asarray(origin, dtype=np.float64)
     p = plan(dirs, slice_axis)
-    extra = tuple(range(3, array.ndim))
-    out = np.transpose(array, (*p.order, *extra))
+    shape = [array.shape[a] for a in p.order]
     new_dirs = dirs[list(p.order)].copy()
     new_spacing = spacing[list(p.order)].copy()
     new_origin = origin.copy()
@@ -99,16 +108,53 @@ def canonicalize(
     pos_arr = np.asarray(positions, dtype=np.float64).copy() if keep_positions else None
     for pos, flip in enumerate(p.flips):
         if flip:
-            n = out.shape[pos]
+            n = shape[pos]
             shift = (n - 1) * new_spacing[pos] * new_dirs[pos]
             new_origin = new_origin + shift
             if pos_arr is not None:
                 pos_arr = pos_arr[::-1].copy() if pos == 0 else pos_arr + shift
             new_dirs[pos] = -new_dirs[pos]
-            out = np.flip(out, axis=pos)
     if pos_arr is None:
-        steps = np.arange(out.shape[0], dtype=np.float64)[:, None]
+        steps = np.arange(shape[0], dtype=np.float64)[:, None]
         pos_arr = new_origin[None, :] + steps * new_spacing[0] * new_dirs[0][None, :]
     else:
         new_origin = pos_arr[0].copy()
-    return np.ascontiguousarray(out), new_dirs, new_spacing, new_origin, pos_arr
+    arranged = _arrange(array, p, np.dtype(array.dtype if dtype is None else dtype), in_place)
+    return arranged, new_dirs, new_spacing, new_origin, pos_arr
+
+
+def _arrange(array: np.ndarray, p: AxisPlan, dtype: np.dtype[Any], in_place: bool) -> np.ndarray:
+    """``array`` transposed by ``p.order`` and flipped by ``p.flips``, C-contiguous, of
+    ``dtype``, holding at most one extra slice besides the result."""
+    extra = tuple(range(3, array.ndim))
+    view = np.transpose(array, (*p.order, *extra))
+    for axis, flip in enumerate(p.flips):
+        if flip:
+            view = np.flip(view, axis=axis)
+    if view.flags.c_contiguous and view.dtype == dtype:
+        return view
+    within = p.order == (0, 1, 2) or (p.order == (0, 2, 1) and array.shape[1] == array.shape[2])
+    if in_place and within and array.dtype == dtype and array.flags.c_contiguous:
+        return _arrange_in_place(array, p)
+    out = np.empty(view.shape, dtype=dtype)
+    for s in range(view.shape[0]):
+        out[s] = view[s]  # one slice at a time: converted as it is copied
+    return out
+
+
+def _arrange_in_place(array: np.ndarray, p: AxisPlan) -> np.ndarray:
+    """:func:`_arrange` within ``array`` (slice axis first; rows and columns swap only
+    when square), one slice of scratch at a time."""
+    if p.flips[0]:
+        n = array.shape[0]
+        for s in range(n // 2):
+            low = array[s].copy()
+            array[s] = array[n - 1 - s]
+            array[n - 1 - s] = low
+    in_plane = tuple(slice(None, None, -1 if f else 1) for f in p.flips[1:])
+    swap = p.order[1:] == (2, 1)
+    if swap or p.flips[1] or p.flips[2]:
+        for s in range(array.shape[0]):
+            plane = array[s].swapaxes(0, 1) if swap else array[s]
+            array[s] = plane[in_plane]  # numpy copies an overlapping source first
+    return array

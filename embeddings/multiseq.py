@@ -1,7 +1,9 @@
 """Multi-sequence MR studies in, one entry per study out: MM-DINOv2, or a fusion baseline.
 
-Entry point :func:`embed_study` (also :meth:`Pipeline.embed_study`). The study's volumes
-are named and put on one grid by :func:`~radcache.embeddings.sequences.assemble_study`.
+Entry point :func:`embed_study` (also :meth:`Pipeline.embed_study`). The study is read
+under the pipeline's :class:`~radcache.embeddings.ingest.Limits`, as a single series is,
+and since its volumes are held together, they may come to ``max_voxels`` between them.
+They are named and put on one grid by :func:`~radcache.embeddings.sequences.assemble_study`.
 Each sequence is then prepared with the pipeline's recipe (MM-DINOv2's default: 1–99
 percentile scaling per volume, mean 0.45 / std 0.22). Then, per batch of slice positions:
 
@@ -32,15 +34,15 @@ import xxhash
 
 from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, MMEncoder
-from .errors import InputError
-from .ingest import InputItem, scan
+from .errors import InputError, VolumeTooLargeError
+from .ingest import InputItem, Limits, scan
 from .models._registry import MM_SEQUENCES
 from .preprocess import Prepared, prepare
-from .pseudonyms import Pseudonymizer
+from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import EmbedReport, Progress, SeriesResult, entry_attrs, series_result
 from .sequences import Study, assemble_study
-from .store import EmbeddingStore, EntryInfo, space_id
+from .store import REF_FIELDS, EmbeddingStore, EntryInfo, space_id
 
 __all__ = ["FUSIONS", "Fusion", "StudyEmbedder", "embed_study"]
 
@@ -57,6 +59,7 @@ class StudyEmbedder(Protocol):
     recipe: Recipe
     patch_tokens: bool
     batch_size: int
+    limits: Limits
 
 
 def embed_study(
@@ -68,9 +71,11 @@ def embed_study(
     progress: Progress | None = None,
     labels: Mapping[str, Any] | None = None,
     collection: str | None = None,
+    refs: InputRefs | None = None,
 ) -> EmbedReport:
     """Embed the volumes in ``inputs`` as ONE multi-sequence MR study. ``fusion`` defaults to
-    ``mm`` for an MM-DINOv2 model and must be ``concat`` or ``mean`` for a plain DINOv2."""
+    ``mm`` for an MM-DINOv2 model and must be ``concat`` or ``mean`` for a plain DINOv2.
+    ``refs`` name the patient and study of NIfTI sequences."""
     cfg = pipe.encoder.cfg
     fusion = fusion or ("mm" if cfg.multi_sequence else None)
     if fusion not in FUSIONS:
@@ -83,12 +88,16 @@ def embed_study(
             f"fusion {fusion!r} does not fit {cfg.name}: mm needs an MM-DINOv2 model, "
             "concat and mean a plain DINOv2."
         )
-    found = scan(list(inputs), pipe.pseudonymizer, modality="MR")
+    limits = pipe.limits
+    found = scan(list(inputs), pipe.pseudonymizer, modality="MR", refs=refs, limits=limits)
     report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
-    volumes, names = [], []
+    volumes, names, held = [], [], 0
     for cand in found.candidates:
         try:
-            volumes.append(cand.load())
+            volume = cand.load()
+            _check_held(held + volume.voxels.size, limits, cand.name)
+            held += volume.voxels.size
+            volumes.append(volume)
             names.append(Path(cand.name).name)
         except InputError as exc:
             report.errors.append(exc)
@@ -106,6 +115,18 @@ def embed_study(
     return report
 
 
+def _check_held(voxels: int, limits: Limits, name: str) -> None:
+    """A study's volumes are held together: with the one from ``name`` they may come to
+    ``limits.max_voxels``, as one series may."""
+    if voxels > limits.max_voxels:
+        raise VolumeTooLargeError(
+            f"a multi-sequence study holds all its volumes at once, and with this one they "
+            f"come to {voxels} voxels; at most {limits.max_voxels} are accepted. Send fewer "
+            "or smaller (cropped or downsampled) sequences, or raise RADCACHE_MAX_VOXELS.",
+            path=name,
+        )
+
+
 def _embed_assembled(
     pipe: StudyEmbedder, study: Study, fusion: Fusion, progress: Progress | None
 ) -> SeriesResult:
@@ -119,7 +140,7 @@ def _embed_assembled(
     content = tenant_content(content, pipe.pseudonymizer.tenant)
     key = entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
     model_name = cfg.name if fusion == "mm" else f"{cfg.name}+{fusion}"
-    refs = {"study": ref.meta.study, "series": ref.meta.series, "part": ref.meta.part}
+    refs = {k: getattr(ref.meta, k) for k in REF_FIELDS}
     cached = pipe.store.get(key)
     if cached is None:
         with pipe.store.claim(key):
@@ -142,6 +163,7 @@ def _embed_assembled(
                 info: EntryInfo = pipe.store.write(key, attrs, arrays)
                 return series_result(info, "miss", t0, ref.meta.warnings, refs)
     pipe.store.ensure_indexed(cached)
+    pipe.store.add_alias(cached.key, refs)  # another study with the same pixels: named too
     return series_result(cached, "hit", t0, ref.meta.warnings, refs)
 
 

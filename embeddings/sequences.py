@@ -217,7 +217,7 @@ def resample_onto(moving: Volume, reference: Volume) -> Volume:
         return moving
     ref_img = _to_sitk(reference)
     out = sitk.Resample(_to_sitk(moving), ref_img, sitk.Transform(), sitk.sitkLinear, 0.0)
-    voxels = sitk.GetArrayFromImage(out).astype(np.float32)
+    voxels = np.asarray(sitk.GetArrayFromImage(out), dtype=np.float32)  # a copy already
     g = reference.geometry
     geometry = Geometry(g.spacing, g.origin, g.direction, g.positions.copy())
     return Volume(voxels=voxels, geometry=geometry, meta=moving.meta)

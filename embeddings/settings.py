@@ -86,10 +86,11 @@ class Settings(BaseSettings):
     )
     # --- hostile input: what one upload (or one run's inputs) may declare and inflate to ---
     max_voxels: int = Field(
-        1 << 30,
+        1 << 29,
         ge=1,
         description="most voxels one file or series may declare (rows × columns × slices × "
-        "samples, 2³⁰ = 1024³), checked from its header before any voxel is read or decoded",
+        "samples; 2²⁹ fits a 512 × 512 × 2048 CT, 2 GiB as float32, the memory a loaded "
+        "series takes), checked from its header before any voxel is read or decoded",
     )
     max_decompressed_bytes: int = Field(
         16 << 30,

@@ -124,14 +124,24 @@ class Volume:
         *,
         positions: np.ndarray | None = None,
         slice_axis: int = 0,
+        owned: bool = False,
     ) -> Volume:
         """Build a canonical volume from any array and its per-axis directions.
 
         ``dirs[a]``/``spacing[a]`` describe array axis ``a`` (LPS, mm), ``origin`` is voxel
-        ``[0, 0, 0]``; ``slice_axis`` is the array axis to slice along.
+        ``[0, 0, 0]``; ``slice_axis`` is the array axis to slice along. The voxels are
+        converted to float32 and rearranged a slice at a time; ``owned``: the caller hands
+        ``array`` over, and a float32 array is rearranged within itself where it can be.
         """
         vox, d, sp, org, pos = canonicalize(
-            array, dirs, spacing, origin, slice_axis=slice_axis, positions=positions
+            array,
+            dirs,
+            spacing,
+            origin,
+            slice_axis=slice_axis,
+            positions=positions,
+            dtype=np.float32,
+            in_place=owned,
         )
         geometry = Geometry(
             spacing=(float(sp[2]), float(sp[1]), float(sp[0])),

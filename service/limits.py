@@ -9,6 +9,10 @@ Two layers, one per place a request can be held up:
   incomplete, not one that arrives whole in one read.
 - :class:`BodyIdleTimeout` (ASGI middleware) answers 408 when the next chunk of a request
   body is awaited longer than ``idle_s``; an upload that keeps sending is never cut off.
+- :class:`JsonBodyLimit` (ASGI middleware) holds every request body that is not an upload
+  (the JSON of search, classify, …) to ``max_json_bytes``: 413 ``json-too-large`` from the
+  declared length, or as soon as the body streams past it, before the app reads it.
+  Uploads are held to ``max_upload_bytes`` while they stream to disk (:mod:`.uploads`).
 
 :func:`uvicorn_limits` turns :class:`~radcache.service.settings.ServiceSettings` into the
 ``uvicorn.Config`` keyword arguments for all of this but the middleware.
@@ -31,11 +35,17 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
-from radcache.embeddings.errors import ConfigError
-from radcache.service.problems import problem
+from radcache.embeddings.errors import ConfigError, JsonTooLargeError
+from radcache.service.problems import problem, status_of
 from radcache.service.settings import ServiceSettings
 
-__all__ = ["BodyIdleTimeout", "GuardedH11Protocol", "guarded_protocol", "uvicorn_limits"]
+__all__ = [
+    "BodyIdleTimeout",
+    "GuardedH11Protocol",
+    "JsonBodyLimit",
+    "guarded_protocol",
+    "uvicorn_limits",
+]
 
 log = logging.getLogger(__name__)
 _HEAD_END = re.compile(rb"\n\r?\n")  # h11's end of a request head
@@ -225,6 +235,92 @@ class BodyIdleTimeout:
             scope.get("path"),
         )
         answer.headers["connection"] = "close"
+        await answer(scope, receive, send)
+
+
+#: The routes that stream a body to disk under ``max_upload_bytes`` (:mod:`.uploads`), with
+#: the content type that makes it an upload there (None: any).
+_UPLOADS: tuple[tuple[re.Pattern[str], str | None], ...] = (
+    (re.compile(r"/v1/studies/?"), None),
+    (re.compile(r"/dicom-web/studies(/[^/]+)?/?"), None),
+    (re.compile(r"/v1/search/?"), "multipart/form-data"),
+)
+
+
+def _is_upload(scope: Scope) -> bool:
+    if scope["method"] != "POST":
+        return False
+    ctype = dict(scope["headers"]).get(b"content-type", b"").split(b";")[0].strip().lower()
+    for path, kind in _UPLOADS:
+        if path.fullmatch(scope["path"]) and (kind is None or ctype == kind.encode()):
+            return True
+    return False
+
+
+class JsonBodyLimit:
+    """ASGI middleware: a request body that is not an upload is at most ``max_bytes``.
+
+    A Content-Length over the limit is refused before a byte of the body is read; a body
+    without one (chunked) is received up to the limit and refused as soon as it passes it.
+    The refusal is ``413`` problem+json ``json-too-large`` with ``Connection: close``, and
+    the application never sees the request. A body within the limit is handed on as one
+    message (the application would read it whole anyway). Requests without a body and
+    uploads (:data:`_UPLOADS`, held to their own limit as they stream) pass untouched.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or _is_upload(scope):
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        try:
+            declared = int(headers.get(b"content-length", b"0"))
+        except ValueError:
+            declared = 0  # h11 refuses a malformed length before this
+        if declared > self.max_bytes:
+            await self._answer_413(scope, receive, send)
+            return
+        if not declared and b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            await self.app(scope, receive, send)  # no body
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left: nothing to answer
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._answer_413(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        whole: Message | None = {"type": "http.request", "body": b"".join(chunks)}
+        del chunks
+
+        async def replay() -> Message:
+            nonlocal whole
+            if whole is not None:
+                message, whole = whole, None
+                return message
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _answer_413(self, scope: Scope, receive: Receive, send: Send) -> None:
+        exc = JsonTooLargeError(
+            f"the request body is larger than the {self.max_bytes}-byte limit for requests "
+            "that are not uploads; send fewer queries or support items per request, or raise "
+            "RADCACHE_MAX_JSON_BYTES."
+        )
+        answer = problem(status_of(exc), exc.code, exc.title, str(exc), scope.get("path"))
+        answer.headers["connection"] = "close"  # the rest of the body is not read
         await answer(scope, receive, send)
 
 

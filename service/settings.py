@@ -33,6 +33,12 @@ class ServiceSettings(Settings):
     db: str = Field("sqlite:///./radcache.db", description="job database (SQLAlchemy URL)")
     upload_dir: Path = Field(Path("./radcache-uploads"), description="uploads awaiting the worker")
     max_upload_bytes: int = Field(4 << 30, ge=1, description="largest accepted upload (413 beyond)")
+    max_json_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="largest request body that is not an upload (the JSON of search, classify, "
+        "…); refused with 413 json-too-large while it streams",
+    )
     max_header_bytes: int = Field(
         16384, ge=1024, description="largest request line and headers (431 beyond)"
     )
@@ -52,11 +58,20 @@ class ServiceSettings(Settings):
     index_refresh_s: float = Field(
         2.0, gt=0, description="how often the service looks for embeddings written by others"
     )
+    index_save_s: float = Field(
+        60.0, ge=0, description="a changed index is saved at most this often (and at stop)"
+    )
     compact_after_s: float = Field(
         3600.0, gt=0, description="compact a table once its oldest deletion is this old"
     )
     compact_share: float = Field(
         0.1, gt=0, le=1, description="… or once this share of its rows are deleted"
+    )
+    erase_after_s: float = Field(
+        5.0,
+        gt=0,
+        description="a deleted study's erasure runs once no deletion came for this long "
+        "(a burst shares one pass; at the latest a minute after the first)",
     )
     # --- scale-out: a Redis queue and radcache worker processes ---
     queue: str | None = Field(

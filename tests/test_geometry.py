@@ -78,6 +78,26 @@ def test_from_array_undoes_any_permutation_and_flip(shape, spacing, origin, perm
 
 
 @SETTINGS
+@given(shapes, spacings, origins, perms, flip_sets, st.booleans(), st.booleans())
+def test_an_owned_or_integer_array_canonicalises_alike(
+    shape, spacing, origin, perm, flips, square, integer
+):
+    """Rearranged within the array it was handed (owned), or converted to float32 a slice
+    at a time (integers): the same voxels as a copy of the float32 array gives."""
+    if square:
+        shape = (shape[0], shape[1], shape[1])
+    arr, dirs, sp, org = _canonical_axial(shape, spacing, origin)
+    scr, d, s, o = _scramble(arr, dirs, sp, org, perm, flips)
+    given_arr = scr.astype(np.int32) if integer else scr.copy()
+    vol = Volume.from_array(given_arr, d, s, o, META, slice_axis=perm.index(0), owned=True)
+    assert vol.voxels.dtype == np.float32 and vol.voxels.flags.c_contiguous
+    np.testing.assert_array_equal(vol.voxels, arr)
+    untouched = scr.copy()
+    Volume.from_array(scr, d, s, o, META, slice_axis=perm.index(0))
+    np.testing.assert_array_equal(scr, untouched)  # not owned: never written to
+
+
+@SETTINGS
 @given(shapes, spacings, origins, perms, flip_sets, small_angles, small_angles, small_angles)
 def test_oblique_volumes_canonicalise_by_nearest_plane(
     shape, spacing, origin, perm, flips, ax, ay, az

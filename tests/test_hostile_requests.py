@@ -1,6 +1,7 @@
 """Hostile and broken requests against a real server: bodies past the upload limit sent
-chunked (no Content-Length), STOW-RS bodies that are empty, cut short or lie about their
-lengths, slice ranges past a series' end, filter values that would match everything."""
+chunked (no Content-Length), JSON bodies past theirs, STOW-RS bodies that are empty, cut
+short or lie about their lengths, slice ranges past a series' end, filter values that
+would match everything."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from tests.dicomgen import phantom, write_series, zip_bytes
 from tests.servers import running_server
 
 LIMIT = 64 * 1024  # RADCACHE_MAX_UPLOAD_BYTES of the server here
+JSON_LIMIT = 16 * 1024  # RADCACHE_MAX_JSON_BYTES of the server here
 PROBLEM = "application/problem+json"
 RELATED = 'multipart/related; type="application/dicom"; boundary=b0'
 
@@ -28,7 +30,11 @@ RELATED = 'multipart/related; type="application/dicom"; boundary=b0'
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     root = tmp_path_factory.mktemp("hostile")
     uploads = root / "uploads"
-    env = {"RADCACHE_MAX_UPLOAD_BYTES": str(LIMIT), "RADCACHE_UPLOAD_DIR": str(uploads)}
+    env = {
+        "RADCACHE_MAX_UPLOAD_BYTES": str(LIMIT),
+        "RADCACHE_MAX_JSON_BYTES": str(JSON_LIMIT),
+        "RADCACHE_UPLOAD_DIR": str(uploads),
+    }
     with (
         running_server(root, **env) as (url, log),
         httpx.Client(base_url=url, timeout=30) as http,
@@ -116,6 +122,43 @@ def test_a_chunked_body_past_the_limit_is_refused_while_it_streams(
     assert r.headers["connection"] == "close"  # the rest is not read
     assert flood.sent < 100 * LIMIT  # cut off while it streamed
     assert _left(server["uploads"]) == []
+
+
+_JSON_WAYS = {
+    "search": ("/v1/search", "application/json"),
+    "classify": ("/v1/classify", "application/json"),
+    "search-as-zip": ("/v1/search", "application/zip"),  # not an upload there: JSON's limit
+    "search-untyped": ("/v1/search", "text/plain"),
+}
+
+
+@pytest.mark.parametrize("way", list(_JSON_WAYS))
+def test_a_json_body_past_its_limit_is_refused_while_it_streams(
+    server: dict[str, Any], way: str
+) -> None:
+    """A request body that is not an upload is held to RADCACHE_MAX_JSON_BYTES: chunked
+    and without end, it is cut off (413 json-too-large) long before the upload limit."""
+    path, ctype = _JSON_WAYS[way]
+    flood = _Flood(b'{"queries": [{"vector": [')
+    r = server["http"].post(path, content=iter(flood), headers={"content-type": ctype})
+    assert r.request.headers["transfer-encoding"] == "chunked"
+    body = _problem(r, 413, "json-too-large")
+    assert "RADCACHE_MAX_JSON_BYTES" in body["detail"]
+    assert r.headers["connection"] == "close"
+    assert flood.sent < 100 * LIMIT
+
+
+def test_a_json_body_declared_past_its_limit_is_refused_before_it_is_read(
+    server: dict[str, Any], entry: str
+) -> None:
+    http: httpx.Client = server["http"]
+    padded = {"query": {"entry": entry}, "exclude_same_study": False, "pad": " " * JSON_LIMIT}
+    r = http.post("/v1/search", content=json.dumps(padded).encode())
+    assert int(r.request.headers["content-length"]) > JSON_LIMIT
+    _problem(r, 413, "json-too-large")
+    del padded["pad"]  # the same request within the limit
+    ok = http.post("/v1/search", json=padded)
+    assert ok.status_code == 200, ok.text
 
 
 def test_a_chunked_body_within_the_limit_is_taken(server: dict[str, Any], tmp_path: Path) -> None:

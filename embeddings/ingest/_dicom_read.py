@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import io
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pydicom
@@ -44,7 +44,19 @@ from ..errors import (
 )
 from ..pseudonyms import Pseudonymizer
 from ._deidentify import clean_description
-from ._dicom_values import finite, float_of, floats_of, integer, ints_of, one_of, uint_of, unsigned
+from ._dicom_deflate import open_dataset
+from ._dicom_values import (
+    finite,
+    float_of,
+    floats_of,
+    integer,
+    ints_of,
+    malformed,
+    one_of,
+    uint_of,
+    unsigned,
+)
+from ._limits import Budget
 from ._sources import Source
 
 __all__ = ["Frame", "Skipped", "read_dataset", "read_frames"]
@@ -148,14 +160,21 @@ def _window(ds: Dataset | None) -> tuple[float, float] | None:
         return None
 
 
-def _parse(name: str, data: bytes, *, pixels: bool) -> Dataset:
-    """The dataset in ``data``; without values over :data:`DEFER_BYTES` unless ``pixels``."""
+@contextlib.contextmanager
+def _parsed(source: Source, fp: IO[bytes], *, pixels: bool) -> Iterator[Dataset]:
+    """The dataset in ``fp`` (the file of ``source``), usable inside the block; without
+    values over :data:`DEFER_BYTES` unless ``pixels``. A deflated dataset charges the
+    input's budget as it inflates (:mod:`._dicom_deflate`)."""
+    name = source.name
+    charge = (source.budget or Budget()).meter((source, "deflate"), name)
+    opened = contextlib.ExitStack()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(
-                io.BytesIO(data), force=True, defer_size=None if pixels else DEFER_BYTES
-            )
+            defer = None if pixels else DEFER_BYTES
+            ds = opened.enter_context(open_dataset(fp, charge, defer_size=defer))
+    except InputError:  # the budget, spent while inflating
+        raise
     except InvalidDicomError as exc:
         raise NotDicomError(f"not a valid DICOM file ({exc}).", path=name) from exc
     except (EOFError, OSError) as exc:
@@ -169,6 +188,15 @@ def _parse(name: str, data: bytes, *, pixels: bool) -> Dataset:
             "file or a bare dataset.",
             path=name,
         ) from None
+    with opened:
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None and isinstance(meta.get("TransferSyntaxUID"), MultiValue):
+            raise malformed("TransferSyntaxUID", "one transfer syntax UID", name)
+        _record_encoding(ds)
+        yield ds
+
+
+def _record_encoding(ds: Dataset) -> None:
     if "TransferSyntaxUID" not in getattr(ds, "file_meta", {}):
         # A bare dataset (no preamble or file meta, which sniff() accepts): record the
         # encoding it was read with so that its native pixel data can be decoded.
@@ -181,40 +209,41 @@ def _parse(name: str, data: bytes, *, pixels: bool) -> Dataset:
                 if implicit
                 else (ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
             )
-    return ds
 
 
-def _read_header(name: str, data: bytes) -> Dataset:
-    """The header of the file whose bytes are ``data``, large values left unread."""
-    ds = _parse(name, data, pixels=False)
-    _check_last_element(ds, len(data), name)
+def _check_header(ds: Dataset, size: int, name: str) -> None:
+    """A header (of a file of ``size`` bytes) that is whole and describes a dataset."""
+    _check_last_element(ds, size, name)
     if "SOPClassUID" not in ds and "PixelData" not in ds and "Modality" not in ds:
         raise NotDicomError(
             "no DICOM dataset found (no SOP Class UID, Modality or Pixel Data).", path=name
         )
-    return ds
 
 
 def read_dataset(frame: Frame, pseudo: Pseudonymizer) -> Dataset:
     """The whole dataset (pixel data included) of the file behind ``frame``, read again
-    when its series is loaded; it must still be the file that was scanned."""
-    try:
-        data = frame.file.read()
-    except InputError as exc:  # a file removed or a zip member gone bad since the scan
-        why = exc.__cause__ or exc
-        raise UnsupportedInputError(
-            f"the file could not be read again to load its series ({why}); keep the input in "
-            "place until embedding has finished.",
-            path=frame.source,
-        ) from exc
-    if frame.digest and pseudo.file_digest(data) != frame.digest:
-        raise UnsupportedInputError(
-            "the file changed after its header was read (its content differs); expected input "
-            "files that stay unchanged while they are embedded. Send it again once it is "
-            "complete.",
-            path=frame.source,
-        )
-    return _parse(frame.source, data, pixels=True)
+    (streamed: never whole in memory beside its dataset) when its series is loaded; it
+    must still be the file that was scanned."""
+    with contextlib.ExitStack() as stack:
+        try:
+            f = stack.enter_context(frame.file.spooled())
+        except InputError as exc:  # a file removed or a zip member gone bad since the scan
+            why = exc.__cause__ or exc
+            raise UnsupportedInputError(
+                f"the file could not be read again to load its series ({why}); keep the input "
+                "in place until embedding has finished.",
+                path=frame.source,
+            ) from exc
+        if frame.digest and pseudo.file_digest(f) != frame.digest:
+            raise UnsupportedInputError(
+                "the file changed after its header was read (its content differs); expected "
+                "input files that stay unchanged while they are embedded. Send it again once "
+                "it is complete.",
+                path=frame.source,
+            )
+        f.seek(0)
+        ds = stack.enter_context(_parsed(frame.file, f, pixels=True))
+    return ds  # every value read: nothing refers to the file any more
 
 
 def _check_last_element(ds: Dataset, size: int, name: str) -> None:
@@ -223,7 +252,7 @@ def _check_last_element(ds: Dataset, size: int, name: str) -> None:
     tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if not tags or tsyntax == DeflatedExplicitVRLittleEndian:  # offsets are in the inflated stream
         return
-    raw = ds.get_item(tags[-1])
+    raw = ds.get_item(tags[-1], keep_deferred=True)  # its length, not its value
     length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
     if not isinstance(length, int) or not isinstance(tell, int) or length == 0xFFFFFFFF:
         return
@@ -238,7 +267,7 @@ def _check_last_element(ds: Dataset, size: int, name: str) -> None:
 
 def _pixel_bytes(ds: Dataset) -> int | None:
     """Length of the Pixel Data value (present) as the header gives it, without reading it."""
-    raw = ds.get_item("PixelData")
+    raw = ds.get_item("PixelData", keep_deferred=True)
     length = getattr(raw, "length", None)
     if isinstance(length, int) and length != 0xFFFFFFFF:
         return length
@@ -268,10 +297,20 @@ class Skipped(Exception):
     """A valid DICOM object that holds no image to embed (SR, RT plan, localizer…)."""
 
 
-def read_frames(source: Source, data: bytes, digest: str = "") -> list[Frame]:
-    """Read the header of one DICOM file (its bytes are ``data``) into its frames; raise
-    :class:`Skipped` for non-image objects."""
-    ds = _read_header(source.name, data)
+def read_frames(source: Source, pseudo: Pseudonymizer) -> list[Frame]:
+    """Digest one DICOM file and read its header into its frames, streamed (a zip member
+    over :data:`~._sources.SPOOL_BYTES` through a temporary file); raise :class:`Skipped`
+    for non-image objects."""
+    with source.spooled() as f:
+        digest = pseudo.file_digest(f)
+        size = f.tell()
+        f.seek(0)
+        with _parsed(source, f, pixels=False) as ds:
+            _check_header(ds, size, source.name)
+            return _frames_of(source, ds, digest)
+
+
+def _frames_of(source: Source, ds: Dataset, digest: str) -> list[Frame]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -196,7 +196,7 @@ def _to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
         n_files=len({f.source for f in frames}),
         acquisition=head.acquisition,
     )
-    return Volume.from_array(voxels, dirs, spacing, origin, meta, positions=positions)
+    return Volume.from_array(voxels, dirs, spacing, origin, meta, positions=positions, owned=True)
 
 
 class _SeriesHead:

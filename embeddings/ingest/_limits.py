@@ -3,9 +3,10 @@
 Two limits, both checked before the expensive work: :attr:`Limits.max_voxels`, read from
 each header (NIfTI, NRRD, MetaImage, DICOM rows × columns × frames × samples) before a
 voxel is read or decoded, and :attr:`Limits.max_decompressed_bytes`, a :class:`Budget`
-that one input (an upload, a directory, one scan) shares: zip members, gzipped volumes and
-compressed pixel data charge it as they inflate (:func:`counted`), or with their declared
-size before they start, so inflating stops as soon as the budget is spent.
+that one input (an upload, a directory, one scan) shares: zip members, gzipped volumes,
+compressed pixel data and deflated DICOM datasets charge it as they inflate
+(:func:`counted`), or with their declared size before they start, so inflating stops as
+soon as the budget is spent.
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ _CHUNK = 1 << 20  # bytes inflated between two charges
 
 @dataclass(frozen=True)
 class Limits:
-    """What one input may declare and inflate to; the defaults fit the largest clinical
-    volumes (1 Gi voxels: 1024³, or 4096 × 4096 × 64) with room to spare."""
+    """What one input may declare and inflate to. ``max_voxels`` (2²⁹, 512 Mi voxels, 2 GiB
+    as float32) fits the largest common study, a 512 × 512 × 2048 CT, and bounds what one
+    series may make a loader hold; a 1024³ volume is refused from its header."""
 
-    max_voxels: int = 1 << 30
+    max_voxels: int = 1 << 29
     max_decompressed_bytes: int = 16 << 30
 
     def check_voxels(self, n: int, what: str, name: str) -> None:

@@ -7,7 +7,9 @@ never trusted from the extension alone.
 Nothing is held in memory that the caller did not hand in: a file on disk is a path,
 read when needed; a zip member is a reference into its archive, decompressed (streamed)
 each time it is read. A zip on disk is opened where it lies, never read whole; a zip
-inside a zip is streamed to a temporary file, removed once nothing refers to it.
+inside a zip is streamed to a temporary file, removed once nothing refers to it. A reader
+that needs a seekable file (a DICOM parser) gets one from :meth:`Source.spooled`: a zip
+member over :data:`SPOOL_BYTES` goes through a temporary file, never whole into memory.
 
 One input shares one :class:`~._limits.Budget`: a zip's declared sizes are charged before
 any member is inflated, and each member charges it again as it streams. A source can name
@@ -34,7 +36,7 @@ from typing import IO, Literal
 from ..errors import InputError, NotDicomError, UnsupportedInputError
 from ._limits import Budget, Limits, counted
 
-__all__ = ["Source", "SourceKind", "expand", "expand_within", "sniff"]
+__all__ = ["SPOOL_BYTES", "Source", "SourceKind", "expand", "expand_within", "sniff"]
 
 SourceKind = Literal["dicom", "nifti", "itk", "zip"]
 InputItem = str | os.PathLike[str] | tuple[str, bytes]
@@ -46,6 +48,18 @@ _MAX_ZIP_DEPTH = 2
 #: Largest inflation ratio of a zip (zip-bomb guard; the total is the budget's).
 MAX_ZIP_RATIO = 200
 _CHUNK = 1 << 20
+SPOOL_BYTES = 16 << 20  #: most of a zip member (or inflated dataset) held in memory
+# What reading bad bytes raises: zipfile adds ValueError (a header offset before the start),
+# NotImplementedError (an unknown compression method) and RuntimeError (encryption).
+_UNREADABLE = (
+    OSError,
+    EOFError,
+    zipfile.BadZipFile,
+    zlib.error,
+    ValueError,
+    NotImplementedError,
+    RuntimeError,
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +108,7 @@ class Source:
                 return self.path.read_bytes()
             assert self.opener is not None, "a Source needs a path or an opener"
             return self.opener()
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        except _UNREADABLE as exc:
             why = getattr(exc, "strerror", None) or exc
             raise UnsupportedInputError(f"could not be read ({why}).", path=self.name) from exc
 
@@ -118,6 +132,25 @@ class Source:
         if self.nbytes is not None:
             return self.nbytes
         return len(self.read())
+
+    @contextlib.contextmanager
+    def spooled(self) -> Iterator[IO[bytes]]:
+        """A seekable file object over the content holding at most :data:`SPOOL_BYTES` of
+        it in memory: the file, the caller's bytes, a zip member read whole up to that size
+        or else streamed (charging the budget) to a temporary file removed on exit; raises
+        :class:`UnsupportedInputError` naming the file when it cannot be read."""
+        with contextlib.ExitStack() as stack:
+            try:
+                if self.path is not None:
+                    f: IO[bytes] = stack.enter_context(self.path.open("rb"))
+                elif self.stream is None or (self.nbytes or 0) <= SPOOL_BYTES:
+                    f = io.BytesIO(self.read())
+                else:
+                    f = stack.enter_context(stack.enter_context(self.local_path()).open("rb"))
+            except _UNREADABLE as exc:
+                why = getattr(exc, "strerror", None) or exc
+                raise UnsupportedInputError(f"could not be read ({why}).", path=self.name) from exc
+            yield f
 
     @contextlib.contextmanager
     def local_path(self, suffix: str = "") -> Iterator[Path]:
@@ -334,9 +367,16 @@ def _zip_members(src: Source, depth: int) -> Iterator[Source | InputError]:
     try:
         archive = _ZipArchive.of(src)
         infos = archive.infos()
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+    except _UNREADABLE as exc:
         yield UnsupportedInputError(f"not a readable zip archive ({exc}).", path=name)
         return
+    if any(not i.filename for i in infos):  # zipfile cannot even ask a nameless one is_dir()
+        yield UnsupportedInputError(
+            "a member of the archive has no name; expected named files (the archive is "
+            "corrupt: make it again).",
+            path=name,
+        )
+        infos = [i for i in infos if i.filename]
     # Members are read from the archive, never extracted, so names like ../../etc cannot
     # escape; the declared sizes are checked before anything is inflated (zip bombs): the
     # ratio here, the total against the input's budget (zipfile never inflates a member
@@ -380,7 +420,7 @@ def _expand_source(src: Source, depth: int) -> Iterator[Source | InputError]:
     except InputError as exc:
         yield exc
         return
-    except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except _UNREADABLE as exc:
         why = getattr(exc, "strerror", None) or exc
         yield UnsupportedInputError(f"could not be read ({why}).", path=src.name)
         return

@@ -149,7 +149,8 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
             affine = np.asarray(img.affine, dtype=np.float64)
             hdr = img.header
             qs_codes = int(hdr["sform_code"]), int(hdr["qform_code"])
-            offset, itemsize = max(0, int(hdr["vox_offset"])), img.get_data_dtype().itemsize
+            voxel_type = np.dtype(img.get_data_dtype())
+            offset, itemsize = max(0, int(hdr["vox_offset"])), voxel_type.itemsize
     except InputError:
         raise
     except Exception as exc:
@@ -186,6 +187,12 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
     volume_bytes = math.prod(shape[:3]) * itemsize
 
     def load(t: int) -> Volume:
+        if voxel_type.fields is not None or voxel_type.kind == "c":
+            raise UnsupportedInputError(
+                f"NIfTI voxel type {voxel_type} (RGB or complex) is not supported; "
+                "expected scalar voxels.",
+                path=source.name,
+            )
         if source.budget is not None and _gzipped(source):  # declared: before any is inflated
             upto = offset + volume_bytes * (t + 1 if n_t > 1 else 1)
             source.budget.charge((source, "gunzip"), upto, source.name)
@@ -195,11 +202,7 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
                 img = _nifti_image(stream)
                 if tuple(int(s) for s in img.shape) != full_shape:
                     raise ValueError(f"the header now gives shape {img.shape}, not {full_shape}")
-                proxy = img.dataobj
-                # index the time axis explicitly: trailing length-1 axes beyond it
-                # (dropped from ``shape``) are still in the proxy
-                tail = (0,) * (len(full_shape) - 4)
-                arr = np.asarray(proxy[(slice(None),) * 3 + (t, *tail)] if n_t > 1 else proxy)
+                vol = _nifti_slices(img.dataobj, full_shape, shape, t)
         except InputError:
             raise
         except Exception as exc:
@@ -207,23 +210,29 @@ def open_nifti(source: Source, modality: str | None = None) -> VolumeFile:
                 f"the voxel data could not be read ({exc}); the file may be truncated.",
                 path=source.name,
             ) from exc
-        arr = arr.reshape(shape[:3])
-        if arr.dtype.fields is not None:
-            raise UnsupportedInputError(
-                f"NIfTI voxel type {arr.dtype} (RGB or complex) is not supported; "
-                "expected scalar voxels.",
-                path=source.name,
-            )
-        vol = np.asarray(arr, dtype=np.float32).transpose(2, 1, 0)  # (k, j, i)
-        del arr
-        if not np.all(np.isfinite(vol)):
-            vol = np.nan_to_num(vol, nan=0.0, posinf=0.0, neginf=0.0)
         part = f"t={t}" if n_t > 1 else ""
-        return Volume.from_array(
-            vol, dirs, spacing, origin, _meta(key, part, modality, "nifti", notes)
-        )
+        meta = _meta(key, part, modality, "nifti", notes)
+        return Volume.from_array(vol, dirs, spacing, origin, meta, owned=True)
 
     return VolumeFile(name=source.name, key=key, n_volumes=n_t, n_slices=shape[2], load=load)
+
+
+def _nifti_slices(
+    proxy: Any, full_shape: tuple[int, ...], shape: tuple[int, ...], t: int
+) -> np.ndarray:
+    """Time point ``t`` of a NIfTI image as float32 ``(k, j, i)``, read and scaled one
+    slice at a time into the one array it fills (never a whole copy in the file's type or
+    in float64); non-finite values become 0."""
+    out = np.empty((shape[2], shape[1], shape[0]), dtype=np.float32)
+    # trailing length-1 axes (dropped from ``shape``) are still in the proxy: index them
+    at = [t] + [0] * (len(full_shape) - 4) if len(full_shape) >= 4 else []
+    for k in range(shape[2]):
+        index = (slice(None), slice(None), *([k] if len(full_shape) >= 3 else []), *at)
+        plane = np.asarray(proxy[index]).reshape(shape[:2]).T  # (j, i)
+        out[k] = plane
+        if plane.dtype.kind == "f" and not np.isfinite(out[k]).all():  # overflow too
+            np.nan_to_num(out[k], copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+    return out
 
 
 def _gzipped(source: Source) -> bool:
@@ -336,9 +345,8 @@ def open_itk(source: Source, modality: str | None = None) -> VolumeFile:
                 "the file changed while it was being embedded. Send it again.",
                 path=source.name,
             )
-        vol = np.asarray(arr, dtype=np.float32)
-        del arr
-        return Volume.from_array(vol, dirs, spacing, origin, _meta(key, "", modality, "itk", []))
+        meta = _meta(key, "", modality, "itk", [])  # float32, converted a slice at a time:
+        return Volume.from_array(arr, dirs, spacing, origin, meta, owned=True)
 
     return VolumeFile(
         name=source.name,

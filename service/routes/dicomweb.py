@@ -32,7 +32,8 @@ from radcache.embeddings.ingest import instance_ids
 from ..auth import Read, Submit
 from ..deps import ResourcesDep
 from ..intake import Accepted, accept, receiving
-from ..options import job_options, parse_submit_options
+from ..options import job_options, parse_submit_options, refuse_query_refs
+from ..problems import PROBLEM
 from ..uploads import related_boundary, save_related
 from ._common import SubmitQuery, catalog
 
@@ -45,6 +46,57 @@ _CANNOT_UNDERSTAND = 0xC000
 _STUDY_MISMATCH = 0xA900  # the instance does not belong to the study in the URL
 
 
+class DicomJSONResponse(JSONResponse):
+    media_type = DICOM_JSON
+
+
+# A PS3.18 DICOM JSON data set: attributes by tag (``0020000D``), each a VR and values.
+_DATASET: dict[str, Any] = {
+    "type": "object",
+    "propertyNames": {"pattern": "^[0-9A-F]{8}$"},
+    "additionalProperties": {
+        "type": "object",
+        "properties": {
+            "vr": {"type": "string", "pattern": "^[A-Z]{2}$"},
+            "Value": {"type": "array"},
+        },
+        "required": ["vr"],
+    },
+}
+_STORE_ANSWER = {"content": {DICOM_JSON: {"schema": _DATASET}}}
+_STOW: dict[str, Any] = {
+    "response_class": DicomJSONResponse,
+    "responses": {
+        200: {"description": "every instance stored", **_STORE_ANSWER},
+        202: {
+            "description": "some instances stored (an embedding job), some failed",
+            **_STORE_ANSWER,
+        },
+        400: {
+            "description": "nothing stored: no part is a readable instance (a Store "
+            "Instances Response), or the body is empty or breaks its framing (a problem)",
+            "content": {DICOM_JSON: {"schema": _DATASET}, PROBLEM: {}},
+        },
+        409: {
+            "description": "nothing stored: no instance is of the study in the URL",
+            **_STORE_ANSWER,
+        },
+        **{s: {"content": {PROBLEM: {}}} for s in (404, 413, 415, 503)},
+    },
+    # The route reads its body itself, a part at a time: what it takes, for the OpenAPI.
+    "openapi_extra": {
+        "requestBody": {
+            "required": True,
+            "content": {
+                'multipart/related; type="application/dicom"': {
+                    "schema": {"type": "string", "format": "binary"}
+                }
+            },
+        }
+    },
+}
+
+
 def _ds_json(values: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
     return {tag: {"vr": vr, "Value": v} if v else {"vr": vr} for tag, (vr, v) in values.items()}
 
@@ -53,6 +105,12 @@ def _cut_short(path: Path) -> str | None:
     """How a readable DICOM file ends too soon (inside its last element, or inside the
     header of one more), or None. Large values are skipped, not read."""
     size = path.stat().st_size
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception:  # no file meta: read below
+        meta = None
+    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
+        return None  # offsets of the inflated data, which pydicom would inflate whole
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -120,11 +178,13 @@ def _check_parts(paths: list[Path], study: str | None) -> tuple[list[Any], list[
     "/dicom-web/studies",
     operation_id="stow_studies",
     summary="STOW-RS: store instances (and embed them)",
+    **_STOW,
 )
 @router.post(
     "/dicom-web/studies/{study}",
     operation_id="stow_study",
     summary="STOW-RS: store instances of one study",
+    **_STOW,
 )
 async def stow(
     request: Request,
@@ -134,7 +194,10 @@ async def stow(
     study: str | None = None,
 ) -> Response:
     """The instances become one embedding job, with the same options as
-    ``POST /v1/studies`` (query parameters)."""
+    ``POST /v1/studies`` (query parameters; not ``patient`` or ``study``: instances are
+    named by their own headers). The job names the study its instances were sent under,
+    also when their pixels are stored already under another study."""
+    refuse_query_refs(request.query_params)
     boundary = related_boundary(request.headers.get("content-type", ""))
     options = job_options(parse_submit_options(query), res.encoder.cfg, who.tenant)
     async with receiving(res, prefix="stow-") as dest:
@@ -162,7 +225,12 @@ async def stow(
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON, headers=headers)
 
 
-@router.get("/dicom-web/studies", summary="QIDO-RS (subset): cached studies")
+@router.get(
+    "/dicom-web/studies",
+    response_class=DicomJSONResponse,
+    responses={200: {"content": {DICOM_JSON: {"schema": {"type": "array", "items": _DATASET}}}}},
+    summary="QIDO-RS (subset): cached studies",
+)
 def qido_studies(
     res: ResourcesDep,
     who: Read,
