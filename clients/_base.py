@@ -9,7 +9,7 @@ import io
 import os
 import re
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Generic, TypeVar
@@ -235,18 +235,33 @@ def _nothing(response: httpx.Response) -> None:
     return None
 
 
+def _job_or_nothing(response: httpx.Response) -> JobOut | None:
+    return None if response.status_code == 204 else JobOut.model_validate(response.json())
+
+
 class Endpoints:
     """Each endpoint of the HTTP API, once: the :class:`Call` a client method sends."""
 
     @staticmethod
     def submit(
-        inputs: Iterable[Input], modality: str | None, options: SubmitOptions | None
+        inputs: Iterable[Input],
+        modality: str | None,
+        options: SubmitOptions | None,
+        refs: Mapping[str, str | None] | None = None,
     ) -> Call[JobOut]:
+        """Options as query parameters, but the patient and study references (``refs``
+        override ``options``') as multipart form fields: a URL's query string is logged."""
         opts = options or SubmitOptions()
         if modality:
             opts = opts.model_copy(update={"modality": modality.upper()})
-        params = opts.fields() or None
-        return Call("POST", "/v1/studies", _one(JobOut), params=params, files=inputs)
+        given = {k: v for k, v in (refs or {}).items() if v is not None}
+        if given:
+            opts = SubmitOptions.model_validate({**opts.model_dump(), **given})
+        fields = opts.fields()
+        data = {k: fields.pop(k) for k in opts.refs} or None
+        return Call(
+            "POST", "/v1/studies", _one(JobOut), params=fields or None, data=data, files=inputs
+        )
 
     @staticmethod
     def job(job_id: str) -> Call[JobOut]:
@@ -277,8 +292,8 @@ class Endpoints:
         return Call("GET", "/v1/studies", study_page, params=params)
 
     @staticmethod
-    def delete(study: str) -> Call[None]:
-        return Call("DELETE", f"/v1/studies/{study}", _nothing)
+    def delete(study: str) -> Call[JobOut | None]:
+        return Call("DELETE", f"/v1/studies/{study}", _job_or_nothing)
 
     @staticmethod
     def models() -> Call[list[ModelOut]]:

@@ -99,13 +99,19 @@ class RadcacheClient(BaseClient[httpx.Client]):
         *,
         wait: bool = True,
         modality: str | None = None,
+        patient: str | None = None,
+        study: str | None = None,
         options: SubmitOptions | None = None,
         poll: float = 0.5,
         timeout: float | None = None,
     ) -> JobOut:
         """Upload files/directories/zips/NIfTI (one multipart request); optionally wait.
-        ``options`` (labels, collection, recipe, …) travel as query parameters."""
-        job = self._send(Endpoints.submit(inputs, modality, options))
+        ``options`` (labels, collection, recipe, …) travel as query parameters. ``patient``
+        and ``study`` name the patient and study of NIfTI/NRRD/MHA inputs (a PatientID and
+        a StudyInstanceUID, stored as keyed pseudonyms; refused with DICOM files); they
+        travel as form fields."""
+        refs = {"patient": patient, "study": study}
+        job = self._send(Endpoints.submit(inputs, modality, options, refs))
         return self.wait(job.id, poll=poll, timeout=timeout) if wait and not finished(job) else job
 
     def wait(self, job_id: str, *, poll: float = 0.5, timeout: float | None = None) -> JobOut:
@@ -137,8 +143,12 @@ class RadcacheClient(BaseClient[httpx.Client]):
         following one (None: that was the last)."""
         return self._send(Endpoints.studies_page(limit, cursor))
 
-    def delete(self, study: str) -> None:
-        self._send(Endpoints.delete(study))
+    def delete(self, study: str, *, wait: bool = False) -> JobOut | None:
+        """Delete a study (consent withdrawal). It leaves every answer and search at once;
+        the returned erasure job is done once nothing on disk names it (``wait``: wait for
+        that). None: nothing named the study."""
+        job = self._send(Endpoints.delete(study))
+        return self.wait(job.id) if job is not None and wait else job
 
     def models(self) -> list[ModelOut]:
         return self._send(Endpoints.models())
@@ -214,11 +224,14 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
         *,
         wait: bool = True,
         modality: str | None = None,
+        patient: str | None = None,
+        study: str | None = None,
         options: SubmitOptions | None = None,
         poll: float = 0.5,
         timeout: float | None = None,
     ) -> JobOut:
-        job = await self._send(Endpoints.submit(inputs, modality, options))
+        refs = {"patient": patient, "study": study}
+        job = await self._send(Endpoints.submit(inputs, modality, options, refs))
         if wait and not finished(job):
             return await self.wait(job.id, poll=poll, timeout=timeout)
         return job
@@ -249,8 +262,10 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
     async def studies_page(self, limit: int = 100, cursor: str | None = None) -> StudyPage:
         return await self._send(Endpoints.studies_page(limit, cursor))
 
-    async def delete(self, study: str) -> None:
-        await self._send(Endpoints.delete(study))
+    async def delete(self, study: str, *, wait: bool = False) -> JobOut | None:
+        """As :meth:`RadcacheClient.delete`."""
+        job = await self._send(Endpoints.delete(study))
+        return await self.wait(job.id) if job is not None and wait else job
 
     async def models(self) -> list[ModelOut]:
         return await self._send(Endpoints.models())

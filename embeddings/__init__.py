@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
     from .pipeline import EmbedReport, Pipeline, SeriesResult
     from .preprocess import Prepared, prepare
-    from .pseudonyms import Pseudonymizer
+    from .pseudonyms import InputRefs, Pseudonymizer
     from .recipe import Recipe, load_recipe
     from .search import Query, Searcher
     from .settings import Settings, get_settings
@@ -50,6 +50,7 @@ _WHERE = {
     "ScanResult": "ingest",
     "load_volumes": "ingest",
     "scan": "ingest",
+    "InputRefs": "pseudonyms",
     "Pseudonymizer": "pseudonyms",
     "DEFAULT_MODEL": "models",
     "REGISTRY": "models",
@@ -83,6 +84,7 @@ __all__ = [
     "Filters",
     "Geometry",
     "IndexSet",
+    "InputRefs",
     "ModelCfg",
     "Pipeline",
     "Prepared",

@@ -25,11 +25,11 @@ import numpy as np
 from ._version import __version__
 from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, SliceEmbeddings
-from .errors import InputError, RadcacheError
-from .ingest import Candidate, InputItem, Limits, Source, expand, scan, sniff
+from .errors import InputError, InvalidFieldError, RadcacheError
+from .ingest import Candidate, InputItem, Limits, dicom_among, expand, scan, sniff
 from .multiseq import Fusion, embed_study
 from .preprocess import prepare
-from .pseudonyms import Pseudonymizer
+from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import (
     EmbedReport,
@@ -40,7 +40,15 @@ from .results import (
     series_result,
 )
 from .settings import Settings
-from .store import SHARED_FILE, EmbeddingStore, EntryInfo, EntryWriter, space_id
+from .store import (
+    REF_FIELDS,
+    SHARED_FILE,
+    EmbeddingStore,
+    EntryInfo,
+    EntryWriter,
+    file_group,
+    space_id,
+)
 from .volume import Volume
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "__version__"]
@@ -53,6 +61,19 @@ def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None
     runs the next batch."""
     if part.patch is not None:
         writer.put("patch", start, part.patch, wait=False)
+
+
+def _refs(volume: Volume) -> dict[str, Any]:
+    """The names ``volume`` was sent under: an entry's own, or an alias of it."""
+    return {k: getattr(volume.meta, k) for k in REF_FIELDS}
+
+
+def _names(info: EntryInfo, refs: Mapping[str, Any]) -> bool:
+    """Entry ``info`` is still named by the study, series and part of ``refs`` (its own
+    names or an alias: a deleted study's are not)."""
+    wanted = tuple(refs.get(k) for k in ("study", "series", "part"))
+    named = (info.attrs.get("volume", {}), *info.attrs.get("aliases", []))
+    return any(tuple(r.get(k) for k in ("study", "series", "part")) == wanted for r in named)
 
 
 class Pipeline:
@@ -116,27 +137,46 @@ class Pipeline:
         labels: Mapping[str, Any] | None = None,
         collection: str | None = None,
         recognise: bool = True,
+        refs: InputRefs | None = None,
     ) -> EmbedReport:
         """Embed everything found in ``inputs``; bad inputs are reported, the rest goes on.
 
         ``labels`` (e.g. ``{"diagnosis": "pneumonia"}``) are recorded with every entry the
         submission names, for few-shot classification and probes; ``collection`` adds
-        them to a named collection that searches can be restricted to. ``recognise=False``
-        skips :meth:`recognise` (its caller has tried it already) and the per-series answer
-        from file digests, which reads the store's whole file index; a stored series is
-        then still a cache hit, found by decoding it.
+        them to a named collection that searches can be restricted to. ``refs`` name the
+        patient and study of non-DICOM inputs (:meth:`check_refs`: a submission with
+        references holds no DICOM file). ``recognise=False`` skips :meth:`recognise` (its
+        caller has tried it already) and the per-series answer from file digests, which
+        reads the store's whole file index; a stored series is then still a cache hit,
+        found by decoding it.
         """
         inputs = list(inputs)
-        known = self.recognise(inputs) if recognise else None
+        self.check_refs(inputs, refs)
+        known = self.recognise(inputs) if recognise and not refs else None
         if known is not None:
             if progress is not None:
                 progress.total(sum(r.slices for r in known.series))
                 progress.advance(sum(r.slices for r in known.series))
             report = known
         else:
-            report = self._embed(inputs, modality, progress, by_digest=recognise)
+            report = self._embed(inputs, modality, progress, by_digest=recognise, refs=refs)
         self.label(report, labels=labels, collection=collection)
         return report
+
+    def check_refs(self, inputs: Iterable[InputItem], refs: InputRefs | None) -> None:
+        """Refuse patient and study references given with DICOM files, which are named by
+        their own PatientID and StudyInstanceUID (:class:`InvalidFieldError` naming the
+        first DICOM file); nothing is read without references."""
+        if not refs:
+            return
+        dicom = dicom_among(inputs, self.limits)
+        if dicom is not None:
+            raise InvalidFieldError(
+                "patient and study references name NIfTI, NRRD and MetaImage volumes; this "
+                "file is DICOM, named by its own PatientID and StudyInstanceUID. Send DICOM "
+                "files without patient/study, in a submission of their own.",
+                path=dicom,
+            )
 
     def label(
         self,
@@ -158,12 +198,15 @@ class Pipeline:
         progress: Progress | None = None,
         labels: Mapping[str, Any] | None = None,
         collection: str | None = None,
+        refs: InputRefs | None = None,
     ) -> EmbedReport:
         """Everything in ``inputs`` as ONE multi-sequence MR study (one NIfTI or series per
         sequence) → one entry: MM-DINOv2, or with a plain DINOv2 the ``concat``/``mean``
         fusion of per-sequence CLS tokens. ``mapping`` names sequences by series or file
-        name; the rest are guessed (:mod:`.sequences`). See :mod:`.multiseq`."""
-
+        name; the rest are guessed (:mod:`.sequences`). ``refs`` name the patient and study
+        of NIfTI sequences (as for :meth:`embed`). See :mod:`.multiseq`."""
+        inputs = list(inputs)
+        self.check_refs(inputs, refs)
         return embed_study(
             self,
             inputs,
@@ -172,6 +215,7 @@ class Pipeline:
             progress=progress,
             labels=labels,
             collection=collection,
+            refs=refs,
         )
 
     def embed_transient(
@@ -225,8 +269,9 @@ class Pipeline:
         progress: Progress | None,
         *,
         by_digest: bool,
+        refs: InputRefs | None = None,
     ) -> EmbedReport:
-        found = scan(inputs, self.pseudonymizer, modality=modality, limits=self.limits)
+        found = scan(inputs, self.pseudonymizer, modality=modality, limits=self.limits, refs=refs)
         report = EmbedReport(errors=list(found.errors), skipped=list(found.skipped))
         if progress is not None:
             progress.total(sum(c.n_slices for c in found.candidates))
@@ -260,14 +305,14 @@ class Pipeline:
         if content is None or content == SHARED_FILE:
             return None
         rec = self.store.volume_record(content)
-        if rec is None or int(rec.get("n_files", -1)) != len(cand.files):
-            return None
+        refs = (rec or {}).get("groups", {}).get(file_group(cand.files))
+        if rec is None or refs is None or refs["study"] != cand.study:
+            return None  # these files were not recorded under these names: decode them
         enc = self.encoder
         recipe = self.recipe.resolve(rec.get("modality"), enc.cfg, photometric=rec["photometric"])
         info = self.store.get(entry_key(content, enc.weights_hash, recipe.hash(), enc.precision))
         if info is None:
             return None
-        refs = {"study": cand.study, "series": cand.series, "part": cand.part}
         self.store.ensure_indexed(info)
         self.store.add_alias(info.key, refs)
         return series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
@@ -280,9 +325,7 @@ class Pipeline:
         if cand.files:
             m = volume.meta
             record = {
-                "study": m.study,
-                "series": m.series,
-                "part": m.part,
+                **_refs(volume),
                 "modality": m.modality,
                 "photometric": m.photometric,
                 "n_files": len(cand.files),
@@ -296,8 +339,11 @@ class Pipeline:
         """Answer a re-sent submission from file digests alone, or None to take the full path.
 
         Succeeds only when every input is a DICOM file already seen, the files make up
-        exactly the volumes they made before, and each of those is stored under this
-        pipeline's model, recipe and precision: then no file is parsed or decoded.
+        exactly the volumes they made before, each of those is stored under this
+        pipeline's model, recipe and precision, and still named by the study these very
+        files were sent under (files with other UIDs and the same pixels make the same
+        volume under other names): then no file is parsed or decoded, and the answer
+        names the files' own study.
         """
         t0 = time.perf_counter()
         groups: dict[str, set[str]] = {}
@@ -306,35 +352,35 @@ class Pipeline:
             if isinstance(item, InputError):
                 return None
             try:
-                data = item.read()
-                if sniff(Source.from_bytes(item.name, data[:512])) != "dicom":
+                if sniff(item) != "dicom":  # its first bytes only
                     return None
-            except InputError:
+                with item.spooled() as f:  # streamed: a large zip member through a file
+                    digest = self.pseudonymizer.file_digest(f)
+            except (InputError, OSError):
                 return None
-            digest = self.pseudonymizer.file_digest(data)
             content = known.get(digest)
             if content is None or content == SHARED_FILE:  # new, or part of several volumes
                 return None
             groups.setdefault(content, set()).add(digest)
-        found: list[tuple[EntryInfo, dict[str, Any]]] = []
+        found: list[tuple[EntryInfo, dict[str, Any], dict[str, Any]]] = []
         cfg, enc = self.encoder.cfg, self.encoder
         for content, files in groups.items():
             rec = self.store.volume_record(content)
             if rec is None or int(rec.get("n_files", -1)) != len(files):
                 return None
+            refs = rec.get("groups", {}).get(file_group(files))  # None: recorded before groups
             recipe = self.recipe.resolve(rec.get("modality"), cfg, photometric=rec["photometric"])
             info = self.store.get(
                 entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
             )
-            if info is None:
+            if info is None or refs is None or not _names(info, refs):
                 return None
-            found.append((info, rec))
+            found.append((info, rec, refs))
         if not found:
             return None
         report = EmbedReport()
-        for info, rec in found:
+        for info, rec, refs in found:
             self.store.ensure_indexed(info)
-            refs = {"study": rec["study"], "series": rec["series"], "part": rec["part"]}
             report.series.append(
                 series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
             )
@@ -366,7 +412,7 @@ class Pipeline:
         t0 = time.perf_counter()
         key, recipe = self.key_for(volume)
         meta = volume.meta
-        refs = {"study": meta.study, "series": meta.series, "part": meta.part}
+        refs = _refs(volume)
         cached = self.store.get(key)
         if cached is None:
             with self.store.claim(key):

@@ -9,6 +9,11 @@ it, so a store opened with the wrong secret is noticed rather than silently fork
 Each tenant is a pseudonym domain of its own: outside :data:`DEFAULT_TENANT` the tenant's
 name is part of every HMAC message, so the same study sent by two tenants gets two
 unrelated names (and two unrelated file digests), and nothing links them.
+
+A NIfTI, NRRD or MetaImage file carries no UID: its series (and, unless the sender names
+one, its study) is named by the keyed pseudonym of the file's hash (:meth:`Pseudonymizer.
+keyed_name`), and the patient and study the sender names with :class:`InputRefs` are
+pseudonymised as a DICOM file's PatientID and StudyInstanceUID are.
 """
 
 from __future__ import annotations
@@ -17,19 +22,23 @@ import dataclasses
 import hashlib
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidFieldError
 
-__all__ = ["DEFAULT_TENANT", "Pseudonymizer", "load_or_create_secret"]
+__all__ = ["DEFAULT_TENANT", "InputRefs", "Pseudonymizer", "load_or_create_secret"]
 
 Kind = Literal["study", "series", "patient", "frame"]
 _DIGITS = 32
 #: The tenant of a deployment without API keys, and of everything stored before tenants.
 DEFAULT_TENANT = "default"
+#: What a patient or study reference may be: 1–64 characters, no control character or
+#: backslash (what a DICOM PatientID or StudyInstanceUID may hold).
+REFERENCE = re.compile(r"[^\x00-\x1f\x7f\\]{1,64}")
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -87,12 +96,38 @@ class Pseudonymizer:
         """Pseudonym of ``value``; UIDs pass through if ``keep_uids`` (patient IDs never do)."""
         if self.keep_uids and kind != "patient":
             return value
+        return self.keyed_name(kind, value)
+
+    def keyed_name(self, kind: Kind, value: str) -> str:
+        """The keyed pseudonym of ``value`` even where UIDs are kept: for names made from a
+        file's content (a NIfTI file has no UID to keep, and its hash must not be stored)."""
         msg = f"{self._domain()}{kind}:{value}".encode()
         mac = hmac.new(self.secret, msg, hashlib.sha256)
         return mac.hexdigest()[:_DIGITS]
 
-    def file_digest(self, data: bytes) -> str:
-        """Keyed digest of a file's bytes: recognises a re-sent file without storing its hash.
+    def refs(self, *, patient: str | None = None, study: str | None = None) -> InputRefs:
+        """The names of a sender's patient and study references (a PatientID and a
+        StudyInstanceUID, or a data set's own identifiers), pseudonymised as a DICOM file's
+        are: a NIfTI sent with a DICOM study's PatientID and StudyInstanceUID gets that
+        study's patient and study names. :class:`InvalidFieldError` for a reference that
+        is empty, longer than 64 characters, or holds a control character or backslash
+        (what a PatientID or UID cannot hold); the message never quotes it."""
+        return InputRefs(patient=self._ref("patient", patient), study=self._ref("study", study))
+
+    def _ref(self, kind: Literal["patient", "study"], given: str | None) -> str | None:
+        if given is None:
+            return None
+        value = given.strip()
+        if not REFERENCE.fullmatch(value):
+            raise InvalidFieldError(
+                f"the {kind} reference has {len(value)} characters; expected 1–64 characters "
+                "without control characters or backslashes (a PatientID or a StudyInstanceUID)."
+            )
+        return self.name(kind, value)
+
+    def file_digest(self, data: bytes | IO[bytes]) -> str:
+        """Keyed digest of a file's bytes (or of a file object, read to its end a MiB at a
+        time): recognises a re-sent file without storing its hash.
 
         xxh3 of the bytes (fast), then HMAC under the secret, so the store cannot be used
         to confirm a guess of a file's content. ``keep_uids`` is part of the key because
@@ -100,10 +135,29 @@ class Pseudonymizer:
         """
         import xxhash
 
-        raw = xxhash.xxh3_128_digest(data)
+        if isinstance(data, bytes):
+            raw = xxhash.xxh3_128_digest(data)
+        else:
+            h = xxhash.xxh3_128()
+            while chunk := data.read(1 << 20):
+                h.update(chunk)
+            raw = h.digest()
         msg = self._domain().encode() + b"file:" + (b"uids:" if self.keep_uids else b"") + raw
         return hmac.new(self.secret, msg, hashlib.sha256).hexdigest()[:_DIGITS]
 
     def fingerprint(self) -> str:
         """A short public fingerprint of the secret, recorded in the store."""
         return hmac.new(self.secret, b"radcache-fingerprint", hashlib.sha256).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class InputRefs:
+    """The patient and study a submission's non-DICOM volumes (NIfTI, NRRD, MetaImage)
+    belong to, as pseudonyms (:meth:`Pseudonymizer.refs` makes them from the sender's
+    references). DICOM volumes are named by their own headers."""
+
+    patient: str | None = None
+    study: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.patient is not None or self.study is not None

@@ -4,7 +4,9 @@ STOW-RS, and any later receiver) saves it with :func:`receiving` and hands it to
 
 :func:`accept` tries :meth:`Pipeline.recognise` once: a study whose files were all seen
 before is answered from the cache (a job that is done at once); anything else becomes a
-queued job. Either way the job ends in :func:`~.runner.finish_job`.
+queued job. Either way the job ends in :func:`~.runner.finish_job`. An upload with patient
+or study references that holds a DICOM file is refused first (422 ``invalid-request``),
+before a job exists.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 
 import anyio
 from fastapi.concurrency import run_in_threadpool
+
+from radcache.embeddings import Pipeline
+from radcache.embeddings.errors import InvalidFieldError
 
 from .deps import Resources
 from .jobs import JobRow
@@ -57,14 +62,26 @@ async def receiving(res: Resources, prefix: str = "") -> AsyncIterator[Path]:
         raise
 
 
+def _check_refs(pipeline: Pipeline, upload: Path, options: JobOptions) -> None:
+    """Refuse references given with a DICOM file, naming it as the client uploaded it."""
+    try:
+        pipeline.check_refs([upload], options.refs)
+    except InvalidFieldError as exc:
+        name = (exc.path or "").replace(str(upload) + "/", "")
+        raise InvalidFieldError(exc.message, path=name) from None
+
+
 def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
     """Answer a saved upload from the cache, or queue its job. Blocking: call it from a
     worker thread. The upload directory belongs to the job from here on."""
     try:
         t0 = time.monotonic()
         pipeline = options.pipeline(res.pipeline)
-        # A multi-sequence study's entry is keyed by all its sequences: no per-file shortcut.
-        known = None if options.multi_sequence else pipeline.recognise([upload])
+        _check_refs(pipeline, upload, options)
+        # A multi-sequence study's entry is keyed by all its sequences, and references name
+        # non-DICOM files only: no per-file shortcut for either.
+        shortcut = not options.multi_sequence and not options.refs
+        known = pipeline.recognise([upload]) if shortcut else None
         row = res.jobs.create(str(upload), options=options.stored(), tenant=options.tenant)
     except BaseException:
         shutil.rmtree(upload, ignore_errors=True)

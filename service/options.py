@@ -5,10 +5,17 @@ query parameters, every way in alike); :func:`job_options` checks it against the
 model, loads the recipe, and decides once whether the upload is one multi-sequence MR
 study. The :class:`JobOptions` it returns is stored with the job, so a worker (in this
 process or another) runs the job exactly as it was asked for.
+
+A patient or study reference (for NIfTI, NRRD and MetaImage uploads) is pseudonymised here,
+before anything is stored: the job row holds the names (until the job ends), never the
+sender's identifiers.
+References come as multipart form fields only (:func:`refuse_query_refs`): a URL's query
+string ends up in proxy and browser logs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
@@ -17,9 +24,9 @@ from radcache.clients.schemas import SubmitOptions
 from radcache.embeddings import ModelCfg, Pipeline, Recipe, load_recipe
 from radcache.embeddings.errors import InvalidFieldError, ModelNotLoadedError
 from radcache.embeddings.models import get_cfg
-from radcache.embeddings.pseudonyms import DEFAULT_TENANT
+from radcache.embeddings.pseudonyms import DEFAULT_TENANT, InputRefs, Pseudonymizer
 
-__all__ = ["JobOptions", "job_options", "parse_submit_options"]
+__all__ = ["JobOptions", "job_options", "parse_submit_options", "refuse_query_refs"]
 
 
 class JobOptions(BaseModel):
@@ -36,7 +43,15 @@ class JobOptions(BaseModel):
     fusion: Literal["mm", "concat", "mean"] | None = None
     multi_sequence: bool = False  # the whole upload is one multi-sequence MR study
     tenant: str = DEFAULT_TENANT  # who submitted it: what it stores belongs to them
+    patient: str | None = None  # pseudonym of the sender's patient reference (non-DICOM)
+    study: str | None = None  # pseudonym of the sender's study reference (non-DICOM)
     _recipe: Recipe | None = PrivateAttr(None)
+
+    @property
+    def refs(self) -> InputRefs | None:
+        """The names the sender gave its non-DICOM volumes, or None."""
+        refs = InputRefs(patient=self.patient, study=self.study)
+        return refs if refs else None
 
     def stored(self) -> dict[str, Any]:
         """What the job row keeps."""
@@ -63,11 +78,29 @@ def parse_submit_options(raw: dict[str, Any]) -> SubmitOptions:
         ) from None
 
 
+def refuse_query_refs(query: Mapping[str, Any]) -> None:
+    """Refuse a patient or study reference given as a query parameter (422
+    ``invalid-request``): a URL's query string ends up in proxy and browser logs, so
+    references travel as multipart form fields of ``POST /v1/studies`` only."""
+    given = sorted(k for k in ("patient", "study") if k in query)
+    if given:
+        raise InvalidFieldError(
+            f"{' and '.join(given)} given as a query parameter; a URL's query string ends up "
+            "in proxy and browser logs, so patient and study references are taken only as "
+            "multipart form fields of POST /v1/studies, with NIfTI, NRRD or MetaImage files "
+            "(DICOM files are named by their own headers)."
+        )
+
+
 def job_options(
-    options: SubmitOptions, loaded: ModelCfg, tenant: str = DEFAULT_TENANT
+    options: SubmitOptions,
+    loaded: ModelCfg,
+    tenant: str = DEFAULT_TENANT,
+    pseudonymizer: Pseudonymizer | None = None,
 ) -> JobOptions:
     """Check ``options`` against the ``loaded`` model and load its recipe, once; the job
-    stores for ``tenant``."""
+    stores for ``tenant``. Patient and study references are pseudonymised with
+    ``pseudonymizer`` in ``tenant``'s domain (needed when they are given)."""
     if options.model and options.model != loaded.name:
         get_cfg(options.model)  # a name no registry knows: unknown-model (404)
         raise ModelNotLoadedError(
@@ -75,6 +108,11 @@ def job_options(
             f"started with --model {options.model}, or leave model out."
         )
     recipe = load_recipe(options.recipe) if options.recipe else None
+    refs = InputRefs()
+    if options.refs:
+        if pseudonymizer is None:  # a caller's mistake, never the sender's
+            raise ValueError("job_options needs the pseudonymizer to name patient/study")
+        refs = pseudonymizer.for_tenant(tenant).refs(**options.refs)
     out = JobOptions(
         modality=options.modality,
         patch_tokens=options.patch_tokens,
@@ -85,6 +123,8 @@ def job_options(
         fusion=options.fusion,
         multi_sequence=options.multi_sequence or loaded.multi_sequence,
         tenant=tenant,
+        patient=refs.patient,
+        study=refs.study,
     )
     out._recipe = recipe
     return out

@@ -5,7 +5,8 @@ workers in :mod:`.queue`); :func:`finish_job` is how every job ends, including o
 :mod:`.intake` answers from the cache without running anything, and :func:`fail_job` how
 one ends that raised or that the queue gave up on.
 
-An upload lives only as long as its job runs: whatever state a job ends in, its upload is
+An upload lives only as long as its job runs, and so do the patient and study names given
+with it (kept in the job's options until it ends): whatever state a job ends in, its upload is
 deleted (:func:`dispose_upload`), or, for a job that did not end ``done`` and a
 ``quarantine`` directory, moved there under the job's id, until :func:`purge_quarantine`
 deletes it after the retention period. The reports keep the names the client gave its
@@ -127,6 +128,8 @@ def fail_job(
     upload = Path(row.upload) if row is not None else None
     if upload is not None:
         failure = _unplaced(failure, upload)
+    if row is not None and row.options and _without_refs(row.options) != row.options:
+        jobs.update(job_id, options=_without_refs(row.options))
     jobs.finish(job_id, state, None, failure=failure[:2000])
     if upload is not None:
         dispose_upload(upload, job_id, state, quarantine)
@@ -182,6 +185,7 @@ def run_job(
             progress=progress,
             labels=options.labels,
             collection=options.collection,
+            refs=options.refs,
         )
     else:  # the intake tried Pipeline.recognise on this upload already
         report = pipe.embed(
@@ -191,9 +195,12 @@ def run_job(
             labels=options.labels,
             collection=options.collection,
             recognise=False,
+            refs=options.refs,
         )
     progress.flush()
     finish_job(jobs, pipe.store, job_id, report, upload, time.monotonic() - t0, on_done, quarantine)
+    if options.refs:  # needed while the job runs; its report names what it stored
+        jobs.update(job_id, options=_without_refs(row.options))
 
 
 def finish_job(
@@ -217,6 +224,12 @@ def finish_job(
     state = report_state(report)
     jobs.finish(job_id, state, out)
     dispose_upload(upload, job_id, state, quarantine)
+
+
+def _without_refs(options: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's stored options without the patient and study names given for its upload: a
+    finished job keeps none (what it stored is named in its report)."""
+    return {k: v for k, v in (options or {}).items() if k not in ("patient", "study")}
 
 
 def _uploaded_names(upload: Path, mapping: dict[str, str] | None) -> dict[str, str] | None:

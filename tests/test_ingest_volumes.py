@@ -158,6 +158,41 @@ def test_nifti_metadata_and_modality_label(tmp_path):
     assert other.meta.modality is None
 
 
+def test_non_dicom_names_are_keyed_per_tenant_and_take_the_senders_references(tmp_path):
+    """A NIfTI/NRRD file's names are keyed pseudonyms of its hash (never the hash itself, in
+    every tenant's own domain, also where UIDs are kept), and the patient and study a sender
+    names are pseudonymised exactly as a DICOM file's PatientID and StudyInstanceUID."""
+    import xxhash
+
+    raw = phantom(3, 6, 8, seed=23)
+    nii = write_nifti(tmp_path / "v.nii.gz", raw.astype(np.float32))
+    nrrd = write_itk(tmp_path / "v.nrrd", raw.astype(np.float32))
+    pseudo = Pseudonymizer(SECRET)
+    series = {}
+    for path in (nii, nrrd):
+        digest = xxhash.xxh3_128_hexdigest(path.read_bytes())
+        v = load_one([path])
+        assert v.meta.series == pseudo.keyed_name("series", f"file:{digest}") != digest
+        assert v.meta.study == v.meta.series and v.meta.patient is None
+        (other,), _ = load_volumes([path], pseudo.for_tenant("hospital-b"))
+        assert other.meta.series not in (v.meta.series, digest)
+        (kept,), _ = load_volumes([path], Pseudonymizer(SECRET, keep_uids=True))
+        assert kept.meta.series != digest  # a file's hash is no UID to keep
+        series[path] = v.meta.series
+    dicom = write_series(
+        tmp_path / "dcm", raw, study_uid="1.2.826.0.1.3680043.8.498.91", extra={"PatientID": "P-7"}
+    )
+    (dv,), _ = load_volumes([dicom.directory], pseudo)
+    refs = pseudo.refs(patient=" P-7 ", study="1.2.826.0.1.3680043.8.498.91")
+    (named,), errs = load_volumes([nii], pseudo, refs=refs)
+    assert not errs and named.meta.patient == dv.meta.patient is not None
+    assert named.meta.study == dv.meta.study and named.meta.series == series[nii]
+    for bad in ("", "x" * 65, "P\\7", "P\n7"):
+        with pytest.raises(InputError, match="expected 1–64 characters") as caught:
+            pseudo.refs(patient=bad)
+        assert bad.strip() == "" or bad not in str(caught.value)  # never quoted
+
+
 def test_4d_nifti_gives_one_candidate_per_time_point(tmp_path):
     raw = phantom(4, 5, 6, seed=22).astype(np.float32)
     frames = np.stack([raw, raw * 2, raw - 7])

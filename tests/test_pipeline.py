@@ -228,6 +228,54 @@ def test_deleting_a_study_keeps_content_another_study_sent(
     assert st.delete_study(rb.study) == []
 
 
+def test_a_resent_study_is_named_by_its_own_files_in_stores_old_and_new(
+    tiny: Encoder, tmp_path: Path, store_path: Path, pseudo: Pseudonymizer
+) -> None:
+    """Recognised from file digests, each study is answered under its own names, also in a
+    store whose re-sent-file records predate per-file-set names (decoded once, then
+    recognised); a NIfTI entry keeps the names it was stored under."""
+    import zarr
+
+    raw = phantom(3, 16, 16, seed=52)
+    a = write_series(tmp_path / "a", raw, extra={"PatientID": "P-A"})
+    b = write_series(tmp_path / "b", raw, extra={"PatientID": "P-B"})
+    pipe = _pipe(tiny, store_path, pseudo)
+    (ra,) = pipe.embed([a.directory]).series
+    content = pipe.store.get(ra.entry).attrs["content_hash"]
+    vol = zarr.open_group(store_path / "volumes" / content, mode="r+")
+    old = {k: v for k, v in vol.attrs["radcache"].items() if k != "groups"}
+    vol.attrs["radcache"] = old  # as an older radcache wrote it
+    (rb,) = pipe.embed([b.directory]).series
+    assert (rb.entry, rb.study, rb.cache) == (ra.entry, pseudo.name("study", b.study_uid), "hit")
+    patient_b = pseudo.name("patient", "P-B")
+    alias = {"study": rb.study, "series": rb.series, "part": "", "patient": patient_b}
+    assert pipe.store.get(ra.entry).attrs["aliases"] == [alias]
+    fresh = _pipe(tiny, store_path, pseudo)
+    assert [r.study for r in fresh.recognise([b.directory]).series] == [rb.study]
+    assert fresh.recognise([a.directory]) is None  # its names were not recorded: decode
+    (again,) = fresh.embed([a.directory]).series
+    assert (again.study, again.cache) == (ra.study, "hit")
+    assert [r.study for r in fresh.recognise([a.directory]).series] == [ra.study]
+    # deleting A leaves B's entry named by B and its patient, and forgets A's names
+    st = EmbeddingStore(store_path)
+    assert st.delete_study(ra.study) == []
+    kept = st.get(ra.entry)
+    assert (kept.study, kept.patient) == (rb.study, patient_b)
+    assert fresh.recognise([a.directory]) is None
+    assert [r.study for r in fresh.recognise([b.directory]).series] == [rb.study]
+    # a NIfTI entry stored under its file's plain hash keeps that name when read
+    nii = write_nifti(tmp_path / "v.nii", phantom(3, 16, 16, seed=53).astype(np.float32))
+    (rn,) = pipe.embed([nii]).series
+    g = zarr.open_group(store_path / "entries" / rn.entry, mode="r+")
+    legacy = {**g.attrs["radcache"]}
+    legacy["volume"] = {**legacy["volume"], "study": "0" * 31 + "1", "series": "0" * 31 + "1"}
+    g.attrs["radcache"] = legacy
+    (hit,) = pipe.embed([nii]).series
+    assert (hit.cache, hit.series) == ("hit", rn.series)
+    info = open_store(store_path).resolve("0" * 31 + "1")
+    assert info.key == rn.entry and info.attrs["aliases"][0]["series"] == rn.series
+
+
 def test_an_interrupted_run_keeps_what_finished_and_a_rerun_embeds_the_rest(
     tiny: Encoder,
     tmp_path: Path,

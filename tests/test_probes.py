@@ -30,7 +30,7 @@ from radcache.embeddings.probes import (
     scores,
     scores_multilabel,
 )
-from tests.dicomgen import write_series
+from tests.dicomgen import write_nifti, write_series
 
 N = 100
 
@@ -145,6 +145,7 @@ def test_probe_and_export_commands(lesion_store, tmp_path: Path) -> None:
     res = json.loads((out / "result.json").read_text())
     report = (out / "report.md").read_text()
     assert "![" in report and (out / "roc.png").stat().st_size > 5000
+    assert "Warning" not in report and "warnings" not in res  # every patient is known
     assert res["protocol"] == "linear" and res["test"]["balanced_accuracy"]["value"] > 0.5
     npz = tmp_path / "f.npz"
     p = run("export", "--store", store.url, "--level", "slice", "-o", str(npz))
@@ -159,6 +160,43 @@ def test_probe_and_export_commands(lesion_store, tmp_path: Path) -> None:
     assert table.schema.metadata[b"level"] == b"series"
     bad = run("probe", "linear", "--store", str(tmp_path / "none.zarr"), "--label", "x")
     assert bad.returncode == 2 and "not-found" in bad.stderr
+
+
+def test_a_split_by_patient_warns_of_entries_without_one(
+    tmp_path: Path, tiny_fp32: Encoder, pseudo: Pseudonymizer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NIfTI sent without a patient reference has no patient: the split says so, in the
+    log and in the probe's report; sent with one, its entries split by patient."""
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    store = EmbeddingStore(tmp_path / "store.zarr")
+    pipe = Pipeline(tiny_fp32, store, pseudo, patch_tokens=False)
+    rows = ["series,finding"]
+    for i in range(12):
+        nii = write_nifti(tmp_path / f"v{i}.nii", lesion_phantom(i, i % 2 == 1, size=32))
+        refs = pseudo.refs(patient=f"PAT-{i // 2}") if i < 8 else None  # 4 without a patient
+        (res,) = pipe.embed([nii], refs=refs).series
+        rows.append(f"{res.series},{'lesion' if i % 2 else 'none'}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    f = features(store, labels=read_labels(labels))
+    assert sum(r["patient_known"] for r in f.rows) == 8
+    assert len({r["patient"] for r in f.rows}) == 4 + 4  # 4 patients, 4 files on their own
+    with caplog.at_level("WARNING", logger="radcache.embeddings.probes.splits"):
+        patient_split(f)
+    assert "4 of 12 rows have no known patient" in caplog.text
+    out = tmp_path / "knn"
+    r = CliRunner().invoke(
+        main,
+        ["probe", "knn", "--store", store.url, "--labels", str(labels), "--label", "finding",
+         "-k", "1", "--bootstrap", "0", "-o", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (warning,) = json.loads((out / "result.json").read_text())["warnings"]
+    assert "4 of 12 series rows have no known patient" in warning
+    assert f"> **Warning:** {warning}" in (out / "report.md").read_text()
 
 
 # -- multi-label (ChestX-ray14-style "A|B" label sets), labels and export files ------------

@@ -15,6 +15,7 @@ from radcache.embeddings.errors import (
     StoreError,
     StoreMismatchError,
 )
+from radcache.embeddings.store.files import file_group, forget_study
 
 
 def _attrs(
@@ -197,13 +198,37 @@ def test_file_digests_are_remembered_and_committed_last(store_path: Path) -> Non
     st.remember_files(_key(9), [_key(1), _key(2), _key(1)], record)
     again = open_store(store_path)
     assert dict(again.file_index()) == {_key(1): _key(9), _key(2): _key(9)}
-    assert again.volume_record(_key(9)) == record
+    names = {"study": "s", "series": "x", "part": "", "patient": None}
+    first = file_group([_key(2), _key(1)])
+    assert again.volume_record(_key(9)) == {**record, "groups": {first: names}}
     assert again.volume_record(_key(8)) is None
     # rows past the committed count (an interrupted append) are not believed
     g = st.root["files"]
     g["digest"].resize((5, 2))
     g["digest"][2:] = 7
     assert len(open_store(store_path).file_index()) == 2
+
+
+def test_each_set_of_files_of_a_volume_keeps_its_own_names(store_path: Path) -> None:
+    """Files of another study with the same pixels make the same volume under other names;
+    deleting one study drops its names and leaves the other's."""
+    st = EmbeddingStore(store_path)
+    record = {"modality": "CT", "photometric": "MONOCHROME2", "n_files": 2, "n_slices": 2}
+    mine = {"study": "s", "series": "x", "part": "", "patient": None}
+    other = {"study": "t", "series": "y", "part": "", "patient": "p"}
+    st.remember_files(_key(9), [_key(1), _key(2)], {**record, **mine})
+    st.remember_files(_key(9), [_key(3), _key(4)], {**record, **other})
+    rec = open_store(store_path).volume_record(_key(9))
+    assert rec is not None and rec["study"] == "s"  # the first names stay the record's own
+    assert rec["groups"] == {
+        file_group([_key(1), _key(2)]): mine,
+        file_group([_key(4), _key(3)]): other,
+    }
+    with st._writing():
+        forget_study(st.root, {"content_hash": _key(9)}, "s", other)
+    kept = open_store(store_path).volume_record(_key(9))
+    assert kept is not None and (kept["study"], kept["patient"]) == ("t", "p")
+    assert list(kept["groups"].values()) == [other]
 
 
 def test_a_file_of_two_volumes_is_never_recognised(store_path: Path) -> None:

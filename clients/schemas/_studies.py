@@ -112,6 +112,9 @@ class JobOut(BaseModel):
     )
 
     id: str
+    kind: Literal["embed", "erase"] = Field(
+        "embed", description="embed: a submitted upload; erase: the rest of a study's deletion"
+    )
     state: Literal["queued", "running", "done", "partially_failed", "failed", "dead"] = Field(
         description="dead: failed on every delivery the scale-out queue allowed"
     )
@@ -242,6 +245,11 @@ class Health(BaseModel):
     queue_depth: int | None = None
 
 
+# What a patient or study reference may be (a PatientID or UID could be): no control
+# character or backslash, 1–64 characters.
+_REFERENCE = re.compile(r"[^\x00-\x1f\x7f\\]{1,64}")
+
+
 def _json_field(value: Any) -> Any:
     """A form or query field carries JSON as text; a client may pass the object itself."""
     if isinstance(value, str | bytes):
@@ -278,6 +286,16 @@ class SubmitOptions(BaseModel):
     fusion: Literal["mm", "concat", "mean"] | None = Field(
         None, description="multi-sequence MR: MM-DINOv2 (mm) or a fusion of DINOv2 CLS tokens"
     )
+    patient: str | None = Field(
+        None,
+        description="patient of NIfTI/NRRD/MHA inputs (a PatientID; stored as its keyed "
+        "pseudonym); a multipart form field only, never with DICOM files",
+    )
+    study: str | None = Field(
+        None,
+        description="study of NIfTI/NRRD/MHA inputs (a StudyInstanceUID or a data set's study "
+        "id; stored as its keyed pseudonym); a multipart form field only, never with DICOM files",
+    )
 
     @field_validator("modality", mode="before")
     @classmethod
@@ -288,6 +306,20 @@ class SubmitOptions(BaseModel):
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return v or None
+
+    @field_validator("patient", "study", mode="before")
+    @classmethod
+    def _reference(cls, v: Any) -> Any:
+        """A PatientID or study UID: 1–64 characters without control characters or
+        backslashes. The message never quotes it."""
+        if v is None or (isinstance(v, str) and not v.strip()):
+            return None
+        if not isinstance(v, str) or not _REFERENCE.fullmatch(v.strip()):
+            raise ValueError(
+                "expected 1–64 characters without control characters or backslashes "
+                "(a PatientID or a StudyInstanceUID)"
+            )
+        return v.strip()
 
     @field_validator("patch_tokens", mode="before")
     @classmethod
@@ -317,6 +349,11 @@ class SubmitOptions(BaseModel):
     @classmethod
     def _lower(cls, v: Any) -> Any:
         return str(v).lower() if v else None
+
+    @property
+    def refs(self) -> dict[str, str]:
+        """The patient and study references given (multipart form fields only)."""
+        return {k: v for k, v in (("patient", self.patient), ("study", self.study)) if v}
 
     @property
     def multi_sequence(self) -> bool:

@@ -11,10 +11,16 @@ one series at a time in the memory of one series. Bad files become
 :class:`~radcache.embeddings.errors.InputError` values in ``errors``; the rest go on.
 A scan and its candidates' loads share one set of :class:`Limits` (voxels a header may
 declare, bytes the input may inflate to), checked before the expensive work.
+
+Names are made here: a DICOM series by the keyed pseudonyms of its UIDs and PatientID, a
+NIfTI/NRRD/MetaImage file (which has no UID) by the keyed pseudonym of its hash, and by
+the patient and study the sender named, pseudonymised as DICOM's are
+(:class:`~radcache.embeddings.pseudonyms.InputRefs`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections import Counter
@@ -22,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from ..errors import InputError, NotDicomError
-from ..pseudonyms import Pseudonymizer
+from ..pseudonyms import InputRefs, Pseudonymizer
 from ..volume import Volume
 from ._dicom_assemble import DicomSeries, assemble
 from ._dicom_decode import errors_for
@@ -40,6 +46,7 @@ __all__ = [
     "Limits",
     "ScanResult",
     "Source",
+    "dicom_among",
     "expand",
     "instance_ids",
     "load_volumes",
@@ -87,13 +94,15 @@ def scan(
     *,
     modality: str | None = None,
     limits: Limits | None = None,
+    refs: InputRefs | None = None,
 ) -> ScanResult:
     """Find every volume in ``inputs``.
 
     ``modality`` labels non-DICOM volumes (NIfTI, NRRD carry none), so the right
-    intensity recipe applies to them. ``limits`` bound what the inputs together may
-    declare and inflate to, at scan and when the candidates are loaded (defaults:
-    :class:`Limits`).
+    intensity recipe applies to them, and ``refs`` name their patient and study (DICOM
+    volumes keep the names of their own headers). ``limits`` bound what the inputs
+    together may declare and inflate to, at scan and when the candidates are loaded
+    (defaults: :class:`Limits`).
     """
     errors: list[InputError] = []
     skipped: list[tuple[str, str]] = []
@@ -107,22 +116,21 @@ def scan(
         try:
             kind = sniff(item)
             if kind == "dicom":
-                data = item.read()  # transient: digested, the header parsed, then let go
-                frames.extend(read_frames(item, data, pseudonymizer.file_digest(data)))
-                del data
+                frames.extend(read_frames(item, pseudonymizer))  # digested, header parsed
             elif kind in ("nifti", "itk"):
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
                 claimed.update(vf.data_files)
+                names = _file_names(vf.key, pseudonymizer, refs or InputRefs())
                 for t in range(vf.n_volumes):
                     candidates.append(
                         Candidate(
                             name=item.name,
                             source_format=kind,
                             n_slices=vf.n_slices,
-                            study=vf.key,
-                            series=vf.key,
+                            study=names[0],
+                            series=names[1],
                             part=f"t={t}" if vf.n_volumes > 1 else "",
-                            loader=functools.partial(vf.load, t),
+                            loader=functools.partial(_named, vf.load, t, names),
                         )
                     )
         except Skipped as note:
@@ -138,6 +146,37 @@ def scan(
             "%d input(s) rejected: %s", len(errors), ", ".join(f"{n} {c}" for c, n in codes.items())
         )
     return ScanResult(candidates=candidates, errors=errors, skipped=skipped)
+
+
+def _file_names(key: str, pseudo: Pseudonymizer, refs: InputRefs) -> tuple[str, str, str | None]:
+    """The (study, series, patient) names of a non-DICOM file's volumes: series by the keyed
+    pseudonym of the file's hash ``key``, study by the sender's (pseudonymised) reference or
+    else the series' name (the file is its own study), patient by the sender's or none."""
+    series = pseudo.keyed_name("series", f"file:{key}")  # never a UID's: UIDs are digits, dots
+    return refs.study or series, series, refs.patient
+
+
+def _named(load: Callable[[int], Volume], t: int, names: tuple[str, str, str | None]) -> Volume:
+    """Time point ``t`` of a non-DICOM file, under its pseudonymous ``names``."""
+    volume = load(t)
+    study, series, patient = names
+    meta = dataclasses.replace(volume.meta, study=study, series=series, patient=patient)
+    return dataclasses.replace(volume, meta=meta)
+
+
+def dicom_among(inputs: Iterable[InputItem], limits: Limits | None = None) -> str | None:
+    """The name of the first DICOM file in ``inputs`` (zips opened), or None: a sender's
+    patient and study references name non-DICOM volumes only. Only each file's first
+    bytes are read; unreadable inputs are left to :func:`scan` to report."""
+    for item in expand(inputs, limits=limits):
+        if isinstance(item, InputError):
+            continue
+        try:
+            if sniff(item) == "dicom":
+                return item.name
+        except InputError:
+            continue
+    return None
 
 
 def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
@@ -160,9 +199,10 @@ def load_volumes(
     *,
     modality: str | None = None,
     limits: Limits | None = None,
+    refs: InputRefs | None = None,
 ) -> tuple[list[Volume], list[InputError]]:
     """Scan and decode everything at once (convenient for small inputs and tests)."""
-    result = scan(inputs, pseudonymizer, modality=modality, limits=limits)
+    result = scan(inputs, pseudonymizer, modality=modality, limits=limits, refs=refs)
     volumes: list[Volume] = []
     errors = list(result.errors)
     for cand in result.candidates:

@@ -5,8 +5,8 @@ Apart from the serving path; each room one step of a probe:
 * :mod:`.featureset` — :func:`features` reads a store in one pass into a :class:`Features`
   value (a matrix and one row description per vector); :func:`read_labels` (CSV or
   Parquet), :func:`pool_slices` (slice features per volume: mean, max, mean+max)
-* :mod:`.splits` — :func:`patient_split` (no patient spans two splits),
-  :func:`column_split`, :func:`hash_split`
+* :mod:`.splits` — :func:`patient_split` (no patient spans two splits; a warning from
+  :func:`unknown_patients` where some are not known), :func:`column_split`, :func:`hash_split`
 * :mod:`.scoring` — :func:`scores`, :func:`scores_multilabel`: scikit-learn metrics with
   bootstrap 95 % intervals
 * :mod:`.neighbours` — cosine nearest neighbours and ML-kNN (:func:`ml_knn`)
@@ -35,7 +35,7 @@ from .neighbours import SMOOTHING, ml_knn
 from .protocols import C_GRID, KNN_KS, SHOTS, fewshot, knn, linear
 from .report import Overlay, write_report
 from .scoring import Metric, scores, scores_multilabel
-from .splits import column_split, hash_split, patient_split
+from .splits import column_split, hash_split, patient_split, unknown_patients
 
 if TYPE_CHECKING:
     from .datasets import PatchDataset, SliceDataset
@@ -101,6 +101,7 @@ __all__ = [
     "seg",
     "seg_data",
     "split_slices",
+    "unknown_patients",
     "write_report",
 ]
 

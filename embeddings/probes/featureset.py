@@ -160,6 +160,7 @@ def features(
             "series": vol.get("series"),
             "part": vol.get("part", ""),
             "patient": vol.get("patient") or vol.get("study"),
+            "patient_known": bool(vol.get("patient")),  # else the study stands in for it
             "modality": vol.get("modality"),
         }
         stored = dict(a.get("labels", {}))

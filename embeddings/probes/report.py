@@ -11,7 +11,9 @@ protocol:
 * ``seg`` — ``dice.png``, ``loss.png`` (with a loss curve) and one ``overlay_{i}.png`` per
   :class:`Overlay`.
 
-Missing or non-finite figures show as "n/a" and leave gaps in plots. Plots are drawn on
+A result's ``warnings`` (a list of sentences: a split by patient where some patients are not
+known, say) are quoted at the top of ``report.md``. Missing or non-finite figures show as
+"n/a" and leave gaps in plots. Plots are drawn on
 matplotlib's Agg canvas, without pyplot's global state.
 """
 
@@ -351,6 +353,7 @@ def write_report(
     parts = [title]
     if isinstance(result.get("note"), str):
         parts.append(f"> {result['note']}")
+    parts += [f"> **Warning:** {w}" for w in result.get("warnings") or () if isinstance(w, str)]
     parts += [f"The {protocol} probe ran with {about or 'no recorded settings'}.", table]
     parts += [f"![{caption}]({name})" for caption, name in plots]
     path = out / "report.md"

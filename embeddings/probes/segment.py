@@ -14,6 +14,7 @@ The PyTorch datasets for users who train their own heads are in :mod:`.datasets`
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ..preprocess import Placement, placement, reslice
 from ..recipe import Recipe
 from ..store import EmbeddingStore
 from .report import Overlay
-from .splits import hash_split
+from .splits import hash_split, unknown_patients
 
 __all__ = [
     "SegData",
@@ -43,18 +44,21 @@ __all__ = [
     "split_slices",
 ]
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class SegVolume:
     """One embedded volume's patch tokens and the reference labels of its embedded slices."""
 
     entry: str
-    patient: str
+    patient: str  # the patient pseudonym, else the study's (patient_known False)
     tokens: np.ndarray  # (n, h, w, D) float16, as stored
     masks: np.ndarray  # (n, rows, cols) int16 labels
     slices: np.ndarray  # (n,) index of each embedded slice in the (resliced) volume
     placement: Placement
     image: np.ndarray | None = None  # (n, rows, cols) float32 intensities, for pictures
+    patient_known: bool = True
 
     def grid_targets(self, n_classes: int, idx: np.ndarray | None = None) -> torch.Tensor:
         """Class fractions per patch, ``(n, C, h, w)``: the masks resampled to the patch grid
@@ -175,6 +179,7 @@ def seg_data(
                 slices=np.asarray(attrs["_slice_index"]),
                 placement=place,
                 image=image,
+                patient_known=bool(info.attrs["volume"].get("patient")),
             )
         )
     if not volumes or space is None:
@@ -235,6 +240,9 @@ def split_slices(
     of the pseudonym (as the classification probes split); ``blocks``: each volume cut into
     ``blocks`` runs of adjacent slices, alternately train and test (for a single volume)."""
     if how == "patient":
+        warning = unknown_patients([v.patient_known for v in data.volumes], "volumes")
+        if warning is not None:
+            log.warning("patient split: %s", warning)
         patients = [data.volumes[v].patient for v, _ in data.rows()]
         return hash_split(patients, (1 - test_fraction, test_fraction), seed, ("train", "test"))
     out = []

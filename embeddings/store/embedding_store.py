@@ -24,7 +24,7 @@ from ._common import _array, _group, _meta, _now
 from .backend import Backend, open_backend
 from .compaction import compact_table
 from .entries import ARRAY_KINDS, EntryInfo, EntryWriter, Kind
-from .files import FileIndex, volume_record
+from .files import FileIndex, forget_study, same_ref, volume_record
 from .locks import Locks
 from .tables import (
     RowIndex,
@@ -217,14 +217,15 @@ class EmbeddingStore:
                 pooled, cls = _array(g["pooled"])[...], _array(g["cls"])[...]
                 self._append(info, np.asarray(pooled), np.asarray(cls))
 
-    def add_alias(self, key: str, ref: dict[str, str]) -> None:
-        """Record another study/series that delivered the same content as entry ``key``."""
+    def add_alias(self, key: str, ref: Mapping[str, str | None]) -> None:
+        """Record another study/series (and its patient) that delivered the same content as
+        entry ``key``: the entry is then listed, and deleted, under that study too."""
         with self._lock:
             g = _group(self.root[f"entries/{key}"])
             attrs = _meta(g)
             aliases = list(attrs.get("aliases", []))
-            if ref not in aliases and ref != {k: attrs["volume"].get(k) for k in ref}:
-                aliases.append(ref)
+            if not any(same_ref(a, ref) for a in (attrs["volume"], *aliases)):
+                aliases.append(dict(ref))
                 attrs["aliases"] = aliases
                 g.attrs["radcache"] = attrs
 
@@ -286,13 +287,13 @@ class EmbeddingStore:
                     attrs["volume"] = {**attrs["volume"], **keep[0]}
                     attrs["aliases"] = keep[1:]
                     g.attrs["radcache"] = attrs
+                    forget_study(self.root, e.attrs, study, keep[0])
                     continue
                 gone.append(e)
                 tenant = str(e.attrs.get("tenant") or DEFAULT_TENANT)
                 content = tenant_content(str(e.attrs.get("content_hash", "")), tenant)
-                with contextlib.suppress(KeyError):
-                    del _group(self.root["volumes"])[content]
-                del _group(self.root["entries"])[e.key]
+                self.backend.remove(self.root, f"volumes/{content}")
+                self.backend.remove(self.root, f"entries/{e.key}")
             for space in sorted({e.space for e in gone}):
                 self._tombstone(space, {e.key for e in gone if e.space == space})
         return [e.key for e in gone]

@@ -53,6 +53,16 @@ class _Bar:
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
 @click.option("--modality", help="Modality of NIfTI/NRRD inputs (they carry none), e.g. CT or MR.")
 @click.option(
+    "--patient",
+    help="Patient of NIfTI/NRRD/MHA inputs (a PatientID; stored as its keyed pseudonym, as "
+    "DICOM's is), so probes split and searches exclude by patient. Not with DICOM inputs.",
+)
+@click.option(
+    "--study",
+    help="Study of NIfTI/NRRD/MHA inputs (a StudyInstanceUID or a data set's study id; "
+    "stored as its keyed pseudonym). Not with DICOM inputs.",
+)
+@click.option(
     "--sequence",
     "sequences",
     multiple=True,
@@ -76,6 +86,8 @@ def embed(
     precision: str | None,
     batch_size: int | None,
     modality: str | None,
+    patient: str | None,
+    study: str | None,
     sequences: Sequence[str],
     fusion: str | None,
     as_json: bool,
@@ -101,19 +113,22 @@ def embed(
             batch_size=batch_size,
         )
         mapping = dict(_pair(x) for x in sequences)
+        refs = s.pseudonymizer().refs(patient=patient, study=study)  # before the model loads
         pipe = Pipeline.from_settings(s)
+        pipe.check_refs(inputs, refs)
         encoder = pipe.encoder
         settle()
     except RadcacheError as exc:
         fail(exc, as_json)
         return
-    run: Callable[..., Any] = functools.partial(pipe.embed, inputs, modality=modality)
+    run: Callable[..., Any] = functools.partial(pipe.embed, inputs, modality=modality, refs=refs)
     if mapping or fusion or encoder.cfg.multi_sequence:
         run = functools.partial(
             pipe.embed_study,
             inputs,
             mapping=mapping,
             fusion=fusion,  # type: ignore[arg-type]
+            refs=refs,
         )
     if not as_json and encoder.cfg.random_weights:
         err.print(

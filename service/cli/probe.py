@@ -131,10 +131,13 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
         )
         if opts["pool"] != "none":
             f = probes.pool_slices(f, opts["pool"])
+        warning = None
         if opts["split_column"]:
             split = probes.column_split(f, opts["split_column"])
         else:
             split = probes.patient_split(f, seed=opts["seed"])
+            known = [r.get("patient_known", True) for r in f.rows]
+            warning = probes.unknown_patients(known, f"{f.level} rows")
         part = {s: f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
         label = opts["label"]
         if protocol == "knn":
@@ -157,7 +160,7 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
         fail(exc, False)
         return
     res = {**res, "space": f.space, "level": f.level, "kind": f.kind, "split_seed": opts["seed"]}
-    _finish(protocol, res, opts)
+    _finish(protocol, {**res, "warnings": [warning]} if warning else res, opts)
 
 
 def _finish(protocol: str, res: dict[str, Any], opts: dict[str, Any], pictures: Any = ()) -> None:
@@ -246,7 +249,14 @@ def probe_seg(
     per-class 2D and 3D Dice on test slices."""
     need_server("probe")
     from radcache.embeddings import open_store
-    from radcache.embeddings.probes import overlays, read_masks, seg, seg_data, split_slices
+    from radcache.embeddings.probes import (
+        overlays,
+        read_masks,
+        seg,
+        seg_data,
+        split_slices,
+        unknown_patients,
+    )
 
     try:
         st = open_store(settings(store=store).store)
@@ -259,6 +269,10 @@ def probe_seg(
         fail(exc, False)
         return
     res = {**res, "split": split, "split_seed": seed}
+    known = [v.patient_known for v in data.volumes]
+    warning = unknown_patients(known, "volumes") if split == "patient" else None
+    if warning is not None:
+        res["warnings"] = [warning]
     _finish("seg", res, opts, overlays(data, head, parts, pictures))
 
 
