@@ -113,6 +113,16 @@ class Cursor:
     rows: int
     deleted: int
 
+    @classmethod
+    def of(cls, meta: Mapping[str, Any]) -> Cursor:
+        """Where a table is now, from its metadata (``EmbeddingStore.table_meta``)."""
+        return cls(
+            str(meta.get("table_id", "")),
+            int(meta["generation"]),
+            int(meta["count"]),
+            int(meta["deleted"]),
+        )
+
 
 @dataclass
 class Page:
@@ -291,6 +301,14 @@ class EntryCatalog:
             )
         return _info(next(iter(hits.values())))
 
+    def has_patient(self, patient: str, tenant: str) -> bool:
+        """Whether ``tenant`` has an entry of ``patient``."""
+        q = select(CatalogEntry.key).where(
+            CatalogEntry.patient == patient, CatalogEntry.tenant == tenant
+        )
+        with self._session() as s:
+            return s.scalars(q.limit(1)).first() is not None
+
     def count(self) -> int:
         with self._session() as s:
             return int(s.scalar(select(func.count()).select_from(CatalogEntry)) or 0)
@@ -397,13 +415,7 @@ class EntryCatalog:
             return changed
 
     def _sync_space(self, store: EmbeddingStore, space: str, cur: Cursor | None) -> int:
-        meta = store.table_meta(space)
-        now = Cursor(
-            str(meta.get("table_id", "")),
-            int(meta["generation"]),
-            int(meta["count"]),
-            int(meta["deleted"]),
-        )
+        now = Cursor.of(store.table_meta(space))
         if cur == now:
             return 0
         changed = 0
@@ -440,13 +452,7 @@ class EntryCatalog:
         cursors = {}
         attrs: dict[str, Mapping[str, Any]] = {}
         for space in spaces:
-            meta = store.table_meta(space)
-            cursors[space] = Cursor(
-                str(meta.get("table_id", "")),
-                int(meta["generation"]),
-                int(meta["count"]),
-                int(meta["deleted"]),
-            )
+            cursors[space] = Cursor.of(store.table_meta(space))
             attrs.update(store.entry_attrs(store.table_keys(space)))
         rows = [_rows(k, attrs[k]) for k in sorted(attrs)]
         with self._sync, self._session() as s:

@@ -33,6 +33,8 @@ The rooms:
 * :mod:`.tables` — :class:`Table`, :func:`space_id`, appending, tombstoning and reading rows
   (``tables/``)
 * :mod:`.compaction` — tables rewritten without their tombstoned rows, beside the old ones
+* :mod:`.integrity` — what a stopped process leaves disagreeing, found and repaired
+  (``radcache check``)
 * :mod:`.files` — re-sent file digests and volume records (``files/``, ``volumes/``)
 * :mod:`.backend` — :class:`LocalBackend` (directory) and :class:`ObjectBackend` (fsspec
   URL), each declaring what it supports
@@ -58,7 +60,9 @@ if TYPE_CHECKING:
     from .entries import DIMS as DIMS
     from .entries import SEQUENCE_PATCH_DIMS as SEQUENCE_PATCH_DIMS
     from .entries import Kind as Kind
+    from .files import REF_FIELDS as REF_FIELDS
     from .files import SHARED_FILE as SHARED_FILE
+    from .files import file_group as file_group
     from .locks import Locks as Locks
     from .tables import Table
     from .tables import space_id as space_id
@@ -78,7 +82,9 @@ _WHERE = {
     "EntryInfo": "entries",
     "EntryWriter": "entries",
     "Kind": "entries",
+    "REF_FIELDS": "files",
     "SHARED_FILE": "files",
+    "file_group": "files",
     "Locks": "locks",
     "Table": "tables",
     "space_id": "tables",

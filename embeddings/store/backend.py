@@ -8,7 +8,9 @@ checks instead of asking whether it has a local path:
   one rename makes visible (``supports_staging``); commits are serialised across processes
   with an ``flock`` on ``<store>/.radcache.lock``; metadata documents are plain files
   (``supports_direct_reads``). Opening it for writing sweeps the staging debris of dead
-  writers.
+  writers, and holds a shared ``flock`` on ``<store>/.radcache.writers`` for as long as
+  the backend lives, so that :meth:`Backend.sole_writer` can tell whether another process
+  has the store open for writing (``radcache check --repair`` refuses to run beside one).
 * :class:`ObjectBackend` — any fsspec URL (S3 and the like): no renames and no file
   locks, so writers fill entries in place and agree through :class:`~.locks.Locks`
   (``commit`` and ``entry:<key>``) when given them.
@@ -24,6 +26,7 @@ import shutil
 import socket
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, cast
@@ -32,11 +35,13 @@ import zarr
 import zarr.storage
 
 from ..errors import NotFoundError
+from ._common import _group
 from .locks import Locks
 
 __all__ = ["Backend", "LocalBackend", "ObjectBackend", "open_backend"]
 
 _STALE_STAGING_S = 24 * 3600
+_WRITERS = ".radcache.writers"  # held shared by every process that opened the store to write
 
 
 def _owner() -> str:
@@ -59,17 +64,30 @@ def _dead(owner: str) -> bool:
     return False
 
 
-def _sweep_staging(staging: Path) -> None:
-    """Remove unfinished writes of processes of this host that have died, and of any
-    process more than a day ago."""
+def _orphan_staging(staging: Path) -> list[Path]:
+    """Unfinished writes of processes of this host that have died, and of any process
+    more than a day ago (a live writer's folder is never among them)."""
     if not staging.is_dir():
-        return
+        return []
     cutoff = time.time() - _STALE_STAGING_S
-    for d in staging.iterdir():
+    found = []
+    for d in sorted(staging.iterdir()):
         parts = d.name.split(".")
         with contextlib.suppress(OSError):
             if d.is_dir() and ((len(parts) == 3 and _dead(parts[1])) or d.stat().st_mtime < cutoff):
-                shutil.rmtree(d)
+                found.append(d)
+    return found
+
+
+def _sweep_staging(staging: Path) -> int:
+    """Remove the unfinished writes of dead writers (:func:`_orphan_staging`); returns how
+    many went."""
+    gone = 0
+    for d in _orphan_staging(staging):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(d)
+            gone += 1
+    return gone
 
 
 class Backend:
@@ -84,6 +102,8 @@ class Backend:
 
     #: The directory of a local store, else None.
     local_path: Path | None = None
+    #: Staged writes of dead writers swept when the store was opened (not yet reported).
+    swept: int = 0
     zarr_store: zarr.storage.LocalStore | zarr.storage.FsspecStore
 
     def write_path(self, key: str) -> str:
@@ -106,6 +126,12 @@ class Backend:
         """Remove an unneeded staged group (if :attr:`supports_staging`)."""
         raise NotImplementedError(f"{type(self).__name__} does not stage writes")
 
+    def remove(self, root: zarr.Group, path: str) -> None:
+        """Delete the group ``path`` (``entries/<key>``, ``volumes/<content>``), if any."""
+        parent, _, name = path.rpartition("/")
+        with contextlib.suppress(KeyError, FileNotFoundError):
+            del _group(root[parent])[name]
+
     def read_document(self, path: str) -> dict[str, Any] | None:
         """A JSON document of the store read as a plain file, None if unreadable (if
         :attr:`supports_direct_reads`)."""
@@ -115,6 +141,26 @@ class Backend:
         """Names of the groups directly under ``path`` listed without zarr (if
         :attr:`supports_direct_reads`), else None."""
         return None
+
+    def orphan_staging(self) -> list[str]:
+        """Names of the staged writes whose writer died (if :attr:`supports_staging`): on
+        this host and no longer running, or more than a day old. Their first part is the
+        entry key."""
+        return []
+
+    def sweep_staging(self) -> int:
+        """Remove :meth:`orphan_staging`; returns how many went."""
+        return 0
+
+    def sole_writer(self) -> contextlib.AbstractContextManager[bool | None]:
+        """Whether this process is the only one that has the store open for writing,
+        held so while the block runs (no other process can open it for writing
+        meanwhile: it waits). None where the backend cannot tell (object storage)."""
+        return contextlib.nullcontext(None)
+
+    def close(self) -> None:
+        """Stop counting as a process that has the store open for writing (see
+        :meth:`sole_writer`); the store stays usable."""
 
 
 class LocalBackend(Backend):
@@ -132,9 +178,19 @@ class LocalBackend(Backend):
             )
         self.zarr_store = zarr.storage.LocalStore(path, read_only=read_only)
         self.local_path = path
+        self._writer: int | None = None  # the descriptor holding _WRITERS shared
         if not read_only:
-            _sweep_staging(path / "staging")
+            self.swept = _sweep_staging(path / "staging")
             self.local_path.mkdir(parents=True, exist_ok=True)  # so the lock file has a home
+            fd = os.open(path / _WRITERS, os.O_RDWR | os.O_CREAT, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # waits while a `radcache check --repair` runs
+            self._writer = fd
+            self._release = weakref.finalize(self, os.close, fd)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._release()
+            self._writer = None
 
     def write_path(self, key: str) -> str:
         # A private staging group that publish() renames into place, so concurrent writers
@@ -162,11 +218,58 @@ class LocalBackend(Backend):
         if path.startswith("staging/"):
             shutil.rmtree(self.local_path / path, ignore_errors=True)
 
+    def remove(self, root: zarr.Group, path: str) -> None:
+        """Renamed into ``staging/`` first, as the unfinished write of this process, so
+        that it vanishes at once: a crash while its files are deleted leaves no half of
+        it, only debris the next opening sweeps."""
+        where = self.local_path / path
+        trash = (
+            self.local_path / "staging" / f"{path.rpartition('/')[2]}.{_owner()}.{uuid.uuid4().hex}"
+        )
+        trash.parent.mkdir(exist_ok=True)
+        try:
+            os.rename(where, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
     def read_document(self, path: str) -> dict[str, Any] | None:
         try:
             return cast(dict[str, Any], json.loads((self.local_path / path).read_bytes()))
         except (OSError, ValueError):
             return None
+
+    def orphan_staging(self) -> list[str]:
+        return [d.name for d in _orphan_staging(self.local_path / "staging")]
+
+    def sweep_staging(self) -> int:
+        return _sweep_staging(self.local_path / "staging")
+
+    @contextlib.contextmanager
+    def sole_writer(self) -> Iterator[bool | None]:
+        """An exclusive ``flock`` on ``<store>/.radcache.writers``, tried without waiting:
+        True while held, False if another process has the store open for writing."""
+        fd = self._writer
+        borrowed = fd is None  # a descriptor of its own, for a store open read-only
+        if fd is None:
+            try:
+                fd = os.open(self.local_path / _WRITERS, os.O_RDONLY)
+            except FileNotFoundError:  # never opened for writing
+                yield True
+                return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            sole = False
+        else:
+            sole = True
+        try:
+            yield sole
+        finally:
+            # back to what this backend held (a failed conversion may have dropped it)
+            fcntl.flock(fd, fcntl.LOCK_UN if borrowed else fcntl.LOCK_SH)
+            if borrowed:
+                os.close(fd)
 
     def child_groups(self, path: str) -> list[str] | None:
         # zarr's own listing warns about the temporary files of other writers' atomic

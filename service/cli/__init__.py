@@ -6,6 +6,7 @@ module per command group.
 - :mod:`.client`: ``submit``, ``jobs``, ``get`` (against a running service)
 - :mod:`.search`: ``search``, ``classify`` (against a running service)
 - :mod:`.index`: ``index info|rebuild`` (a store's FAISS indexes)
+- :mod:`.check`: ``check`` (store, tables, indexes, catalog and jobs agree; ``--repair``)
 - :mod:`.probe`: ``probe knn|fewshot|linear|seg``, ``export`` (a store's cached features)
 - :mod:`.worker`: ``worker`` (scale-out: run queued jobs)
 - :mod:`.backfill`: ``backfill`` (send a folder of studies, resumable)
@@ -23,7 +24,7 @@ import click
 
 from radcache.embeddings.tuning import settle
 
-from . import backfill, client, embed, index, keys, probe, search, serve, worker
+from . import backfill, check, client, embed, index, keys, probe, search, serve, worker
 
 __all__ = ["main"]
 
@@ -50,6 +51,7 @@ for _command in (
     search.search,
     search.classify,
     index.index,
+    check.check,
     probe.probe,
     probe.export,
     worker.worker,

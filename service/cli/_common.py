@@ -6,16 +6,19 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
-from radcache.embeddings.errors import RadcacheError
+from radcache.embeddings.errors import ConfigError, RadcacheError
 from radcache.embeddings.tuning import reuse_memory
 
 from ..settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from ..jobs import JobStore
 
 __all__ = [
     "API_KEY",
@@ -25,6 +28,7 @@ __all__ = [
     "encoder_options",
     "err",
     "fail",
+    "job_store",
     "need_server",
     "out",
     "service_access",
@@ -47,6 +51,23 @@ def settings(**overrides: Any) -> ServiceSettings:
     if s.reuse_memory:
         reuse_memory()
     return s
+
+
+def job_store(url: str) -> JobStore:
+    """The job database at ``url`` (migrated to the current schema), or one
+    :class:`ConfigError` saying why it cannot be opened."""
+    from sqlalchemy.exc import ArgumentError, OperationalError
+
+    from ..jobs import JobStore
+
+    try:
+        return JobStore(url)
+    except (ArgumentError, OperationalError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise ConfigError(
+            f"the job database cannot be opened ({reason}): expected a reachable "
+            "SQLAlchemy URL in --db or RADCACHE_DB"
+        ) from None
 
 
 def _importable(module: str) -> bool:

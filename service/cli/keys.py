@@ -16,9 +16,9 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from radcache.embeddings.errors import ConfigError, RadcacheError
+from radcache.embeddings.errors import RadcacheError
 
-from ._common import err, fail, out, settings
+from ._common import err, fail, job_store, out, settings
 
 if TYPE_CHECKING:
     from ..keys import KeyInfo, KeyStore
@@ -33,19 +33,9 @@ _DB = click.option(
 @contextlib.contextmanager
 def _store(db: str | None) -> Iterator[KeyStore]:
     """The key store of the job database ``db`` (or RADCACHE_DB), closed afterwards."""
-    from sqlalchemy.exc import ArgumentError, OperationalError
-
-    from ..jobs import JobStore
     from ..keys import KeyStore
 
-    try:
-        jobs = JobStore(settings(db=db).db)
-    except (ArgumentError, OperationalError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise ConfigError(
-            f"the job database cannot be opened ({reason}): expected a reachable "
-            "SQLAlchemy URL in --db or RADCACHE_DB"
-        ) from None
+    jobs = job_store(settings(db=db).db)
     try:
         yield KeyStore(jobs)
     finally:
