@@ -23,7 +23,8 @@ Served by ``python -m radcache.service.cli serve --model dinov2-small-random`` o
 with a fresh SQLite job database, ``RADCACHE_PSEUDONYM_KEY`` set and ``HF_HUB_OFFLINE=1``:
 
 * start-up, process start to ``/readyz`` 200: the first start (entry catalog rebuilt from
-  the store, index built and saved) and a restart (catalog and index loaded);
+  the store, index built and saved) and ``--restarts`` restarts (catalog and index loaded;
+  the median is reported, all are kept);
 * then, on one keep-alive ``http.client`` connection, p50/p99 over ``--requests`` requests
   each of ``GET /v1/studies?limit=50`` (the cursor pages followed from the first page on),
   ``GET /v1/studies/{id}``, ``GET /v1/series/{id}``, ``POST /v1/search`` by series
@@ -31,7 +32,9 @@ with a fresh SQLite job database, ``RADCACHE_PSEUDONYM_KEY`` set and ``HF_HUB_OF
 * the server's peak RSS (``VmHWM``) before it is stopped.
 
 Targets: restart ≤ 5 s at 100k; p50 at the largest size within 1.5× of p50 at the smallest
-and ≤ 20 ms for every read. Writes ``bench/results/scale.json``; the stores are deleted.
+and ≤ 20 ms for every read. Writes ``bench/results/scale.json``; the stores are deleted
+unless ``--keep``. ``--reuse N=DIR`` measures size N again on a kept folder (no write, no
+first start; reads skip the studies an earlier run deleted, and ``--seed`` picks others).
 """
 
 from __future__ import annotations
@@ -309,8 +312,12 @@ def _stats(lat: list[float]) -> dict[str, float]:
     }
 
 
-def measure(port: int, n: int, requests: int) -> dict[str, Any]:
-    """p50/p99 of each endpoint over ``requests`` requests on one keep-alive connection."""
+def measure(
+    port: int, n: int, requests: int, seed: int = 11, reused: bool = False
+) -> dict[str, Any]:
+    """p50/p99 of each endpoint over ``requests`` requests on one keep-alive connection.
+    On a ``reused`` store (an earlier run deleted some studies) the reads skip the series
+    and studies that answer 404."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
 
     def call(method: str, path: str, body: dict[str, Any] | None = None) -> tuple[float, Any]:
@@ -325,7 +332,7 @@ def measure(port: int, n: int, requests: int) -> dict[str, Any]:
             raise RuntimeError(f"{method} {path}: {resp.status} {raw[:500]!r}")
         return dt_, (resp, raw)
 
-    rng = np.random.default_rng(11)
+    rng = np.random.default_rng(seed)
     studies = n // PER_STUDY
     warm = 10
     out: dict[str, Any] = {}
@@ -341,6 +348,8 @@ def measure(port: int, n: int, requests: int) -> dict[str, Any]:
         path = link.split(";")[0].strip("<>") if link else "/v1/studies?limit=50"
     out["list_studies"] = {**_stats(lat[warm:]), "pages_walked": pages}
     picks = rng.integers(0, n, requests + warm)
+    if reused:  # leave out what an earlier run deleted (not timed)
+        picks = np.asarray([i for i in picks if _present(conn, names(int(i))[1])])
     lat = [call("GET", f"/v1/studies/{names(int(i))[1]}")[0] for i in picks]
     out["get_study"] = _stats(lat[warm:])
     lat = [call("GET", f"/v1/series/{names(int(i))[2]}")[0] for i in picks]
@@ -352,7 +361,10 @@ def measure(port: int, n: int, requests: int) -> dict[str, Any]:
         assert len(hits) == 10, raw[:300]
         lat.append(d)
     out["search"] = _stats(lat[warm:])
-    dele = rng.choice(studies, size=min(studies, requests + warm), replace=False)
+    dele = rng.choice(studies, size=min(studies, 3 * (requests + warm)), replace=False)
+    if reused:
+        dele = np.asarray([s for s in dele if _present(conn, names(int(s) * PER_STUDY)[1])])
+    dele = dele[: requests + warm]
     lat = [call("DELETE", f"/v1/studies/{names(int(s) * PER_STUDY)[1]}")[0] for s in dele]
     out["delete_study"] = _stats(lat[warm:])
     gone = names(int(dele[0]) * PER_STUDY)[1]
@@ -365,31 +377,41 @@ def measure(port: int, n: int, requests: int) -> dict[str, Any]:
 
 
 def run_size(n: int, args: argparse.Namespace, tmpl: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    work = Path(tempfile.mkdtemp(prefix=f"rcscale-{n}-", dir=args.workdir))
+    reuse = dict(args.reuse).get(n)
+    work = reuse or Path(tempfile.mkdtemp(prefix=f"rcscale-{n}-", dir=args.workdir))
     try:
         store = work / "store.zarr"
-        how = "bulk table" if args.bulk_table else "per-entry table rows"
-        print(f"[{n}] writing {n} series × {SLICES} slices, {args.writers} writers, {how} …")
-        w = write_store(store, n, args.writers, args.bulk_table, tmpl)
-        wsec = w["entries_s"] + w["table_s"]
-        size_mb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
         res: dict[str, Any] = {
             "series": n,
             "studies": -(-n // PER_STUDY),
             "slice_vectors": n * SLICES,
-            "write": {**w, "total_s": wsec, "entries_per_s": n / wsec, "how": how},
-            "store_mb": size_mb,
         }
-        print(f"[{n}] written in {wsec:.1f} s ({n / wsec:.0f}/s, {size_mb:.0f} MB)", flush=True)
-        first = Server(store, work, "first")
-        res["first_start_s"] = first.ready_s
-        res["first_start_peak_rss_mb"] = first.stop()
-        print(f"[{n}] first start {first.ready_s:.2f} s", flush=True)
+        if reuse is None:
+            how = "bulk table" if args.bulk_table else "per-entry table rows"
+            print(f"[{n}] writing {n} series × {SLICES} slices, {args.writers} writers, {how} …")
+            w = write_store(store, n, args.writers, args.bulk_table, tmpl)
+            wsec = w["entries_s"] + w["table_s"]
+            size_mb = sum(f.stat().st_size for f in store.rglob("*") if f.is_file()) / 2**20
+            res["write"] = {**w, "total_s": wsec, "entries_per_s": n / wsec, "how": how}
+            res["store_mb"] = size_mb
+            print(f"[{n}] written in {wsec:.1f} s ({n / wsec:.0f}/s, {size_mb:.0f} MB)", flush=True)
+            first = Server(store, work, "first")
+            res["first_start_s"] = first.ready_s
+            res["first_start_peak_rss_mb"] = first.stop()
+            print(f"[{n}] first start {first.ready_s:.2f} s", flush=True)
+        else:
+            res["reused"] = str(reuse)
+            print(f"[{n}] written in 0 s: reusing {reuse}", flush=True)
+        times = []
+        for k in range(args.restarts - 1):
+            times.append(Server(store, work, f"restart{k}"))
+            times[-1].stop()
         srv = Server(store, work, "restart")
-        res["restart_s"] = srv.ready_s
-        print(f"[{n}] restart {srv.ready_s:.2f} s; measuring …", flush=True)
+        res["restarts_s"] = [t.ready_s for t in times] + [srv.ready_s]
+        res["restart_s"] = float(np.median(res["restarts_s"]))
+        print(f"[{n}] restart {res['restart_s']:.2f} s (median of {args.restarts}); measuring …")
         try:
-            res["endpoints"] = measure(srv.port, n, args.requests)
+            res["endpoints"] = measure(srv.port, n, args.requests, args.seed, reuse is not None)
         finally:
             res["peak_rss_mb"] = srv.stop()
         for ep in ENDPOINTS:
@@ -398,7 +420,7 @@ def run_size(n: int, args: argparse.Namespace, tmpl: dict[str, dict[str, Any]]) 
         print(f"[{n}] peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
         return res
     finally:
-        if args.keep:
+        if args.keep or reuse is not None:
             print(f"[{n}] kept {work}", flush=True)
         else:
             shutil.rmtree(work, ignore_errors=True)
@@ -420,6 +442,18 @@ def verdict(sizes: dict[int, dict[str, Any]]) -> dict[str, Any]:
     return v
 
 
+def _size_dir(text: str) -> tuple[int, Path]:
+    n, _, where = text.partition("=")
+    return int(n), Path(where)
+
+
+def _present(conn: http.client.HTTPConnection, study: str) -> bool:
+    conn.request("GET", f"/v1/studies/{study}")
+    resp = conn.getresponse()
+    resp.read()
+    return resp.status == 200
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000])
@@ -438,6 +472,17 @@ def main() -> None:
         action="store_true",
         help="keep each size's store and job database (for profiling a server against it)",
     )
+    ap.add_argument(
+        "--reuse",
+        type=_size_dir,
+        action="append",
+        default=[],
+        metavar="N=DIR",
+        help="measure size N on a folder an earlier --keep run kept (no write, no first "
+        "start; studies it deleted are skipped)",
+    )
+    ap.add_argument("--restarts", type=int, default=3, help="restarts timed (median reported)")
+    ap.add_argument("--seed", type=int, default=11, help="which studies are read and deleted")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "scale.json")
     args = ap.parse_args()
     cpu = next(
