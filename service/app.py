@@ -8,6 +8,7 @@ after checking the model can be loaded) and live in ``app.state``; routes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -34,7 +35,7 @@ from .deps import Resources
 from .entry_catalog import EntryCatalog
 from .jobs import JobStore
 from .keys import KeyStore
-from .limits import BodyIdleTimeout
+from .limits import BodyIdleTimeout, JsonBodyLimit
 from .metrics import Metrics
 from .queue import RedisQueue
 from .routes import ROUTERS
@@ -42,6 +43,9 @@ from .settings import ServiceSettings, get_settings
 from .worker import IndexKeeper, Worker
 
 __all__ = ["build_resources", "create_app"]
+
+#: The access log, written by :class:`_CountRequests` (uvicorn's format: see .cli.serve).
+_access = logging.getLogger("radcache.access")
 
 
 def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -> Resources:
@@ -66,9 +70,11 @@ def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -
     keeper = IndexKeeper(
         indexes,
         settings.index_refresh_s,
+        settings.index_save_s,
         catalog=catalog,
         compact_after=settings.compact_after_s,
         compact_share=settings.compact_share,
+        erase_after=settings.erase_after_s,
         retention=settings.job_retention_days * 86400,
         quarantine=settings.quarantine_dir,
     )
@@ -103,7 +109,8 @@ def _stop(res: Resources) -> None:
 
 
 def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
-    """Put models that routes read by hand (JSON or multipart) into the OpenAPI schemas."""
+    """Put models that routes read by hand (JSON or multipart) into the OpenAPI schemas,
+    and the problems every operation can answer into its responses."""
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -114,6 +121,7 @@ def _document_models(app: FastAPI, *models: type[BaseModel]) -> None:
                 js = m.model_json_schema(ref_template="#/components/schemas/{model}")
                 schemas.update(js.pop("$defs", {}))
                 schemas[m.__name__] = js
+            problems.document(schema)
         return app.openapi_schema or build()
 
     app.openapi = openapi  # type: ignore[method-assign]
@@ -155,6 +163,7 @@ def create_app(
         app.include_router(router)
 
     s = settings or (resources.settings if resources is not None else get_settings())
+    app.add_middleware(JsonBodyLimit, max_bytes=s.max_json_bytes)  # inside CORS: its headers
     if s.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -170,7 +179,12 @@ def create_app(
 
 
 class _CountRequests:
-    """Counts answered requests by method, route and status (plain ASGI: no body copies)."""
+    """Counts answered requests by method, route and status (plain ASGI: no body copies),
+    and writes the access log line (uvicorn's own is off: see :mod:`.cli.serve`).
+
+    The line names the route's template (``DELETE /v1/studies/{study}``), never the path
+    or query string: paths carry pseudonyms, job ids and DICOM UIDs, query strings carry
+    filters, and a log outlives a consent deletion."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -189,7 +203,12 @@ class _CountRequests:
         try:
             await self.app(scope, receive, sending)
         finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
             res: Resources | None = getattr(scope["app"].state, "resources", None)
             if res is not None:
-                path = getattr(scope.get("route"), "path", "unmatched")
                 res.metrics.requests.labels(scope["method"], path, str(status[0])).inc()
+            peer = scope.get("client")
+            client = f"{peer[0]}:{peer[1]}" if peer else "-"
+            version = scope.get("http_version", "1.1")
+            line = '%s - "%s %s HTTP/%s" %d'
+            _access.info(line, client, scope["method"], path, version, status[0])

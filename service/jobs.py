@@ -7,7 +7,11 @@ start together. A job is written ``queued`` before the upload is acknowledged, s
 loses nothing that was accepted. ``entries`` records, once per content key (a unique
 primary key), which job first stored each entry. A finished job's row and report (which
 names the files the client uploaded) are kept only until :meth:`JobStore.purge` deletes it;
-its ``entries`` rows stay.
+its ``entries`` rows stay. An *erasure* job (``options.kind`` ``erase``) stands for the
+background part of a consent deletion (:mod:`.erasure`); no embedding worker runs it.
+
+On SQLite, deleted rows are overwritten with zeros at once (``secure_delete``), so that
+what a deletion removes is not left in the database file's free pages.
 """
 
 from __future__ import annotations
@@ -16,21 +20,36 @@ import contextlib
 import datetime as dt
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
-from sqlalchemy import JSON, DateTime, Integer, String, create_engine, delete, select
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Integer,
+    String,
+    Text,
+    cast,
+    create_engine,
+    delete,
+    event,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
-__all__ = ["EntryRow", "JobRow", "JobState", "JobStore"]
+__all__ = ["EntryRow", "JobKind", "JobRow", "JobState", "JobStore", "kind_of"]
 
 #: ``dead``: failed on every delivery the queue allowed (scale-out), kept for inspection.
 JobState = Literal["queued", "running", "done", "partially_failed", "failed", "dead"]
 FINISHED: tuple[JobState, ...] = ("done", "partially_failed", "failed", "dead")
+#: What a job does: embed an upload, or finish erasing a deleted study.
+JobKind = Literal["embed", "erase"]
 
 
 def _now() -> dt.datetime:
@@ -60,6 +79,11 @@ class JobRow(Base):
     tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
 
 
+def kind_of(row: JobRow) -> JobKind:
+    """What ``row`` does (``embed`` unless its options say ``erase``)."""
+    return "erase" if (row.options or {}).get("kind") == "erase" else "embed"
+
+
 class EntryRow(Base):
     __tablename__ = "entries"
 
@@ -80,6 +104,8 @@ class JobStore:
         self.sqlite = url.startswith("sqlite")
         args = {"check_same_thread": False} if self.sqlite else {}
         self.engine = create_engine(url, connect_args=args, pool_pre_ping=True)
+        if self.sqlite:
+            event.listen(self.engine, "connect", _secure_delete)
         upgrade(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         # SQLite has one writer at a time; PostgreSQL takes concurrent sessions.
@@ -139,15 +165,15 @@ class JobStore:
         with self._session() as s:
             return list(s.scalars(q.order_by(JobRow.created.desc()).limit(limit)))
 
-    def unfinished(self) -> list[JobRow]:
-        """Jobs a restart must pick up again, oldest first."""
+    def unfinished(self, kind: JobKind = "embed") -> list[JobRow]:
+        """Jobs of ``kind`` a restart must pick up again, oldest first."""
         with self._session() as s:
             q = (
                 select(JobRow)
                 .where(JobRow.state.in_(("queued", "running")))
                 .order_by(JobRow.created)
             )
-            return list(s.scalars(q))
+            return [r for r in s.scalars(q) if kind_of(r) == kind]
 
     def finished_among(self, ids: Collection[str]) -> list[JobRow]:
         """The jobs of ``ids`` that have finished (a process watching the jobs it queued)."""
@@ -218,6 +244,34 @@ class JobStore:
     ) -> None:
         self.update(job_id, state=state, finished=_now(), report=report, failure=failure)
 
+    def redact(self, tenant: str, names: Collection[str]) -> int:
+        """Take every item that mentions one of ``names`` (a deleted study's pseudonyms and
+        entry keys) out of ``tenant``'s job reports; returns how many jobs changed."""
+        wanted = {n for n in names if n}
+        if not wanted:
+            return 0
+        changed = 0
+        text = cast(JobRow.report, Text)
+        q = select(JobRow).where(JobRow.tenant == tenant, or_(*(text.contains(n) for n in wanted)))
+        with self._session() as s:
+            for row in s.scalars(q):
+                if row.report is None:
+                    continue
+                report = _without(row.report, wanted)
+                if report != row.report:
+                    row.report = report
+                    changed += 1
+        return changed
+
+    def rename_entries(self, names: Mapping[str, tuple[str, str]]) -> None:
+        """Note the study and series that now name entries (key → (study, series)) whose
+        first study was deleted while another kept them."""
+        with self._session() as s:
+            for key, (study, series) in names.items():
+                s.execute(
+                    update(EntryRow).where(EntryRow.key == key).values(study=study, series=series)
+                )
+
     def purge(self, older_than: dt.timedelta) -> int:
         """Delete the jobs (their reports, failures and options) that finished more than
         ``older_than`` ago; the entries they stored stay noted. Returns how many went."""
@@ -225,3 +279,32 @@ class JobStore:
         stmt = delete(JobRow).where(JobRow.state.in_(FINISHED), JobRow.finished < cutoff)
         with self._session() as s:
             return len(s.execute(stmt.returning(JobRow.id)).all())
+
+
+def _secure_delete(conn: Any, _record: Any) -> None:
+    """SQLite overwrites deleted content with zeros (PRAGMA secure_delete)."""
+    cur = conn.cursor()
+    cur.execute("PRAGMA secure_delete = ON")
+    cur.close()
+
+
+def _without(value: Any, names: set[str]) -> Any:
+    """``value`` (a JSON report) with every list item that mentions one of ``names``
+    dropped, and every other string that mentions one blanked."""
+    if isinstance(value, dict):
+        return {k: _without(v, names) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without(v, names) for v in value if not _mentions(v, names)]
+    if isinstance(value, str) and _mentions(value, names):
+        return ""
+    return value
+
+
+def _mentions(value: Any, names: set[str]) -> bool:
+    if isinstance(value, str):
+        return any(n in value for n in names)
+    if isinstance(value, dict):
+        return any(_mentions(v, names) for v in value.values())
+    if isinstance(value, list):
+        return any(_mentions(v, names) for v in value)
+    return False

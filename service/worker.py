@@ -1,7 +1,7 @@
 """Background threads: the embedded worker, which runs queued jobs through the pipeline,
 and the index keeper, which keeps the search indexes and the entry catalog in step with
-the store, compacts its tables and deletes finished jobs (and quarantined uploads) once
-their retention period is over.
+the store, compacts its tables, finishes consent deletions (:mod:`.erasure`) and deletes
+finished jobs (and quarantined uploads) once their retention period is over.
 
 HTTP stays responsive while a study embeds: handlers only write the upload and a job row
 and put the job id on a bounded queue. :func:`~.runner.run_job` is the job itself, the
@@ -40,6 +40,11 @@ COMPACT_SHARE = 0.1
 JOB_RETENTION_S = 7 * 86400.0
 #: How often the index keeper looks for jobs past their retention.
 PURGE_EVERY_S = 600.0
+#: An erasure pass starts once no deletion came for ``erase_after`` seconds (a burst of
+#: deletions shares one pass), and at the latest this long after the first one waiting.
+ERASE_WITHIN_S = 60.0
+#: How often the keeper looks for erasures queued by other processes (or before a restart).
+ERASE_POLL_S = 30.0
 
 
 class Worker:
@@ -133,6 +138,10 @@ class IndexKeeper:
     And, on another thread, every ``purge_every`` seconds, it deletes the jobs of the
     catalog's job database that finished more than ``retention`` seconds ago (their reports
     name the client's files) and the uploads quarantined as long ago.
+
+    And, on a third, it finishes consent deletions (:meth:`erase`): ``erase_after`` seconds
+    after the last of a burst of deletions (:meth:`erase_soon`), at start, and whenever
+    it finds erasure jobs that another process queued.
     """
 
     def __init__(
@@ -147,6 +156,7 @@ class IndexKeeper:
         retention: float = JOB_RETENTION_S,
         quarantine: Path | None = None,
         purge_every: float = PURGE_EVERY_S,
+        erase_after: float = 5.0,
     ) -> None:
         self.indexes = indexes
         self.catalog = catalog
@@ -157,13 +167,16 @@ class IndexKeeper:
         self.retention = retention
         self.quarantine = quarantine
         self.purge_every = purge_every
+        self.erase_after = erase_after
         self._saved = time.monotonic()
+        self._erase_wanted = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="radcache-index", daemon=True)
         self._compactor = threading.Thread(
             target=self._compact_loop, name="radcache-compact", daemon=True
         )
         self._purger = threading.Thread(target=self._purge_loop, name="radcache-purge", daemon=True)
+        self._eraser = threading.Thread(target=self._erase_loop, name="radcache-erase", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -171,10 +184,13 @@ class IndexKeeper:
             self._compactor.start()
         if self.catalog is not None or self.quarantine is not None:
             self._purger.start()
+        if self.catalog is not None:
+            self._eraser.start()
 
     def stop(self) -> None:
         self._stop.set()
-        for t in (self._thread, self._compactor, self._purger):
+        self._erase_wanted.set()
+        for t in (self._thread, self._compactor, self._purger, self._eraser):
             if t.is_alive():
                 t.join(timeout=30)
         self.indexes.save()
@@ -240,6 +256,53 @@ class IndexKeeper:
                 self.compact()
             except Exception:  # tried again at the next round
                 log.exception("table compaction failed")
+
+    def erase_soon(self) -> None:
+        """A deletion queued an erasure job: run a pass once the burst is over."""
+        self._erase_wanted.set()
+
+    def erase(self) -> int:
+        """Finish every pending consent deletion: compact the tables holding tombstones
+        (their rows' keys and vectors leave the table files), absorb that, save the indexes
+        and delete every earlier saved version (:meth:`IndexSet.save` with ``purge``), then
+        mark the erasure jobs done. Returns how many finished."""
+        if self.catalog is None:
+            return 0
+        jobs = self.catalog.jobs
+        pending = [r for r in jobs.unfinished("erase") if jobs.start(r.id) is not None]
+        if not pending:
+            return 0
+        store = self.indexes.store
+        if not store.read_only:
+            for space in store.spaces():
+                if int(store.table_meta(space).get("deleted", 0)):
+                    store.compact(space)
+        self.refresh()
+        self.indexes.save(purge=True)
+        self._saved = time.monotonic()
+        for row in pending:
+            jobs.finish(row.id, "done", None)
+        log.info("erasure: %d deletion(s) finished", len(pending))
+        return len(pending)
+
+    def _erase_loop(self) -> None:
+        first = True
+        while not self._stop.is_set():
+            woke = first or self._erase_wanted.wait(ERASE_POLL_S)
+            first = False
+            if self._stop.is_set():
+                return
+            if woke:
+                until = time.monotonic() + ERASE_WITHIN_S
+                self._erase_wanted.clear()
+                while time.monotonic() < until and self._erase_wanted.wait(self.erase_after):
+                    if self._stop.is_set():
+                        return
+                    self._erase_wanted.clear()  # another deletion: wait for the burst's end
+            try:
+                self.erase()
+            except Exception:  # tried again at the next round
+                log.exception("erasure pass failed")
 
     def purge(self) -> tuple[int, int]:
         """Delete the jobs and the quarantined uploads past their retention; returns how

@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -24,7 +25,13 @@ def free_port() -> int:
 
 def start(root: Path, command: str, *args: str, log: str, **env: str) -> subprocess.Popen[bytes]:
     """A `radcache` process (random tiny model, store under ``root``) logging to ``log``."""
-    full_env = {**os.environ, "RADCACHE_PSEUDONYM_KEY": TEST_SECRET, "HF_HUB_OFFLINE": "1", **env}
+    full_env = {
+        **os.environ,
+        "RADCACHE_PSEUDONYM_KEY": TEST_SECRET,
+        "HF_HUB_OFFLINE": "1",
+        "RADCACHE_ERASE_AFTER_S": "0.2",  # erasures finish soon after a deletion
+        **env,
+    }
     cmd = [*RADCACHE, command, "--model", "dinov2-tiny-random", "--store", str(root / "s.zarr")]
     with (root / log).open("a") as out:
         return subprocess.Popen(
@@ -65,3 +72,14 @@ def running_server(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def finished(http: httpx.Client, location: str, timeout: float = 120) -> dict[str, Any]:
+    """The job at ``location`` (``/v1/jobs/<id>``) once it is no longer queued or running."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        job: dict[str, Any] = http.get(location).json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise AssertionError(f"job {location} did not finish in {timeout} s")

@@ -45,7 +45,9 @@ def test_client_round_trip(server: tuple[str, Path], tmp_path: Path) -> None:
         with pytest.raises(RadcacheAPIError) as exc:
             rc.job("nope")
         assert exc.value.code == "not-found" and exc.value.status == 404
-        rc.delete(job.series[0].study)
+        erased = rc.delete(job.series[0].study, wait=True)
+        assert erased is not None and erased.kind == "erase" and erased.state == "done"
+        assert rc.delete(job.series[0].study) is None  # nothing names it any more
         with pytest.raises(RadcacheAPIError, match="not-found"):
             rc.series(entry)
 

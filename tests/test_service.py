@@ -363,7 +363,9 @@ def test_studies_listing_and_consent_withdrawal(client: TestClient, tmp_path: Pa
     assert set(studies) == {sa["study"], sb["study"]}
     assert studies[sb["study"]]["modalities"] == ["MR"]
     assert client.get(f"/v1/studies/{sa['study']}").json()["series"][0]["slices"] == 3
-    assert client.delete(f"/v1/studies/{sa['study']}").status_code == 204
+    gone = client.delete(f"/v1/studies/{sa['study']}")
+    assert gone.status_code == 202 and gone.json()["kind"] == "erase"
+    assert gone.headers["location"] == f"/v1/jobs/{gone.json()['id']}"
     assert client.delete(f"/v1/studies/{sa['study']}").status_code == 204  # idempotent
     assert client.get(f"/v1/studies/{sa['study']}").status_code == 404
     assert client.get(f"/v1/series/{sa['series']}").status_code == 404
@@ -503,7 +505,7 @@ def test_deleting_while_the_index_refreshes_drops_nothing_else(client: TestClien
     t.start()
     try:
         for s in range(0, 12, 3):
-            assert client.delete(f"/v1/studies/study{s}").status_code == 204
+            assert client.delete(f"/v1/studies/study{s}").status_code == 202
             assert f"study{s}" not in _study_pages(client, "/v1/studies?limit=5")[0][0]
     finally:
         stop.set()

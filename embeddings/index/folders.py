@@ -34,6 +34,7 @@ __all__ = [
     "current",
     "finish",
     "open_current",
+    "prune",
 ]
 
 KEEP_VERSIONS = 1
@@ -101,6 +102,16 @@ def finish(
                 os.utime(path / before)  # its mtime now says when it stopped being current
         _clean(path, name, keep, grace)
     return path / name
+
+
+def prune(path: Path) -> None:
+    """Delete every version but the current one now, whatever ``keep`` and ``grace``
+    would allow (after a consent deletion, no earlier version may hold what it removed).
+    Readers that opened an earlier version keep reading what they opened."""
+    if not (path / POINTER).exists():
+        return
+    with _locked(path, fcntl.LOCK_EX):
+        _clean(path, current(path), 0, 0.0)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ from ..errors import NotFoundError, SearchIndexError
 from ..store import EmbeddingStore, Table
 from ._vectors import LEVELS, Level, normalise
 from .catalog import Catalog, Record
-from .folders import GRACE_SECONDS, KEEP_VERSIONS, POINTER
+from .folders import GRACE_SECONDS, KEEP_VERSIONS, POINTER, prune
 from .level import LevelIndex
 from .space import SpaceIndex
 
@@ -95,8 +95,9 @@ class IndexSet:
                 with self.lock:
                     self.spaces[space] = si
 
-    def refresh(self) -> list[str]:
-        """Bring every space up to date with the store; returns the spaces that changed.
+    def refresh(self, spaces: Iterable[str] | None = None) -> list[str]:
+        """Bring every space (or only ``spaces``) up to date with the store; returns the
+        spaces that changed.
 
         Rows appended to a table since the last refresh are added and rows tombstoned since
         are removed (reading only those rows); a table whose rows were renumbered (a
@@ -105,12 +106,16 @@ class IndexSet:
         tombstones) is rebuilt.
         """
         changed = []
+        wanted = None if spaces is None else set(spaces)
         with self.lock:
             for space in self.store.spaces():
+                if wanted is not None and space not in wanted:
+                    continue
                 if self._refresh_space(space):
                     changed.append(space)
                     self._dirty.add(space)
-            for space in set(self.spaces) - set(self.store.spaces()):
+            gone = set(self.spaces) - set(self.store.spaces())
+            for space in gone if wanted is None else gone & wanted:
                 del self.spaces[space]
                 shutil.rmtree(self.path(space), ignore_errors=True)
         return changed
@@ -298,24 +303,39 @@ class IndexSet:
         self.save()
         return names
 
-    def save(self) -> dict[str, Path]:
+    def save(self, *, purge: bool = False) -> dict[str, Path]:
         """Write the spaces changed since the last save; returns the version folder written
         for each. Searches go on meanwhile (see the module docstring); the folders are safe
-        to share with other processes (:mod:`.folders`)."""
+        to share with other processes (:mod:`.folders`).
+
+        ``purge`` (after a consent deletion): first rebuild the spaces whose index keeps
+        deleted vectors as tombstones (types FAISS cannot remove from, such as HNSW), and
+        then delete every earlier saved version of every space at once, so that no index
+        file holds what was deleted."""
+        if purge:
+            with self.lock:
+                kept = [s for s, si in self.spaces.items() if si.tombstones()]
+            for space in kept:
+                self._build(space, again=True)
+                with self.lock:
+                    self._refresh_space(space)
         with self._saving:
             with self.lock:
                 todo = {s: self.spaces[s] for s in sorted(self._dirty) if s in self.spaces}
                 self._dirty.clear()
+                every = list(self.spaces)
             written: dict[str, Path] = {}
             try:
                 for space, si in todo.items():
-                    written[space] = si.save(
-                        self.path(space), keep=self.keep_versions, grace=self.version_grace
-                    )
+                    keep, grace = (0, 0.0) if purge else (self.keep_versions, self.version_grace)
+                    written[space] = si.save(self.path(space), keep=keep, grace=grace)
             except BaseException:
                 with self.lock:
                     self._dirty.update(s for s in todo if s not in written)
                 raise
+            if purge:
+                for space in every:
+                    prune(self.path(space))
             return written
 
     def touch(self, keys: Iterable[str]) -> None:

@@ -160,6 +160,10 @@ class SpaceIndex:
                     n += 1
         return n
 
+    def tombstones(self) -> int:
+        """Removed vectors still inside a level's FAISS data (types that cannot remove)."""
+        return sum(li.tombstones for li in self.levels.values())
+
     def holds(self, tenant: str) -> bool:
         """Whether ``tenant`` has live entries here."""
         return self.catalog.count("tenant", tenant) > 0

@@ -3,6 +3,8 @@ worker` processes with --queue). Its --help lists every setting and its variable
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from radcache.embeddings.errors import RadcacheError
@@ -130,5 +132,24 @@ def serve(
         host=s.host,
         port=s.port,
         log_level="info",
+        access_log=False,  # the app writes it, naming routes rather than paths (app.py)
+        log_config=log_config(),
         **uvicorn_limits(s),  # request head size and time, keep-alive, connections
     )
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up, plus radcache's loggers: its own lines (INFO and up) as
+    uvicorn's, and the app's access log (:mod:`..app`) in uvicorn's access format."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    cfg = copy.deepcopy(LOGGING_CONFIG)
+    cfg["loggers"]["radcache"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    cfg["loggers"]["radcache.access"] = {
+        "handlers": ["access"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return cfg

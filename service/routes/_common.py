@@ -4,6 +4,7 @@ entries and studies."""
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
@@ -13,7 +14,7 @@ from radcache.embeddings import EntryInfo
 
 from ..deps import Resources
 from ..entry_catalog import EntryCatalog
-from ..jobs import JobRow
+from ..jobs import JobRow, kind_of
 from ..problems import PROBLEM
 
 __all__ = [
@@ -61,15 +62,22 @@ def _submit_query(
 SubmitQuery = Annotated[dict[str, Any], Depends(_submit_query)]
 
 
+def _utc(t: dt.datetime | None) -> dt.datetime | None:
+    """A job database time as aware UTC: SQLite gives back naive times (written UTC), and
+    a time on the wire carries its offset (RFC 3339)."""
+    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
+
+
 def job_out(row: JobRow) -> JobOut:
     report = row.report or {}
     return JobOut.model_validate(
         {
             "id": row.id,
+            "kind": kind_of(row),
             "state": row.state,
-            "created": row.created,
-            "started": row.started,
-            "finished": row.finished,
+            "created": _utc(row.created),
+            "started": _utc(row.started),
+            "finished": _utc(row.finished),
             "failure": row.failure,
             "progress": {"done": row.slices_done, "total": row.slices_total},
             "series": report.get("series", []),

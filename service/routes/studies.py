@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
@@ -13,15 +13,39 @@ from radcache.embeddings.errors import InvalidFieldError, NotFoundError
 
 from ..auth import Admin, Read, Submit
 from ..deps import ResourcesDep
+from ..erasure import delete_study as erase
 from ..intake import accept, receiving
-from ..options import job_options, parse_submit_options
-from ..uploads import save_upload
+from ..options import job_options, parse_submit_options, refuse_query_refs
+from ..uploads import BODY_TYPES, save_upload
 from ._common import ERRORS, SubmitQuery, catalog, job_out, study_out
 
 __all__ = ["router"]
 
 router = APIRouter()
 _FORM_FIELDS = tuple(SubmitOptions.model_fields)
+_BINARY = {"type": "string", "format": "binary"}
+# The route reads its body itself (streamed to disk): what it takes, for the OpenAPI.
+_SUBMIT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": _BINARY},
+                        **{
+                            name: {"type": "string", "description": field.description or name}
+                            for name, field in SubmitOptions.model_fields.items()
+                        },
+                    },
+                    "required": ["files"],
+                }
+            },
+            **{ctype: {"schema": _BINARY} for ctype in BODY_TYPES},
+        },
+    }
+}
 
 
 @router.post(
@@ -29,6 +53,7 @@ _FORM_FIELDS = tuple(SubmitOptions.model_fields)
     status_code=202,
     response_model=JobOut,
     responses={200: {"model": JobOut, "description": "every series was already cached"}, **ERRORS},
+    openapi_extra=_SUBMIT_BODY,
     summary="Submit a study (DICOM files, zips, NIfTI) for embedding",
 )
 async def submit_study(
@@ -38,11 +63,22 @@ async def submit_study(
     ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON), ``labels`` (a JSON
     object recorded with every series), ``collection``, ``sequences`` and ``fusion``) or as
     one body (``application/zip``, ``application/dicom``, NIfTI) with the options as query
-    parameters (:class:`SubmitOptions`; a query parameter wins over a form field)."""
+    parameters (:class:`SubmitOptions`; a query parameter wins over a form field).
+
+    ``patient`` and ``study`` name the patient and study of NIfTI, NRRD and MetaImage files
+    (stored as keyed pseudonyms, as a DICOM file's PatientID and StudyInstanceUID are);
+    they are taken as form fields only (a URL's query string ends up in proxy logs), and an
+    upload that holds a DICOM file with them is refused (422 ``invalid-request``): DICOM
+    files are named by their own headers. The answer names the study each series was
+    sent under, also when its pixels are stored already under another study."""
+    refuse_query_refs(request.query_params)
     async with receiving(res) as dest:
         fields = await save_upload(request, dest, res.settings.max_upload_bytes, _FORM_FIELDS)
         options = job_options(
-            parse_submit_options({**fields, **query}), res.encoder.cfg, who.tenant
+            parse_submit_options({**fields, **query}),
+            res.encoder.cfg,
+            who.tenant,
+            res.pipeline.pseudonymizer,
         )
     taken = await run_in_threadpool(accept, res, dest, options)
     body = job_out(taken.job).model_dump(mode="json")
@@ -99,23 +135,21 @@ def get_study(study: str, res: ResourcesDep, who: Read) -> StudyOut:
 
 @router.delete(
     "/v1/studies/{study}",
-    status_code=204,
-    responses=ERRORS,
-    summary="Delete a study's embeddings and metadata (consent withdrawal); idempotent",
+    status_code=202,
+    response_model=JobOut,
+    responses={204: {"description": "nothing names the study (already deleted)"}, **ERRORS},
+    summary="Delete a study (consent withdrawal); idempotent",
 )
 def delete_study(study: str, res: ResourcesDep, who: Admin) -> Response:
-    """The study's entries are found in the catalog (and the index), removed from the
-    store (their table rows tombstoned) and from the catalog; its vectors leave the index
-    before this answers. Content another study of the tenant also sent stays, named by
-    that study; other tenants' entries are never touched (they are entries of their own)."""
-    cat = catalog(res)
-    named = set(cat.study_keys(study, who.tenant)) | set(
-        res.indexes.study_entries(study, who.tenant)
-    )
-    gone = set(res.store.delete_study(study, keys=named))
-    cat.forget(gone)
-    kept = sorted(named - gone)
-    cat.record(res.store, kept)  # kept by another study: now named by it
-    res.keeper.refresh()  # its vectors leave the index before this answers
-    res.keeper.touch(kept)
-    return Response(status_code=204)
+    """Before this answers, the study is gone from every answer and from search: its
+    entries are removed from the store (their table rows tombstoned), the catalog, the
+    tenant's job reports and the index in memory. The answer is an erasure job
+    (``Location``); once it is ``done``, no byte of the store, the index files or the job
+    database names the study or holds its vectors. Content another study of the tenant
+    also sent stays, named by that study only; other tenants' entries are never touched
+    (they are entries of their own). 204 when nothing names the study."""
+    job = erase(res, catalog(res), study, who.tenant)
+    if job is None:
+        return Response(status_code=204)
+    body = job_out(job).model_dump(mode="json")
+    return JSONResponse(body, status_code=202, headers={"Location": f"/v1/jobs/{job.id}"})
