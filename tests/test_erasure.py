@@ -2,12 +2,13 @@
 
 One real `radcache serve` receives two patients' studies whose files carry distinctive
 values in every identifying attribute, the descriptions, a private tag and the file
-names, plus uploads that fail (a cut file, a malformed header value). Study A is then
-deleted and its erasure job waited for, and the server stopped. Every byte under the
-server's folder (store — each Zarr array decoded —, job database, index files, uploads,
-temporary files, its log) is scanned: no identifying value anywhere, and nothing that
-names study A or holds its vectors, while study B's do show up where they belong (the
-scan can find what it looks for).
+names, plus uploads that fail (a cut file, a malformed header value) and a copy of B's
+pixels sent as another study (stored as a second name of B's entry). Study A and the copy
+are then deleted, their erasure jobs waited for, and the server stopped. Every byte under
+the server's folder (store — each Zarr array decoded —, job database, index files,
+uploads, temporary files, its log) is scanned: no identifying value anywhere, nothing
+that names study A or the copy or holds A's vectors, while study B's names and vectors do
+show up where they belong (the scan can find what it looks for).
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ def _npy(c: httpx.Client, series: str, kind: str) -> np.ndarray:
 class Erased:
     hay: list[tuple[str, bytes]]  # every file of the server's folder, every array decoded
     needles: set[str]  # identifying values of both patients
-    a_names: set[str]  # study A's pseudonyms and entry key
+    a_names: set[str]  # the deleted studies' pseudonyms (A's and the copy's), A's entry key
     b_names: set[str]  # study B's
     a_vectors: list[np.ndarray]  # study A's CLS rows and pooled vector, as stored
     b_vectors: list[np.ndarray]
@@ -153,6 +154,7 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
     b = _identified(inputs / "b", "b", seed=2)
     broken = _identified(inputs / "broken", "b", seed=3)  # patient B again, failing
     broken.files[0].write_bytes(broken.files[0].read_bytes()[:600])  # cut short
+    copy = _identified(inputs / "copy", "a", seed=2)  # B's pixels, sent as a study of A's
     malformed = _identified(inputs / "malformed", "b", seed=4)
     _corrupt(malformed, "SliceThickness")  # a header value that is not a number
     # every index change saved at once: a saved version holds study A before its deletion
@@ -163,14 +165,16 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
     }
     with running_server(root, **env) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         done = {}
-        for name, gen in (("a", a), ("b", b), ("broken", broken), ("malformed", malformed)):
+        sent = (("a", a), ("b", b), ("copy", copy), ("broken", broken), ("malformed", malformed))
+        for name, gen in sent:
             r = c.post("/v1/studies", files=_files(gen.files))
             assert r.status_code == 202, r.text
             done[name] = _wait(c, r.headers["location"])
         assert done["a"]["state"] == done["b"]["state"] == "done"
         assert done["broken"]["state"] == "partially_failed" and done["broken"]["errors"]
         assert done["malformed"]["state"] == "failed"
-        sa, sb = done["a"]["series"][0], done["b"]["series"][0]
+        sa, sb, sc = (done[k]["series"][0] for k in ("a", "b", "copy"))
+        assert sc["entry"] == sb["entry"] and sc["study"] != sb["study"]  # one entry, two names
         vectors = {
             who: [*_npy(c, s["series"], "cls"), _npy(c, s["series"], "pooled")]
             for who, s in (("a", sa), ("b", sb))
@@ -180,7 +184,10 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         a_patient = str(entry.attrs["volume"]["patient"])
         r = c.delete(f"/v1/studies/{sa['study']}")
         assert r.status_code == 202, r.text
+        r2 = c.delete(f"/v1/studies/{sc['study']}")  # the copy goes, B's entry stays
+        assert r2.status_code == 202, r2.text
         erasure = _wait(c, r.headers["location"])
+        assert _wait(c, r2.headers["location"])["state"] == "done"
         survivor = c.get(f"/v1/studies/{sb['study']}").json()
         assert c.get(f"/v1/studies/{sa['study']}").status_code == 404
     # The client's file names stay in its job reports until their retention ends: end it.
@@ -191,8 +198,11 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         jobs.close()
     return Erased(
         list(_haystacks(root)),
-        _needles(a, "a") | _needles(b, "b") | _needles(broken, "b") | _needles(malformed, "b"),
-        {sa["study"], sa["series"], sa["entry"], a_patient},
+        set().union(
+            *(_needles(g, w) for g, w in ((a, "a"), (b, "b"), (copy, "a"), (broken, "b"))),
+            _needles(malformed, "b"),
+        ),
+        {sa["study"], sa["series"], sa["entry"], a_patient, sc["study"], sc["series"]},
         {sb["study"], sb["series"], sb["entry"]},
         vectors["a"],
         vectors["b"],
