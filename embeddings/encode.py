@@ -11,18 +11,19 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
 import xxhash
 
 from .errors import ConfigError, ModelError
-from .models import ModelCfg, load_backbone
+from .models import ModelCfg, load_backbone, resolve_backbone
 
 __all__ = [
     "Device",
     "Encoder",
+    "LoadingEncoder",
     "Precision",
     "SliceEmbeddings",
     "load_encoder",
@@ -231,11 +232,74 @@ def load_encoder(
     precision: str = "auto",
     cache_dir: str | None = None,
     offline: bool | None = None,
+    background: bool = False,
 ) -> Encoder:
-    """Load ``spec`` (registry name or HF checkpoint directory) for inference."""
+    """Load ``spec`` (registry name or HF checkpoint directory) for inference.
+
+    ``background``: find the weights and read the config here (so a model that cannot be
+    had fails at once), and build the module on a thread of its own: the encoder returned
+    (a :class:`LoadingEncoder`) knows its ``cfg`` at once, anything else waits for the
+    weights. Kinds whose config needs the module (MM-DINOv2) load here as usual."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if background:
+        resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
+        if resolved is not None and not resolved[0].multi_sequence:
+            cfg, build = resolved
+            return cast(
+                Encoder, LoadingEncoder(cfg, lambda: _ready(Encoder(cfg, build(), dev, prec)))
+            )
     cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
-    enc = (MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec)
-    log.info("loaded %s on %s at %s", cfg.label, dev, prec)
+    return _ready((MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec))
+
+
+def _ready(enc: Encoder) -> Encoder:
+    log.info("loaded %s on %s at %s", enc.cfg.label, enc.device, enc.precision)
     return enc
+
+
+class LoadingEncoder:
+    """An :class:`Encoder` whose weights are being built on a thread of its own: ``cfg``
+    at once, every other attribute once they are (an error of the build is raised by each
+    use, and named by :attr:`failure`)."""
+
+    def __init__(self, cfg: ModelCfg, build: Callable[[], Encoder]) -> None:
+        self.cfg = cfg
+        self._built: Encoder | None = None
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(
+            target=self._build, args=(build,), name="radcache-model", daemon=True
+        )
+        self._thread.start()
+
+    def _build(self, build: Callable[[], Encoder]) -> None:
+        try:
+            self._built = build()
+        except BaseException as exc:  # reported by every use and by `failure`
+            self._error = exc
+            log.error("the model %s could not be loaded: %s", self.cfg.label, exc)
+        finally:
+            self._done.set()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the weights are in (False while building, or if the build failed)."""
+        return self._built is not None
+
+    @property
+    def failure(self) -> str | None:
+        """Why the build failed, if it did (None while building, or once loaded)."""
+        return None if self._error is None else str(self._error) or type(self._error).__name__
+
+    def wait(self) -> Encoder:
+        """The loaded encoder (waits for the build; raises what it raised)."""
+        self._done.wait()
+        if self._built is None:
+            if isinstance(self._error, ModelError):
+                raise self._error
+            raise ModelError(f"the model {self.cfg.label} could not be loaded: {self.failure}")
+        return self._built
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.wait(), name)

@@ -102,9 +102,12 @@ class Pipeline:
         store.bind_pseudonyms(pseudonymizer.fingerprint())
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, encoder: Encoder | None = None) -> Pipeline:
-        """The pipeline the settings describe: model (loaded here unless given), store,
-        pseudonym secret, recipe and output choices."""
+    def from_settings(
+        cls, settings: Settings, *, encoder: Encoder | None = None, background: bool = False
+    ) -> Pipeline:
+        """The pipeline the settings describe: model (loaded here unless given; its weights
+        on a thread of their own with ``background``, see :func:`.encode.load_encoder`),
+        store, pseudonym secret, recipe and output choices."""
         from .encode import load_encoder
         from .recipe import load_recipe
         from .store import open_store
@@ -116,6 +119,7 @@ class Pipeline:
             precision=settings.precision,
             cache_dir=settings.hf_cache_dir,
             offline=settings.offline,
+            background=background,
         )
         return cls(
             enc,

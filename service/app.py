@@ -48,9 +48,14 @@ __all__ = ["build_resources", "create_app"]
 _access = logging.getLogger("radcache.access")
 
 
-def build_resources(settings: ServiceSettings, encoder: Encoder | None = None) -> Resources:
-    """Load (or take) the model and open everything the service needs."""
-    pipeline = Pipeline.from_settings(settings, encoder=encoder)
+def build_resources(
+    settings: ServiceSettings, encoder: Encoder | None = None, *, background_model: bool = False
+) -> Resources:
+    """Load (or take) the model and open everything the service needs. With
+    ``background_model`` the weights load on a thread of their own while the rest opens
+    (what `radcache serve` does: reads and search by name need no model; see
+    :meth:`.deps.Resources.ready`)."""
+    pipeline = Pipeline.from_settings(settings, encoder=encoder, background=background_model)
     enc, store = pipeline.encoder, pipeline.store
     jobs = JobStore(settings.db)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)

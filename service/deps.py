@@ -18,7 +18,7 @@ from .queue import RedisQueue
 from .settings import ServiceSettings
 from .worker import IndexKeeper, Worker
 
-__all__ = ["Resources", "ResourcesDep", "get_resources"]
+__all__ = ["Resources", "ResourcesDep", "get_resources", "model_loaded"]
 
 
 @dataclass
@@ -38,7 +38,13 @@ class Resources:
     keys: KeyStore
 
     def ready(self) -> tuple[bool, str]:
-        """Model loaded, worker and index keeper alive, store writable — or why not."""
+        """Worker and index keeper alive, store writable, the model not failed — or why
+        not. A model whose weights are still loading (`radcache serve` loads them beside
+        everything else) does not hold readiness back: listings, reads and search by name
+        need none, and submissions wait in the queue for it."""
+        failure = getattr(self.encoder, "failure", None) if not model_loaded(self) else None
+        if failure:
+            return False, f"the model could not be loaded: {failure}"
         if not self.worker.alive:
             if isinstance(self.worker, RedisQueue):
                 return False, f"the job queue at {self.settings.queue} does not answer"
@@ -58,6 +64,11 @@ class Resources:
         if any(s.get("cache") != "hit" for s in series):
             self.keeper.refresh()
         self.keeper.touch(s["entry"] for s in series)
+
+
+def model_loaded(res: Resources) -> bool:
+    """Whether the model's weights are in (False while they load in the background)."""
+    return bool(getattr(res.encoder, "loaded", True))
 
 
 async def get_resources(request: Request) -> Resources:

@@ -14,7 +14,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, Dinov2Model
 
 from radcache.embeddings import Pseudonymizer
-from radcache.embeddings.encode import Encoder, cpu_has_fast_bf16, load_encoder, resolve_precision
+from radcache.embeddings.encode import (
+    Encoder,
+    LoadingEncoder,
+    cpu_has_fast_bf16,
+    load_encoder,
+    resolve_precision,
+)
 from radcache.embeddings.errors import ModelError, ModelUnavailableError, UnknownModelError
 from radcache.embeddings.models import REGISTRY, build_random, get_cfg
 
@@ -184,3 +190,35 @@ def test_an_embedding_and_searches_by_upload_in_parallel_get_their_own_outputs(
     thread.join()
     assert not failures, failures[0]
     assert searches >= 3
+
+
+def test_weights_loaded_in_the_background_give_the_same_encoder(tiny_fp32: Encoder) -> None:
+    x = torch.rand(2, 3, 56, 56)  # not while the weights build: they draw from torch's RNG
+    loading = load_encoder("dinov2-tiny-random", device="cpu", precision="fp32", background=True)
+    assert isinstance(loading, LoadingEncoder)
+    assert loading.cfg == tiny_fp32.cfg  # known before the weights
+    got = loading.forward(x)  # waits for the weights
+    assert loading.loaded and loading.failure is None
+    assert loading.weights_hash == tiny_fp32.weights_hash
+    for a, b in zip(got, tiny_fp32.forward(x), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_a_background_load_that_fails_says_why_at_every_use() -> None:
+    def broken() -> Encoder:
+        raise ModelError("model.safetensors is truncated; download it again.")
+
+    loading = LoadingEncoder(get_cfg("dinov2-tiny-random"), broken)
+    with pytest.raises(ModelError, match="truncated"):
+        loading.wait()
+    assert not loading.loaded and loading.failure is not None and "truncated" in loading.failure
+    with pytest.raises(ModelError, match="truncated"):
+        loading.forward(torch.rand(1, 3, 56, 56))
+
+
+def test_a_model_that_cannot_be_had_fails_before_the_background_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelUnavailableError):
+        load_encoder("dinov2-small", offline=True, cache_dir=str(tmp_path), background=True)

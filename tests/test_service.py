@@ -7,11 +7,12 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import numpy as np
@@ -20,7 +21,8 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
 from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer, open_store
-from radcache.embeddings.encode import Encoder, load_encoder
+from radcache.embeddings.encode import Encoder, LoadingEncoder, load_encoder
+from radcache.embeddings.errors import ModelError
 from radcache.service.app import build_resources, create_app
 from radcache.service.jobs import JobStore
 from radcache.service.settings import ServiceSettings
@@ -430,6 +432,42 @@ def test_queue_full_and_not_ready(tmp_path: Path, tiny: Encoder) -> None:
         assert full.headers["retry-after"] == "5"
         ready = c.get("/readyz")
         assert (ready.status_code, ready.json()["code"]) == (503, "not-ready")
+
+
+def test_readiness_with_weights_loading_in_the_background(tmp_path: Path, tiny: Encoder) -> None:
+    """Ready while the weights load (reads need none; a submission waits for them), not
+    ready once their load has failed, saying why; the job fails with the same reason."""
+    gate = threading.Event()
+
+    def slow() -> Encoder:
+        gate.wait(30)
+        return tiny
+
+    loading = cast(Encoder, LoadingEncoder(tiny.cfg, slow))
+    gen = write_series(tmp_path / "w", phantom(2, 16, 16, seed=93))
+    with TestClient(create_app(resources=build_resources(_settings(tmp_path), loading))) as c:
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["model_loaded"] is False
+        job = c.post("/v1/studies", files=_files(gen.directory))
+        assert job.status_code == 202 and c.get(job.headers["location"]).json()["state"] in (
+            "queued",
+            "running",
+        )
+        gate.set()
+        assert _wait(c, job.headers["location"])["state"] == "done"
+        assert c.get("/readyz").json()["model_loaded"] is True
+
+    def broken() -> Encoder:
+        raise ModelError("model.safetensors is truncated; download it again.")
+
+    failed = cast(Encoder, LoadingEncoder(tiny.cfg, broken))
+    res = build_resources(_settings(tmp_path / "f"), failed)
+    with TestClient(create_app(resources=res)) as c:
+        ready = c.get("/readyz")
+        assert (ready.status_code, ready.json()["code"]) == (503, "not-ready")
+        assert "truncated" in ready.json()["detail"]
+        job = _wait(c, c.post("/v1/studies", files=_files(gen.directory)).headers["location"])
+        assert job["state"] == "failed" and "truncated" in (job["failure"] or "")
 
 
 def _study_pages(c: TestClient, url: str) -> tuple[list[list[str]], list[str]]:

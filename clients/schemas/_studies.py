@@ -242,6 +242,9 @@ class Health(BaseModel):
 
     status: Literal["ok"] = "ok"
     model: str | None = None
+    model_loaded: bool | None = Field(
+        None, description="false while the weights still load (submissions wait for them)"
+    )
     queue_depth: int | None = None
 
 

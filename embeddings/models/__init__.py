@@ -13,10 +13,10 @@ from ._registry import DEFAULT_MODEL, REGISTRY, ModelCfg, get_cfg
 __all__ = ["DEFAULT_MODEL", "REGISTRY", "ModelCfg", "build_random", "get_cfg"]
 
 # Names that need torch load on first use (PEP 562), so the registry above stays importable
-# without torch. ``load_backbone`` is among them: reaching it imports ``mmdinov2`` first, so
-# MM-DINOv2's loaders are registered before anything is loaded.
+# without torch. ``load_backbone`` and ``resolve_backbone`` are among them: reaching them
+# imports ``mmdinov2`` first, so MM-DINOv2's loaders are registered before anything loads.
 if TYPE_CHECKING:
-    from ._loader import load_backbone
+    from ._loader import load_backbone, resolve_backbone
     from .mmdinov2 import (
         SEQUENCES,
         MMDinov2,
@@ -36,6 +36,7 @@ __all__ += [
     "load_backbone",
     "load_converted",
     "load_training_checkpoint",
+    "resolve_backbone",
     "save_converted",
     "save_training_checkpoint",
 ]
@@ -45,5 +46,6 @@ def __getattr__(name: str) -> Any:
     if name in __all__:  # only the lazy names reach here
         from . import _loader, mmdinov2
 
-        return getattr(_loader if name == "load_backbone" else mmdinov2, name)
+        loader = name in ("load_backbone", "resolve_backbone")
+        return getattr(_loader if loader else mmdinov2, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,7 +22,13 @@ from ..errors import ModelError, ModelUnavailableError
 from ._config import _SUPPORTED_TYPES, _cfg_from_checkpoint, _hf_config
 from ._registry import REGISTRY, ModelCfg, get_cfg
 
-__all__ = ["build_random", "load_backbone", "register_arch_loader", "register_dir_loader"]
+__all__ = [
+    "build_random",
+    "load_backbone",
+    "register_arch_loader",
+    "register_dir_loader",
+    "resolve_backbone",
+]
 
 log = logging.getLogger(__name__)
 RANDOM_SEED = 20231101
@@ -49,7 +55,9 @@ def register_arch_loader(arch: str, load: ArchLoader) -> None:
 
 
 def build_random(cfg: ModelCfg) -> torch.nn.Module:
-    """The labelled random-weight model: same seed, same weights, on every run."""
+    """The labelled random-weight model: same seed, same weights, on every run, as long
+    as no other thread draws from torch's global generator while it is built (a
+    background load in `radcache serve`: nothing else does)."""
     import torch
     from transformers import AutoModel
 
@@ -129,18 +137,41 @@ def load_backbone(
         for is_mine, load in _DIR_LOADERS.values():
             if is_mine(path):
                 return load(path)
-        return _cfg_from_checkpoint(path, None), _strict_load(path)
+    else:
+        cfg = get_cfg(spec)
+        arch_loader = _ARCH_LOADERS.get(cfg.arch)
+        if arch_loader is not None:
+            return arch_loader(cfg, cache_dir, offline)
+    resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
+    assert resolved is not None  # every other kind is resolved above
+    cfg, build = resolved
+    return cfg, build()
+
+
+def resolve_backbone(
+    spec: str, *, cache_dir: str | None = None, offline: bool | None = None
+) -> tuple[ModelCfg, Callable[[], torch.nn.Module]] | None:
+    """The config of ``spec`` and how to build its module, where the config is known
+    without building it: registry entries with random weights or Hugging Face weights (found
+    in the cache, or downloaded, here), plain DINOv2 checkpoint directories. None for the
+    kinds registered loaders build (MM-DINOv2): :func:`load_backbone` loads those."""
+    if offline is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    path = Path(spec).expanduser()
+    if spec not in REGISTRY and path.is_dir():
+        if any(is_mine(path) for is_mine, _ in _DIR_LOADERS.values()):
+            return None
+        return _cfg_from_checkpoint(path, None), lambda: _strict_load(path)
     cfg = get_cfg(spec)
-    arch_loader = _ARCH_LOADERS.get(cfg.arch)
-    if arch_loader is not None:
-        return arch_loader(cfg, cache_dir, offline)
+    if cfg.arch in _ARCH_LOADERS:
+        return None
     if cfg.arch not in _SUPPORTED_TYPES.values():
         raise ModelError(
             f"no loader is registered for {cfg.name} (arch {cfg.arch!r}); load models through "
             "radcache.embeddings.models.load_backbone, which registers every architecture."
         )
     if cfg.random_weights:
-        return cfg, build_random(cfg)
+        return cfg, lambda: build_random(cfg)
     assert cfg.hf_id is not None
     local = _resolve_hub(cfg.hf_id, cache_dir, offline)
-    return _cfg_from_checkpoint(local, cfg), _strict_load(local)
+    return _cfg_from_checkpoint(local, cfg), lambda: _strict_load(local)

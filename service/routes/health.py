@@ -12,7 +12,7 @@ from radcache.clients.schemas import Health, ModelOut
 from radcache.embeddings import REGISTRY
 
 from ..auth import Metrics, Read
-from ..deps import ResourcesDep
+from ..deps import ResourcesDep, model_loaded
 from ..problems import problem
 from ._common import ERRORS
 
@@ -59,12 +59,16 @@ async def healthz() -> Health:
 
 
 @router.get(
-    "/readyz", response_model=Health, responses=ERRORS, summary="Model loaded, store writable"
+    "/readyz",
+    response_model=Health,
+    responses=ERRORS,
+    summary="Store, indexes and worker up; the model found (its weights may still load)",
 )
 def readyz(res: ResourcesDep) -> Response:
     ok, why = res.ready()
     if not ok:
         return problem(503, "not-ready", "Not ready", why, "/readyz")
-    return JSONResponse(
-        Health(model=res.encoder.cfg.label, queue_depth=res.worker.depth).model_dump()
+    health = Health(
+        model=res.encoder.cfg.label, model_loaded=model_loaded(res), queue_depth=res.worker.depth
     )
+    return JSONResponse(health.model_dump())
