@@ -380,12 +380,18 @@ def _wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str,
     raise AssertionError(f"job {job_id} did not finish: {job}")
 
 
-def _submit(http: httpx.Client, body: bytes, i: int, book: Book) -> None:
-    """POST a study and wait for its job, noting what the answers acknowledged."""
+def _submit(
+    http: httpx.Client, body: bytes, i: int, book: Book, todo: list[int] | None = None
+) -> None:
+    """POST a study and wait for its job, noting what the answers acknowledged (and
+    taking it off ``todo`` once acknowledged: sent again later, a study deleted meanwhile
+    would rightly be back)."""
     r = http.post("/v1/studies", content=body, headers=_ZIP)
     assert r.status_code in (200, 202), r.text
     job = r.json()
     book.accepted[job["id"]] = i
+    if todo is not None:
+        todo.remove(i)
     job = _wait_job(http, job["id"])
     assert job["state"] == "done", job
     for s in job["series"]:
@@ -458,8 +464,7 @@ def _crash(
         try:
             with httpx.Client(base_url=url, timeout=30) as http:
                 for i in list(todo):
-                    _submit(http, bodies[i], i, book)
-                    todo.remove(i)
+                    _submit(http, bodies[i], i, book, todo)
         except httpx.TransportError:  # the kill
             pass
         except BaseException as exc:
