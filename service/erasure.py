@@ -16,10 +16,8 @@ erasures a stop interrupted (the tombstones and the queued jobs are on disk).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-from radcache.embeddings import EmbeddingStore
 
 from .deps import Resources
 from .entry_catalog import EntryCatalog
@@ -54,9 +52,10 @@ def delete_study(res: Resources, catalog: EntryCatalog, study: str, tenant: str)
     catalog.forget(gone)
     kept = sorted(named - gone)
     catalog.record(res.store, kept)  # kept by another study: now named by it
-    res.jobs.rename_entries(_primaries(res.store, kept))
+    remaining = res.store.entry_attrs(kept)  # what the kept entries are named by now
+    res.jobs.rename_entries({k: _primary(a) for k, a in remaining.items()})
     names = names_of(study, attrs)
-    names -= _still_named(catalog, res.store, names, kept, tenant)
+    names -= _still_named(catalog, names, remaining, tenant)
     res.jobs.redact(tenant, names)
     res.keeper.refresh()  # its vectors leave the search before this answers
     res.keeper.touch(kept)
@@ -65,25 +64,21 @@ def delete_study(res: Resources, catalog: EntryCatalog, study: str, tenant: str)
     return job
 
 
-def _primaries(store: EmbeddingStore, keys: Iterable[str]) -> dict[str, tuple[str, str]]:
-    out: dict[str, tuple[str, str]] = {}
-    for key, a in store.entry_attrs(keys).items():
-        vol = a.get("volume") or {}
-        out[key] = (str(vol.get("study", "")), str(vol.get("series", "")))
-    return out
+def _primary(attrs: Mapping[str, Any]) -> tuple[str, str]:
+    vol = attrs.get("volume") or {}
+    return str(vol.get("study", "")), str(vol.get("series", ""))
 
 
 def _still_named(
     catalog: EntryCatalog,
-    store: EmbeddingStore,
     names: set[str],
-    kept: list[str],
+    remaining: Mapping[str, Mapping[str, Any]],
     tenant: str,
 ) -> set[str]:
     """Of ``names``, those that the tenant's remaining entries still use (a patient with
-    other studies; the entries and series another study kept)."""
+    other studies; the entries and series another study kept, ``remaining``)."""
     still = {p for p in names if catalog.has_patient(p, tenant)}
-    for key, a in store.entry_attrs(kept).items():
+    for key, a in remaining.items():
         vol = a.get("volume") or {}
         for r in (vol, *a.get("aliases", [])):
             still.update(str(r.get(f) or "") for f in ("study", "series", "patient"))

@@ -40,7 +40,7 @@ from radcache.service.cli import main
 from radcache.service.entry_catalog import CatalogEntry, CatalogRef, EntryCatalog
 from radcache.service.jobs import EntryRow, JobStore
 from tests.dicomgen import phantom, write_series, zip_bytes
-from tests.servers import free_port, start, wait_ready
+from tests.servers import finished, free_port, start, wait_ready
 
 
 @dataclass
@@ -370,16 +370,6 @@ class Book:
     kinds: set[str]  # what the checks after the kills found
 
 
-def _wait_job(http: httpx.Client, job_id: str, timeout: float = 60) -> dict[str, Any]:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = http.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {job_id} did not finish: {job}")
-
-
 def _submit(
     http: httpx.Client, body: bytes, i: int, book: Book, todo: list[int] | None = None
 ) -> None:
@@ -392,7 +382,7 @@ def _submit(
     book.accepted[job["id"]] = i
     if todo is not None:
         todo.remove(i)
-    job = _wait_job(http, job["id"])
+    job = finished(http, f"/v1/jobs/{job['id']}", 60)
     assert job["state"] == "done", job
     for s in job["series"]:
         book.done.setdefault(s["study"], []).append(s["entry"])
@@ -408,7 +398,7 @@ def _readable(http: httpx.Client, entry: str) -> None:
 def _verify(http: httpx.Client, book: Book) -> None:
     """Nothing acknowledged is lost, nothing deleted is back, nothing half-written shows."""
     for job_id in list(book.accepted):  # accepted before a kill: finishes after the restart
-        job = _wait_job(http, job_id)
+        job = finished(http, f"/v1/jobs/{job_id}", 60)
         assert job["state"] == "done", job
         for s in job["series"]:
             book.done.setdefault(s["study"], [])

@@ -16,7 +16,6 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from radcache.embeddings import open_store
 from radcache.embeddings.index._vectors import normalise
 from radcache.service.jobs import JobStore
 from tests.dicomgen import GeneratedSeries, phantom, write_series
-from tests.servers import running_server
+from tests.servers import finished, running_server
 from tests.test_deidentify import _corrupt
 
 #: Each patient's identifying values, one per identifying attribute (and two free texts).
@@ -112,16 +111,6 @@ def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (p.name, p.read_bytes(), "application/dicom")) for p in paths]
 
 
-def _wait(c: httpx.Client, location: str, timeout: float = 60) -> dict:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        job = c.get(location).json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"job {location} did not finish: {job}")
-
-
 def _npy(c: httpx.Client, series: str, kind: str) -> np.ndarray:
     r = c.get(
         f"/v1/series/{series}/embeddings",
@@ -169,7 +158,7 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         for name, gen in sent:
             r = c.post("/v1/studies", files=_files(gen.files))
             assert r.status_code == 202, r.text
-            done[name] = _wait(c, r.headers["location"])
+            done[name] = finished(c, r.headers["location"])
         assert done["a"]["state"] == done["b"]["state"] == "done"
         assert done["broken"]["state"] == "partially_failed" and done["broken"]["errors"]
         assert done["malformed"]["state"] == "failed"
@@ -186,8 +175,8 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         assert r.status_code == 202, r.text
         r2 = c.delete(f"/v1/studies/{sc['study']}")  # the copy goes, B's entry stays
         assert r2.status_code == 202, r2.text
-        erasure = _wait(c, r.headers["location"])
-        assert _wait(c, r2.headers["location"])["state"] == "done"
+        erasure = finished(c, r.headers["location"])
+        assert finished(c, r2.headers["location"])["state"] == "done"
         survivor = c.get(f"/v1/studies/{sb['study']}").json()
         assert c.get(f"/v1/studies/{sa['study']}").status_code == 404
     # The client's file names stay in its job reports until their retention ends: end it.

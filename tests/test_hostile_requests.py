@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from tests.dicomgen import phantom, write_series, zip_bytes
-from tests.servers import running_server
+from tests.servers import finished, running_server
 
 LIMIT = 64 * 1024  # RADCACHE_MAX_UPLOAD_BYTES of the server here
 JSON_LIMIT = 16 * 1024  # RADCACHE_MAX_JSON_BYTES of the server here
@@ -174,7 +174,7 @@ def test_a_chunked_body_within_the_limit_is_taken(server: dict[str, Any], tmp_pa
         "/v1/studies", content=chunks(), headers={"content-type": "application/zip"}
     )
     assert r.status_code == 202, r.text
-    assert _wait(server["http"], r.headers["location"])["state"] == "done"
+    assert finished(server["http"], r.headers["location"])["state"] == "done"
 
 
 # --- STOW-RS bodies that are empty or broken --------------------------------------------------
@@ -249,7 +249,7 @@ def test_a_whole_stow_body_is_still_taken(server: dict[str, Any], instances: lis
     body = _related(_part(instances[0], true), *(_part(i) for i in instances[1:]))
     r = server["http"].post("/dicom-web/studies", content=body, headers={"content-type": RELATED})
     assert r.status_code == 200, r.text
-    assert _wait(server["http"], r.headers["location"])["state"] == "done"
+    assert finished(server["http"], r.headers["location"])["state"] == "done"
 
 
 def _raw(url: str, head: bytes, body: bytes, *, half_close: bool = False) -> bytes:
@@ -313,15 +313,6 @@ def test_a_content_length_past_the_body_leaves_nothing(
 # --- slice ranges past the end ------------------------------------------------------------------
 
 
-def _wait(http: httpx.Client, location: str) -> dict[str, Any]:
-    for _ in range(1200):
-        job: dict[str, Any] = http.get(location).json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(job)
-
-
 @pytest.fixture(scope="module")
 def entry(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> str:
     gen = write_series(tmp_path_factory.mktemp("ct") / "ct", phantom(3, 16, 16, seed=303))
@@ -330,7 +321,7 @@ def entry(server: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> s
         content=zip_bytes(gen.directory),
         headers={"content-type": "application/zip"},
     )
-    job = _wait(server["http"], r.headers["location"])
+    job = finished(server["http"], r.headers["location"])
     assert job["state"] == "done", job
     return str(job["series"][0]["entry"])
 

@@ -26,7 +26,7 @@ from radcache.service.keys import KeyStore
 from tests.conftest import TEST_SECRET
 from tests.dicomgen import GeneratedSeries, phantom, write_series
 from tests.orthanc import dicomweb_server, require_orthanc, running_orthanc
-from tests.servers import running_server
+from tests.servers import finished, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -109,16 +109,6 @@ def _seen(http: httpx.Client) -> tuple[set[str], dict[str, list[dict[str, Any]]]
     return {j["id"] for j in jobs.json()}, {s["study"]: s["series"] for s in studies.json()}
 
 
-def _finished(http: httpx.Client, job_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        job: dict[str, Any] = http.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(0.05)
-    raise AssertionError(f"radcache job {job_id} did not finish: {job}")
-
-
 def _assert_received(sites: Sites, gen: GeneratedSeries, before: set[str]) -> None:
     """radcache made one job of the pushed series, it ended done, and the study is listed
     (under the tenant's pseudonyms) with the series' embedding."""
@@ -127,7 +117,7 @@ def _assert_received(sites: Sites, gen: GeneratedSeries, before: set[str]) -> No
     with _admin(sites) as http:
         jobs, _ = _seen(http)
         (new,) = jobs - before
-        job = _finished(http, new)
+        job = finished(http, f"/v1/jobs/{new}", 60)
         assert job["state"] == "done", job
         ((done,),) = [job["series"]]
         assert (done["study"], done["series"], done["slices"]) == (study, series, 4)

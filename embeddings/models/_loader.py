@@ -130,22 +130,23 @@ def load_backbone(
     spec: str, *, cache_dir: str | None = None, offline: bool | None = None
 ) -> tuple[ModelCfg, torch.nn.Module]:
     """Resolve ``spec`` (registry name or checkpoint directory) to its config and HF module."""
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    path = Path(spec).expanduser()
-    if spec not in REGISTRY and path.is_dir():
-        for is_mine, load in _DIR_LOADERS.values():
-            if is_mine(path):
-                return load(path)
-    else:
-        cfg = get_cfg(spec)
-        arch_loader = _ARCH_LOADERS.get(cfg.arch)
-        if arch_loader is not None:
-            return arch_loader(cfg, cache_dir, offline)
     resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
-    assert resolved is not None  # every other kind is resolved above
-    cfg, build = resolved
-    return cfg, build()
+    if resolved is not None:
+        cfg, build = resolved
+        return cfg, build()
+    path = Path(spec).expanduser()  # a kind a registered loader builds (see resolve_backbone)
+    if spec not in REGISTRY and path.is_dir():
+        load = next(load for is_mine, load in _DIR_LOADERS.values() if is_mine(path))
+        return load(path)
+    cfg = get_cfg(spec)
+    return _ARCH_LOADERS[cfg.arch](cfg, cache_dir, _offline(offline))
+
+
+def _offline(offline: bool | None) -> bool:
+    """``offline``, else what ``HF_HUB_OFFLINE`` says."""
+    if offline is not None:
+        return offline
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
 def resolve_backbone(
@@ -155,8 +156,6 @@ def resolve_backbone(
     without building it: registry entries with random weights or Hugging Face weights (found
     in the cache, or downloaded, here), plain DINOv2 checkpoint directories. None for the
     kinds registered loaders build (MM-DINOv2): :func:`load_backbone` loads those."""
-    if offline is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     path = Path(spec).expanduser()
     if spec not in REGISTRY and path.is_dir():
         if any(is_mine(path) for is_mine, _ in _DIR_LOADERS.values()):
@@ -173,5 +172,5 @@ def resolve_backbone(
     if cfg.random_weights:
         return cfg, lambda: build_random(cfg)
     assert cfg.hf_id is not None
-    local = _resolve_hub(cfg.hf_id, cache_dir, offline)
+    local = _resolve_hub(cfg.hf_id, cache_dir, _offline(offline))
     return _cfg_from_checkpoint(local, cfg), lambda: _strict_load(local)
