@@ -34,6 +34,8 @@ from sqlalchemy import (
     Index,
     Integer,
     String,
+    Text,
+    cast,
     delete,
     func,
     select,
@@ -46,7 +48,7 @@ from radcache.embeddings import EmbeddingStore, EntryInfo
 from radcache.embeddings.errors import AmbiguousReferenceError, InvalidFieldError, NotFoundError
 from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
-from .jobs import Base, EntryRow, JobStore
+from .jobs import Base, EntryRow, JobStore, json_loads
 
 __all__ = ["CatalogEntry", "CatalogRef", "CatalogSpace", "EntryCatalog", "Page"]
 
@@ -82,7 +84,8 @@ class CatalogRef(Base):
     __tablename__ = "catalog_refs"
     __table_args__ = (
         Index("ix_catalog_refs_series", "series", "tenant", "part"),
-        Index("ix_catalog_refs_tenant_study", "tenant", "study"),
+        # with the key, a page of studies finds its entries from this index alone
+        Index("ix_catalog_refs_tenant_study", "tenant", "study", "key"),
     )
 
     study: Mapped[str] = mapped_column(String(128), primary_key=True)
@@ -190,6 +193,16 @@ def _info(row: CatalogEntry) -> EntryInfo:
     return EntryInfo.from_attrs(row.key, row.doc)
 
 
+def _by_study(rows: Iterable[tuple[str, str, str]]) -> dict[str, list[EntryInfo]]:
+    """Entries by study from (study, key, document) rows ordered by study and key."""
+    out: dict[str, list[EntryInfo]] = {}
+    for study, key, doc in rows:
+        got = out.setdefault(study, [])
+        if not got or got[-1].key != key:  # named twice by one study: listed once
+            got.append(EntryInfo.from_attrs(key, json_loads(doc)))
+    return out
+
+
 def _chunks(items: list[str]) -> Iterator[list[str]]:
     for i in range(0, len(items), _BATCH):
         yield items[i : i + _BATCH]
@@ -223,14 +236,16 @@ class EntryCatalog:
             names = list(s.scalars(q.offset(offset).limit(limit + 1)))
             more = len(names) > limit
             names = names[:limit]
-            found = self._of_studies(s, names, tenant)
+            rows = self._study_rows(s, names, tenant)
+        found = _by_study(rows)
         studies = [(n, found.get(n, [])) for n in names]
         return Page(studies, encode_cursor(names[-1]) if more and names else None)
 
     def study(self, study: str, tenant: str | None = None) -> list[EntryInfo]:
         """The entries ``study`` names (its own and those another study first sent)."""
         with self._session() as s:
-            return self._of_studies(s, [study], tenant).get(study, [])
+            rows = self._study_rows(s, [study], tenant)
+        return _by_study(rows).get(study, [])
 
     def study_keys(self, study: str, tenant: str | None = None) -> list[str]:
         with self._session() as s:
@@ -240,25 +255,23 @@ class EntryCatalog:
             return sorted(s.scalars(q.distinct()))
 
     @staticmethod
-    def _of_studies(
+    def _study_rows(
         s: Session, names: list[str], tenant: str | None = None
-    ) -> dict[str, list[EntryInfo]]:
+    ) -> list[tuple[str, str, str]]:
+        """(study, key, document as JSON text) of the entries each of ``names`` names; the
+        documents are decoded by :func:`_by_study`, after the transaction (the job
+        database's lock is not held while they decode)."""
         if not names:
-            return {}
+            return []
         q = (
-            select(CatalogRef.study, CatalogEntry)
+            select(CatalogRef.study, CatalogEntry.key, cast(CatalogEntry.doc, Text))
             .join(CatalogEntry, CatalogEntry.key == CatalogRef.key)
             .where(CatalogRef.study.in_(names))
             .order_by(CatalogRef.study, CatalogEntry.key)
         )
         if tenant is not None:
             q = q.where(CatalogRef.tenant == tenant)
-        out: dict[str, list[EntryInfo]] = {}
-        for study, row in s.execute(q):
-            got = out.setdefault(study, [])
-            if not got or got[-1].key != row.key:  # named twice by one study: listed once
-                got.append(_info(row))
-        return out
+        return [(str(a), str(b), str(c)) for a, b, c in s.execute(q)]
 
     def get(self, key: str, tenant: str | None = None) -> EntryInfo | None:
         with self._session() as s:

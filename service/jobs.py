@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any, Literal
 
+import orjson
 from sqlalchemy import (
     JSON,
     DateTime,
@@ -103,7 +105,9 @@ class JobStore:
 
         self.sqlite = url.startswith("sqlite")
         args = {"check_same_thread": False} if self.sqlite else {}
-        self.engine = create_engine(url, connect_args=args, pool_pre_ping=True)
+        self.engine = create_engine(
+            url, connect_args=args, pool_pre_ping=True, json_deserializer=json_loads
+        )
         if self.sqlite:
             event.listen(self.engine, "connect", _secure_delete)
         upgrade(self.engine)
@@ -279,6 +283,16 @@ class JobStore:
         stmt = delete(JobRow).where(JobRow.state.in_(FINISHED), JobRow.finished < cutoff)
         with self._session() as s:
             return len(s.execute(stmt.returning(JobRow.id)).all())
+
+
+def json_loads(text: str | bytes) -> Any:
+    """A JSON document of the job database (orjson: several times faster than the standard
+    library; documents written with ``NaN`` or ``Infinity``, which orjson refuses, are
+    decoded by the standard library)."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return json.loads(text)
 
 
 def _secure_delete(conn: Any, _record: Any) -> None:
