@@ -83,8 +83,14 @@ class SliceEmbeddings:
 
 
 def weights_hash(model: torch.nn.Module) -> str:
-    """Hash of every weight tensor (name order, fp32 bytes): identifies the exact weights."""
+    """Hash of every weight tensor (name order, fp32 bytes): identifies the exact weights.
+
+    A model whose outputs changed for the same weights declares an ``output_version``
+    (MM-DINOv2 does); it is hashed too, so its cache keys and spaces change with it."""
     h = xxhash.xxh3_128()
+    version = getattr(model, "output_version", None)
+    if version is not None:
+        h.update(f"output-version:{version}|".encode())
     for name, t in sorted(model.state_dict().items()):
         h.update(name.encode())
         h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())

@@ -1,4 +1,5 @@
-"""MM-DINOv2: parity with plain DINOv2, order invariance, masking, strict checkpoints.
+"""MM-DINOv2: parity with plain DINOv2, order invariance, sequence rows by name, the
+reference's positional interpolation, masking, strict checkpoints.
 
 The backbone is dinov2-tiny-random (RANDOM WEIGHTS, tests only), fp32 on the CPU.
 """
@@ -9,12 +10,14 @@ import dataclasses
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
+from radcache.embeddings.encode import weights_hash
 from radcache.embeddings.errors import InputError, ModelError
 from radcache.embeddings.models import (
     SEQUENCES,
@@ -49,12 +52,14 @@ def _run(model: MMDinov2, *args: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 
 @ARCHS
-@pytest.mark.parametrize("size", [112, 98], ids=["native-grid", "interpolated-grid"])
-def test_one_sequence_with_zero_embedding_is_plain_dinov2(cfg: ModelCfg, size: int) -> None:
+def test_one_sequence_with_zero_embedding_is_plain_dinov2_on_the_native_grid(
+    cfg: ModelCfg,
+) -> None:
     backbone = build_random(cfg)
     model = MMDinov2.from_backbone(backbone, sequences=("t1",))
     with torch.no_grad():
         model.sequence_embedding.zero_()
+    size = cfg.image_size
     x = _study(b=3, s=1, size=size)
     cls, patch = _run(model, x, torch.ones(3, 1, dtype=torch.bool))
     with torch.inference_mode():
@@ -93,6 +98,108 @@ def test_sequence_order_does_not_matter(cfg: ModelCfg) -> None:
     torch.testing.assert_close(cls_r, cls, rtol=0, atol=1e-5)
     for i in range(2):
         torch.testing.assert_close(patch_r[i], patch[i, rows[i]], rtol=0, atol=1e-5)
+
+
+#: The published training config's order (mri_sequences=t2,t1,t1c,flair in
+#: dinov2/configs/train/glioma_vitb14_mm-dino_v2.yaml of daniel-scholz/mm-dinov2).
+CONFIG_ORDER = ("t2", "t1", "t1c", "flair")
+
+
+@pytest.mark.parametrize(
+    "order", [CONFIG_ORDER, ("flair", "t1"), ("t1c",)], ids=["config", "subset", "one"]
+)
+def test_each_sequence_takes_the_row_of_its_name(order: tuple[str, ...]) -> None:
+    model = MMDinov2.from_backbone(build_random(TINY), sequences=order)
+    with torch.no_grad():  # row r points along axis r: each row tells its name
+        model.sequence_embedding.copy_(torch.eye(4, TINY.dim) * torch.arange(1.0, 5.0)[:, None])
+    s, n = len(order), (TINY.image_size // TINY.patch_size) ** 2
+    x, present = _study(s=s), torch.ones(2, s, dtype=torch.bool)
+    with torch.inference_mode():
+        tokens = model.embed_tokens(x, present)
+    with torch.no_grad():
+        model.sequence_embedding.zero_()
+    with torch.inference_mode():
+        added = (tokens - model.embed_tokens(x, present))[:, 1:].reshape(2, s, n, TINY.dim)
+    for j, name in enumerate(order):
+        axis = torch.zeros(TINY.dim)
+        axis[["t1", "t1c", "t2", "flair"].index(name)] = 1.0
+        torch.testing.assert_close(added[:, j], axis.expand(2, n, -1), rtol=0, atol=1e-6)
+
+
+def test_the_configured_order_changes_no_output(tmp_path: Path) -> None:
+    canonical = _model()
+    ckpt = save_training_checkpoint(canonical, tmp_path / "c.pth")
+    permuted = load_training_checkpoint(ckpt, arch_cfg=TINY, sequences=CONFIG_ORDER)
+    assert torch.equal(permuted.sequence_embedding, canonical.sequence_embedding)
+    idx = [SEQUENCES.index(s) for s in CONFIG_ORDER]  # inputs given in the config's order
+    x = _study()
+    present = torch.tensor([[True, False, True, True], [True, True, True, True]])
+    cls, patch = _run(canonical, x, present)
+    cls_p, patch_p = _run(permuted, x[:, idx], present[:, idx])
+    torch.testing.assert_close(cls_p, cls, rtol=0, atol=1e-5)
+    torch.testing.assert_close(patch_p, patch[:, idx], rtol=0, atol=1e-5)
+    out = convert(ckpt, tmp_path / "conv", arch_cfg=TINY, sequences=CONFIG_ORDER)
+    reloaded = load_converted(out)
+    assert reloaded.sequences == CONFIG_ORDER
+    for got, want in zip(_run(reloaded, x[:, idx], present[:, idx]), (cls_p, patch_p), strict=True):
+        assert torch.equal(got, want)
+
+
+def test_names_outside_the_four_rows_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"t1, t1c, t2, flair only; got \['dwi'\]"):
+        MMDinov2.from_backbone(build_random(TINY), sequences=("t1", "dwi"))
+    state = torch.load(save_training_checkpoint(_model(), tmp_path / "c.pth"), weights_only=True)
+    rows = state["teacher"]["backbone.mri_seq_embed.weight"]
+    state["teacher"]["backbone.mri_seq_embed.weight"] = rows[:3]
+    with pytest.raises(ModelError, match=r"mri_seq_embed\.weight \(3, 64\) \(expected \(4, 64\)"):
+        load_training_checkpoint(state, arch_cfg=TINY, sequences=("t1", "t1c", "t2"))
+
+
+#: The published checkpoint's positional grid: 37×37 (img_size 518, patch 14).
+REF_GRID = dataclasses.replace(TINY, image_size=518)
+
+
+@pytest.mark.parametrize(("height", "width"), [(224, 224), (224, 98), (518, 518)])
+def test_positional_embedding_is_interpolated_as_the_reference_does(
+    height: int, width: int
+) -> None:
+    model = _model(REF_GRID)
+    emb: Any = model.backbone.embeddings  # transformers' Dinov2Embeddings
+    stored: torch.Tensor = emb.position_embeddings
+    h, w = height // 14, width // 14
+    # DinoVisionTransformer.interpolate_pos_encoding (dinov2/models/vision_transformer.py of
+    # daniel-scholz/mm-dinov2): the stored grid on its own square size, else scale factors
+    # with a 0.1 offset, bicubic, torch's defaults otherwise.
+    if (h, w) == (37, 37):
+        want = stored
+    else:
+        grid = stored[:, 1:].reshape(1, 37, 37, TINY.dim).permute(0, 3, 1, 2)
+        scaled = torch.nn.functional.interpolate(
+            grid, scale_factor=((h + 0.1) / 37, (w + 0.1) / 37), mode="bicubic"
+        )
+        want = torch.cat((stored[:, :1], scaled.permute(0, 2, 3, 1).reshape(1, h * w, -1)), 1)
+        # not transformers' interpolation (an output size instead of scale factors)
+        dummy = stored.new_empty(1, 1 + h * w, TINY.dim)
+        sized = emb.interpolate_pos_encoding(dummy, height, width)
+        assert not torch.allclose(sized, want, rtol=0, atol=1e-4)
+    x = torch.randn(1, 4, 3, height, width, generator=torch.Generator().manual_seed(0))
+    present = torch.tensor([[True, False, False, False]])
+    with torch.inference_mode():
+        assert torch.equal(model.position_embedding(height, width), want)
+        tokens = model.embed_tokens(x, present)
+    unit = torch.nn.functional.normalize(model.sequence_embedding, dim=-1)
+    assert torch.equal(tokens[:, 0], emb.cls_token[:, 0] + want[:, 0])
+    masked = tokens[0, 1 + 3 * h * w :]  # flair: missing, so mask token + pos + e
+    assert torch.equal(masked, (emb.mask_token + want[0, 1:]) + unit[3])
+
+
+def test_the_output_version_is_part_of_the_weights_hash() -> None:
+    model = _model()
+    current = weights_hash(model)
+    model.output_version = 1  # outputs before rows by name
+    assert weights_hash(model) != current
+    del model.output_version
+    assert weights_hash(model) == current
 
 
 @ARCHS

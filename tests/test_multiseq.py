@@ -196,6 +196,38 @@ def test_a_converted_mm_dinov2_directory_loads_as_a_multi_sequence_encoder(
     torch.testing.assert_close(enc.forward_study(x, present), mm.forward_study(x, present))
 
 
+def test_a_model_listing_its_sequences_in_another_order_stores_the_same_study(
+    mm: Encoder, study: dict[str, Path], pseudo: Pseudonymizer, tmp_path: Path
+) -> None:
+    """The training config's order (t2, t1, t1c, flair): each sequence still takes the
+    sequence-embedding row of its name, so the vectors are those of the default order and
+    the patch grids come in the listed order, as the entry records."""
+    from radcache.embeddings.models import MMDinov2, save_converted
+
+    order = ("t2", "t1", "t1c", "flair")
+    model: MMDinov2 = mm.model  # type: ignore[assignment]
+    encoders = []
+    for name, seqs in (("a", model.sequences), ("b", order)):
+        save_converted(MMDinov2(model.backbone, model.sequence_embedding, seqs), tmp_path / name)
+        encoders.append(load_encoder(str(tmp_path / name), device="cpu", precision="fp32"))
+    assert encoders[1].cfg.sequences == order
+    assert encoders[1].weights_hash == encoders[0].weights_hash
+    three = [study["t1"], study["t2"], study["flair"]]
+    entries = []
+    for enc, name in zip(encoders, "ab", strict=True):
+        store = EmbeddingStore(tmp_path / f"{name}.zarr")
+        (res,) = Pipeline(enc, store, pseudo).embed_study(three, mapping=MAPPING).series
+        info = store.get(res.entry)
+        assert info is not None
+        entries.append((store.read(res.entry, "cls"), store.read(res.entry, "patch"), info))
+    (cls_a, patch_a, a), (cls_b, patch_b, b) = entries
+    np.testing.assert_allclose(cls_b, cls_a, rtol=0, atol=1e-5)
+    assert b.attrs["study"]["vocabulary"] == list(order)
+    assert b.attrs["study"]["present"] == ["t2", "t1", "flair"]  # in the model's order
+    idx = [a.attrs["study"]["vocabulary"].index(s) for s in order]
+    np.testing.assert_allclose(patch_b.astype(np.float32), patch_a[:, idx], rtol=0, atol=2e-3)
+
+
 def test_a_dicom_study_is_sorted_into_sequences_by_its_headers(
     mm: Encoder, pseudo: Pseudonymizer, tmp_path: Path
 ) -> None:

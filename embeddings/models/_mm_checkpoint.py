@@ -40,9 +40,11 @@ log = logging.getLogger(__name__)
 
 # --- Training-checkpoint layout -------------------------------------------------------------
 # Names follow the DINOv2 training code (facebookresearch/dinov2, ``DinoVisionTransformer``);
-# the sequence embedding is MM-DINOv2's ``mri_seq_embed`` (an ``nn.Embedding``, one row per
-# sequence in SEQUENCES order), as its public code names it. No released MM-DINOv2 checkpoint
-# was at hand to check these names against: if a checkpoint differs, correct them here.
+# the sequence embedding is MM-DINOv2's ``mri_seq_embed`` (an ``nn.Embedding`` of 4 rows in
+# SEQUENCES order, whatever order the training config lists its ``mri_sequences`` in), as its
+# public code names it (dinov2/models/vision_transformer.py of daniel-scholz/mm-dinov2). No
+# released MM-DINOv2 checkpoint was at hand to check these names against: if a checkpoint
+# differs, correct them here.
 # Values are the tensor names of Hugging Face DINOv2 checkpoints (``model.safetensors`` of
 # facebook/dinov2-*); a 3-tuple splits a fused qkv tensor into query, key and value (rows in
 # that order). ``{i}`` is the block index.
@@ -239,8 +241,11 @@ def load_training_checkpoint(
     Outside the backbone prefix (heads, student) tensors are ignored; inside it every tensor
     must map through :data:`TRAINING_TO_HF` and every weight of ``arch_cfg``'s architecture
     must be there, else :class:`ModelError` names the offending keys. The positional-embedding
-    grid is taken from the checkpoint. ``use_sequence_embedding=False`` (a run trained with
-    ``use_mri_seq_embed: False``) zeroes the sequence embedding, which then adds nothing.
+    grid is taken from the checkpoint. ``mri_seq_embed`` has 4 rows, one per name of
+    :data:`SEQUENCES`; ``sequences`` is the order the inputs come in (the training config's
+    ``mri_sequences``, e.g. ``("t2", "t1", "t1c", "flair")``), each taking its row by name.
+    ``use_sequence_embedding=False`` (a run trained with ``use_mri_seq_embed: False``)
+    zeroes the sequence embedding, which then adds nothing.
     """
     source = str(path_or_state) if isinstance(path_or_state, str | Path) else "state dict"
     if isinstance(path_or_state, str | Path):
@@ -285,7 +290,7 @@ def load_training_checkpoint(
             config.image_size = grid * arch_cfg.patch_size
     backbone = _skeleton(config)
     expected = {k: t.shape for k, t in _hf_state(backbone).items()}
-    expected[SEQUENCE_EMBEDDING] = torch.Size((len(tuple(sequences)), arch_cfg.dim))
+    expected[SEQUENCE_EMBEDDING] = torch.Size((len(SEQUENCES), arch_cfg.dim))
     for train, target in _name_table(arch_cfg.depth).items():  # name missing keys as trained
         for name in target if isinstance(target, tuple) else (target,):
             name_of.setdefault(name, prefix + train)
@@ -293,12 +298,11 @@ def load_training_checkpoint(
     if problems:
         raise ModelError(
             f"training checkpoint {source} does not match {arch_cfg.name} ({arch_cfg.depth} "
-            f"blocks, width {arch_cfg.dim}, {arch_cfg.num_registers} registers, "
-            f"{len(tuple(sequences))} sequences) under prefix {prefix!r}: "
+            f"blocks, width {arch_cfg.dim}, {arch_cfg.num_registers} registers, a sequence "
+            f"embedding of {len(SEQUENCES)} rows {SEQUENCES}) under prefix {prefix!r}: "
             + "; ".join(problems)
-            + ". Pass the arch_cfg (and sequences) the checkpoint was trained with; if its "
-            "tensor names differ, correct TRAINING_TO_HF in "
-            "radcache/embeddings/models/_mm_checkpoint.py."
+            + ". Pass the arch_cfg the checkpoint was trained with; if its tensor names "
+            "differ, correct TRAINING_TO_HF in radcache/embeddings/models/_mm_checkpoint.py."
         )
     seq = hf.pop(SEQUENCE_EMBEDDING)
     _load_hf_state(backbone, hf)
@@ -401,7 +405,7 @@ def load_converted(out_dir: str | Path) -> MMDinov2:
         ) from exc
     backbone = _skeleton(AutoConfig.for_model(model_type, **config))
     expected = {k: t.shape for k, t in _hf_state(backbone).items()}
-    expected[SEQUENCE_EMBEDDING] = torch.Size((len(sequences), int(config["hidden_size"])))
+    expected[SEQUENCE_EMBEDDING] = torch.Size((len(SEQUENCES), int(config["hidden_size"])))
     problems = _mismatch(weights, expected)
     if problems:
         raise ModelError(

@@ -2,9 +2,13 @@
 
 Scholz et al., MICCAI 2025, "MM-DINOv2: Adapting Foundation Models for Multi-Modal Medical
 Image Analysis". Each sequence's slice goes through the backbone's patch embedding and gets
-the backbone's positional embedding; a learned sequence embedding (unit norm) is added to its
-patch tokens; the tokens of all sequences follow a single CLS token (then the register tokens,
-for DINOv2 with registers) through the backbone's blocks and final layer norm.
+the backbone's positional embedding, interpolated as the reference code does; a learned
+sequence embedding (unit norm), chosen by the sequence's name, is added to its patch tokens;
+the tokens of all sequences follow a single CLS token (then the register tokens, for DINOv2
+with registers) through the backbone's blocks and final layer norm.
+
+Reference: ``GliomaDinoViT`` and ``DinoVisionTransformer.interpolate_pos_encoding`` in
+dinov2/models/vision_transformer.py of github.com/daniel-scholz/mm-dinov2.
 
 A missing sequence is masked, not dropped: its patch embeddings are replaced by the backbone's
 mask token *before* the positional and sequence embeddings are added, as DINOv2 masks patches
@@ -14,6 +18,7 @@ the vocabulary, with ``present`` saying which ones were acquired.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,11 +27,17 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError
+from ._registry import MM_SEQUENCES
 
 __all__ = ["SEQUENCES", "MMDinov2", "MMOutput"]
 
-#: The default sequence vocabulary, in the row order of the sequence-embedding table.
-SEQUENCES: tuple[str, ...] = ("t1", "t1c", "t2", "flair")
+#: The sequence names, in the row order of the sequence-embedding table, which always has
+#: these four rows (the reference's ``mri_sequences_default``). A model's ``sequences``
+#: list its inputs in any order, or a subset of them; each takes the row of its name.
+SEQUENCES: tuple[str, ...] = MM_SEQUENCES
+#: Added to the target grid size before the positional grid is resampled by scale factor,
+#: as the reference does ("to avoid floating point error", facebookresearch/dino issue 8).
+POS_OFFSET = 0.1
 _MODEL_TYPES = ("dinov2", "dinov2_with_registers")
 
 
@@ -42,11 +53,19 @@ class MMOutput:
 class MMDinov2(nn.Module):
     """A frozen HF DINOv2 backbone (with or without registers) plus a sequence embedding.
 
-    The backbone's own modules do the work (patch embedding, CLS/mask/register tokens,
-    positional-embedding interpolation, blocks with its attention implementation, final
-    norm), so with one sequence and a zero sequence embedding the outputs are those of
-    ``backbone(pixel_values=x)``.
+    ``sequence_embedding`` is ``(4, D)``, one row per name of :data:`SEQUENCES` in that
+    order; ``sequences`` names the model's inputs in the order they are given (a training
+    config's ``mri_sequences``, e.g. ``t2,t1,t1c,flair``) and maps each to its row by name,
+    as the reference's ``mri_seq_idx_map`` does. The backbone's own modules do the rest
+    (patch embedding, CLS/mask/register tokens, blocks with its attention implementation,
+    final norm); the positional embedding is interpolated as the reference does
+    (:meth:`position_embedding`). On the backbone's native grid, with one sequence and a
+    zero sequence embedding, the outputs are those of ``backbone(pixel_values=x)``.
     """
+
+    #: Bumped whenever the outputs change for the same weights; part of the weights hash,
+    #: hence of every cache key and space. 2: rows by name, the reference's interpolation.
+    output_version = 2
 
     def __init__(
         self,
@@ -60,6 +79,13 @@ class MMDinov2(nn.Module):
         seqs = tuple(sequences)
         if not seqs or len(set(seqs)) != len(seqs):
             raise ValueError(f"sequences must be distinct names, at least one; got {seqs}")
+        unknown = [s for s in seqs if s not in SEQUENCES]
+        if unknown:
+            raise ModelError(
+                f"MM-DINOv2 has sequence embeddings for {', '.join(SEQUENCES)} only; got "
+                f"{unknown} in {seqs}. Name every input with one of these names (in any "
+                "order, or a subset of them)."
+            )
         config = getattr(backbone, "config", None)
         embeddings = getattr(backbone, "embeddings", None)
         if (
@@ -72,10 +98,11 @@ class MMDinov2(nn.Module):
                 "build_random/load_backbone, or with use_mask_token=True in its config."
             )
         dim = int(config.hidden_size)  # type: ignore[union-attr]
-        if tuple(sequence_embedding.shape) != (len(seqs), dim):
+        if tuple(sequence_embedding.shape) != (len(SEQUENCES), dim):
             raise ValueError(
                 f"sequence_embedding has shape {tuple(sequence_embedding.shape)}; expected "
-                f"({len(seqs)}, {dim}): one row of the backbone's width per sequence {seqs}."
+                f"({len(SEQUENCES)}, {dim}): one row of the backbone's width per name of "
+                f"{SEQUENCES}, in that order, whatever the order of sequences {seqs}."
             )
         self.backbone = backbone.eval().requires_grad_(False)
         self.sequences = seqs
@@ -83,6 +110,13 @@ class MMDinov2(nn.Module):
         self.sequence_embedding = nn.Parameter(
             sequence_embedding.detach().to(weight.device, weight.dtype).clone(),
             requires_grad=False,
+        )
+        #: Row of the sequence embedding for each of ``sequences``, in their order.
+        self.sequence_rows: torch.Tensor
+        self.register_buffer(
+            "sequence_rows",
+            torch.tensor([SEQUENCES.index(s) for s in seqs], device=weight.device),
+            persistent=False,
         )
         #: True while the sequence embeddings are random (not trained): labels say so.
         self.untrained = untrained
@@ -99,7 +133,7 @@ class MMDinov2(nn.Module):
         """``backbone`` with seeded random sequence embeddings (N(0, 0.02²)), flagged untrained."""
         dim = int(getattr(getattr(backbone, "config", None), "hidden_size", 0))
         g = torch.Generator().manual_seed(seed)
-        emb = torch.randn(len(tuple(sequences)), dim, generator=g) * 0.02
+        emb = torch.randn(len(SEQUENCES), dim, generator=g) * 0.02
         return cls(backbone, emb, sequences, untrained=True)
 
     # -- the HF modules, reached through the backbone (not registered twice) ------------------
@@ -114,6 +148,43 @@ class MMDinov2(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
+    def position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """The positional embedding ``(1, 1 + h·w, D)`` for ``height × width`` pixels.
+
+        As the reference's ``interpolate_pos_encoding``: the stored embedding when the input
+        is square and has as many patches as the stored grid; otherwise the stored
+        ``M × M`` grid resampled in float32 by ``F.interpolate(mode="bicubic")`` with
+        ``scale_factor = ((h + 0.1) / M, (w + 0.1) / M)`` (no output size, no antialiasing,
+        ``align_corners`` False), the CLS position unchanged, in the embedding's dtype.
+        """
+        stored: torch.Tensor = self._embeddings.position_embeddings
+        n, dim = stored.shape[1] - 1, stored.shape[2]
+        rows, cols = height // self.patch_size, width // self.patch_size
+        if rows * cols == n and height == width:
+            return stored
+        m = math.isqrt(n)
+        if m * m != n:
+            raise ModelError(
+                f"the positional embedding holds {n} patch positions; expected a square grid "
+                "(the checkpoint's pos_embed is (1, 1 + M·M, D))."
+            )
+        grid = stored[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
+        grid = nn.functional.interpolate(
+            grid,
+            scale_factor=((rows + POS_OFFSET) / m, (cols + POS_OFFSET) / m),
+            mode="bicubic",
+            align_corners=False,
+            antialias=False,
+        )
+        if tuple(grid.shape[-2:]) != (rows, cols):
+            raise ModelError(
+                f"resampling the {m}×{m} positional grid gave {tuple(grid.shape[-2:])}; "
+                f"expected {(rows, cols)} for a {height}×{width} input. Choose another input "
+                f"size (a multiple of the patch size, {self.patch_size})."
+            )
+        patch = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+        return torch.cat((stored[:, :1].float(), patch), dim=1).to(stored.dtype)
+
     def embed_tokens(
         self,
         pixels: torch.Tensor,
@@ -124,8 +195,9 @@ class MMDinov2(nn.Module):
 
         Layout: CLS, the R register tokens, then each sequence's ``h·w`` patch tokens in the
         order given. A present sequence's patch token is ``patch + pos + e``; a missing one's
-        is ``mask_token + pos + e`` (the pixels are not read), where ``e`` is the sequence's
-        embedding divided by its L2 norm (an all-zero embedding stays zero).
+        is ``mask_token + pos + e`` (the pixels are not read), where ``pos`` is
+        :meth:`position_embedding` and ``e`` is the row of the sequence's name divided by its
+        L2 norm (an all-zero row stays zero).
         """
         x, present, ids = self._check(pixels, present, sequence_ids)
         b, s, c, height, width = x.shape
@@ -134,12 +206,11 @@ class MMDinov2(nn.Module):
         n, d = patch.shape[1], patch.shape[2]
         missing = ~present.reshape(b * s, 1, 1)
         patch = torch.where(missing, emb.mask_token.to(patch.dtype).unsqueeze(0), patch)
-        # the backbone's interpolation reads only the token count and width of its argument
-        pos = emb.interpolate_pos_encoding(patch.new_empty(1, 1 + n, d), height, width)
+        pos = self.position_embedding(height, width)
         cls = emb.cls_token.expand(b, -1, -1) + pos[:, :1]
         unit = nn.functional.normalize(self.sequence_embedding, p=2.0, dim=-1)
         patch = patch.reshape(b, s, n, d) + pos[:, 1:].unsqueeze(1)
-        patch = patch + unit[ids].to(patch.dtype).unsqueeze(2)
+        patch = patch + unit[self.sequence_rows[ids]].to(patch.dtype).unsqueeze(2)
         parts = [cls]
         if self.num_registers:
             parts.append(emb.register_tokens.expand(b, -1, -1))
