@@ -9,6 +9,7 @@ The stages, each a module with one entry point:
 * :func:`open_index` (index) — FAISS indexes over the store, one per space and level
 * :class:`Searcher` (search) — similar cases and few-shot classification
 * :class:`Pipeline` — composes them, skipping cached volumes
+* :func:`get_preset` (presets) — the papers' protocols by name: a recipe and a probe
 
 Names load on first use (PEP 562), so ``radcache.embeddings.errors`` or ``.settings`` can be
 imported without pulling in torch.
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from .models import DEFAULT_MODEL, REGISTRY, ModelCfg
     from .pipeline import EmbedReport, Pipeline, SeriesResult
     from .preprocess import Prepared, prepare
+    from .presets import PRESETS, Preset, get_preset
     from .pseudonyms import InputRefs, Pseudonymizer
     from .recipe import Recipe, load_recipe
     from .search import Query, Searcher
@@ -61,6 +63,9 @@ _WHERE = {
     "__version__": "_version",
     "Prepared": "preprocess",
     "prepare": "preprocess",
+    "PRESETS": "presets",
+    "Preset": "presets",
+    "get_preset": "presets",
     "Recipe": "recipe",
     "load_recipe": "recipe",
     "Settings": "settings",
@@ -75,6 +80,7 @@ _WHERE = {
 
 __all__ = [
     "DEFAULT_MODEL",
+    "PRESETS",
     "REGISTRY",
     "Candidate",
     "EmbedReport",
@@ -88,6 +94,7 @@ __all__ = [
     "ModelCfg",
     "Pipeline",
     "Prepared",
+    "Preset",
     "Pseudonymizer",
     "Query",
     "RadcacheError",
@@ -100,6 +107,7 @@ __all__ = [
     "Volume",
     "VolumeMeta",
     "__version__",
+    "get_preset",
     "get_settings",
     "load_encoder",
     "load_recipe",

@@ -250,7 +250,7 @@ def _attrs(
         "sequences": list(vocabulary),
         "untrained_sequences": cfg.untrained_sequences,
     }
-    attrs["space"] = space_id(model_name, enc.weights_hash, recipe.hash())
+    attrs["space"] = space_id(model_name, enc.weights_hash, recipe.space_hash())
     attrs["pooled"] = "mean of slice CLS tokens" + (
         "" if fusion == "mm" else f" ({fusion} of per-sequence CLS)"
     )

@@ -234,7 +234,9 @@ class Pipeline:
             try:
                 volume = cand.load()
                 key, recipe = self.key_for(volume)
-                space = space_id(self.encoder.cfg.name, self.encoder.weights_hash, recipe.hash())
+                space = space_id(
+                    self.encoder.cfg.name, self.encoder.weights_hash, recipe.space_hash()
+                )
                 meta = volume.meta.to_dict()
                 if self.store.get(key) is not None:
                     cls = self.store.read(key, "cls")

@@ -156,6 +156,6 @@ def entry_attrs(
         "grid": list(grid),
         "cls_last_n": cls_last_n,
         "pooled": "mean of slice CLS tokens",
-        "space": space_id(cfg.name, enc.weights_hash, recipe.hash()),
+        "space": space_id(cfg.name, enc.weights_hash, recipe.space_hash()),
         "radcache_version": __version__,
     }

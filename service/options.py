@@ -2,9 +2,10 @@
 
 :class:`~radcache.clients.schemas.SubmitOptions` is what a client sends (form fields or
 query parameters, every way in alike); :func:`job_options` checks it against the loaded
-model, loads the recipe, and decides once whether the upload is one multi-sequence MR
-study. The :class:`JobOptions` it returns is stored with the job, so a worker (in this
-process or another) runs the job exactly as it was asked for.
+model, loads the recipe (given, or a preset's by ``protocol``; never both), and decides
+once whether the upload is one multi-sequence MR study. The :class:`JobOptions` it returns
+is stored with the job, so a worker (in this process or another) runs the job exactly as
+it was asked for.
 
 A patient or study reference (for NIfTI, NRRD and MetaImage uploads) is pseudonymised here,
 before anything is stored: the job row holds the names (until the job ends), never the
@@ -21,10 +22,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from radcache.clients.schemas import SubmitOptions
-from radcache.embeddings import ModelCfg, Pipeline, Recipe, load_recipe
+from radcache.embeddings import ModelCfg, Pipeline, Recipe
 from radcache.embeddings.errors import InvalidFieldError, ModelNotLoadedError
 from radcache.embeddings.models import get_cfg
+from radcache.embeddings.presets import recipe_for
 from radcache.embeddings.pseudonyms import DEFAULT_TENANT, InputRefs, Pseudonymizer
+from radcache.embeddings.recipe import load_roi
 
 __all__ = ["JobOptions", "job_options", "parse_submit_options", "refuse_query_refs"]
 
@@ -36,7 +39,8 @@ class JobOptions(BaseModel):
 
     modality: str | None = None
     patch_tokens: bool | None = None
-    recipe: dict[str, Any] | None = None  # the loaded recipe, dumped
+    recipe: dict[str, Any] | None = None  # the loaded recipe (or protocol's), dumped
+    roi: dict[str, Any] | None = None  # the box every volume is cut to, on any recipe
     labels: dict[str, Any] | None = None
     collection: str | None = None
     sequences: dict[str, str] | None = None
@@ -58,11 +62,14 @@ class JobOptions(BaseModel):
         return self.model_dump(mode="json", exclude_none=True, exclude_defaults=True)
 
     def pipeline(self, base: Pipeline) -> Pipeline:
-        """``base`` with the recipe and patch-token choice these options ask for, storing
-        for the submitting tenant."""
+        """``base`` with the recipe (cut to the roi) and patch-token choice these options ask
+        for, storing for the submitting tenant."""
         if self.recipe is not None and self._recipe is None:
             self._recipe = Recipe.model_validate(self.recipe)  # a stored job: parsed once
-        return base.variant(recipe=self._recipe, patch_tokens=self.patch_tokens, tenant=self.tenant)
+        recipe = self._recipe
+        if self.roi is not None:
+            recipe = (recipe or base.recipe).with_roi(load_roi(self.roi))
+        return base.variant(recipe=recipe, patch_tokens=self.patch_tokens, tenant=self.tenant)
 
 
 def parse_submit_options(raw: dict[str, Any]) -> SubmitOptions:
@@ -107,7 +114,8 @@ def job_options(
             f"this server runs {loaded.name!r}, not {options.model!r}; send it to a server "
             f"started with --model {options.model}, or leave model out."
         )
-    recipe = load_recipe(options.recipe) if options.recipe else None
+    recipe = recipe_for(options.recipe, options.protocol)
+    roi = load_roi(options.roi).model_dump(mode="json") if options.roi else None
     refs = InputRefs()
     if options.refs:
         if pseudonymizer is None:  # a caller's mistake, never the sender's
@@ -117,6 +125,7 @@ def job_options(
         modality=options.modality,
         patch_tokens=options.patch_tokens,
         recipe=recipe.model_dump(mode="json") if recipe is not None else None,
+        roi=roi,
         labels=options.labels,
         collection=options.collection,
         sequences=options.sequences,

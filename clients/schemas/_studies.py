@@ -275,6 +275,19 @@ class SubmitOptions(BaseModel):
     recipe: dict[str, Any] | None = Field(
         None, description="a preprocessing recipe (JSON object) instead of the server's"
     )
+    protocol: str | None = Field(
+        None,
+        description="a paper's preprocessing by name instead of a recipe (not with recipe): "
+        "baharoon2023-knn, baharoon2023-linear, baharoon2023-fewshot, baharoon2023-seg, "
+        "scholz2025",
+        examples=["baharoon2023-knn"],
+    )
+    roi: dict[str, Any] | None = Field(
+        None,
+        description='a box every volume is cut to first: {"voxels": [z0, z1, y0, y1, x0, x1]} '
+        '(slice, row, column; half-open) or {"mm": [l0, l1, p0, p1, s0, s1]} (patient LPS)',
+        examples=[{"voxels": [40, 41, 80, 176, 60, 156]}],
+    )
     labels: dict[str, Any] | None = Field(
         None, description='labels recorded with every series, e.g. {"diagnosis": "normal"}'
     )
@@ -305,7 +318,7 @@ class SubmitOptions(BaseModel):
     def _upper(cls, v: Any) -> Any:
         return str(v).upper() if v else None
 
-    @field_validator("model", "collection", mode="before")
+    @field_validator("model", "collection", "protocol", mode="before")
     @classmethod
     def _blank_is_none(cls, v: Any) -> Any:
         return v or None
@@ -331,7 +344,7 @@ class SubmitOptions(BaseModel):
             return v if v != "" else None
         return str(v).lower() in ("1", "true", "yes")
 
-    @field_validator("recipe", "labels", "sequences", mode="before")
+    @field_validator("recipe", "labels", "sequences", "roi", mode="before")
     @classmethod
     def _json(cls, v: Any) -> Any:
         return _json_field(v) or None

@@ -121,6 +121,8 @@ def _table_group(root: zarr.Group, info: EntryInfo, dim: int) -> zarr.Group:
         return g
     g = tables.create_group(info.space)
     create_columns(g, dim)
+    # a space's entries share model and recipe, all but the region of interest each may cut
+    recipe = {k: v for k, v in (info.attrs.get("recipe") or {}).items() if k != "roi"}
     g.attrs["radcache"] = {
         "count": 0,
         "slices": 0,
@@ -129,7 +131,7 @@ def _table_group(root: zarr.Group, info: EntryInfo, dim: int) -> zarr.Group:
         "model": info.model,
         "weights_hash": info.weights_hash,
         "recipe_hash": info.recipe_hash,
-        "recipe": info.attrs.get("recipe"),
+        "recipe": recipe,
         "level": "series+slice",
         "table_id": uuid.uuid4().hex,  # tells an index this table from a re-created one
     }

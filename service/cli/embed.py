@@ -47,6 +47,18 @@ class _Bar:
     "--recipe", type=click.Path(exists=True, dir_okay=False), help="Recipe file (JSON or YAML)."
 )
 @click.option(
+    "--protocol",
+    metavar="NAME",
+    help="A paper's preprocessing by name instead of --recipe: baharoon2023-knn, "
+    "baharoon2023-linear, baharoon2023-fewshot, baharoon2023-seg or scholz2025.",
+)
+@click.option(
+    "--roi",
+    metavar="JSON",
+    help="Cut every volume to a box first: '{\"voxels\": [z0, z1, y0, y1, x0, x1]}' (slice, "
+    "row, column; half-open) or '{\"mm\": [l0, l1, p0, p1, s0, s1]}' (patient LPS, mm).",
+)
+@click.option(
     "--patch-tokens/--no-patch-tokens", default=None, help="Keep patch-token grids (fp16)."
 )
 @encoder_options
@@ -81,6 +93,8 @@ def embed(
     model: str | None,
     store: str | None,
     recipe: str | None,
+    protocol: str | None,
+    roi: str | None,
     patch_tokens: bool | None,
     device: str | None,
     precision: str | None,
@@ -94,6 +108,9 @@ def embed(
 ) -> None:
     """Embed DICOM files/directories/zips and NIfTI/NRRD/MHA volumes into the store.
 
+    --protocol NAME preprocesses as a paper's public code does (radcache.embeddings.presets);
+    its entries are distinct from those of the default recipe.
+
     With an MM-DINOv2 model, --sequence or --fusion, all inputs are one multi-sequence MR
     study and become one entry. Exit status: 0 when everything was embedded or cached,
     1 when any input failed (the rest is still stored), 2 when nothing could run (model,
@@ -101,8 +118,12 @@ def embed(
     """
     need_server("embed")
     from radcache.embeddings import Pipeline
+    from radcache.embeddings.presets import recipe_for
+    from radcache.embeddings.recipe import load_roi
 
     try:
+        named = recipe_for(recipe, protocol) if protocol else None  # before the model loads
+        box = load_roi(roi) if roi else None
         s = settings(
             model=model,
             store=store,
@@ -115,6 +136,8 @@ def embed(
         mapping = dict(_pair(x) for x in sequences)
         refs = s.pseudonymizer().refs(patient=patient, study=study)  # before the model loads
         pipe = Pipeline.from_settings(s)
+        if named is not None or box is not None:
+            pipe = pipe.variant(recipe=(named or pipe.recipe).with_roi(box))
         pipe.check_refs(inputs, refs)
         encoder = pipe.encoder
         settle()

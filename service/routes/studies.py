@@ -60,9 +60,11 @@ async def submit_study(
     request: Request, res: ResourcesDep, query: SubmitQuery, who: Submit
 ) -> Response:
     """Upload as ``multipart/form-data`` (any number of files, plus optional fields
-    ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON), ``labels`` (a JSON
-    object recorded with every series), ``collection``, ``sequences`` and ``fusion``) or as
-    one body (``application/zip``, ``application/dicom``, NIfTI) with the options as query
+    ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON) or ``protocol`` (a paper's
+    preprocessing by name; not both: 422 ``invalid-recipe``, as for an unknown name),
+    ``roi`` (JSON: a box every volume is cut to first), ``labels`` (a JSON object recorded
+    with every series), ``collection``, ``sequences`` and ``fusion``) or as one body
+    (``application/zip``, ``application/dicom``, NIfTI) with the options as query
     parameters (:class:`SubmitOptions`; a query parameter wins over a form field).
 
     ``patient`` and ``study`` name the patient and study of NIfTI, NRRD and MetaImage files
