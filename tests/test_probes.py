@@ -105,15 +105,16 @@ def test_knn_fewshot_and_3d_pooling_run_deterministically(lesion_store) -> None:
     store, labels_csv = lesion_store
     given = read_labels(labels_csv)
     f = features(store, labels=given)
-    split = patient_split(f, (0.7, 0.0, 0.3))
-    tr, te = f.take(np.flatnonzero(split == "train")), f.take(np.flatnonzero(split == "test"))
-    a = knn(tr, te, "finding", ks=(5, 20), bootstrap=200)
-    b = knn(tr, te, "finding", ks=(5, 20), bootstrap=200)
-    assert a == b and set(a["by_k"]) == {"5", "20"}  # same figures on every run
+    split = patient_split(f, (0.6, 0.1, 0.3))
+    tr, va, te = (f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test"))
+    a = knn(tr, va, te, "finding", ks=(5, 20), bootstrap=200)
+    b = knn(tr, va, te, "finding", ks=(5, 20), bootstrap=200)
+    assert a == b and set(a["val_by_k"]) == {"5", "20"}  # same figures on every run
+    assert a["k"] in (5, 20) and a["n_support"] == len(tr) + len(va)
     pred = a["predictions"]
     assert pred["classes"] == a["classes"] and len(pred["y"]) == len(pred["proba"]) == len(te)
     assert pred["entries"] == [r["entry"] for r in te.rows]
-    fs = fewshot(tr, te, "finding", shots=(1, 4), draws=3)
+    fs = fewshot(tr, va, te, "finding", shots=(1, 4), draws=3)
     assert set(fs["by_shots"]) == {"1", "4"}
     assert set(fs["by_shots"]["4"]) == {"knn", "logreg"}
     sl = features(store, level="slice", labels=given)
@@ -160,6 +161,55 @@ def test_probe_and_export_commands(lesion_store, tmp_path: Path) -> None:
     assert table.schema.metadata[b"level"] == b"series"
     bad = run("probe", "linear", "--store", str(tmp_path / "none.zarr"), "--label", "x")
     assert bad.returncode == 2 and "not-found" in bad.stderr
+
+
+def test_probe_protocols_select_the_studys_method_and_features(
+    lesion_store, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    store, labels_csv = lesion_store
+    base = ["--store", store.url, "--labels", str(labels_csv), "--label", "finding"]
+    base += ["--bootstrap", "0"]
+    out = tmp_path / "linear"
+    preset = ["--protocol", "baharoon2023-linear"]
+    r = CliRunner().invoke(main, ["probe", "linear", *base, *preset, "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())
+    assert res["method"] == "baharoon2023" and res["preset"] == "baharoon2023-linear"
+    assert res["kind"] == "cls_last4+meanpatch" and res["head"]["epochs"] == 10
+    # the random test model has 2 blocks: the grid's "last 4" is both
+    assert len(res["val_auroc_by_setting"]) == 2 * 2 * 4 and res["setting"]["blocks"] in (1, 2)
+    assert "Chosen setting: blocks" in (out / "report.md").read_text()
+    out = tmp_path / "knn"
+    r = CliRunner().invoke(
+        main, ["probe", "knn", *base, "--protocol", "baharoon2023-knn", "-k", "5", "-k", "20",
+               "-o", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())
+    assert res["vote"] == "softmax-partial-sums" and res["kind"] == "cls"
+    assert res["k"] in (5, 20) and set(res["val_by_k"]) == {"5", "20"}
+    assert "Chosen k:" in (out / "report.md").read_text()
+    r = CliRunner().invoke(main, ["probe", "linear", *base, *preset, "--kind", "pooled"])
+    assert r.exit_code == 2 and "reads cls_last4+meanpatch" in r.output
+    out = tmp_path / "fewshot"
+    r = CliRunner().invoke(
+        main, ["probe", "fewshot", *base, "--protocol", "baharoon2023-fewshot", "--shots", "2",
+               "--draws", "2", "-o", str(out)],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "result.json").read_text())
+    assert set(res["by_shots"]["2"]) == {"knn k=2", "linear"}
+    assert res["linear_by_shots"]["2"]["head"]["n_fit"] == 2
+    # the study's linear input: the last blocks' CLS (the last is the CLS), then mean patch
+    wide = features(store, kind="cls_last4+meanpatch")
+    assert wide.x.shape == (N, 3 * 64) and wide.meta["cls_blocks"] == 2  # a 2-block model
+    np.testing.assert_allclose(wide.x[:, 64:128], features(store, kind="cls").x, atol=1e-5)
+    mean_patch = features(store, kind="cls+meanpatch").x[:, 64:]
+    np.testing.assert_allclose(wide.x[:, 128:], mean_patch, atol=1e-6)
 
 
 def test_a_split_by_patient_warns_of_entries_without_one(
@@ -265,9 +315,9 @@ def test_multilabel_probes_learn_label_sets_and_shuffled_sets_do_not() -> None:
     sh = {s: shuffled.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
     trva = Features.concat([tr, va])
 
-    res = knn(trva, te, "finding", ks=(5, 20), bootstrap=50, multilabel=True)
+    res = knn(tr, va, te, "finding", ks=(5, 20), bootstrap=50, multilabel=True)
     assert res["multilabel"] and res["classes"] == sorted([*CLASSES, "No Finding"])
-    best = res["by_k"][str(res["best_k"])]
+    best = res["test"]
     assert best["macro_auroc"]["low"] > 0.6, best
     assert set(best) == {"macro_auroc", "macro_f1", "mean_ap", "per_class_auroc"}
     assert set(best["per_class_auroc"]) == set(res["classes"])
@@ -278,10 +328,11 @@ def test_multilabel_probes_learn_label_sets_and_shuffled_sets_do_not() -> None:
     a, b = normalise(te.x), normalise(trva.x)
     sets = trva.label_sets("finding")
     y = np.asarray([[c in s for c in res["classes"]] for s in sets], dtype=np.int64)
-    np.testing.assert_allclose(pred["proba"], ml_knn(a @ b.T, b @ b.T, y, res["best_k"]), atol=1e-9)
-    sh_trva = Features.concat([sh["train"], sh["val"]])
-    ctrl = knn(sh_trva, sh["test"], "finding", ks=(5, 20), bootstrap=50, multilabel=True)
-    cb = ctrl["by_k"][str(ctrl["best_k"])]["macro_auroc"]
+    np.testing.assert_allclose(pred["proba"], ml_knn(a @ b.T, b @ b.T, y, res["k"]), atol=1e-9)
+    ctrl = knn(
+        sh["train"], sh["val"], sh["test"], "finding", ks=(5, 20), bootstrap=50, multilabel=True
+    )
+    cb = ctrl["test"]["macro_auroc"]
     assert cb["low"] <= 0.5 <= cb["high"], cb
 
     lin = linear(tr, va, te, "finding", cs=(0.01, 1.0), bootstrap=50, multilabel=True)
@@ -294,7 +345,7 @@ def test_multilabel_probes_learn_label_sets_and_shuffled_sets_do_not() -> None:
     figures = {"knn": best["macro_auroc"], "linear": auroc, "shuffled": [cb, lcb]}
     print(json.dumps(figures))
     with pytest.raises(InputError, match="few-shot"):
-        fewshot(trva, te, "finding", multilabel=True)
+        fewshot(tr, va, te, "finding", multilabel=True)
 
 
 def test_label_sets_and_multilabel_scores() -> None:

@@ -54,7 +54,8 @@ def knn_result(multilabel: bool = False) -> dict[str, Any]:
     by_k = {str(k): score_dict(0.6 + 0.02 * i, metrics) for i, k in enumerate((5, 20, 50))}
     by_k["50"][metrics[0]] = cell(NAN)
     out = {**COMMON, "protocol": "knn", "kind": "pooled", "split_seed": 0, "temperature": 0.07}
-    out |= {"n_train": 70, "n_test": 30, "by_k": by_k, "best_k": 20}
+    out |= {"n_train": 60, "n_val": 10, "n_test": 30, "val_by_k": by_k, "k": 20}
+    out |= {"selected_by": f"validation {metrics[1]}", "test": score_dict(0.7, metrics)}
     return out | {"multilabel": multilabel, "predictions": predictions(multilabel)}
 
 
@@ -151,11 +152,16 @@ def test_knn_report(tmp_path: Path) -> None:
         result,
         tmp_path,
         ["knn_k_sweep.png", "confusion_matrix.png", "roc.png"],
-        ["# knn probe — finding", "| k | accuracy | balanced_accuracy |", "20 (best)"],
+        [
+            "# knn probe — finding",
+            "Chosen k: 20 (validation balanced_accuracy).",
+            "| accuracy | 0.700 [0.650, 0.750] |",  # test, at the chosen k
+            "| k | validation accuracy | validation balanced_accuracy |",
+        ],
     )
-    assert "0.640 [0.590, 0.690]" in md  # k = 20 accuracy
+    assert "| 20 (chosen) | 0.620 | 0.630 |" in md  # validation figures of k = 20
     saved = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert saved["by_k"]["50"]["accuracy"]["value"] is None  # NaN written as null
+    assert saved["val_by_k"]["50"]["accuracy"]["value"] is None  # NaN written as null
     assert "space `dinov2-s`" in md
     assert "split seed `0`" in md
 
@@ -165,7 +171,7 @@ def test_knn_multilabel_report(tmp_path: Path) -> None:
         knn_result(multilabel=True),
         tmp_path,
         ["knn_k_sweep.png", "roc.png"],
-        ["| k | macro_auroc | macro_f1 | mean_ap |"],
+        ["| k | validation macro_auroc | validation macro_f1 | validation mean_ap |"],
     )
     assert "confusion_matrix" not in md
 
@@ -194,6 +200,29 @@ def test_linear_report(tmp_path: Path) -> None:
     assert "| accuracy | 0.700 [0.650, 0.750] |" in md
 
 
+def test_linear_report_of_the_studys_grid(tmp_path: Path) -> None:
+    result = {
+        k: v for k, v in linear_result().items() if k not in ("c", "val_balanced_accuracy_by_c")
+    }
+    grid = {"blocks=1 avgpool=True lr=0.001": 0.61, "blocks=4 avgpool=False lr=0.05": 0.72}
+    result |= {"method": "baharoon2023", "val_auroc_by_setting": grid}
+    result |= {
+        "setting": {"blocks": 4, "avgpool": False, "lr": 0.05},
+        "head": {"val_metric": "auroc"},
+    }
+    md = check_report(
+        result,
+        tmp_path,
+        ["confusion_matrix.png", "roc.png"],
+        [
+            "method `baharoon2023`",
+            "Chosen setting: blocks 4, avgpool False, lr 0.05 (best validation auroc).",
+            "| blocks=4 avgpool=False lr=0.05 | 0.720 |",
+        ],
+    )
+    assert "Chosen C" not in md
+
+
 def test_linear_multilabel_grid_name(tmp_path: Path) -> None:
     result = linear_result()
     result["val_macro_auroc_by_c"] = result.pop("val_balanced_accuracy_by_c")
@@ -218,9 +247,9 @@ def test_seg_report(tmp_path: Path) -> None:
 
 def test_missing_values_render_na(tmp_path: Path) -> None:
     result = knn_result()
-    result["by_k"]["5"] = {m: cell(None) for m in METRICS}
-    result["by_k"]["20"]["mcc"] = {"value": NAN}
-    result["by_k"]["20"]["macro_f1"] = {"value": 0.5, "low": None, "high": None}
+    result["val_by_k"]["5"] = {m: cell(None) for m in METRICS}
+    result["val_by_k"]["20"]["mcc"] = {"value": NAN}
+    result["val_by_k"]["20"]["macro_f1"] = {"value": 0.5, "low": None, "high": None}
     del result["predictions"]
     md = check_report(
         result, tmp_path, ["knn_k_sweep.png"], ["| 5 | n/a | n/a | n/a | n/a | n/a |"]
@@ -232,7 +261,7 @@ def test_missing_values_render_na(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("result", "pngs"),
     [
-        ({"protocol": "knn", "label": "x", "best_k": None, "by_k": {}}, ["knn_k_sweep.png"]),
+        ({"protocol": "knn", "label": "x", "k": None, "val_by_k": {}}, []),
         (
             {"protocol": "fewshot", "label": "x", "by_shots": {"1": {"knn": {}}, "2": {}}},
             ["fewshot_curve.png"],

@@ -178,3 +178,35 @@ def test_probe_seg_command_writes_a_report(seg_store, tmp_path: Path) -> None:
     bad.write_text(f"entry,mask\n{next(iter(masks))},{tmp_path / 'missing.nii.gz'}\n")
     p = run("probe", "seg", "--store", store.url, "--masks", str(bad), "-o", str(out))
     assert p.returncode != 0 and "missing.nii.gz" in p.stderr
+
+
+def test_probe_seg_protocol_baharoon2023_chooses_on_val(
+    seg_store: tuple[EmbeddingStore, dict[str, Path], dict[str, Path]], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    store, masks, _ = seg_store
+    csv = tmp_path / "masks.csv"
+    csv.write_text("entry,mask\n" + "".join(f"{k},{masks[k]}\n" for k in masks))
+    out = tmp_path / "report"
+    r = CliRunner().invoke(
+        main,
+        [
+            "probe", "seg", "--store", store.url, "--masks", str(csv), "--classes", "bg,blob,bar",
+            "--protocol", "baharoon2023-seg", "--split", "blocks", "--epochs", "3",
+            "--bootstrap", "20", "--pictures", "0", "-o", str(out), "--json",
+        ],
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["method"] == "baharoon2023" and res["preset"] == "baharoon2023-seg"
+    assert res["n_val_slices"] > 0 and res["trained_on"] == "train+val"
+    assert len(res["val_dice"]) == 7 and res["lr"] == max(
+        (float(k) for k in res["val_dice"]), key=lambda k: res["val_dice"][f"{k:g}"]
+    )
+    assert res["dice"]["value"] > 0.5, res["dice"]  # the blob and bar, pooled on the canvas
+    assert any("448" in w for w in res["warnings"])  # embedded with radcache's recipe
+    md = (out / "report.md").read_text()
+    assert "validation Dice" in md and "augmentation is not reproduced" in md

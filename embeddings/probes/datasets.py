@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .segment import SegData
+from .seg_volumes import SegData
 
 __all__ = ["PatchDataset", "SliceDataset"]
 

@@ -23,8 +23,9 @@ from ..store import EmbeddingStore
 __all__ = ["KINDS", "Features", "Kind", "Level", "features", "pool_slices", "read_labels"]
 
 Level = Literal["series", "slice"]
-Kind = Literal["pooled", "cls", "cls_last4", "cls+meanpatch"]
-KINDS: tuple[Kind, ...] = ("pooled", "cls", "cls_last4", "cls+meanpatch")
+Kind = Literal["pooled", "cls", "cls_last4", "cls+meanpatch", "cls_last4+meanpatch"]
+KINDS: tuple[Kind, ...] = ("pooled", "cls", "cls_last4", "cls+meanpatch", "cls_last4+meanpatch")
+LAST = 4  # blocks whose CLS the cls_last4 kinds concatenate
 
 
 @dataclass
@@ -137,10 +138,13 @@ def features(
     pass over the store.
 
     ``kind``: ``pooled`` (series: the stored mean of slice CLS; slice: the CLS), ``cls``
-    (the same vectors), ``cls_last4`` (CLS of the last 4 blocks, concatenated), or
-    ``cls+meanpatch`` (CLS and mean patch token, concatenated). Series level averages
-    per-slice kinds over the volume. ``labels`` (from :func:`read_labels`) override labels
-    stored at submission.
+    (the same vectors), ``cls_last4`` (CLS of the last 4 blocks after the final norm,
+    earliest first), ``cls+meanpatch`` (CLS and mean patch token, concatenated) or
+    ``cls_last4+meanpatch`` (both: the DINOv2 linear-evaluation input with 4 blocks and
+    average pooling, ``create_linear_input`` in dinov2/eval/classification/utils.py of
+    MohammedSB/DINOv2ForRadiology). Series level averages per-slice kinds over the volume.
+    A model with fewer than 4 blocks gives all it has (``meta["cls_blocks"]`` says how
+    many). ``labels`` (from :func:`read_labels`) override labels stored at submission.
     """
     if kind not in KINDS:
         raise InputError(f"unknown feature kind {kind!r}; expected one of {', '.join(KINDS)}.")
@@ -149,6 +153,7 @@ def features(
     attrs = store.entry_attrs(table.keys)
     xs: list[np.ndarray] = []
     rows: list[dict[str, Any]] = []
+    blocks = 0  # CLS blocks of the cls_last4 kinds
     for i, key in enumerate(table.keys):
         a = attrs.get(key)
         if a is None or tenant not in (None, a.get("tenant", DEFAULT_TENANT)):
@@ -166,11 +171,17 @@ def features(
         stored = dict(a.get("labels", {}))
         if kind in ("pooled", "cls"):
             per_slice = table.slice_cls(i)
-        elif kind == "cls_last4":
-            last = store.read(key, "cls_last")
-            per_slice = last.reshape(len(last), -1)
         else:
-            per_slice = np.concatenate([table.slice_cls(i), store.read(key, "mean_patch")], axis=1)
+            parts = []
+            if kind.startswith("cls_last4"):
+                last = _last_blocks(store, key, a)
+                blocks = last.shape[1]  # one model per space: the same for every entry
+                parts.append(last.reshape(len(last), -1))
+            else:
+                parts.append(table.slice_cls(i))
+            if kind.endswith("meanpatch"):
+                parts.append(store.read(key, "mean_patch"))
+            per_slice = np.concatenate(parts, axis=1)
         if level == "series":
             vec = table.pooled[i] if kind in ("pooled", "cls") else per_slice.mean(axis=0)
             xs.append(np.asarray(vec, np.float32)[None])
@@ -182,8 +193,38 @@ def features(
                 s = int(sl[r]) if sl is not None else r
                 lab = _labels_for(base, s, stored, labels)
                 rows.append({**base, "slice": s, "labels": lab})
-    x = np.concatenate(xs) if xs else np.zeros((0, int(table.attrs["dim"])), np.float32)
-    return Features(x, rows, level, kind, name, {"model": table.attrs.get("model")})
+    if not xs:
+        times = {"cls+meanpatch": 2, "cls_last4": LAST, "cls_last4+meanpatch": LAST + 1}
+        xs.append(np.zeros((0, int(table.attrs["dim"]) * times.get(kind, 1)), np.float32))
+    x = np.concatenate(xs)
+    meta: dict[str, Any] = {"model": table.attrs.get("model")}
+    if blocks:
+        meta["cls_blocks"] = blocks
+    return Features(x, rows, level, kind, name, meta)
+
+
+def _last_blocks(store: EmbeddingStore, key: str, attrs: Mapping[str, Any]) -> np.ndarray:
+    """An entry's stored CLS of the last blocks (slices, blocks, D), cut to the last
+    :data:`LAST`; fewer only where the model has no more blocks."""
+    from ..models import REGISTRY
+
+    if not attrs.get("cls_last_n"):
+        raise InputError(
+            f"entry {key} was embedded without the CLS of the last blocks; the cls_last4 kinds "
+            f"need them: re-embed with cls_last_n of {LAST} or more (RADCACHE_CLS_LAST_N)."
+        )
+    last = store.read(key, "cls_last")
+    if last.shape[1] >= LAST:
+        return last[:, -LAST:]
+    name = (attrs.get("model") or {}).get("name")
+    cfg = REGISTRY.get(name) if isinstance(name, str) else None
+    if cfg is None or cfg.depth != last.shape[1]:
+        raise InputError(
+            f"entry {key} stores the CLS of its last {last.shape[1]} blocks; the cls_last4 "
+            f"kinds need {LAST}: re-embed with cls_last_n of {LAST} or more "
+            "(RADCACHE_CLS_LAST_N)."
+        )
+    return last
 
 
 def _labels_for(

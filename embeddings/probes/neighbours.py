@@ -1,14 +1,16 @@
-"""Nearest neighbours on cosine similarity, and ML-kNN (:func:`ml_knn`) for multi-label
-tasks."""
+"""Nearest neighbours on cosine similarity: the softmax vote of the DINOv2 evaluation
+(:func:`softmax_knn`), and ML-kNN (:func:`ml_knn`) for multi-label tasks."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import numpy as np
 
 from ..errors import InputError
 from ..index import normalise
 
-__all__ = ["SMOOTHING", "ml_knn"]
+__all__ = ["SMOOTHING", "ml_knn", "softmax_knn"]
 
 SMOOTHING = 1.0  # ML-kNN's Laplace smoothing s (Zhang & Zhou 2007)
 
@@ -35,6 +37,45 @@ def _neighbours(
             rows = np.arange(len(sims))
             sims[rows, a + rows] = -np.inf
         out[a : a + block] = _ranked(sims, k)
+    return out
+
+
+def softmax_knn(
+    queries: np.ndarray,
+    support: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    ks: Sequence[int],
+    temperature: float,
+) -> dict[int, np.ndarray]:
+    """Class scores of each query for every k in ``ks``, as the DINOv2 kNN evaluation
+    computes them (``KnnModule.forward`` in dinov2/eval/classification/knn.py of
+    MohammedSB/DINOv2ForRadiology): features L2-normalised, dot products, a softmax of
+    similarity / ``temperature`` over the top ``max(ks)`` neighbours (at most the support
+    size), and for each k the partial sum of those weights per class over the k nearest.
+
+    The partial sums are not renormalised: a row sums to the softmax mass of its k nearest
+    (1 only at k = max(ks)), so a k below the largest gives the same argmax as a vote
+    renormalised within k, but other scores. ``labels`` are class indices of ``support``."""
+    ks = [int(k) for k in ks]
+    widest = min(max(ks), len(support))
+    q, x = normalise(queries), normalise(support)
+    labels = np.asarray(labels, dtype=np.int64)
+    out = {k: np.zeros((len(q), n_classes)) for k in ks}
+    if widest < 1:
+        return out
+    block = 2048
+    for a in range(0, len(q), block):
+        sims = np.asarray(q[a : a + block] @ x.T, dtype=np.float64)
+        top = _ranked(sims, widest)
+        s = np.take_along_axis(sims, top, axis=1) / temperature
+        w = np.exp(s - s[:, :1])  # shifted by the row maximum (the nearest): same softmax
+        w /= w.sum(axis=1, keepdims=True)
+        lab = labels[top]
+        for c in range(n_classes):
+            running = np.cumsum(np.where(lab == c, w, 0.0), axis=1)
+            for k in ks:
+                out[k][a : a + block, c] = running[:, min(k, widest) - 1]
     return out
 
 

@@ -4,10 +4,10 @@ Entry point :func:`write_report` takes the dict a protocol of :mod:`.protocols` 
 (``knn``, ``fewshot``, ``linear``) or a segmentation probe's (``seg``) and writes, per
 protocol:
 
-* ``knn`` — ``knn_k_sweep.png``; with test predictions, ``confusion_matrix.png``
-  (single-label) and ``roc.png``;
+* ``knn`` — ``knn_k_sweep.png`` (validation figures per k, where k was chosen); with test
+  predictions, ``confusion_matrix.png`` (single-label) and ``roc.png``;
 * ``fewshot`` — ``fewshot_curve.png``;
-* ``linear`` — ``linear_c_sweep.png``, and the prediction plots as for ``knn``;
+* ``linear`` — ``linear_c_sweep.png`` (a grid of C), and the prediction plots as for ``knn``;
 * ``seg`` — ``dice.png``, ``loss.png`` (with a loss curve) and one ``overlay_{i}.png`` per
   :class:`Overlay`.
 
@@ -43,8 +43,8 @@ WIDE = (9.0, 4.0)
 Plots = list[tuple[str, str]]  # (caption, file name)
 _BOUNDS = ("value", "low", "high")
 _ABOUT = (
-    "model", "space", "level", "kind", "split_seed", "temperature", "draws", "k",
-    "n_train", "n_val", "n_test", "n_train_slices", "n_test_slices", "n_test_volumes",
+    "method", "preset", "model", "space", "level", "kind", "split_seed", "temperature", "draws",
+    "k", "n_train", "n_val", "n_test", "n_train_slices", "n_test_slices", "n_test_volumes",
 )  # fmt: skip
 
 
@@ -199,11 +199,18 @@ def _prediction_plots(result: Mapping[str, Any], directory: Path) -> Plots:
 
 # -- protocols -------------------------------------------------------------------------------
 def _knn(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
-    by_k = _by_number(result.get("by_k") or {})
-    metrics = _metrics([s for _, s in by_k])
-    best = _num(result.get("best_k"))
+    test = result.get("test") or {}
+    metrics = _metrics([test])
+    chosen = _num(result.get("k"))
+    table = _table(["metric", "test [95 % CI]"], [[m, _ci(test.get(m))] for m in metrics])
+    by_k = _by_number(result.get("val_by_k") or {})
+    if not by_k:
+        return table, _prediction_plots(result, directory)
     rows = [
-        [f"{k:g}" + (" (best)" if k == best else ""), *(_ci(s.get(m)) for m in metrics)]
+        [
+            f"{k:g}" + (" (chosen)" if k == chosen else ""),
+            *(_fmt((s.get(m) or {}).get("value")) for m in metrics),
+        ]
         for k, s in by_k
     ]
     fig, ax = _figure()
@@ -211,13 +218,15 @@ def _knn(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     for m in metrics:
         v, lo, hi = ([_num((s.get(m) or {}).get(b)) for _, s in by_k] for b in _BOUNDS)
         _line(ax, ks, v, lo, hi, m)
-    if math.isfinite(best):
-        ax.axvline(best, ls="--", color="grey", label=f"best k = {best:g}")
-    _sweep(ax, ks, 10, "k (neighbours)", f"kNN: {result.get('label', '')} (95 % CI)")
-    ax.set_ylabel("score")
+    if math.isfinite(chosen):
+        ax.axvline(chosen, ls="--", color="grey", label=f"chosen k = {chosen:g}")
+    _sweep(ax, ks, 10, "k (neighbours)", f"kNN on validation: {result.get('label', '')}")
+    ax.set_ylabel("validation score")
     _legend(ax)
-    plots = [("Metrics vs k", _save(fig, directory, "knn_k_sweep.png"))]
-    return _table(["k", *metrics], rows), plots + _prediction_plots(result, directory)
+    plots = [("Validation metrics vs k", _save(fig, directory, "knn_k_sweep.png"))]
+    sweep = _table(["k", *(f"validation {m}" for m in metrics)], rows)
+    text = f"Chosen k: {chosen:g} ({result.get('selected_by', 'validation')}).\n\n{table}"
+    return f"{text}\n\n{sweep}", plots + _prediction_plots(result, directory)
 
 
 def _fewshot(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
@@ -228,6 +237,7 @@ def _fewshot(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
         [f"{n:g}", h, *(_pm(s.get(h, {}).get(m)) for m in shown)]
         for n, s in by_shots
         for h in heads
+        if h in s or not s
     ]
     fig, axes = _figure(WIDE, ncols=2)
     shots = [n for n, _ in by_shots]
@@ -250,6 +260,14 @@ def _linear(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     name = "score" if key is None else key[4:-5].replace("_", " ")
     test = result.get("test") or {}
     table = _table(["metric", "test [95 % CI]"], [[m, _ci(test.get(m))] for m in _metrics([test])])
+    grid = next((v for k, v in result.items() if k.endswith("_by_setting")), None)
+    if isinstance(result.get("setting"), Mapping) and grid is not None:
+        chosen = ", ".join(f"{k} {v}" for k, v in result["setting"].items())
+        rows = [[s, _fmt(v)] for s, v in grid.items()]
+        metric = (result.get("head") or {}).get("val_metric", "score")
+        sweep = _table(["setting", f"validation {metric}"], rows) if rows else ""
+        text = f"Chosen setting: {chosen} (best validation {metric}).\n\n{table}"
+        return f"{text}\n\n{sweep}".rstrip(), _prediction_plots(result, directory)
     c = _num(result.get("c"))
     chosen = f"{c:g}" if math.isfinite(c) else "n/a"
     table = f"Chosen C: {chosen} (best validation {name}).\n\n{table}"
@@ -292,7 +310,19 @@ def _seg(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
         ax.grid(alpha=0.3)
         plots.append(("Training loss", _save(fig, directory, "loss.png")))
     header = ["class", "Dice 2D (per slice)", "Dice 3D (per volume)"]
-    return _table(header, rows), plots
+    table = _table(header, rows)
+    if isinstance(result.get("dice"), Mapping):  # method baharoon2023: the reference's figure
+        by_lr = [[lr, _fmt(v)] for lr, v in (result.get("val_dice") or {}).items()]
+        head = (
+            f"Dice pooled over the test slices on the model's canvas, macro over the "
+            f"foreground classes (as the reference scores): {_ci(result['dice'])}; learning "
+            f"rate {result.get('lr')} chosen on {result.get('n_val_slices', 0)} validation "
+            f"slices, retrained on {result.get('trained_on', 'train')}."
+        )
+        sweep = _table(["learning rate", "validation Dice"], by_lr) if by_lr else ""
+        caveats = "\n".join(f"- {c}" for c in result.get("caveats") or ())
+        table = "\n\n".join(t for t in (head, sweep, table, caveats) if t)
+    return table, plots
 
 
 def _overlay(o: Overlay, classes: Sequence[str], directory: Path, name: str) -> str:

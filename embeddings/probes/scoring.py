@@ -14,7 +14,7 @@ __all__ = ["Metric", "scores", "scores_multilabel"]
 Metric = Callable[[np.ndarray, np.ndarray, np.ndarray], float]  # (y, proba, prediction)
 
 
-def _metric_fns() -> dict[str, Metric]:
+def _metric_fns(raw: bool = False) -> dict[str, Metric]:
     from sklearn import metrics as m
 
     def auroc(y: np.ndarray, p: np.ndarray, pred: np.ndarray) -> float:
@@ -23,6 +23,8 @@ def _metric_fns() -> dict[str, Metric]:
             return float("nan")
         if p.shape[1] == 2:
             return float(m.roc_auc_score(y, p[:, 1]))
+        if raw:
+            return _mean(_per_class_auroc(np.eye(p.shape[1], dtype=np.int64)[y], p))
         cols = p[:, present] / np.clip(p[:, present].sum(axis=1, keepdims=True), 1e-12, None)
         return float(m.roc_auc_score(y, cols, multi_class="ovr", average="macro", labels=present))
 
@@ -95,13 +97,16 @@ def _with_intervals(
 
 
 def scores(
-    y: np.ndarray, proba: np.ndarray, *, bootstrap: int = 1000, seed: int = 0
+    y: np.ndarray, proba: np.ndarray, *, bootstrap: int = 1000, seed: int = 0, raw: bool = False
 ) -> dict[str, dict[str, float]]:
     """Each metric with a bootstrap 95 % interval: ``{name: {value, low, high}}``.
 
-    ``y`` holds class indices, ``proba`` per-class probabilities (rows sum to 1)."""
+    ``y`` holds class indices, ``proba`` per-class probabilities (rows sum to 1). With
+    ``raw``, ``proba`` holds per-class scores that need not sum to 1 (sigmoid outputs, kNN
+    partial sums): macro AUROC is then the mean one-vs-rest AUROC of each class's own column,
+    as torchmetrics' ``MulticlassAUROC`` computes it; two classes score column 1 either way."""
     pred = proba.argmax(axis=1)
-    return _with_intervals(_metric_fns(), y, proba, pred, bootstrap=bootstrap, seed=seed)
+    return _with_intervals(_metric_fns(raw), y, proba, pred, bootstrap=bootstrap, seed=seed)
 
 
 def scores_multilabel(

@@ -5,7 +5,8 @@ store's cached features (no service, no encoder). Each probe writes a report dir
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -20,12 +21,8 @@ _TENANT = click.option("--tenant", help="Only this tenant's entries. [default: e
 _LEVEL = click.option(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
 )
-_KIND = click.option(
-    "--kind",
-    type=click.Choice(["pooled", "cls", "cls_last4", "cls+meanpatch"]),
-    default="pooled",
-    show_default=True,
-)
+_KINDS = ["pooled", "cls", "cls_last4", "cls+meanpatch", "cls_last4+meanpatch"]
+_KIND = click.option("--kind", type=click.Choice(_KINDS), default="pooled", show_default=True)
 _MULTILABEL = click.option(
     "--multilabel",
     is_flag=True,
@@ -73,7 +70,10 @@ def probe() -> None:
     """Train and score probes on cached features (the DINOv2-on-radiology protocols)."""
 
 
-def _probe_options(fn: Any) -> Any:
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _probe_options(fn: F) -> F:
     """The options of `probe knn|fewshot|linear`: features, labels, split, report."""
     for opt in reversed(
         [
@@ -81,7 +81,11 @@ def _probe_options(fn: Any) -> Any:
             _SPACE,
             _TENANT,
             _LEVEL,
-            _KIND,
+            click.option(
+                "--kind",
+                type=click.Choice(_KINDS),
+                help="Features. [default: pooled, or what the --protocol reads]",
+            ),
             click.option(
                 "--labels",
                 type=click.Path(exists=True),
@@ -114,17 +118,39 @@ def _probe_options(fn: Any) -> Any:
     return fn
 
 
+def _protocol(probe_name: str) -> Callable[[F], F]:
+    """The `--protocol` option of `probe PROBE_NAME`: radcache's method, or the study's."""
+    return click.option(
+        "--protocol",
+        "preset",
+        type=click.Choice(["radcache", f"baharoon2023-{probe_name}"]),
+        default="radcache",
+        show_default=True,
+        help=f"baharoon2023-{probe_name}: the procedure of Baharoon et al. 2023's code "
+        "(docs/PROBES.md).",
+    )
+
+
 def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
     need_server("probe")
     import numpy as np
 
     from radcache.embeddings import probes
+    from radcache.embeddings.presets import get_preset
 
+    preset = None if opts["preset"] == "radcache" else get_preset(opts["preset"])
+    kind = opts["kind"] or "pooled"
+    if preset is not None:
+        kind = probes.REFERENCE_KINDS[protocol]
+        if opts["kind"] not in (None, kind):
+            raise click.UsageError(
+                f"--protocol {preset.name} reads {kind} features; leave out --kind."
+            )
     try:
         f = _features(
             opts["store"],
             opts["level"],
-            opts["kind"],
+            kind,
             opts["space"],
             opts["labels"],
             opts["tenant"],
@@ -138,28 +164,20 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
             split = probes.patient_split(f, seed=opts["seed"])
             known = [r.get("patient_known", True) for r in f.rows]
             warning = probes.unknown_patients(known, f"{f.level} rows")
-        part = {s: f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
-        label = opts["label"]
-        if protocol == "knn":
-            train = probes.Features.concat([part["train"], part["val"]])
-            res = probes.knn(train, part["test"], label, bootstrap=opts["bootstrap"], **extra)
-        elif protocol == "fewshot":
-            train = probes.Features.concat([part["train"], part["val"]])
-            res = probes.fewshot(train, part["test"], label, seed=opts["seed"], **extra)
-        else:
-            res = probes.linear(
-                part["train"],
-                part["val"],
-                part["test"],
-                label,
-                seed=opts["seed"],
-                bootstrap=opts["bootstrap"],
-                **extra,
-            )
+        parts = [f.take(np.flatnonzero(split == s)) for s in ("train", "val", "test")]
+        fn = {"knn": probes.knn, "fewshot": probes.fewshot, "linear": probes.linear}[protocol]
+        if protocol != "fewshot":
+            extra["bootstrap"] = opts["bootstrap"]
+        if protocol != "knn":
+            extra["seed"] = opts["seed"]
+        method = "radcache" if preset is None else preset.method
+        res = fn(*parts, opts["label"], method=method, **extra)  # type: ignore[operator]
     except RadcacheError as exc:
         fail(exc, False)
         return
     res = {**res, "space": f.space, "level": f.level, "kind": f.kind, "split_seed": opts["seed"]}
+    if preset is not None:
+        res |= {"preset": preset.name, "caveats": list(preset.caveats)}
     _finish(protocol, {**res, "warnings": [warning]} if warning else res, opts)
 
 
@@ -174,29 +192,37 @@ def _finish(protocol: str, res: dict[str, Any], opts: dict[str, Any], pictures: 
 
 @probe.command("knn")
 @_probe_options
+@_protocol("knn")
 @click.option("-k", "ks", multiple=True, type=int, help="k values (default 5 20 50 100 200).")
 @_MULTILABEL
 def probe_knn(ks: tuple[int, ...], multilabel: bool, **opts: Any) -> None:
-    """Weighted kNN (cosine, T = 0.07; multi-label: ML-kNN), k swept; patients split
-    70/10/20, train+val vote."""
+    """Weighted kNN (cosine, T = 0.07; multi-label: ML-kNN): patients split 70/10/20, k
+    chosen on val, test scored once at that k."""
     _run("knn", opts, {"multilabel": multilabel, **({"ks": ks} if ks else {})})
 
 
 @probe.command("fewshot")
 @_probe_options
+@_protocol("fewshot")
 @click.option("--shots", multiple=True, type=int, help="Examples per class (default 1 2 4 8 16).")
 @click.option("--draws", type=int, default=5, show_default=True)
-def probe_fewshot(shots: tuple[int, ...], draws: int, **opts: Any) -> None:
-    """n examples per class, several draws, kNN and logistic-regression heads."""
-    _run("fewshot", opts, {"draws": draws, **({"shots": shots} if shots else {})})
+@_MULTILABEL
+def probe_fewshot(shots: tuple[int, ...], draws: int, multilabel: bool, **opts: Any) -> None:
+    """n examples per class, several draws, kNN and logistic-regression heads
+    (baharoon2023-fewshot: the study's kNN and SGD heads; multi-label: n patients per
+    class)."""
+    extra = {"draws": draws, "multilabel": multilabel, **({"shots": shots} if shots else {})}
+    _run("fewshot", opts, extra)
 
 
 @probe.command("linear")
 @_probe_options
+@_protocol("linear")
 @_MULTILABEL
 def probe_linear(multilabel: bool, **opts: Any) -> None:
     """Logistic regression (multi-label: one per class), C chosen on val, refit on
-    train+val, scored once on test."""
+    train+val, scored once on test (baharoon2023-linear: the study's SGD heads over feature
+    sets and learning rates)."""
     _run("linear", opts, {"multilabel": multilabel})
 
 
@@ -215,17 +241,33 @@ def probe_linear(multilabel: bool, **opts: Any) -> None:
     help="MM-DINOv2 entries: train on this sequence's patch grid (default: the mean over "
     "the sequences present).",
 )
+@_protocol("seg")
 @click.option(
     "--split",
     type=click.Choice(["patient", "blocks"]),
     default="patient",
     show_default=True,
-    help="patient: whole patients to test (30 %); blocks: runs of adjacent slices, "
-    "alternately train and test (one volume).",
+    help="patient: whole patients to test (30 %) and val (--val-fraction); blocks: runs of "
+    "adjacent slices, alternately train and test, or train, val, train, test (one volume).",
 )
 @click.option("--blocks", type=click.IntRange(2), default=8, show_default=True)
-@click.option("--epochs", type=click.IntRange(1), default=100, show_default=True)
-@click.option("--lr", type=float, default=3e-2, show_default=True)
+@click.option(
+    "--val-fraction",
+    type=click.FloatRange(0, 0.6),
+    help="Patients (or blocks) for validation. [default: 0; baharoon2023-seg: 0.15]",
+)
+@click.option("--epochs", type=click.IntRange(1), help="[default: 100; baharoon2023-seg: 10]")
+@click.option(
+    "--val-epochs",
+    type=click.IntRange(1),
+    help="baharoon2023-seg: epochs of the learning-rate search. [default: --epochs]",
+)
+@click.option("--batch-size", type=click.IntRange(1), help="[default: 16; baharoon2023-seg: 128]")
+@click.option(
+    "--lr",
+    type=float,
+    help="[default: 3e-2; baharoon2023-seg: the study's 7 rates, chosen on val; this one alone]",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--bootstrap", type=click.IntRange(0), default=1000, show_default=True)
 @click.option("--pictures", type=click.IntRange(0), default=3, show_default=True)
@@ -236,19 +278,25 @@ def probe_seg(
     masks: str,
     classes: str | None,
     sequence: str | None,
+    preset: str,
     split: str,
     blocks: int,
-    epochs: int,
-    lr: float,
+    val_fraction: float | None,
+    epochs: int | None,
+    val_epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
     seed: int,
     bootstrap: int,
     pictures: int,
     **opts: Any,
 ) -> None:
     """Linear (1×1) head on frozen patch tokens, upsampled to the slice, Dice loss;
-    per-class 2D and 3D Dice on test slices."""
+    per-class 2D and 3D Dice on test slices (baharoon2023-seg: the study's SGD heads over
+    learning rates chosen on val, retrained on train+val, pooled Dice on the canvas)."""
     need_server("probe")
     from radcache.embeddings import open_store
+    from radcache.embeddings.presets import get_preset
     from radcache.embeddings.probes import (
         overlays,
         read_masks,
@@ -258,21 +306,43 @@ def probe_seg(
         unknown_patients,
     )
 
+    chosen = None if preset == "radcache" else get_preset(preset)
+    method = "radcache" if chosen is None else chosen.method
+    if val_fraction is None:
+        val_fraction = 0.0 if method == "radcache" else 0.15
     try:
         st = open_store(settings(store=store).store)
         mask_files, images = read_masks(masks)
         names = [c.strip() for c in classes.split(",")] if classes else None
         data = seg_data(st, mask_files, classes=names, images=images, sequence=sequence)
-        parts = split_slices(data, split, blocks=blocks, seed=seed)  # type: ignore[arg-type]
-        res, head = seg(data, parts, epochs=epochs, lr=lr, seed=seed, bootstrap=bootstrap)
+        parts = split_slices(
+            data,
+            split,  # type: ignore[arg-type]
+            val_fraction=val_fraction,
+            blocks=blocks,
+            seed=seed,
+        )
+        res, head = seg(
+            data,
+            parts,
+            method=method,  # type: ignore[arg-type]
+            epochs=epochs,
+            val_epochs=val_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            seed=seed,
+            bootstrap=bootstrap,
+        )
     except RadcacheError as exc:
         fail(exc, False)
         return
     res = {**res, "split": split, "split_seed": seed}
+    if chosen is not None:  # the probe's caveats, then the preprocessing's
+        res |= {"preset": chosen.name, "caveats": [*res.get("caveats", []), *chosen.caveats]}
     known = [v.patient_known for v in data.volumes]
     warning = unknown_patients(known, "volumes") if split == "patient" else None
     if warning is not None:
-        res["warnings"] = [warning]
+        res["warnings"] = [warning, *res.get("warnings", [])]
     _finish("seg", res, opts, overlays(data, head, parts, pictures))
 
 
