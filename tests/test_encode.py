@@ -31,6 +31,9 @@ def _pixels(n: int = 5, size: int = 112, seed: int = 0) -> torch.Tensor:
 
 
 def test_fp32_parity_with_plain_transformers_forward(tiny_fp32: Encoder) -> None:
+    """On the model's native grid (112 px here) the outputs are transformers' own; off it
+    the positional grid is interpolated as the official DINOv2 release does, not as
+    transformers does (tests/test_pos_interp.py checks both on the released 37×37 grid)."""
     x = _pixels()
     emb = tiny_fp32.encode([x[:2], x[2:]], patch_tokens=True, last_n=2)
     plain = Dinov2Model(tiny_fp32.model.config).eval()
@@ -49,6 +52,10 @@ def test_fp32_parity_with_plain_transformers_forward(tiny_fp32: Encoder) -> None
     with torch.inference_mode():
         before_last = plain.layernorm(ref.hidden_states[-2][:, 0]).numpy()
     np.testing.assert_allclose(emb.cls_last[:, 0], before_last, atol=1e-5)
+    off = _pixels(2, size=224)  # a 16×16 grid from the stored 8×8 one
+    with torch.inference_mode():
+        theirs = plain(pixel_values=off).last_hidden_state[:, 0]
+    assert (tiny_fp32.forward(off)[0] - theirs).abs().max() > 1e-4  # fp32 noise: ~1e-6
 
 
 def test_local_checkpoint_parity_and_register_tokens_dropped(tmp_path: Path) -> None:

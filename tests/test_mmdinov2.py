@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Embeddings
 
 from radcache.embeddings.encode import weights_hash
 from radcache.embeddings.errors import InputError, ModelError
@@ -164,7 +165,7 @@ def test_positional_embedding_is_interpolated_as_the_reference_does(
     height: int, width: int
 ) -> None:
     model = _model(REF_GRID)
-    emb: Any = model.backbone.embeddings  # transformers' Dinov2Embeddings
+    emb: Any = model.backbone.embeddings  # a Dinov2Embeddings
     stored: torch.Tensor = emb.position_embeddings
     h, w = height // 14, width // 14
     # DinoVisionTransformer.interpolate_pos_encoding (dinov2/models/vision_transformer.py of
@@ -180,7 +181,7 @@ def test_positional_embedding_is_interpolated_as_the_reference_does(
         want = torch.cat((stored[:, :1], scaled.permute(0, 2, 3, 1).reshape(1, h * w, -1)), 1)
         # not transformers' interpolation (an output size instead of scale factors)
         dummy = stored.new_empty(1, 1 + h * w, TINY.dim)
-        sized = emb.interpolate_pos_encoding(dummy, height, width)
+        sized = Dinov2Embeddings.interpolate_pos_encoding(emb, dummy, height, width)
         assert not torch.allclose(sized, want, rtol=0, atol=1e-4)
     x = torch.randn(1, 4, 3, height, width, generator=torch.Generator().manual_seed(0))
     present = torch.tensor([[True, False, False, False]])

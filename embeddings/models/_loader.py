@@ -57,7 +57,8 @@ def register_arch_loader(arch: str, load: ArchLoader) -> None:
 def build_random(cfg: ModelCfg) -> torch.nn.Module:
     """The labelled random-weight model: same seed, same weights, on every run, as long
     as no other thread draws from torch's global generator while it is built (a
-    background load in `radcache serve`: nothing else does)."""
+    background load in `radcache serve`: nothing else does). It interpolates its positional
+    embedding as the released model it stands in for (``_pos_embed``)."""
     import torch
     from transformers import AutoModel
 
@@ -65,7 +66,15 @@ def build_random(cfg: ModelCfg) -> torch.nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(RANDOM_SEED)
         model: torch.nn.Module = AutoModel.from_config(config, attn_implementation="sdpa")
-    return model
+    return _as_released(cfg, model)
+
+
+def _as_released(cfg: ModelCfg, model: torch.nn.Module) -> torch.nn.Module:
+    """``model``, interpolating its positional embedding as the official DINOv2 release
+    does where ``cfg`` is a released DINOv2 (or a random model standing in for one)."""
+    from ._pos_embed import uses_official_interpolation, with_official_interpolation
+
+    return with_official_interpolation(model) if uses_official_interpolation(cfg) else model
 
 
 def _strict_load(path: Path) -> torch.nn.Module:
@@ -173,4 +182,5 @@ def resolve_backbone(
         return cfg, lambda: build_random(cfg)
     assert cfg.hf_id is not None
     local = _resolve_hub(cfg.hf_id, cache_dir, _offline(offline))
-    return _cfg_from_checkpoint(local, cfg), lambda: _strict_load(local)
+    hub_cfg = _cfg_from_checkpoint(local, cfg)
+    return hub_cfg, lambda: _as_released(hub_cfg, _strict_load(local))

@@ -18,7 +18,6 @@ the vocabulary, with ``present`` saying which ones were acquired.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError, ModelError
+from ._pos_embed import interpolate_pos_embed
 from ._registry import MM_SEQUENCES
 
 __all__ = ["SEQUENCES", "MMDinov2", "MMOutput"]
@@ -155,35 +155,17 @@ class MMDinov2(nn.Module):
         is square and has as many patches as the stored grid; otherwise the stored
         ``M × M`` grid resampled in float32 by ``F.interpolate(mode="bicubic")`` with
         ``scale_factor = ((h + 0.1) / M, (w + 0.1) / M)`` (no output size, no antialiasing,
-        ``align_corners`` False), the CLS position unchanged, in the embedding's dtype.
+        ``align_corners`` False), the CLS position unchanged, in the embedding's dtype
+        (:func:`~._pos_embed.interpolate_pos_embed`, whatever the backbone's kind).
         """
-        stored: torch.Tensor = self._embeddings.position_embeddings
-        n, dim = stored.shape[1] - 1, stored.shape[2]
-        rows, cols = height // self.patch_size, width // self.patch_size
-        if rows * cols == n and height == width:
-            return stored
-        m = math.isqrt(n)
-        if m * m != n:
-            raise ModelError(
-                f"the positional embedding holds {n} patch positions; expected a square grid "
-                "(the checkpoint's pos_embed is (1, 1 + M·M, D))."
-            )
-        grid = stored[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2)
-        grid = nn.functional.interpolate(
-            grid,
-            scale_factor=((rows + POS_OFFSET) / m, (cols + POS_OFFSET) / m),
-            mode="bicubic",
-            align_corners=False,
+        return interpolate_pos_embed(
+            self._embeddings.position_embeddings,
+            height,
+            width,
+            self.patch_size,
+            offset=POS_OFFSET,
             antialias=False,
         )
-        if tuple(grid.shape[-2:]) != (rows, cols):
-            raise ModelError(
-                f"resampling the {m}×{m} positional grid gave {tuple(grid.shape[-2:])}; "
-                f"expected {(rows, cols)} for a {height}×{width} input. Choose another input "
-                f"size (a multiple of the patch size, {self.patch_size})."
-            )
-        patch = grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
-        return torch.cat((stored[:, :1].float(), patch), dim=1).to(stored.dtype)
 
     def embed_tokens(
         self,
