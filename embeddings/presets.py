@@ -191,16 +191,27 @@ _PRESETS = (
             std=(0.225, 0.225, 0.225),
         ),
         probe="linear",
-        method="radcache",
+        method="scholz2025",
         caveats=(
             "The published evaluation embeds one axial slice per study, the one with the most "
             "tumour voxels, cropped 96x96 around the tumour's centre of mass (dinov2/data/"
             "monai_transforms/io.py: LoadTumorSliced, calculate_crop_slices); send that box "
             "as the roi ({'voxels': [k, k + 1, y0, y0 + 96, x0, x0 + 96]}) to match. Without "
-            "an roi every axial slice is embedded whole.",
-            "Its classifier is cuML's LogisticRegression over C = 10^linspace(-6, 5, 45), "
-            "chosen on 10% of the training split (dinov2/eval/log_regression.py); radcache's "
-            "linear probe is the nearest it has.",
+            "an roi every axial slice is embedded whole and the series' CLS is their mean.",
+            "The classifier (dinov2/eval/log_regression.py) is cuML's GPU LogisticRegression "
+            "(L-BFGS, 5 correction pairs, tol 1e-12, 1000 iterations); scikit-learn's L-BFGS-B "
+            "(10 pairs) minimises the same objective to the same limits, so probabilities "
+            "agree to the solvers' precision, not bit for bit.",
+            "C is chosen on the first tenth of torch.randperm (seed 0) over the training rows "
+            "in the reference's dataset order (its subject folders); radcache permutes them in "
+            "entry-key order, so the tenth is another draw of the same size (probes."
+            "logreg_reference.holdout_logreg takes the rows in any order given).",
+            "log_regression.py fits on features[:, 0] of the (n, D) CLS matrix the backbone "
+            "returns: the CLS token's first component alone (the name train_features_cls "
+            "suggests the token was meant). radcache fits the whole CLS token; features with "
+            "x[:, :1] run the published code literally.",
+            "With two classes the reference's MCC (torchmetrics' binary task on (n, 2) "
+            "probabilities) raises an error; radcache scores the argmax as for three.",
             "mean/std 0.45/0.225 are the evaluation's (log_regression.py); the linear "
             "evaluation uses the ImageNet values' means 0.449/0.226 "
             "(eval/classification/linear.py), self-supervised training 0.45/0.22.",

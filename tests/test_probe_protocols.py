@@ -298,3 +298,66 @@ def test_multilabel_fewshot_takes_the_first_patients_of_each_class() -> None:
     assert _patients_per_class(f, "y", 1, ["A", "B", "C"]).tolist() == [0, 1, 2, 5]
     # A: p1, p5; B: p2; C: p4, then p5 (taken: skipped)
     assert _patients_per_class(f, "y", 2, ["A", "B", "C"]).tolist() == [0, 1, 6, 2, 5]
+
+
+def scholz_split(seed: int = 0) -> tuple[Features, Features, Features]:
+    """Three overlapping classes in 6 dimensions: train 70 rows (7 choose C), val 20, test 30."""
+    rng = np.random.default_rng(seed)
+
+    def part(n: int) -> Features:
+        y = rng.integers(0, 3, n)
+        return make(rng.normal(size=(n, 6)) + 1.5 * np.eye(6)[y], [f"c{v}" for v in y])
+
+    return part(70), part(20), part(30)
+
+
+def test_scholz_linear_is_the_reference_c_sweep() -> None:
+    """log_regression.py (daniel-scholz/mm-dinov2) written out: C over 10^linspace(-6, 5, 45),
+    each fitted on train less the first tenth of torch.randperm (seed 0) and scored by MCC on
+    that tenth, the first best C refitted on all of train, test scored once."""
+    import warnings
+
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import matthews_corrcoef
+
+    from radcache.embeddings.probes.logreg_reference import c_grid
+
+    train, val, test = scholz_split()
+    res = linear(train, val, test, "y", method="scholz2025", bootstrap=0)
+    np.testing.assert_allclose(c_grid(), np.logspace(-6, 5, 45), rtol=1e-6)  # float32 values
+    x, y = train.x.astype(np.float64), np.asarray([int(v[1]) for v in train.labels("y")])
+    torch.manual_seed(0)
+    perm = torch.randperm(len(x)).numpy()
+    hold, rest = perm[: len(x) // 10], perm[len(x) // 10 :]
+    best_c, best = 0.0, -np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for c in (10 ** torch.linspace(-6, 5, 45)).tolist():
+            fit = LogisticRegression(C=c, max_iter=1000, tol=1e-12).fit(x[rest], y[rest])
+            mcc = matthews_corrcoef(y[hold], fit.predict_proba(x[hold]).argmax(axis=1))
+            if mcc > best:  # MetricTracker: the first best
+                best_c, best = c, mcc
+        final = LogisticRegression(C=best_c, max_iter=1000, tol=1e-12).fit(x, y)
+    grid = list(res["val_mcc_by_c"].values())
+    assert len(grid) == 45 and max(grid) == pytest.approx(best) and grid.count(max(grid)) > 1
+    # chosen from train alone (the loop above never sees val or test), among tied values
+    assert res["c"] == best_c and res["c"] > 1e-6 and res["n_holdout"] == 7
+    want = final.predict_proba(test.x.astype(np.float64))
+    np.testing.assert_allclose(res["predictions"]["proba"], want, rtol=0, atol=1e-8)
+    assert res["test"]["mcc"]["value"] == pytest.approx(
+        matthews_corrcoef(res["predictions"]["y"], want.argmax(axis=1))
+    )
+    assert res["val"]["mcc"]["value"] == pytest.approx(  # the reference's "val" figure
+        matthews_corrcoef([int(v[1]) for v in val.labels("y")], final.predict(val.x))
+    )
+
+
+def test_scholz_method_is_the_linear_probes_alone() -> None:
+    train, val, test = scholz_split()
+    for probe in (knn, fewshot):
+        with pytest.raises(InputError, match="unknown method 'scholz2025'"):
+            probe(train, val, test, "y", method="scholz2025")
+    with pytest.raises(InputError, match="one label over its own 45 C"):
+        linear(train, val, test, "y", method="scholz2025", cs=(1.0,))
+    with pytest.raises(InputError, match="at least 10 training rows"):
+        linear(train.take(range(9)), val, test, "y", method="scholz2025")

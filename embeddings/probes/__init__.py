@@ -15,6 +15,8 @@ Apart from the serving path; each room one step of a probe:
   validation rows, the study's few-shot draws
 * :mod:`.sgd` — the study's linear probe: SGD heads over feature sets and learning rates
   (:class:`SGDHead`)
+* :mod:`.logreg_reference` — MM-DINOv2's logistic regression (``method="scholz2025"``):
+  C over 45 values chosen by MCC on a tenth of the training rows
 * :mod:`.protocols` — :func:`knn`, :func:`fewshot`, :func:`linear`: radcache's methods and
   the DINOv2-on-radiology study's (``method="baharoon2023"``); settings chosen on
   validation rows only; multi-label with ``multilabel=True``

@@ -17,6 +17,9 @@
 {with, without the mean patch token} × 4 learning rates); :func:`fewshot` as knn.py's
 ``n_per_class_list`` and linear.py's ``--shots``.
 
+``method="scholz2025"`` (:func:`linear` only): MM-DINOv2's log_regression.py
+(daniel-scholz/mm-dinov2), C chosen on a tenth of the training rows (:mod:`.logreg_reference`).
+
 Every hyperparameter (k, C, learning rate, feature set) is chosen on the validation split;
 the test split is scored once, at the chosen setting. A choice without validation rows is
 an :class:`~radcache.embeddings.errors.InputError`.
@@ -39,6 +42,7 @@ from ..errors import InputError
 from ..index import normalise
 from ..search import TEMPERATURE, knn_vote
 from .featureset import Features, Kind
+from .logreg_reference import _proba, holdout_logreg
 from .neighbours import SMOOTHING, _check_ml_knn, _ml_knn, _neighbours, softmax_knn
 from .scoring import _mean, _per_class_auroc, scores
 from .sgd import SGDHead, _linear_input, _sgd_linear
@@ -72,8 +76,8 @@ KNN_KS = (5, 20, 50, 100, 200)
 SHOTS = (1, 2, 4, 8, 16)
 C_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
-Method = Literal["radcache", "baharoon2023"]
-METHODS: tuple[Method, ...] = ("radcache", "baharoon2023")
+Method = Literal["radcache", "baharoon2023", "scholz2025"]
+METHODS: tuple[Method, ...] = ("radcache", "baharoon2023", "scholz2025")
 # The feature kind each probe's method="baharoon2023" reads.
 REFERENCE_KINDS: dict[str, Kind] = {
     "knn": "cls",
@@ -82,9 +86,10 @@ REFERENCE_KINDS: dict[str, Kind] = {
 }
 
 
-def _check_method(method: str) -> None:
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}.")
+def _check_method(method: str, probe: str = "linear") -> None:
+    known = METHODS if probe == "linear" else METHODS[:2]
+    if method not in known:
+        raise InputError(f"{probe}: unknown method {method!r}; expected one of {', '.join(known)}.")
 
 
 # -- kNN -------------------------------------------------------------------------------------
@@ -143,7 +148,7 @@ def knn(
     uses, train alone (knn.py) or, multi-label, train + val (mlknn.py). The reference sweeps
     k on the test split without choosing: its figure for a k is this ``test`` at that k.
     ``predictions`` holds the test rows' scores."""
-    _check_method(method)
+    _check_method(method, "knn")
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise InputError(f"kNN needs k values ≥ 1; got {ks}.")
@@ -222,12 +227,6 @@ def _logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int, multilabel: bool 
         return OneVsRestClassifier(model).fit(x, y)
 
 
-def _proba(model: Any, x: np.ndarray, n_classes: int) -> np.ndarray:
-    p = np.zeros((len(x), n_classes))
-    p[:, model.classes_] = model.predict_proba(x)
-    return p
-
-
 def _linear_logreg(
     tr: Features,
     va: Features,
@@ -287,10 +286,18 @@ def linear(
     accuracy. baharoon2023: linear.py's procedure (:class:`SGDHead`, ``head``) on
     ``cls_last4+meanpatch`` features; probabilities are the sigmoid of each logit, as the
     reference scores them (for more than two classes they need not sum to 1).
-    ``predictions`` holds the test rows' probabilities."""
+    scholz2025 (single-label, no ``cs``): raw features, C over 45 values chosen by MCC on
+    a tenth of ``train`` (val is scored, not used), refit on train, train rows in entry order
+    (:mod:`.logreg_reference`). ``predictions`` holds the test rows' probabilities."""
     _check_method(method)
     tr, va, te = train.labelled(label), val.labelled(label), test.labelled(label)
-    if method == "baharoon2023":
+    if method == "scholz2025":
+        if multilabel or cs is not C_GRID:
+            raise InputError(
+                "method 'scholz2025' fits one label over its own 45 C: leave out cs and multilabel."
+            )
+        body = holdout_logreg(_in_order(tr), va, te, label, seed=seed, bootstrap=bootstrap)
+    elif method == "baharoon2023":
         tr, va = _in_order(tr), _in_order(va)  # batches index rows by entry, not ingest order
         body = _sgd_linear(
             tr, va, te, Features.concat([tr, va]), label, head=head or SGDHead(), seed=seed,
@@ -459,7 +466,7 @@ def fewshot(
     same rows (``refit_with_val``: with every validation row added, which is what
     linear.py's ``shots == None or num_samples == None`` does when ``num_samples`` is unset)
     and scored on test. Draws take train rows by entry key, not ingest order."""
-    _check_method(method)
+    _check_method(method, "fewshot")
     shots = list(shots)
     if min(shots, default=0) < 1:
         raise InputError(f"few-shot needs shots ≥ 1; got {shots}.")

@@ -270,7 +270,8 @@ def _linear(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
         return f"{text}\n\n{sweep}".rstrip(), _prediction_plots(result, directory)
     c = _num(result.get("c"))
     chosen = f"{c:g}" if math.isfinite(c) else "n/a"
-    table = f"Chosen C: {chosen} (best validation {name}).\n\n{table}"
+    on = result.get("selected_by") or f"best validation {name}"
+    table = f"Chosen C: {chosen} ({on}).\n\n{table}"
     if key is None:
         return table, _prediction_plots(result, directory)
     grid = _by_number(result[key])

@@ -118,16 +118,18 @@ def _probe_options(fn: F) -> F:
     return fn
 
 
-def _protocol(probe_name: str) -> Callable[[F], F]:
-    """The `--protocol` option of `probe PROBE_NAME`: radcache's method, or the study's."""
+def _protocol(probe_name: str, *more: tuple[str, str]) -> Callable[[F], F]:
+    """The `--protocol` option of `probe PROBE_NAME`: radcache's method, or a paper's
+    (``more``: further presets' names and what they run)."""
+    presets = [(f"baharoon2023-{probe_name}", "the procedure of Baharoon et al. 2023's code")]
     return click.option(
         "--protocol",
         "preset",
-        type=click.Choice(["radcache", f"baharoon2023-{probe_name}"]),
+        type=click.Choice(["radcache", *(name for name, _ in [*presets, *more])]),
         default="radcache",
         show_default=True,
-        help=f"baharoon2023-{probe_name}: the procedure of Baharoon et al. 2023's code "
-        "(docs/PROBES.md).",
+        help="; ".join(f"{name}: {what}" for name, what in [*presets, *more])
+        + " (docs/PROBES.md).",
     )
 
 
@@ -140,8 +142,8 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
 
     preset = None if opts["preset"] == "radcache" else get_preset(opts["preset"])
     kind = opts["kind"] or "pooled"
-    if preset is not None:
-        kind = probes.REFERENCE_KINDS[protocol]
+    if preset is not None:  # scholz2025: the CLS token, as log_regression.py fits it
+        kind = "cls" if preset.method == "scholz2025" else probes.REFERENCE_KINDS[protocol]
         if opts["kind"] not in (None, kind):
             raise click.UsageError(
                 f"--protocol {preset.name} reads {kind} features; leave out --kind."
@@ -217,12 +219,16 @@ def probe_fewshot(shots: tuple[int, ...], draws: int, multilabel: bool, **opts: 
 
 @probe.command("linear")
 @_probe_options
-@_protocol("linear")
+@_protocol(
+    "linear",
+    ("scholz2025", "MM-DINOv2's logistic regression (Scholz et al. 2025), C chosen on train"),
+)
 @_MULTILABEL
 def probe_linear(multilabel: bool, **opts: Any) -> None:
     """Logistic regression (multi-label: one per class), C chosen on val, refit on
     train+val, scored once on test (baharoon2023-linear: the study's SGD heads over feature
-    sets and learning rates)."""
+    sets and learning rates; scholz2025: raw CLS, C chosen by MCC on a tenth of train, refit
+    on train)."""
     _run("linear", opts, {"multilabel": multilabel})
 
 
