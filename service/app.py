@@ -3,7 +3,8 @@
 Entry point :func:`create_app`. The model, store, pipeline, job database and worker are
 made at start-up by :func:`build_resources` (or handed in, as ``radcache serve`` does
 after checking the model can be loaded) and live in ``app.state``; routes
-(:mod:`.routes`) get them through :data:`.deps.ResourcesDep`.
+(:mod:`.routes`) get them through :data:`.deps.ResourcesDep`. With ``dicom_port`` set, the
+DICOM receiver (:mod:`.dicom`) starts and stops with the app.
 """
 
 from __future__ import annotations
@@ -149,10 +150,17 @@ def create_app(
             res = await run_in_threadpool(build_resources, settings or get_settings())
         await run_in_threadpool(_start, res)
         app.state.resources = res
+        receiver = None
         try:
+            if res.settings.dicom_port is not None:  # the DICOM receiver, on its own threads
+                from .dicom import start_receiver
+
+                receiver = await run_in_threadpool(start_receiver, res)
             yield
         finally:
             with anyio.CancelScope(shield=True):
+                if receiver is not None:
+                    await run_in_threadpool(receiver.stop)
                 await run_in_threadpool(_stop, res)
 
     app = FastAPI(

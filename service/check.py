@@ -48,6 +48,7 @@ from radcache.embeddings.consistency import (
 from radcache.embeddings.consistency import check as check_store
 from radcache.embeddings.store.integrity import StoreState, finding
 
+from .dicom.hold import HOLD_DIR
 from .entry_catalog import CatalogEntry, CatalogRef, CatalogSpace, Cursor, EntryCatalog, _rows
 from .jobs import FINISHED, EntryRow, JobRow, JobStore
 from .runner import dispose_upload, fail_job
@@ -221,7 +222,9 @@ class JobsPart:
             out["orphan-upload"] = sorted(
                 d.name
                 for d in self.upload_dir.iterdir()
-                if d.name not in named and d.resolve() != kept  # quarantine may live here
+                if d.name not in named
+                and d.resolve() != kept  # quarantine may live here
+                and d.name != HOLD_DIR  # instances the DICOM receiver acknowledged
             )
         return out
 

@@ -6,8 +6,9 @@ files and the job database by the time the erasure job the answer points to is d
 the entry catalog and the index, removed from the store (entry groups and re-sent-file
 records deleted, table rows tombstoned; an entry that another study of the tenant also
 delivered stays, named by that study alone), forgotten by the catalog, taken out of the
-tenant's job reports, and out of the index in memory; then an erasure job (kind
-``erase``) is queued. :meth:`.worker.IndexKeeper.erase` does the rest for every pending
+tenant's job reports and out of the index in memory, and the instances of it the DICOM
+receiver holds are deleted; then an erasure job (kind ``erase``) is queued.
+:meth:`.worker.IndexKeeper.erase` does the rest for every pending
 erasure at once, so that a burst of deletions shares one pass: the tables are compacted
 (the deleted rows' keys and vectors leave the table files), the indexes saved and every
 earlier saved version deleted; then the jobs read ``done``. A restart finishes the
@@ -20,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .deps import Resources
+from .dicom.hold import forget_study
 from .entry_catalog import EntryCatalog
 from .jobs import JobRow
 
@@ -44,6 +46,7 @@ def delete_study(res: Resources, catalog: EntryCatalog, study: str, tenant: str)
     """Remove ``tenant``'s study from everything the API and search read, and queue the
     erasure of what is left on disk; returns the erasure job, or None when nothing
     names the study (already deleted, or never stored)."""
+    forget_study(res.settings, tenant, study)  # instances the DICOM receiver holds
     named = set(catalog.study_keys(study, tenant)) | set(res.indexes.study_entries(study, tenant))
     if not named:
         return None

@@ -1,6 +1,7 @@
 """The one way studies come in: every route that takes a study (``POST /v1/studies``,
-STOW-RS, and any later receiver) saves it with :func:`receiving` and hands it to
-:func:`accept` with its validated :class:`~.options.JobOptions`.
+STOW-RS) saves it with :func:`receiving` and hands it to :func:`accept` with its validated
+:class:`~.options.JobOptions`; the DICOM receiver (:mod:`.dicom`), which runs on threads of
+its own, makes its upload directory with :func:`new_upload` and hands it to :func:`accept`.
 
 :func:`accept` tries :meth:`Pipeline.recognise` once: a study whose files were all seen
 before is answered from the cache (a job that is done at once); anything else becomes a
@@ -30,7 +31,7 @@ from .jobs import JobRow
 from .options import JobOptions
 from .runner import finish_job
 
-__all__ = ["Accepted", "accept", "receiving"]
+__all__ = ["Accepted", "accept", "new_upload", "receiving"]
 
 
 @dataclass(frozen=True)
@@ -41,8 +42,10 @@ class Accepted:
     cached: bool
 
 
-def _new_upload(res: Resources, prefix: str) -> Path:
-    res.worker.check_capacity()  # the scale-out queue asks Redis
+def new_upload(res: Resources, prefix: str) -> Path:
+    """A new, empty upload directory, after the capacity check (:class:`QueueFullError`
+    when no more jobs may wait). Blocking: the scale-out queue asks Redis."""
+    res.worker.check_capacity()
     dest = res.settings.upload_dir / f"{prefix}{uuid.uuid4().hex}"
     dest.mkdir(parents=True)
     return dest
@@ -53,7 +56,7 @@ async def receiving(res: Resources, prefix: str = "") -> AsyncIterator[Path]:
     """A new upload directory, after the capacity check (503 ``queue-full`` before a byte
     is read); removed with everything in it if saving fails. The checks and file system
     calls run in a worker thread, off the event loop."""
-    dest = await run_in_threadpool(_new_upload, res, prefix)
+    dest = await run_in_threadpool(new_upload, res, prefix)
     try:
         yield dest
     except BaseException:

@@ -49,6 +49,7 @@ __all__ = [
     "KeyInfo",
     "KeyStore",
     "Principal",
+    "check_tenant",
 ]
 
 #: ``metrics`` reads /metrics alone: a Prometheus scraper's key reads no study.
@@ -146,7 +147,8 @@ class _Verified:
     until: float  # monotonic time this answer may be reused until
 
 
-def _check_tenant(tenant: str) -> str:
+def check_tenant(tenant: str) -> str:
+    """``tenant`` if it is a valid tenant name, else :class:`InvalidFieldError`."""
     if not isinstance(tenant, str) or not _TENANT.fullmatch(tenant):
         raise InvalidFieldError(
             f"tenant {tenant!r} is not a valid name: expected 1-64 characters of lowercase "
@@ -193,7 +195,7 @@ class KeyStore:
         """A new key for ``tenant`` with ``scopes`` (a subset of :data:`SCOPES`), expiring
         after ``expires_days`` (None: never). Returns the token, which is not kept: show it
         once, and its :class:`KeyInfo`."""
-        tenant, chosen = _check_tenant(tenant), _check_scopes(scopes)
+        tenant, chosen = check_tenant(tenant), _check_scopes(scopes)
         if expires_days is not None and not expires_days > 0:
             raise InvalidFieldError(
                 f"expires_days is {expires_days}: expected a positive number of days "
@@ -231,6 +233,12 @@ class KeyStore:
         with self.jobs.session() as s:
             rows = s.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created, ApiKeyRow.prefix))
             return [KeyInfo.of(r) for r in rows]
+
+    def info(self, prefix: str) -> KeyInfo | None:
+        """The key ``prefix``, active or not (None when no key has it)."""
+        with self.jobs.session() as s:
+            row = s.get(ApiKeyRow, prefix)
+            return KeyInfo.of(row) if row is not None else None
 
     def revoke(self, prefix: str) -> KeyInfo:
         """Revoke the key ``prefix`` (it stops verifying everywhere within about a second);

@@ -73,6 +73,36 @@ class ServiceSettings(Settings):
         description="a deleted study's erasure runs once no deletion came for this long "
         "(a burst shares one pass; at the latest a minute after the first)",
     )
+    # --- the DICOM receiver (a C-STORE SCP beside the HTTP service: service/dicom) ---
+    dicom_port: int | None = Field(
+        None, ge=1, le=65535, description="port of the DICOM C-STORE receiver; None: no receiver"
+    )
+    dicom_host: str | None = Field(
+        None, description="address the DICOM receiver listens on; None: the HTTP host's"
+    )
+    ae_title: str = Field("RADCACHE", description="the receiver's own (called) AE title")
+    dicom_calling_aes: dict[str, str] = Field(
+        default_factory=dict,
+        description="calling AE titles allowed to send (JSON object), each mapped to the "
+        "prefix of an API key with the submit scope (the AE acts as that key: its tenant), "
+        "or, while no API key exists, to a tenant; empty while no key exists: any AE, "
+        "default tenant",
+    )
+    dicom_idle_s: float = Field(
+        30.0, gt=0, description="a study is complete this long after its last instance"
+    )
+    dicom_on_release: bool = Field(
+        False, description="a study is also complete when the association that sent it ends"
+    )
+    dicom_keep_s: float = Field(
+        600.0,
+        ge=0,
+        description="a completed study's instances are held this long, so a late instance "
+        "re-embeds its whole series; 0: not held",
+    )
+    dicom_max_instance_bytes: int = Field(
+        1 << 30, ge=1, description="largest instance the receiver takes (held in memory)"
+    )
     # --- scale-out: a Redis queue and radcache worker processes ---
     queue: str | None = Field(
         None, description="Redis URL of the job queue; None: the embedded in-process worker"

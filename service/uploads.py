@@ -41,11 +41,20 @@ from radcache.embeddings.errors import (
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
 
-__all__ = ["BATCH", "BODY_TYPES", "Budget", "related_boundary", "save_related", "save_upload"]
+__all__ = [
+    "BATCH",
+    "BODY_TYPES",
+    "MAX_FILES",
+    "Budget",
+    "related_boundary",
+    "save_related",
+    "save_upload",
+]
 
 #: Body bytes handed to the parsing thread at a time (at most this much is held).
 BATCH = 1 << 20
-_MAX_FILES = 100_000
+#: Files one upload may hold (one a part; the DICOM receiver: instances of one study).
+MAX_FILES = 100_000
 _MAX_FIELDS = 50
 _MAX_FIELD_BYTES = 1 << 20
 _MAX_HEAD_BYTES = 16384  # the headers of one part
@@ -174,8 +183,8 @@ class _Parts:
         }
 
     def open(self, path: Path) -> None:
-        if len(self.paths) >= _MAX_FILES:
-            raise PayloadTooLargeError(f"the body holds more than {_MAX_FILES} files; split it.")
+        if len(self.paths) >= MAX_FILES:
+            raise PayloadTooLargeError(f"the body holds more than {MAX_FILES} files; split it.")
         self.paths.append(path)
         self._file = _File(path)
 

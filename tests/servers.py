@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
 from tests.conftest import TEST_SECRET
 from tests.test_cli import RADCACHE
@@ -83,3 +85,15 @@ def finished(http: httpx.Client, location: str, timeout: float = 120) -> dict[st
             return job
         time.sleep(0.1)
     raise AssertionError(f"job {location} did not finish in {timeout} s")
+
+
+def embeddings(http: httpx.Client, series: str, kind: str) -> np.ndarray:
+    """The stored array ``kind`` of ``series`` (a name or entry key), as ``.npy``."""
+    r = http.get(
+        f"/v1/series/{series}/embeddings",
+        params={"kind": kind},
+        headers={"accept": "application/x-npy"},
+    )
+    assert r.status_code == 200, r.text
+    arr: np.ndarray = np.load(io.BytesIO(r.content))
+    return arr

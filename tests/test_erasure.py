@@ -14,7 +14,6 @@ show up where they belong (the scan can find what it looks for).
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from radcache.embeddings import open_store
 from radcache.embeddings.index._vectors import normalise
 from radcache.service.jobs import JobStore
 from tests.dicomgen import GeneratedSeries, phantom, write_series
-from tests.servers import finished, running_server
+from tests.servers import embeddings, finished, running_server
 from tests.test_deidentify import _corrupt
 
 #: Each patient's identifying values, one per identifying attribute (and two free texts).
@@ -111,16 +110,6 @@ def _files(paths: list[Path]) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [("files", (p.name, p.read_bytes(), "application/dicom")) for p in paths]
 
 
-def _npy(c: httpx.Client, series: str, kind: str) -> np.ndarray:
-    r = c.get(
-        f"/v1/series/{series}/embeddings",
-        params={"kind": kind},
-        headers={"accept": "application/x-npy"},
-    )
-    assert r.status_code == 200, r.text
-    return np.load(io.BytesIO(r.content))
-
-
 @dataclass
 class Erased:
     hay: list[tuple[str, bytes]]  # every file of the server's folder, every array decoded
@@ -165,7 +154,7 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         sa, sb, sc = (done[k]["series"][0] for k in ("a", "b", "copy"))
         assert sc["entry"] == sb["entry"] and sc["study"] != sb["study"]  # one entry, two names
         vectors = {
-            who: [*_npy(c, s["series"], "cls"), _npy(c, s["series"], "pooled")]
+            who: [*embeddings(c, s["series"], "cls"), embeddings(c, s["series"], "pooled")]
             for who, s in (("a", sa), ("b", sb))
         }
         entry = open_store(root / "s.zarr").get(sa["entry"])

@@ -37,7 +37,7 @@ from ._dicom_volume import to_volume
 from ._limits import Budget, Limits
 from ._sources import InputItem, Source, expand, expand_within, sniff
 from ._volumes import open_itk, open_nifti
-from .instances import InstanceIds, instance_ids
+from .instances import InstanceIds, cut_short, instance_ids
 
 __all__ = [
     "Candidate",
@@ -46,6 +46,7 @@ __all__ = [
     "Limits",
     "ScanResult",
     "Source",
+    "cut_short",
     "dicom_among",
     "expand",
     "instance_ids",

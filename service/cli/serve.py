@@ -22,7 +22,8 @@ def _settings_help() -> str:
     """Every setting, its environment variable and its default, for --help."""
     lines = ["\b", "Settings (environment variables; flags above override them):"]
     for name, field in ServiceSettings.model_fields.items():
-        default = field.default if field.default is not None else "-"
+        value = field.get_default(call_default_factory=True)
+        default = value if value is not None else "-"
         lines.append(
             f"  RADCACHE_{name.upper():<20} {field.description or ''} [default: {default}]"
         )
@@ -31,14 +32,17 @@ def _settings_help() -> str:
 
 def guard_open_service(s: ServiceSettings) -> None:
     """Refuse to serve a non-loopback address without keys (unless ``insecure_open``,
-    which is warned about at every start)."""
+    which is warned about at every start): the HTTP host, and the DICOM receiver's."""
     from radcache.embeddings.errors import ConfigError
 
     from ..auth import is_loopback
+    from ..dicom import dicom_host
     from ..jobs import JobStore
     from ..keys import KeyStore
 
-    if is_loopback(s.host):
+    hosts = [s.host] + ([dicom_host(s)] if s.dicom_port is not None else [])
+    exposed = [h for h in hosts if not is_loopback(h)]
+    if not exposed:
         return
     jobs = JobStore(s.db)
     try:
@@ -48,13 +52,13 @@ def guard_open_service(s: ServiceSettings) -> None:
         jobs.close()
     if s.insecure_open:
         err.print(
-            f"[bold yellow]warning[/] radcache serves {s.host} WITHOUT AUTHENTICATION while "
+            f"[bold yellow]warning[/] radcache serves {exposed[0]} WITHOUT AUTHENTICATION while "
             "no API key exists (--insecure-open): anyone who reaches the port can read and "
             "delete everything."
         )
         return
     raise ConfigError(
-        f"refusing to serve {s.host} without API keys: anyone reaching the port could read "
+        f"refusing to serve {exposed[0]} without API keys: anyone reaching the port could read "
         "and delete every study. Create a key first (`radcache keys create --tenant NAME "
         "--scopes submit,read,search,admin --db …`), bind 127.0.0.1, or pass --insecure-open "
         "for a lab network."
@@ -80,6 +84,22 @@ def guard_open_service(s: ServiceSettings) -> None:
     help="Serve without API keys on a non-loopback address (lab use only). "
     "[env RADCACHE_INSECURE_OPEN]",
 )
+@click.option(
+    "--dicom-port",
+    type=click.IntRange(1, 65535),
+    help="Also receive DICOM (C-STORE SCP, C-ECHO) on this port. [env RADCACHE_DICOM_PORT]",
+)
+@click.option(
+    "--ae-title", help="The DICOM receiver's AE title. [env RADCACHE_AE_TITLE; default RADCACHE]"
+)
+@click.option(
+    "--calling-ae",
+    "calling_aes",
+    multiple=True,
+    metavar="AE=KEY_PREFIX|TENANT",
+    help="Allow a calling AE to send, as an API key (its 8-digit prefix) or, with no key, "
+    "for a tenant; repeat for more. [env RADCACHE_DICOM_CALLING_AES, a JSON object]",
+)
 @encoder_options
 def serve(
     host: str | None,
@@ -89,6 +109,9 @@ def serve(
     db: str | None,
     queue: str | None,
     insecure_open: bool | None,
+    dicom_port: int | None,
+    ae_title: str | None,
+    calling_aes: tuple[str, ...],
     device: str | None,
     precision: str | None,
 ) -> None:
@@ -101,6 +124,7 @@ def serve(
     import uvicorn
 
     from ..app import build_resources, create_app
+    from ..dicom import check_dicom_settings, dicom_host
     from ..limits import uvicorn_limits
 
     try:
@@ -114,7 +138,11 @@ def serve(
             device=device,
             precision=precision,
             insecure_open=insecure_open,
+            dicom_port=dicom_port,
+            ae_title=ae_title,
+            dicom_calling_aes=_calling_aes(calling_aes) if calling_aes else None,
         )
+        check_dicom_settings(s)
         guard_open_service(s)  # before the model loads: a refusal is quick
         # The weights are found and the config read here (fail with one clear message);
         # they load on a thread of their own while the store and the indexes open.
@@ -132,6 +160,15 @@ def serve(
         f"radcache serving {label} on http://{s.host}:{s.port} (store {s.store}; jobs run by "
         f"{jobs_by})"
     )
+    if s.dicom_port is not None:
+        err.print(
+            f"DICOM receiver {s.ae_title.strip()} on {dicom_host(s)}:{s.dicom_port} "
+            + (
+                f"({len(s.dicom_calling_aes)} calling AEs allowed)"
+                if s.dicom_calling_aes
+                else "(no calling-AE list: any AE while no API key exists, else none)"
+            )
+        )
     uvicorn.run(
         create_app(s, resources=resources),
         host=s.host,
@@ -141,6 +178,22 @@ def serve(
         log_config=log_config(),
         **uvicorn_limits(s),  # request head size and time, keep-alive, connections
     )
+
+
+def _calling_aes(given: tuple[str, ...]) -> dict[str, str]:
+    """``AE=TARGET`` flags as the allow-list (:class:`ConfigError` for one without ``=``)."""
+    from radcache.embeddings.errors import ConfigError
+
+    out: dict[str, str] = {}
+    for item in given:
+        ae, sep, target = item.partition("=")
+        if not sep or not ae.strip() or not target.strip():
+            raise ConfigError(
+                f"--calling-ae {item!r}: expected AE=KEY_PREFIX (or AE=TENANT on a service "
+                "without keys), e.g. --calling-ae PACS1=0123abcd"
+            )
+        out[ae.strip()] = target.strip()
+    return out
 
 
 def log_config() -> dict[str, Any]:

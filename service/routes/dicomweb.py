@@ -16,18 +16,15 @@ JSON): nothing of it is stored, and the sender is told to send it again.
 from __future__ import annotations
 
 import shutil
-import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
-import pydicom
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radcache.embeddings.errors import EmptyUploadError, MalformedBodyError, NotDicomError
-from radcache.embeddings.ingest import instance_ids
+from radcache.embeddings.ingest import cut_short, instance_ids
 
 from ..auth import Read, Submit
 from ..deps import ResourcesDep
@@ -101,38 +98,6 @@ def _ds_json(values: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
     return {tag: {"vr": vr, "Value": v} if v else {"vr": vr} for tag, (vr, v) in values.items()}
 
 
-def _cut_short(path: Path) -> str | None:
-    """How a readable DICOM file ends too soon (inside its last element, or inside the
-    header of one more), or None. Large values are skipped, not read."""
-    size = path.stat().st_size
-    try:
-        meta = pydicom.filereader.read_file_meta_info(path)
-    except Exception:  # no file meta: read below
-        meta = None
-    if meta is not None and meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-        return None  # offsets of the inflated data, which pydicom would inflate whole
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(path, force=True, defer_size=1024)
-    except (EOFError, OSError) as exc:
-        return f"it ends inside its data set ({type(exc).__name__})"
-    except Exception:  # unreadable in another way: the job reports it
-        return None
-    tags = list(ds.keys())
-    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if not tags or tsyntax == DeflatedExplicitVRLittleEndian:  # offsets of the inflated data
-        return None
-    raw = ds.get_item(tags[-1])
-    length, tell = getattr(raw, "length", None), getattr(raw, "value_tell", None)
-    if not isinstance(length, int) or not isinstance(tell, int) or length == 0xFFFFFFFF:
-        return None
-    end = tell + length
-    if end > size or 0 < size - end < 8:
-        return f"element {tags[-1]} needs {end} bytes, the part has {size}"
-    return None
-
-
 def _check_part(path: Path, study: str | None) -> tuple[str, str, int | None]:
     """(SOP class, SOP instance, failure reason or None) for one stored part; raises
     :class:`MalformedBodyError` for an instance cut short (the body is sent again whole)."""
@@ -140,7 +105,7 @@ def _check_part(path: Path, study: str | None) -> tuple[str, str, int | None]:
         ids = instance_ids(path)
     except NotDicomError:
         return "", "", _CANNOT_UNDERSTAND
-    why = _cut_short(path)
+    why = cut_short(path)
     if why is not None:
         raise MalformedBodyError(
             f"part {int(path.stem.split('-')[-1]) + 1} is a DICOM instance cut short ({why}); "
