@@ -15,11 +15,14 @@ it; hidden names are ignored. Progress goes to a JSON-lines state file (default
     {"study": "ct-001", "state": "done", "job": "6f1c…", "size": 81920, "mtime": 1.7e9,
      "failure": null}
 
-A later run with the same state file skips studies whose last line is ``done`` or
-``partially_failed`` with an unchanged size and mtime (a partial failure is an input
-error, such as a non-DICOM file, that sending the study again would not fix), waits for
-the job of a ``submitted`` one instead of uploading it again (or uploads it again if the
-service no longer knows the job), and submits ``failed`` and ``dead`` ones again.
+A later run with the same state file skips studies whose last line is ``done`` with an
+unchanged size and mtime; reports those whose last line is ``partially_failed`` with an
+unchanged size and mtime as failed still, without sending them again (a partial failure
+is an input error, such as a non-DICOM file, that sending the same files again would not
+fix; :attr:`StudyResult.earlier`), so the run is not ``ok`` while they stay; waits for the
+job of a ``submitted`` one instead of uploading it again (or uploads it again if the
+service no longer knows the job); and submits ``failed`` and ``dead`` ones again. A study
+whose files changed is sent again whatever its last line says.
 """
 
 from __future__ import annotations
@@ -50,26 +53,29 @@ __all__ = [
 
 STATE_FILE = ".radcache-backfill.jsonl"
 STUDY_SUFFIXES = (".zip", ".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
-_KEEP = ("done", "partially_failed")  # finished states that a resubmission would not change
 _REFUSED = {400, 413, 415, 422}  # answers about the upload itself: that study fails alone
 
 
 @dataclass(frozen=True)
 class StudyResult:
     """How one study ended: a job state, or ``failed`` with no job when the upload was
-    refused (``failure`` then holds the service's answer)."""
+    refused (``failure`` then holds the service's answer). ``earlier``: a partial failure
+    of an earlier run whose files have not changed since, reported again and not sent."""
 
     study: str
     state: str
     job: str | None = None
     failure: str | None = None
+    earlier: bool = False
 
 
 @dataclass
 class BackfillReport:
     """What a run did so far. ``studies`` counts every study found, ``skipped`` those an
-    earlier run finished; ``done`` and ``failed`` (which includes ``partially_failed``)
-    count this run's."""
+    earlier run finished ``done``; ``done`` and ``failed`` (which includes
+    ``partially_failed``) count this run's, and ``failed`` also lists the earlier run's
+    partial failures whose files are unchanged (:attr:`StudyResult.earlier`, not sent
+    again): a run is ``ok`` only when no study is left failed."""
 
     studies: int = 0
     skipped: int = 0
@@ -79,9 +85,14 @@ class BackfillReport:
     interrupted: bool = False
 
     @property
+    def failed_earlier(self) -> int:
+        """Studies failed by an earlier run and unchanged since (not sent by this one)."""
+        return sum(r.earlier for r in self.failed)
+
+    @property
     def finished(self) -> int:
         """Studies this run saw finish."""
-        return self.done + len(self.failed)
+        return self.done + len(self.failed) - self.failed_earlier
 
     @property
     def studies_per_s(self) -> float:
@@ -97,7 +108,8 @@ class BackfillReport:
             "done": self.done,
             "skipped": self.skipped,
             "failed": [
-                {"study": r.study, "state": r.state, "failure": r.failure} for r in self.failed
+                {"study": r.study, "state": r.state, "failure": r.failure, "earlier": r.earlier}
+                for r in self.failed
             ],
             "seconds": round(self.seconds, 3),
             "studies_per_s": round(self.studies_per_s, 3),
@@ -204,8 +216,13 @@ def _plan(root: Path, state: Path, report: BackfillReport) -> list[_Study]:
         size, mtime = _fingerprint(path)
         rec = recorded.get(path.name, {})
         same = rec.get("size") == size and rec.get("mtime") == mtime
-        if same and rec.get("state") in _KEEP:
+        if same and rec.get("state") == "done":
             report.skipped += 1
+            continue
+        if same and rec.get("state") == "partially_failed":  # the same files fail the same way
+            report.failed.append(
+                StudyResult(path.name, rec["state"], rec.get("job"), rec.get("failure"), True)
+            )
             continue
         pending = rec.get("job") if same and rec.get("state") == "submitted" else None
         todo.append(_Study(path.name, path, size, mtime, pending))

@@ -19,6 +19,7 @@ The tree::
     │   ├── UnsupportedMediaTypeError unsupported-media-type
     │   ├── MalformedBodyError        bad-multipart
     │   ├── InvalidFieldError         invalid-request
+    │   ├── InsufficientDataError     insufficient-data  (a probe's splits cannot give a result)
     │   ├── VolumeTooLargeError       volume-too-large
     │   ├── DecompressedTooLargeError decompressed-too-large
     │   └── UnsafeReferenceError      unsafe-reference
@@ -63,6 +64,7 @@ __all__ = [
     "ForbiddenError",
     "InconsistentSeriesError",
     "InputError",
+    "InsufficientDataError",
     "InvalidFieldError",
     "InvalidHeaderError",
     "InvalidNiftiError",
@@ -92,6 +94,7 @@ __all__ = [
     "UnsupportedInputError",
     "UnsupportedMediaTypeError",
     "UnsupportedTransferSyntaxError",
+    "VaultOffError",
     "VolumeTooLargeError",
 ]
 
@@ -226,6 +229,14 @@ class ConfigError(RadcacheError):
     title = "Invalid configuration"
 
 
+class VaultOffError(ConfigError):
+    """A feature that needs the original UIDs (a KOS answer), asked of a service whose UID
+    vault is off."""
+
+    code = "uid-vault-off"
+    title = "UID vault off"
+
+
 class EmptyUploadError(InputError):
     code = "empty-upload"
     title = "Nothing uploaded"
@@ -299,6 +310,15 @@ class MalformedBodyError(InputError):
 
     code = "bad-multipart"
     title = "Malformed multipart body"
+
+
+class InsufficientDataError(InputError):
+    """Labelled rows a probe cannot work with: an empty split, a single class to learn
+    from. Raised before anything is fitted; the message gives each split's patients,
+    rows and classes, and what to change."""
+
+    code = "insufficient-data"
+    title = "Too little labelled data for the probe"
 
 
 class VolumeTooLargeError(InputError):

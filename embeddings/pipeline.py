@@ -14,6 +14,7 @@ without reading their pixels) and embeds the rest.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import logging
 import time
@@ -38,6 +39,7 @@ from .results import (
     Transient,
     entry_attrs,
     series_result,
+    unknown_modality,
 )
 from .settings import Settings
 from .store import (
@@ -414,10 +416,15 @@ class Pipeline:
         return key, recipe
 
     def embed_volume(self, volume: Volume, *, progress: Progress | None = None) -> SeriesResult:
-        """Embed one volume, or return the stored entry if its key is cached."""
+        """Embed one volume, or return the stored entry if its key is cached. A NIfTI,
+        NRRD or MetaImage volume sent without a modality is warned about
+        (:func:`unknown_modality`)."""
         t0 = time.perf_counter()
         key, recipe = self.key_for(volume)
         meta = volume.meta
+        if meta.source_format != "dicom" and not meta.modality:
+            warning = unknown_modality(meta, self.recipe, self.encoder.cfg)
+            meta = dataclasses.replace(meta, warnings=(*meta.warnings, warning))
         refs = _refs(volume)
         cached = self.store.get(key)
         if cached is None:

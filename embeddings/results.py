@@ -1,5 +1,6 @@
-"""What embedding produces and records: per-volume results, a submission's report, and
-the attributes an entry is stored with.
+"""What embedding produces and records: per-volume results (with the warning for a
+volume sent without a modality), a submission's report, and the attributes an entry is
+stored with.
 
 Shared by :mod:`.pipeline` (one volume at a time) and :mod:`.multiseq` (one study of
 several sequences), which both import it; it imports neither.
@@ -7,6 +8,7 @@ several sequences), which both import it; it imports neither.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
@@ -16,9 +18,10 @@ import numpy as np
 from ._version import __version__
 from .encode import Encoder
 from .errors import RadcacheError
+from .models import ModelCfg
 from .recipe import Recipe
 from .store import EntryInfo, space_id
-from .volume import Volume
+from .volume import Volume, VolumeMeta
 
 __all__ = [
     "EmbedReport",
@@ -27,6 +30,7 @@ __all__ = [
     "Transient",
     "entry_attrs",
     "series_result",
+    "unknown_modality",
 ]
 
 
@@ -159,3 +163,25 @@ def entry_attrs(
         "space": space_id(cfg.name, enc.weights_hash, recipe.space_hash()),
         "radcache_version": __version__,
     }
+
+
+def unknown_modality(meta: VolumeMeta, recipe: Recipe, model: ModelCfg) -> str:
+    """The warning for a volume without a modality (NIfTI, NRRD and MetaImage carry
+    none): stored without one, and the intensity ``recipe`` then gives it (its default
+    for an unknown modality) against what a CT would get."""
+    kind = {"nifti": "NIfTI", "itk": "NRRD/MetaImage"}.get(meta.source_format, "these")
+
+    def policy(modality: str | None) -> str:
+        p = recipe.resolve(modality, model, photometric=meta.photometric).intensity
+        assert not isinstance(p, str)  # resolved: never "auto"
+        values = p.model_dump(mode="json", exclude={"kind"})
+        return " ".join([p.kind, *(f"{k}={json.dumps(v)}" for k, v in values.items())])
+
+    unknown, ct = policy(None), policy("CT")
+    return (
+        f"no modality given ({kind} files carry none): stored with modality unknown, which "
+        "modality filters do not match, and preprocessed with the recipe's intensity for an "
+        f"unknown modality: {unknown}"
+        + (f" (a CT gets {ct})" if ct != unknown else "")
+        + ". Name it with --modality (a submission's modality option), e.g. CT or MR."
+    )

@@ -23,7 +23,7 @@ import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import orjson
 from sqlalchemy import (
@@ -32,6 +32,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    TypeDecorator,
     cast,
     create_engine,
     delete,
@@ -45,7 +46,16 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 
 from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
-__all__ = ["EntryRow", "JobKind", "JobRow", "JobState", "JobStore", "kind_of"]
+__all__ = [
+    "EntryRow",
+    "JobKind",
+    "JobRow",
+    "JobState",
+    "JobStore",
+    "UtcDateTime",
+    "kind_of",
+    "utc",
+]
 
 #: ``dead``: failed on every delivery the queue allowed (scale-out), kept for inspection.
 JobState = Literal["queued", "running", "done", "partially_failed", "failed", "dead"]
@@ -58,6 +68,32 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+@overload
+def utc(t: dt.datetime) -> dt.datetime: ...
+@overload
+def utc(t: None) -> None: ...
+def utc(t: dt.datetime | None) -> dt.datetime | None:
+    """``t`` as aware UTC, so that it goes on the wire with its offset (RFC 3339); a naive
+    time is UTC (radcache writes no other)."""
+    if t is None:
+        return None
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """A time column written and read back as aware UTC: SQLite keeps no zone and gives
+    back naive times, PostgreSQL the session's zone; either way a row's times are UTC."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return utc(value)
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        return utc(value)
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -68,9 +104,9 @@ class JobRow(Base):
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     state: Mapped[str] = mapped_column(String(20), index=True)
     upload: Mapped[str] = mapped_column(String(1024))
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), index=True)
-    started: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(UtcDateTime(), index=True)
+    started: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     slices_done: Mapped[int] = mapped_column(Integer, default=0)
     slices_total: Mapped[int] = mapped_column(Integer, default=0)
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
@@ -94,7 +130,7 @@ class EntryRow(Base):
     study: Mapped[str] = mapped_column(String(128), index=True)
     series: Mapped[str] = mapped_column(String(128))
     job: Mapped[str | None] = mapped_column(String(32), nullable=True)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
+    created: Mapped[dt.datetime] = mapped_column(UtcDateTime())
 
 
 class JobStore:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from pydicom.data import get_testdata_file
 
 from radcache.clients import RadcacheClient
 from radcache.clients.backfill import (
@@ -92,6 +93,48 @@ def test_cli_backfill_then_resume(url: str, tmp_path: Path) -> None:
     assert [f["study"] for f in out["failed"]] == ["zz-junk"]
     assert _job_count(url) == jobs + 11
     assert _finished(state) == Counter([*names, "vol.nii.gz", "zz-junk", names[0], "zz-junk"])
+
+
+def test_a_partial_failure_stays_failed_until_its_files_change(url: str, tmp_path: Path) -> None:
+    """A study with a broken file fails partially; a rerun reports it as failed still
+    (exit 1) without sending the same files again, and sends it once they change."""
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    root = tmp_path / "archive"
+    names = _studies(root, range(400, 402))
+    broken = root / names[1] / "MR_truncated.dcm"
+    broken.write_bytes(Path(str(get_testdata_file("MR_truncated.dcm"))).read_bytes())
+    args = ["backfill", str(root), "--url", url]
+    jobs = _job_count(url)
+
+    first = CliRunner().invoke(main, [*args, "--json"])
+    assert first.exit_code == 1, first.output
+    out = json.loads(first.stdout)
+    assert (out["done"], out["skipped"]) == (1, 0)
+    (failed,) = out["failed"]
+    assert (failed["study"], failed["state"], failed["earlier"]) == (
+        names[1],
+        "partially_failed",
+        False,
+    )
+    assert "truncated-file" in failed["failure"] and _job_count(url) == jobs + 2
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1, again.output
+    assert "0 done, 1 skipped, 1 failed (1 unchanged since an earlier run)" in again.stdout
+    said = " ".join(again.stderr.split())
+    assert f"partially_failed {names[1]}: " in said and "truncated-file" in said
+    assert "its files are unchanged, so not sent again" in said
+    assert _job_count(url) == jobs + 2  # nothing sent
+
+    broken.unlink()  # fixed: sent again, and done
+    fixed = CliRunner().invoke(main, [*args, "--json"])
+    assert fixed.exit_code == 0, fixed.output
+    out = json.loads(fixed.stdout)
+    assert (out["done"], out["skipped"], out["failed"]) == (1, 1, [])
+    assert _job_count(url) == jobs + 3
 
 
 def test_interrupted_run_resumes_without_sending_twice(url: str, tmp_path: Path) -> None:

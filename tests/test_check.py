@@ -389,7 +389,7 @@ def _submit(
 
 
 def _readable(http: httpx.Client, entry: str) -> None:
-    r = http.get(f"/v1/series/{entry}/embeddings?kind=cls")
+    r = http.get(f"/v1/series/{entry}/embeddings?kind=cls&format=npy")
     assert r.status_code == 200, (entry, r.text)
     cls = np.load(io.BytesIO(r.content))
     assert cls.shape == (3, 64) and np.isfinite(cls).all() and np.abs(cls).sum() > 0

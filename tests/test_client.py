@@ -16,7 +16,7 @@ import pytest
 
 from radcache.clients import AsyncRadcacheClient, RadcacheAPIError, RadcacheClient, SubmitOptions
 from radcache.embeddings import open_store
-from tests.dicomgen import phantom, write_series
+from tests.dicomgen import phantom, write_nifti, write_series
 from tests.servers import running_server
 from tests.test_cli import run
 
@@ -160,6 +160,29 @@ def test_client_cli(server: tuple[str, Path], tmp_path: Path) -> None:
     assert np.load(out).shape == (3, 64)
     down = run("jobs", "--url", "http://127.0.0.1:9", "--json")
     assert down.returncode == 2 and "error" in json.loads(down.stdout)
+
+
+def test_submit_and_jobs_keep_ids_whole_in_80_columns_and_warn(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`submit` and `jobs` print entry and job ids whole at 80 columns; `submit` says
+    when a volume was sent without a modality."""
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    url, _ = server
+    vol = write_nifti(tmp_path / "v.nii.gz", phantom(3, 16, 16, seed=73).astype(np.float32))
+    narrow = {"COLUMNS": "80"}
+    r = CliRunner().invoke(main, ["submit", str(vol), "--url", url], env=narrow)
+    assert r.exit_code == 0, r.output
+    said = " ".join(r.stderr.split())
+    assert "warning series " in said and "no modality given (NIfTI files carry none)" in said
+    job = json.loads(CliRunner().invoke(main, ["jobs", "--url", url, "--json"]).stdout)[0]
+    listed = CliRunner().invoke(main, ["jobs", "--url", url], env=narrow)
+    for text, whole in ((r.stdout, job["series"][0]["entry"]), (listed.stdout, job["id"])):
+        assert whole in text and "…" not in text, text
+        assert max(len(line) for line in text.splitlines()) <= 80, text
 
 
 def test_client_needs_no_torch() -> None:

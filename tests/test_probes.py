@@ -4,6 +4,7 @@ and a shuffled-label control it must not."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -247,6 +248,48 @@ def test_a_split_by_patient_warns_of_entries_without_one(
     (warning,) = json.loads((out / "result.json").read_text())["warnings"]
     assert "4 of 12 series rows have no known patient" in warning
     assert f"> **Warning:** {warning}" in (out / "report.md").read_text()
+
+
+def test_probes_on_too_little_data_say_what_is_missing(
+    tmp_path: Path, tiny_fp32: Encoder, pseudo: Pseudonymizer
+) -> None:
+    """Two patients leave a split empty (three splits): every probe stops before fitting,
+    with the insufficient-data code, exit status 2, what each split holds and what to
+    change; never a traceback."""
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    store = EmbeddingStore(tmp_path / "store.zarr")
+    pipe = Pipeline(tiny_fp32, store, pseudo, patch_tokens=False)
+    rows = ["series,finding,split"]
+    for i, split in enumerate(("train", "test")):
+        nii = write_nifti(tmp_path / f"v{i}.nii", lesion_phantom(i, i == 1, size=32))
+        (res,) = pipe.embed([nii], refs=pseudo.refs(patient=f"PAT-{i}")).series
+        rows.append(f"{res.series},{'lesion' if i else 'none'},{split}")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n")
+    base = ["--store", store.url, "--labels", str(labels), "--bootstrap", "0"]
+    split_by_patient = r"split has no rows labelled 'finding'|are all of one class"
+    cases = {
+        ("knn", "--label", "finding", "-k", "5", "-k", "20"): split_by_patient,
+        ("linear", "--label", "finding", "--level", "slice"): split_by_patient,
+        ("fewshot", "--label", "finding"): split_by_patient,
+        ("linear", "--label", "finding", "--protocol", "baharoon2023-linear"): split_by_patient,
+        ("knn", "--label", "finding", "--split-column", "split", "-k", "1"): "all of one class",
+        ("knn", "--label", "grade"): "the labels given are 'finding', 'split'",
+    }
+    for args, says in cases.items():
+        r = CliRunner().invoke(main, ["probe", *args, *base, "-o", str(tmp_path / "out")])
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert r.stderr.startswith("error [insufficient-data] "), (args, r.stderr)
+        assert re.search(says, r.stderr), (args, r.stderr)
+        assert "Traceback" not in r.output and not (tmp_path / "out").exists()
+        if args[-1] != "grade":  # what each split holds, and what to change
+            assert re.search(
+                r"train: (1 patient, (1 row|3 rows) \((lesion|none) [13]\)|no rows)", r.stderr
+            )
+            assert "test: " in r.stderr and "--split-column" in r.stderr, r.stderr
 
 
 # -- multi-label (ChestX-ray14-style "A|B" label sets), labels and export files ------------

@@ -99,7 +99,7 @@ def _arrays_and_search(
     ``found_as``, its own study where another study names it too, else ``study``)."""
     listed = c.get(f"/v1/studies/{study}")
     assert listed.status_code == 200 and [s["entry"] for s in listed.json()["series"]] == [entry]
-    npy = c.get(f"/v1/series/{entry}/embeddings", params={"kind": "cls"})
+    npy = c.get(f"/v1/series/{entry}/embeddings", params={"kind": "cls", "format": "npy"})
     assert npy.status_code == 200 and np.load(io.BytesIO(npy.content)).shape[0] == 3
     pooled = c.get(f"/v1/series/{entry}/embeddings").json()["data"]
     info = open_store(store).get(entry)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from radcache.embeddings.errors import InputError
+from radcache.embeddings.errors import InputError, InsufficientDataError
 from radcache.embeddings.preprocess import Placement
 from radcache.embeddings.probes import SegData, SegVolume, dice_loss, pooled_dice, seg
 from radcache.embeddings.probes.segment import split_slices
@@ -237,3 +237,13 @@ def test_without_val_slices_only_one_lr_is_accepted() -> None:
     assert any("448" in w for w in res["warnings"])  # not the reference's input size
     with pytest.raises(InputError, match="baharoon2023"):
         seg(data, split, lrs=(0.1, 0.2))
+
+
+def test_a_split_without_test_slices_says_what_each_part_holds() -> None:
+    data = synthetic(n_vol=2, n_slices=3)
+    only_train = np.full(len(data.rows()), "train")
+    with pytest.raises(InsufficientDataError, match="no test slices") as exc:
+        seg(data, only_train, epochs=1)
+    assert exc.value.code == "insufficient-data"
+    assert "train: 6 slices of 2 patients; val: 0 slices of 0 patients" in exc.value.message
+    assert "--split blocks" in exc.value.message

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -110,7 +112,7 @@ def test_submit_wait_fetch_and_resubmit(client: TestClient, tmp_path: Path) -> N
         io.BytesIO(
             client.get(
                 f"/v1/series/{series['entry']}/embeddings",
-                params={"kind": "patch", "slices": "1:3"},
+                params={"kind": "patch", "slices": "1:3", "format": "npy"},
             ).content
         )
     )
@@ -150,6 +152,67 @@ def test_bodies_zip_and_nifti(client: TestClient, tmp_path: Path) -> None:
     )
     job = _wait(client, r.headers["location"])
     assert job["state"] == "done" and job["series"][0]["modality"] == "CT"
+
+
+def _times(value: Any) -> Iterator[str]:
+    """Every string in a JSON answer that starts like a date and time."""
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _times(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _times(v)
+    elif isinstance(value, str) and re.match(r"\d{4}-\d\d-\d\dT\d\d:\d\d", value):
+        yield value
+
+
+def test_a_volume_without_modality_warns_and_answers_carry_offsets(
+    client: TestClient, tmp_path: Path
+) -> None:
+    """A NIfTI without a modality: the job's series says so (and which intensity the
+    recipe gave it); every time in the answers is RFC 3339 with its offset; embeddings are
+    JSON unless .npy is asked for (?format=npy, or Accept: application/x-npy)."""
+    nii = write_nifti(tmp_path / "v.nii.gz", phantom(3, 16, 16, seed=5).astype(np.float32))
+    posted = client.post(
+        "/v1/studies", content=nii.read_bytes(), headers={"content-type": "application/gzip"}
+    )
+    assert posted.status_code == 202, posted.text
+    job = _wait(client, posted.headers["location"])
+    (series,) = job["series"]
+    assert job["state"] == "done" and series["modality"] is None
+    (warning,) = series["warnings"]
+    assert warning.startswith("no modality given (NIfTI files carry none)")
+    assert "percentile low=0.5 high=99.5" in warning and "a CT gets ct-windows" in warning
+    answers = [
+        posted.json(),
+        job,
+        client.get("/v1/jobs").json(),
+        client.get(f"/v1/series/{series['series']}").json(),
+        client.get(f"/v1/studies/{series['study']}").json(),
+    ]
+    times = [t for a in answers for t in _times(a)]
+    assert len(times) >= 7  # the job's created, started, finished (twice), the entry's
+    for t in times:
+        assert re.search(r"(Z|[+-]\d\d:\d\d)$", t), t
+        assert dt.datetime.fromisoformat(t).utcoffset() == dt.timedelta(0), t
+
+    url = f"/v1/series/{series['series']}/embeddings"
+    st = open_store(tmp_path / "store.zarr")
+    cls = st.read(series["entry"], "cls")
+    for accept in (None, "*/*", "application/json", "application/json, application/x-npy"):
+        r = client.get(url, params={"kind": "cls"}, headers={"accept": accept} if accept else {})
+        assert r.headers["content-type"] == "application/json", accept
+        np.testing.assert_allclose(r.json()["data"], cls, rtol=1e-6)
+    for params, accept in (
+        ({"kind": "cls", "format": "npy"}, "*/*"),
+        ({"kind": "cls"}, "application/x-npy"),
+        ({"kind": "cls"}, "application/json;q=0.5, application/x-npy"),
+    ):
+        r = client.get(url, params=params, headers={"accept": accept})
+        assert r.headers["content-type"] == "application/x-npy", (params, accept)
+        np.testing.assert_array_equal(np.load(io.BytesIO(r.content)), cls)
+    r = client.get(url, params={"format": "json"}, headers={"accept": "application/x-npy"})
+    assert r.json()["kind"] == "pooled"  # the query over the header
 
 
 def test_bad_files_fail_alone(client: TestClient, tmp_path: Path) -> None:
@@ -296,7 +359,9 @@ def test_real_server(tmp_path: Path) -> None:
             assert job["state"] == "done"
             entry = job["series"][0]["entry"]
             arr = np.load(
-                io.BytesIO(http.get(f"/v1/series/{entry}/embeddings?kind=cls_last4").content)
+                io.BytesIO(
+                    http.get(f"/v1/series/{entry}/embeddings?kind=cls_last4&format=npy").content
+                )
             )
             assert arr.shape == (4, 2, 64)
             # 20 different studies uploaded at once all complete, with the library's results

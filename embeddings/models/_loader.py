@@ -9,8 +9,11 @@ model file.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeAlias, cast
@@ -25,6 +28,7 @@ from ._registry import REGISTRY, ModelCfg, get_cfg
 __all__ = [
     "build_random",
     "load_backbone",
+    "quiet_progress",
     "register_arch_loader",
     "register_dir_loader",
     "resolve_backbone",
@@ -158,13 +162,34 @@ def _offline(offline: bool | None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
 
 
+@functools.cache
+def quiet_progress() -> None:
+    """Third-party progress bars off, once per process, before radcache first finds or
+    loads a model: transformers' (its weight-loading bar, on stderr even when that is a
+    log file) always, Hugging Face Hub's download bars unless stderr is a terminal. Set by
+    the libraries' documented switches (``transformers.utils.logging.disable_progress_bar``,
+    which turns the Hub's off too, and ``huggingface_hub.utils.enable_progress_bars``); an
+    ``HF_HUB_DISABLE_PROGRESS_BARS`` the user sets still decides the Hub's."""
+    from huggingface_hub.utils.tqdm import are_progress_bars_disabled, enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hub_bars = not are_progress_bars_disabled()
+    with warnings.catch_warnings():  # the Hub warns where its variable overrides a call
+        warnings.simplefilter("ignore")
+        hf_logging.disable_progress_bar()
+        if hub_bars and sys.stderr.isatty():
+            enable_progress_bars()
+
+
 def resolve_backbone(
     spec: str, *, cache_dir: str | None = None, offline: bool | None = None
 ) -> tuple[ModelCfg, Callable[[], torch.nn.Module]] | None:
     """The config of ``spec`` and how to build its module, where the config is known
     without building it: registry entries with random weights or Hugging Face weights (found
     in the cache, or downloaded, here), plain DINOv2 checkpoint directories. None for the
-    kinds registered loaders build (MM-DINOv2): :func:`load_backbone` loads those."""
+    kinds registered loaders build (MM-DINOv2): :func:`load_backbone` loads those.
+    Third-party progress bars go first (:func:`quiet_progress`)."""
+    quiet_progress()
     path = Path(spec).expanduser()
     if spec not in REGISTRY and path.is_dir():
         if any(is_mine(path) for is_mine, _ in _DIR_LOADERS.values()):

@@ -52,6 +52,8 @@ from .targets import (
     _evenly_spaced,
     _first_best,
     _in_order,
+    _labelled_splits,
+    _need_shots,
     _need_val,
     _patients_per_class,
     _per_class_draw,
@@ -152,7 +154,7 @@ def knn(
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise InputError(f"kNN needs k values ≥ 1; got {ks}.")
-    tr, va, te = train.labelled(label), val.labelled(label), test.labelled(label)
+    tr, va, te = _labelled_splits("kNN", (train, val, test), label, multilabel=multilabel)
     _need_val(va, label, "k", len(ks), "a single k (-k K)")
     classes, (ytr, yva, yte) = _targets(label, (tr, va, te), multilabel)
     reference = method == "baharoon2023"
@@ -290,7 +292,7 @@ def linear(
     a tenth of ``train`` (val is scored, not used), refit on train, train rows in entry order
     (:mod:`.logreg_reference`). ``predictions`` holds the test rows' probabilities."""
     _check_method(method)
-    tr, va, te = train.labelled(label), val.labelled(label), test.labelled(label)
+    tr, va, te = _labelled_splits("linear", (train, val, test), label, multilabel=multilabel)
     if method == "scholz2025":
         if multilabel or cs is not C_GRID:
             raise InputError(
@@ -349,8 +351,10 @@ def _fewshot_logreg(
     rng = np.random.default_rng(seed)
     by_class = {cl: np.flatnonzero(ytr == cl) for cl in sorted(set(ytr))}
     out: dict[str, Any] = {}
+    shots = list(shots)
+    fewest = _need_shots({cl: len(v) for cl, v in by_class.items()}, min(shots), label)
     for n in shots:
-        if any(len(v) < n for v in by_class.values()):
+        if n > fewest:  # left out: the report lists the shots it has
             continue
         runs: dict[str, list[dict[str, float]]] = {"knn": [], "logreg": []}
         for _ in range(draws):
@@ -470,7 +474,7 @@ def fewshot(
     shots = list(shots)
     if min(shots, default=0) < 1:
         raise InputError(f"few-shot needs shots ≥ 1; got {shots}.")
-    tr, va, te = train.labelled(label), val.labelled(label), test.labelled(label)
+    tr, va, te = _labelled_splits("few-shot", (train, val, test), label, multilabel=multilabel)
     if method == "baharoon2023":
         body = _fewshot_reference(
             tr, va, te, label, shots=shots, draws=draws, ks=sorted(set(ks)), seed=seed,

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import InputError
+from ..errors import InputError, InsufficientDataError
 from .seg_volumes import SegData, SegHead, _group, _linear, _resampled, _upsample
 
 __all__ = ["BAHAROON2023_CAVEATS", "REFERENCE", "SEG_LRS", "dice_loss", "pooled_dice"]
@@ -223,7 +223,7 @@ def _seg_baharoon2023(
     if not lrs:
         raise InputError("no learning rates given; expected at least one.")
     if not va and len(lrs) > 1:
-        raise InputError(
+        raise InsufficientDataError(
             f"the split has no val slices, and the learning rate is chosen among {len(lrs)} "
             "on validation data only (never on test): split with a validation part "
             "(split_slices(..., val_fraction=0.15); CLI --val-fraction) or give one lr."

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..errors import InputError
+from ..errors import InputError, InsufficientDataError
 from .report import Overlay
 from .seg_reference import SEG_LRS, _seg_baharoon2023
 from .seg_volumes import SegData, SegHead, _group, _resampled, _upsample
@@ -112,7 +112,18 @@ def seg(
     part = {s: [rows[i] for i in np.flatnonzero(split == s)] for s in ("train", "val", "test")}
     tr, te = part["train"], part["test"]
     if not tr or not te:
-        raise InputError(f"the split left {len(tr)} train and {len(te)} test slices; need both.")
+        held = "; ".join(
+            f"{name}: {len(part[name])} slices of "
+            f"{len({data.volumes[v].patient for v, _ in part[name]})} patients"
+            for name in ("train", "val", "test")
+        )
+        raise InsufficientDataError(
+            f"segmentation: the split left no {'train' if not tr else 'test'} slices ({held}); "
+            "training and scoring need both. A split by patient sends whole patients to test "
+            "(30 %) and val, so with few patients split by blocks of adjacent slices instead "
+            "(split_slices(..., 'blocks'); CLI --split blocks), try another seed, or add "
+            "patients."
+        )
     if method == "radcache":
         if lrs is not None or val_epochs is not None:
             raise InputError(

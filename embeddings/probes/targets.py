@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InsufficientDataError
 from .featureset import Features
 from .scoring import scores, scores_multilabel
 
@@ -56,14 +56,94 @@ def _predictions(
     }
 
 
+_SPLITS = ("train", "val", "test")
+_ADVICE = (
+    "The default split sends whole patients to train/val/test (70/10/20, by a hash of the "
+    "patient pseudonym), so every split needs patients of its own: label more patients "
+    "(a few dozen, with every class among them), try another --seed, or give each row's "
+    "split in a label column (--split-column)."
+)
+
+
+def _describe_splits(parts: Sequence[Features], label: str) -> str:
+    """Per split: its patients, labelled rows and rows per class (for error messages)."""
+    out = []
+    for name, f in zip(_SPLITS, parts, strict=True):
+        if not len(f):
+            out.append(f"{name}: no rows")
+            continue
+        patients = len({r["patient"] for r in f.rows})
+        values, counts = np.unique(f.labels(label).astype(str), return_counts=True)
+        classes = ", ".join(f"{v} {n}" for v, n in zip(values, counts, strict=True))
+        out.append(
+            f"{name}: {patients} patient{'s' * (patients != 1)}, {len(f)} "
+            f"row{'s' * (len(f) != 1)} ({classes})"
+        )
+    return "; ".join(out)
+
+
+def _labelled_splits(
+    probe: str,
+    parts: tuple[Features, Features, Features],
+    label: str,
+    *,
+    multilabel: bool = False,
+) -> tuple[Features, Features, Features]:
+    """The rows of train, val and test labelled ``label``, checked before anything is
+    fitted: some row has the label, train and test have rows, and (single-label) train
+    has two classes or more. :class:`~radcache.embeddings.errors.InsufficientDataError`
+    otherwise, saying what each split holds and what to change. Validation rows are
+    checked where a setting is chosen on them (:func:`_need_val`)."""
+    tr, va, te = (f.labelled(label) for f in parts)
+    if not (len(tr) or len(va) or len(te)):
+        names = sorted({k for f in parts for r in f.rows for k in r["labels"]})
+        raise InsufficientDataError(
+            f"{probe}: no row has a value for label {label!r}; "
+            + (
+                f"the labels given are {', '.join(map(repr, names))}."
+                if names
+                else "no entry has labels: give a labels file (--labels) whose first column "
+                "names entry keys, series or studies, or label entries when they are embedded."
+            )
+        )
+    problem = None
+    if not len(tr) or not len(te):
+        empty = " and ".join(n for n, f in (("train", tr), ("test", te)) if not len(f))
+        problem = f"the {empty} split has no rows labelled {label!r}"
+    elif not multilabel and len(set(tr.labels(label))) < 2:
+        problem = (
+            f"the train split's rows labelled {label!r} are all of one class, and a "
+            "classifier needs two or more"
+        )
+    if problem is not None:
+        raise InsufficientDataError(
+            f"{probe}: {problem} ({_describe_splits((tr, va, te), label)}). {_ADVICE}"
+        )
+    return tr, va, te
+
+
 def _need_val(val: Features, label: str, what: str, n_choices: int, single: str) -> None:
     """A choice among ``n_choices`` settings is made on ``val``: it must have rows."""
     if n_choices > 1 and not len(val):
-        raise InputError(
+        raise InsufficientDataError(
             f"the validation split has no rows labelled {label!r}, and {what} is chosen on it "
             "(never on test): give validation rows (the default split by patient holds out "
             f"10 %; with --split-column, mark some rows 'val') or {single}."
         )
+
+
+def _need_shots(per_class: dict[str, int], smallest: int, label: str) -> int:
+    """The fewest rows a class has (``per_class``: rows per class of the few-shot pool),
+    which must be ``smallest`` shots at least; larger shots are left out of the result."""
+    fewest = min(per_class.values())
+    if fewest < smallest:
+        held = ", ".join(f"{cl} {n}" for cl, n in per_class.items())
+        raise InsufficientDataError(
+            f"few-shot: {smallest} examples per class are drawn from train + val, which "
+            f"hold {held} rows labelled {label!r}; give --shots of at most {fewest}, or "
+            "label more patients."
+        )
+    return fewest
 
 
 def _first_best(values: dict[str, float]) -> str:

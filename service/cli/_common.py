@@ -1,16 +1,19 @@
 """What every ``radcache`` command shares: settings built from flags over environment, the
-server-extra check, error output, and the options several commands declare."""
+server-extra check, error and warning output, tables fitted to the console without cutting
+an identifier, and the options several commands declare."""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
 from radcache.embeddings.errors import ConfigError, RadcacheError
 from radcache.embeddings.tuning import reuse_memory
@@ -28,9 +31,11 @@ __all__ = [
     "encoder_options",
     "err",
     "fail",
+    "fit_table",
     "job_store",
     "need_server",
     "out",
+    "series_warnings",
     "service_access",
     "settings",
 ]
@@ -108,6 +113,17 @@ def fail(exc: RadcacheError, as_json: bool) -> None:
     sys.exit(2)
 
 
+def series_warnings(series: Iterable[Any]) -> None:
+    """Print each series' warnings (results of embedding, or of a job) on stderr."""
+    for r in series:
+        for w in r.warnings:
+            err.print(
+                f"[yellow]warning[/] series {r.series[:12]}"
+                f"{'#' + r.part if r.part else ''}: {escape(w)}",
+                highlight=False,
+            )
+
+
 def api_fail(exc: Exception, as_json: bool) -> None:
     """Report a failed service call (as JSON with --json) and exit with status 2."""
     code = getattr(exc, "code", "unreachable")
@@ -116,6 +132,36 @@ def api_fail(exc: Exception, as_json: bool) -> None:
     else:
         err.print(f"[bold red]error[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
     sys.exit(2)
+
+
+def fit_table(
+    table: Table, ids: Collection[str], lesser: Sequence[str] = (), console: Console = out
+) -> Table:
+    """``table`` fitted to ``console``'s width without cutting an identifier (the ``ids``
+    columns, by header: names and keys people type back). Those keep each value whole on
+    one line; the ``lesser`` columns are left out, first ones first, until the rest fits,
+    and the caption says which (``--json`` has every field). Identifiers wider than the
+    console on their own wrap onto more lines, never cut."""
+    wide = console.options.update_width(1 << 16)
+    kept = [c for c in table.columns if c.header in ids]
+    for col in kept:
+        col.no_wrap = True
+        col.min_width = max(
+            (Measurement.get(console, wide, v).maximum for v in col.cells), default=1
+        )
+    dropped: list[str] = []
+    for name in lesser:
+        if Measurement.get(console, wide, table).minimum <= console.width:
+            break
+        table.columns = [c for c in table.columns if c.header != name]
+        dropped.append(name)
+    if dropped:
+        table.caption = f"left out to fit {console.width} columns: {', '.join(dropped)}"
+        table.caption_justify = "left"
+    if Measurement.get(console, wide, table).minimum > console.width:
+        for col in kept:  # too narrow even so: wrap them rather than cut them
+            col.no_wrap, col.min_width, col.overflow = False, None, "fold"
+    return table
 
 
 URL: Decorator = click.option(

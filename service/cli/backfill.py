@@ -67,12 +67,14 @@ def backfill(
 
     Each subfolder is one study (DICOM files at any depth), and so is each .zip, .nii,
     .nii.gz, .nrrd, .mha or .dcm file directly in DIRECTORY. A study an earlier run saw
-    done (or partially failed: input errors that sending it again would not fix) is skipped
-    while its files are unchanged; one whose job was accepted is waited for, not uploaded
-    again; failed ones are sent again. Ctrl-C stops sending; run the command again to go on.
+    done is skipped while its files are unchanged; one it saw partially failed (input
+    errors that sending the same files again would not fix) is reported as failed still,
+    and not sent, until its files change; one whose job was accepted is waited for, not
+    uploaded again; failed ones are sent again. Ctrl-C stops sending; run the command again
+    to go on.
 
-    Exit status: 0 when every study is done, 1 when any failed, 2 when the service could
-    not be used, 130 when interrupted.
+    Exit status: 0 when every study is done, 1 when any failed (in this run or, files
+    unchanged, an earlier one), 2 when the service could not be used, 130 when interrupted.
     """
     import httpx
 
@@ -96,7 +98,8 @@ def backfill(
 
         def progress(r: BackfillReport) -> None:
             desc = f"studies ({r.skipped} skipped)" if r.skipped else "studies"
-            bar.update(task, description=desc, total=r.studies - r.skipped, completed=r.finished)
+            total = r.studies - r.skipped - r.failed_earlier
+            bar.update(task, description=desc, total=total, completed=r.finished)
 
         try:
             with RadcacheClient(url, api_key=key) as rc:
@@ -122,14 +125,18 @@ def _print_backfill(report: BackfillReport, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict()))
         return
     for r in report.failed:
+        again = " (an earlier run's; its files are unchanged, so not sent again)" * r.earlier
         err.print(
-            f"[bold red]{r.state}[/] {escape(r.study)}: {escape(r.failure or '-')}",
+            f"[bold red]{r.state}[/] {escape(r.study)}: {escape(r.failure or '-')}" + escape(again),
             highlight=False,
             soft_wrap=True,
         )
+    earlier = f" ({report.failed_earlier} unchanged since an earlier run)" * bool(
+        report.failed_earlier
+    )
     line = (
-        f"{report.done} done, {report.skipped} skipped, {len(report.failed)} failed of "
-        f"{report.studies} studies in {report.seconds:.1f} s ({report.studies_per_s:.2f} "
+        f"{report.done} done, {report.skipped} skipped, {len(report.failed)} failed{earlier} "
+        f"of {report.studies} studies in {report.seconds:.1f} s ({report.studies_per_s:.2f} "
         "studies/s)"
     )
     if report.interrupted:

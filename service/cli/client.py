@@ -14,7 +14,16 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from rich.table import Table
 
-from ._common import API_KEY, URL, api_fail, err, out, service_access
+from ._common import (
+    API_KEY,
+    URL,
+    api_fail,
+    err,
+    fit_table,
+    out,
+    series_warnings,
+    service_access,
+)
 
 __all__ = ["get", "jobs", "submit"]
 
@@ -76,7 +85,8 @@ def submit(
             table.add_row(
                 s.series[:12], s.part or "-", s.modality or "-", str(s.slices), s.cache, s.entry
             )
-        out.print(table)
+        out.print(fit_table(table, ids=("series", "entry"), lesser=("part", "cache", "slices")))
+        series_warnings(job.series)
         for e in job.errors:
             err.print(
                 f"[bold red]error[/] {escape(f'[{e.code}] {e.path}: {e.message}')}", highlight=False
@@ -117,7 +127,8 @@ def jobs(url: str | None, api_key: str | None, limit: int, as_json: bool) -> Non
             str(len(j.series)),
             str(len(j.errors)),
         )
-    out.print(table)
+    lesser = ("errors", "series", "slices", "created")
+    out.print(fit_table(table, ids=("id", "state"), lesser=lesser))
 
 
 @click.command()

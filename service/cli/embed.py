@@ -17,7 +17,17 @@ from rich.table import Table
 from radcache.embeddings.errors import ConfigError, RadcacheError
 from radcache.embeddings.tuning import settle
 
-from ._common import STORE, encoder_options, err, fail, need_server, out, settings
+from ._common import (
+    STORE,
+    encoder_options,
+    err,
+    fail,
+    fit_table,
+    need_server,
+    out,
+    series_warnings,
+    settings,
+)
 
 __all__ = ["embed", "models", "show"]
 
@@ -192,13 +202,7 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
             f"{r.seconds:.2f}",
         )
     out.print(table)
-    for r in report.series:
-        for w in r.warnings:
-            err.print(
-                f"[yellow]warning[/] series {r.series[:12]}"
-                f"{'#' + r.part if r.part else ''}: {escape(w)}",
-                highlight=False,
-            )
+    series_warnings(report.series)
     for path, reason in report.skipped:
         err.print(f"[dim]skipped[/] {escape(path)}: {escape(reason)}", highlight=False)
     for e in report.errors:
@@ -214,6 +218,11 @@ def _pair(text: str) -> tuple[str, str]:
     if not sep or not name or not kind:
         raise ConfigError(f"--sequence {text!r}: expected NAME=TYPE, e.g. t1.nii.gz=t1.")
     return name, kind.lower()
+
+
+# Columns left out, in this order, where the console is too narrow for the names in full.
+_MODELS_LESSER = ("note", "registers", "input", "patch", "dim")
+_SHOW_LESSER = ("created", "precision", "part", "slices", "modality")
 
 
 @click.command()
@@ -238,7 +247,7 @@ def models(as_json: bool) -> None:
             str(c.num_registers),
             c.note,
         )
-    out.print(table)
+    out.print(fit_table(table, ids=("name", "weights"), lesser=_MODELS_LESSER))
 
 
 @click.command()
@@ -304,4 +313,4 @@ def show(store: str | None, as_json: bool) -> None:
             e.precision,
             e.created,
         )
-    out.print(table)
+    out.print(fit_table(table, ids=("entry", "series", "model", "recipe"), lesser=_SHOW_LESSER))

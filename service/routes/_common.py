@@ -4,7 +4,6 @@ entries and studies."""
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Annotated, Any
 
 from fastapi import Depends, Query
@@ -66,12 +65,6 @@ def _submit_query(
 SubmitQuery = Annotated[dict[str, Any], Depends(_submit_query)]
 
 
-def _utc(t: dt.datetime | None) -> dt.datetime | None:
-    """A job database time as aware UTC: SQLite gives back naive times (written UTC), and
-    a time on the wire carries its offset (RFC 3339)."""
-    return t if t is None or t.tzinfo is not None else t.replace(tzinfo=dt.UTC)
-
-
 def job_out(row: JobRow) -> JobOut:
     report = row.report or {}
     return JobOut.model_validate(
@@ -79,9 +72,9 @@ def job_out(row: JobRow) -> JobOut:
             "id": row.id,
             "kind": kind_of(row),
             "state": row.state,
-            "created": _utc(row.created),
-            "started": _utc(row.started),
-            "finished": _utc(row.finished),
+            "created": row.created,  # aware UTC (UtcDateTime): RFC 3339 with its offset
+            "started": row.started,
+            "finished": row.finished,
             "failure": row.failure,
             "progress": {"done": row.slices_done, "total": row.slices_total},
             "series": report.get("series", []),

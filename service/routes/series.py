@@ -55,6 +55,25 @@ def _npy_stream(arr: np.ndarray) -> Iterator[bytes]:
         yield flat[i : i + (1 << 20)].tobytes()
 
 
+def _asked(accept: str | None) -> Literal["json", "npy"]:
+    """What an ``Accept`` header asks for: npy when it names ``application/x-npy`` and not
+    ``application/json`` first (or with a higher ``q``); json otherwise, ``*/*`` included."""
+    ranked: list[tuple[float, int, str]] = []
+    for i, part in enumerate((accept or "").lower().split(",")):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = 1.0
+        for p in params:
+            name, _, value = p.partition("=")
+            if name.strip() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if media in ("application/x-npy", "application/json") and q > 0:
+            ranked.append((-q, i, media))
+    return "npy" if ranked and min(ranked)[2] == "application/x-npy" else "json"
+
+
 @router.get(
     "/v1/series/{series}/embeddings",
     responses={
@@ -74,19 +93,22 @@ def get_embeddings(
     who: Read,
     kind: Kind = "pooled",
     slices: Annotated[str | None, Query(pattern=r"^\d*:\d*$", examples=["0:16"])] = None,
+    format: Annotated[
+        Literal["json", "npy"] | None,
+        Query(description="json or npy; over Accept. [default: what Accept asks, else json]"),
+    ] = None,
     accept: Annotated[str | None, Header()] = None,
 ) -> Response:
-    """``pooled`` answers JSON by default, arrays answer ``application/x-npy``; ``Accept``
-    chooses. ``slices=a:b`` cuts per-slice arrays (a range past the last slice: an empty
-    array, shape ``(0, …)``)."""
+    """JSON unless asked for ``.npy`` (``?format=npy``, or ``Accept: application/x-npy``
+    without ``application/json`` before it), so a client that asks for nothing in
+    particular (``*/*``) never gets binary. ``slices=a:b`` cuts per-slice arrays (a range
+    past the last slice: an empty array, shape ``(0, …)``)."""
     info = catalog(res).resolve(series, res.store, who.tenant)
     arr = res.store.read(info.key, "cls_last" if kind == "cls_last4" else kind)
     if slices and arr.ndim > 1:
         a, _, b = slices.partition(":")
         arr = arr[int(a) if a else None : int(b) if b else None]
-    wants = (accept or "").lower()
-    as_json = "application/json" in wants or (kind == "pooled" and "application/x-npy" not in wants)
-    if as_json:
+    if (format or _asked(accept)) != "npy":
         return JSONResponse(
             {
                 "entry": info.key,
