@@ -231,6 +231,10 @@ def _many(model: type[M]) -> Callable[[httpx.Response], list[M]]:
     return lambda r: [model.model_validate(x) for x in r.json()]
 
 
+def _content(response: httpx.Response) -> bytes:
+    return response.content
+
+
 def _nothing(response: httpx.Response) -> None:
     return None
 
@@ -303,6 +307,11 @@ class Endpoints:
     def search(files: Iterable[Input] | None, fields: dict[str, Any]) -> Call[SearchOut]:
         kw = search_request(files is not None, fields)
         return Call("POST", "/v1/search", _one(SearchOut), files=files, **kw)
+
+    @staticmethod
+    def search_kos(fields: dict[str, Any]) -> Call[bytes]:
+        kw = search_request(False, {**fields, "as_": "kos"})
+        return Call("POST", "/v1/search", _content, **kw)
 
     @staticmethod
     def classify(

@@ -159,6 +159,12 @@ class RadcacheClient(BaseClient[httpx.Client]):
         (``k``, ``level``, ``group_by``, ``filters``, ``exclude_same_patient``…)."""
         return self._send(Endpoints.search(files, fields))
 
+    def search_kos(self, **fields: Any) -> bytes:
+        """The hits of a search by a cached series (``series=``, ``study=``, ``entry=``) as a
+        DICOM Key Object Selection document (the bytes of a ``.dcm`` file) that references
+        their original series; needs the service's UID vault."""
+        return self._send(Endpoints.search_kos(fields))
+
     def classify(
         self,
         queries: Iterable[dict[str, Any] | str],
@@ -272,6 +278,9 @@ class AsyncRadcacheClient(BaseClient[httpx.AsyncClient]):
 
     async def search(self, files: Iterable[Input] | None = None, **fields: Any) -> SearchOut:
         return await self._send(Endpoints.search(files, fields))
+
+    async def search_kos(self, **fields: Any) -> bytes:
+        return await self._send(Endpoints.search_kos(fields))
 
     async def classify(
         self,

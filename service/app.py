@@ -59,13 +59,18 @@ def build_resources(
     pipeline = Pipeline.from_settings(settings, encoder=encoder, background=background_model)
     enc, store = pipeline.encoder, pipeline.store
     jobs = JobStore(settings.db)
+    vault = settings.uid_vault(jobs)
     settings.upload_dir.mkdir(parents=True, exist_ok=True)
     worker: Worker | RedisQueue
     if settings.queue:  # scale-out: `radcache worker` processes run the jobs
         worker = RedisQueue(settings, jobs)
     else:
         worker = Worker(
-            pipeline, jobs, limit=settings.queue_size, quarantine=settings.quarantine_dir
+            pipeline,
+            jobs,
+            limit=settings.queue_size,
+            quarantine=settings.quarantine_dir,
+            vault=vault,
         )
     metrics = Metrics(lambda: worker.depth)
     indexes = open_index(store, **settings.index_options())
@@ -97,6 +102,7 @@ def build_resources(
         searcher,
         keeper,
         KeyStore(jobs),
+        vault,
     )
     # Jobs this process ran or queued are counted (and made searchable) as they finish:
     # the embedded worker calls back, the Redis queue watches the job database.

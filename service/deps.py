@@ -16,6 +16,7 @@ from .keys import KeyStore
 from .metrics import Metrics
 from .queue import RedisQueue
 from .settings import ServiceSettings
+from .uid_vault import UidVault
 from .worker import IndexKeeper, Worker
 
 __all__ = ["Resources", "ResourcesDep", "get_resources", "model_loaded"]
@@ -36,6 +37,7 @@ class Resources:
     searcher: Searcher
     keeper: IndexKeeper
     keys: KeyStore
+    vault: UidVault | None = None  # the UID vault; None: off
 
     def ready(self) -> tuple[bool, str]:
         """Worker and index keeper alive, store writable, the model not failed — or why

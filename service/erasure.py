@@ -7,7 +7,8 @@ the entry catalog and the index, removed from the store (entry groups and re-sen
 records deleted, table rows tombstoned; an entry that another study of the tenant also
 delivered stays, named by that study alone), forgotten by the catalog, taken out of the
 tenant's job reports and out of the index in memory, and the instances of it the DICOM
-receiver holds are deleted; then an erasure job (kind ``erase``) is queued.
+receiver holds and its original UIDs in the UID vault are deleted; then an erasure job
+(kind ``erase``) is queued.
 :meth:`.worker.IndexKeeper.erase` does the rest for every pending
 erasure at once, so that a burst of deletions shares one pass: the tables are compacted
 (the deleted rows' keys and vectors leave the table files), the indexes saved and every
@@ -47,6 +48,8 @@ def delete_study(res: Resources, catalog: EntryCatalog, study: str, tenant: str)
     erasure of what is left on disk; returns the erasure job, or None when nothing
     names the study (already deleted, or never stored)."""
     forget_study(res.settings, tenant, study)  # instances the DICOM receiver holds
+    if res.vault is not None:
+        res.vault.forget(tenant, study)  # its original UIDs
     named = set(catalog.study_keys(study, tenant)) | set(res.indexes.study_entries(study, tenant))
     if not named:
         return None

@@ -95,7 +95,10 @@ def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
     pipeline.label(known, labels=options.labels, collection=options.collection)
     slices = sum(s.slices for s in known.series)
     res.jobs.update(row.id, slices_done=slices, slices_total=slices)
-    finish_job(res.jobs, res.store, row.id, known, upload, time.monotonic() - t0, res.job_done)
+    seconds = time.monotonic() - t0
+    finish_job(
+        res.jobs, res.store, row.id, known, upload, seconds, res.job_done, None, res.vault, pipeline
+    )
     done = res.jobs.get(row.id)
     assert done is not None
     return Accepted(done, cached=True)

@@ -253,6 +253,7 @@ def run_worker(
     if threads > 1:  # slices of concurrent jobs share forward batches
         pipeline.encoder = BatchingEncoder(pipeline.encoder, settings.batch_size)
     jobs = JobStore(settings.db)
+    vault = settings.uid_vault(jobs)
     quarantine = settings.quarantine_dir
     broker = make_broker(settings, [_job_states(jobs, quarantine)])
     name = f"{socket.gethostname()}:{os.getpid()}"
@@ -265,7 +266,7 @@ def run_worker(
             fail_job(jobs, job_id, "dead", failure, quarantine)
             return
         try:
-            run_job(pipeline, jobs, job_id, worker=name, quarantine=quarantine)
+            run_job(pipeline, jobs, job_id, worker=name, quarantine=quarantine, vault=vault)
         except Exception as exc:
             log_failure(job_id, exc)
             raise _Attempt(job_id, exc) from None

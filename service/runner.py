@@ -31,6 +31,7 @@ from radcache.embeddings import EmbeddingStore, EmbedReport, Pipeline
 from .entry_catalog import EntryCatalog
 from .jobs import JobState, JobStore
 from .options import JobOptions
+from .uid_vault import UidVault, read_originals
 
 __all__ = [
     "OnDone",
@@ -165,6 +166,7 @@ def run_job(
     on_done: OnDone | None = None,
     worker: str | None = None,
     quarantine: Path | None = None,
+    vault: UidVault | None = None,
 ) -> None:
     """Embed one job's upload and record the outcome. A job already finished (a repeated
     delivery) is left alone. Exceptions (a bug, a broken model, a lost store) propagate:
@@ -198,7 +200,8 @@ def run_job(
             refs=options.refs,
         )
     progress.flush()
-    finish_job(jobs, pipe.store, job_id, report, upload, time.monotonic() - t0, on_done, quarantine)
+    seconds = time.monotonic() - t0
+    finish_job(jobs, pipe.store, job_id, report, upload, seconds, on_done, quarantine, vault, pipe)
     if options.refs:  # needed while the job runs; its report names what it stored
         jobs.update(job_id, options=_without_refs(row.options))
 
@@ -212,13 +215,19 @@ def finish_job(
     seconds: float,
     on_done: OnDone | None = None,
     quarantine: Path | None = None,
+    vault: UidVault | None = None,
+    pipeline: Pipeline | None = None,
 ) -> None:
-    """Record what a job stored (the job database's note and the entry catalog), tell
+    """Record what a job stored (the job database's note, the entry catalog and, with a
+    ``vault``, the original UIDs of its DICOM series under ``pipeline``'s pseudonyms), tell
     ``on_done`` (before the job reads done: then what it stored is searchable when a client
     sees it), finish the job and drop its upload (or quarantine it, unless done)."""
     out = public_report(report, upload)
     jobs.record_entries(job_id, out["series"], lambda key: _space(store, key))
     EntryCatalog(jobs).record(store, [s["entry"] for s in out["series"]])
+    if vault is not None and pipeline is not None and out["series"]:
+        pseudo = pipeline.pseudonymizer
+        vault.keep(pseudo.tenant, out["series"], read_originals(upload, pseudo))
     if on_done is not None:
         on_done(seconds, out["series"])
     state = report_state(report)

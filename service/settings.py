@@ -8,10 +8,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, SecretStr, field_validator
 
 from radcache.embeddings.settings import Settings
+
+if TYPE_CHECKING:
+    from .jobs import JobStore
+    from .uid_vault import UidVault
 
 __all__ = ["ServiceSettings", "get_settings"]
 
@@ -103,6 +108,12 @@ class ServiceSettings(Settings):
     dicom_max_instance_bytes: int = Field(
         1 << 30, ge=1, description="largest instance the receiver takes (held in memory)"
     )
+    # --- the UID vault (opt-in): original UIDs sealed for KOS answers (service/uid_vault) ---
+    uid_vault_key: SecretStr | None = Field(
+        None,
+        description="key of the UID vault (≥16 chars; never stored beside the data); "
+        "unset: the vault is off and no original UID is kept",
+    )
     # --- scale-out: a Redis queue and radcache worker processes ---
     queue: str | None = Field(
         None, description="Redis URL of the job queue; None: the embedded in-process worker"
@@ -147,6 +158,13 @@ class ServiceSettings(Settings):
     @classmethod
     def _absolute_quarantine(cls, v: Path | None) -> Path | None:
         return v.expanduser().resolve() if v is not None else None
+
+    def uid_vault(self, jobs: JobStore) -> UidVault | None:
+        """The UID vault in ``jobs``' database, or None when no key is set (off)."""
+        from .uid_vault import UidVault
+
+        key = self.uid_vault_key
+        return UidVault(jobs, key.get_secret_value().encode()) if key is not None else None
 
     def lock_server(self) -> tuple[str | None, str]:
         """Object-store writers lock through the job queue's Redis unless told otherwise."""

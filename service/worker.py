@@ -26,6 +26,7 @@ from radcache.embeddings.errors import QueueFullError
 from .entry_catalog import EntryCatalog
 from .jobs import JobStore
 from .runner import OnDone, fail_job, log_failure, purge_quarantine, run_job
+from .uid_vault import UidVault
 
 __all__ = ["IndexKeeper", "Worker"]
 
@@ -59,8 +60,10 @@ class Worker:
         limit: int,
         on_done: OnDone | None = None,
         quarantine: Path | None = None,
+        vault: UidVault | None = None,
     ) -> None:
         self.pipeline, self.jobs, self.limit = pipeline, jobs, limit
+        self.vault = vault
         self.on_done = on_done
         self.quarantine = quarantine
         self.queue: queue.Queue[str] = queue.Queue()
@@ -115,7 +118,12 @@ class Worker:
     def process(self, job_id: str) -> None:
         try:
             run_job(
-                self.pipeline, self.jobs, job_id, on_done=self.on_done, quarantine=self.quarantine
+                self.pipeline,
+                self.jobs,
+                job_id,
+                on_done=self.on_done,
+                quarantine=self.quarantine,
+                vault=self.vault,
             )
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
             log_failure(job_id, exc)

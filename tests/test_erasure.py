@@ -14,7 +14,9 @@ show up where they belong (the scan can find what it looks for).
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +26,14 @@ import numpy as np
 import pydicom
 import pytest
 import zarr
+from click.testing import CliRunner
+from sqlalchemy import select
 
 from radcache.embeddings import open_store
 from radcache.embeddings.index._vectors import normalise
+from radcache.service.cli import main
 from radcache.service.jobs import JobStore
+from radcache.service.uid_vault import VaultRow
 from tests.dicomgen import GeneratedSeries, phantom, write_series
 from tests.servers import embeddings, finished, running_server
 from tests.test_deidentify import _corrupt
@@ -120,6 +126,9 @@ class Erased:
     b_vectors: list[np.ndarray]
     survivor: dict  # B as listed after the deletion
     erasure: dict  # the erasure job, finished
+    kos: pydicom.Dataset  # a KOS answer for study A's series, read back
+    vaulted: set[str]  # the studies the UID vault holds after the deletions
+    originals: dict[str, str]  # original StudyInstanceUID of a and b
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +149,7 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         "RADCACHE_ERASE_AFTER_S": "0.2",
         "RADCACHE_INDEX_SAVE_S": "0",
         "TMPDIR": str(root / "tmp"),
+        "RADCACHE_UID_VAULT_KEY": "kos-vault-key-for-the-erasure-tests",
     }
     with running_server(root, **env) as (url, _), httpx.Client(base_url=url, timeout=60) as c:
         done = {}
@@ -160,6 +170,21 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         entry = open_store(root / "s.zarr").get(sa["entry"])
         assert entry is not None and entry.attrs["volume"]["patient"]
         a_patient = str(entry.attrs["volume"]["patient"])
+        query = {"query": {"entry": sa["entry"]}, "k": 1, "as": "kos"}
+        kos = c.post("/v1/search", json=query)
+        assert kos.status_code == 200, kos.text
+        assert kos.headers["content-type"] == "application/dicom"
+        # the same through the CLI (written outside the scanned folder)
+        out = root.parent / f"{root.name}-kos.dcm"
+        cli = CliRunner().invoke(
+            main, ["search", "--entry", sa["entry"], "-k", "1", "--kos", str(out), "--url", url]
+        )
+        assert cli.exit_code == 0, cli.output
+        by_cli, by_api = pydicom.dcmread(out), pydicom.dcmread(io.BytesIO(kos.content))
+        assert by_cli.StudyInstanceUID == by_api.StudyInstanceUID == a.study_uid
+        assert [e.StudyInstanceUID for e in by_cli.CurrentRequestedProcedureEvidenceSequence] == [
+            e.StudyInstanceUID for e in by_api.CurrentRequestedProcedureEvidenceSequence
+        ]
         r = c.delete(f"/v1/studies/{sa['study']}")
         assert r.status_code == 202, r.text
         r2 = c.delete(f"/v1/studies/{sc['study']}")  # the copy goes, B's entry stays
@@ -172,6 +197,8 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
     jobs = JobStore(f"sqlite:///{root / 'j.db'}")
     try:
         jobs.purge(dt.timedelta(0))
+        with jobs._session() as sess:
+            vaulted = {r.study for r in sess.scalars(select(VaultRow))}
     finally:
         jobs.close()
     return Erased(
@@ -186,7 +213,36 @@ def erased(tmp_path_factory: pytest.TempPathFactory) -> Erased:
         vectors["b"],
         survivor,
         erasure,
+        pydicom.dcmread(io.BytesIO(kos.content)),
+        vaulted,
+        {"a": a.study_uid, "b_study": sb["study"]},
     )
+
+
+def test_kos_names_originals_and_the_vault_forgets_deleted_studies(erased: Erased) -> None:
+    """A KOS answer lies in the query's original study and references its hit's original
+    study (B's pixels, stored as B and as the copy); the deleted studies leave the vault,
+    B stays; the byte scan above finds no original UID, so the vault holds none in clear."""
+    kos = erased.kos
+    assert kos.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.59"  # Key Object Selection
+    assert kos.StudyInstanceUID == erased.originals["a"]
+    evidence = {e.StudyInstanceUID for e in kos.CurrentRequestedProcedureEvidenceSequence}
+    assert len(evidence) == 1 and erased.originals["a"] not in evidence  # k=1: another study
+    (study,) = kos.CurrentRequestedProcedureEvidenceSequence
+    sops = {
+        i.ReferencedSOPInstanceUID
+        for s in study.ReferencedSeriesSequence
+        for i in s.ReferencedSOPSequence
+    }
+    refs = {
+        i.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        for i in kos.ContentSequence
+        if i.ValueType == "IMAGE"
+    }
+    assert refs == sops and len(refs) >= 3  # every stored slice of the hit series
+    assert erased.originals["b_study"] in erased.vaulted and not erased.vaulted & erased.a_names
+    if shutil.which("dciodvfy") is None:
+        print("dciodvfy not installed: KOS checked by pydicom only")
 
 
 def _zarr_texts(store: Path) -> Iterator[tuple[str, bytes]]:

@@ -42,7 +42,7 @@ def test_a_database_from_before_migrations_is_upgraded_in_place(tmp_path: Path) 
     assert jobs.record_entries("another", series, lambda k: "space") == 0  # one row per key
     jobs.close()
     with sa.create_engine(url).connect() as c:
-        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0006"
+        assert c.execute(sa.text("SELECT version_num FROM alembic_version")).scalar() == "0007"
     JobStore(url).close()  # opening again changes nothing
 
 

@@ -131,6 +131,12 @@ def test_search_by_series_excludes_own_study_and_applies_filters(cached) -> None
     assert [h["series"] for h in described["results"][0]["hits"]] == [series[2]["series"]]
 
 
+def test_a_kos_answer_needs_the_uid_vault(cached) -> None:
+    c, series, _ = cached  # this service keeps no original UIDs
+    out = _search(c, 409, query={"series": series[0]["series"]}, k=3, **{"as": "kos"})
+    assert out["code"] == "uid-vault-off" and "RADCACHE_UID_VAULT_KEY" in out["detail"]
+
+
 def test_slice_level_group_by_and_vector_queries(cached) -> None:
     c, series, _ = cached
     out = _search(c, query={"series": series[1]["series"], "slice": 2}, k=3, group_by="series")

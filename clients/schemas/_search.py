@@ -100,6 +100,7 @@ class SearchFilters(BaseModel):
 class SearchRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        populate_by_name=True,
         json_schema_extra={
             "examples": [
                 {
@@ -128,6 +129,12 @@ class SearchRequest(BaseModel):
     exclude_same_patient: bool = Field(False, description="never return the query's patient")
     modality: str | None = Field(None, description="uploads: modality of NIfTI files")
     store: bool = Field(False, description="uploads: also store the embedding in the cache")
+    as_: Literal["json", "kos"] = Field(
+        "json",
+        alias="as",
+        description="kos: a DICOM Key Object Selection document referencing the hits' "
+        "original series (application/dicom; needs the UID vault)",
+    )
 
 
 class SearchHit(BaseModel):

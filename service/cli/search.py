@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import click
@@ -48,6 +49,11 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
 @click.option("--space", help="Index space (radcache index info lists them).")
 @URL
 @API_KEY
+@click.option(
+    "--kos",
+    type=click.Path(dir_okay=False, writable=True),
+    help="Write the hits as a DICOM Key Object Selection document (needs the UID vault).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
     files: Sequence[str],
@@ -69,10 +75,12 @@ def search(
     space: str | None,
     url: str | None,
     api_key: str | None,
+    kos: str | None,
     as_json: bool,
 ) -> None:
     """Similar cases from a running service: `radcache search --series ID -k 10`, or
-    `radcache search FILE -k 10` (the file is embedded on the fly, not stored)."""
+    `radcache search FILE -k 10` (the file is embedded on the fly, not stored); `--kos
+    OUT.dcm` writes them as a Key Object Selection document a DICOM viewer shows."""
     import httpx
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
@@ -80,6 +88,8 @@ def search(
     named = [x for x in (series, study, entry) if x]
     if bool(files) + len(named) != 1:
         raise click.UsageError("give FILES, or one of --series, --study or --entry.")
+    if kos and files:
+        raise click.UsageError("--kos takes a cached query (--series, --study or --entry).")
     fields: dict[str, Any] = {
         "series": series,
         "study": study,
@@ -103,6 +113,10 @@ def search(
     try:
         url, key = service_access(url, api_key)
         with RadcacheClient(url, api_key=key) as rc:
+            if kos:
+                Path(kos).write_bytes(rc.search_kos(**fields))
+                click.echo(f"wrote {kos}")
+                return
             found = rc.search(list(files) or None, **fields)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
         api_fail(exc, as_json)

@@ -29,7 +29,7 @@ from radcache.clients.schemas import (
     SearchRequest,
 )
 from radcache.embeddings import Filters, Query
-from radcache.embeddings.errors import ForbiddenError, InputError
+from radcache.embeddings.errors import ForbiddenError, InputError, NotFoundError, VaultOffError
 from radcache.embeddings.search import QueryHits
 
 from ..auth import Read, Search
@@ -178,7 +178,25 @@ async def search(request: Request, res: ResourcesDep, who: Search) -> Response:
         exclude_same_patient=req.exclude_same_patient,
         tenant=who.tenant,
     )
+    if req.as_ == "kos":
+        return await run_in_threadpool(_kos, res, who.tenant, results)
     return await run_in_threadpool(_out, req, level, results)
+
+
+def _kos(res: Resources, tenant: str, results: list[QueryHits]) -> Response:
+    """The hits of the first query as a Key Object Selection document in the query's study."""
+    if res.vault is None:
+        raise VaultOffError(
+            "a KOS answer names the original UIDs, and the UID vault is off; expected "
+            "RADCACHE_UID_VAULT_KEY set before the studies were stored, or ask without `as`."
+        )
+    if not results or not results[0].hits:
+        raise NotFoundError("the search found no similar series to reference; expected ≥ 1.")
+    entry = str(results[0].query.get("entry", ""))
+    study = str((res.store.entry_attrs({entry}).get(entry, {}).get("volume") or {}).get("study"))
+    hits = [(str(h.record.study), str(h.record.key)) for h in results[0].hits]
+    body = res.vault.kos(tenant, (study, entry), hits)
+    return Response(body, media_type="application/dicom")
 
 
 @router.post(
