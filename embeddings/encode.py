@@ -7,10 +7,13 @@ with bf16, or a CPU with AVX-512 BF16/AMX) and fp32 otherwise; the choice is rec
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -18,7 +21,7 @@ import torch
 import xxhash
 
 from .errors import ConfigError, ModelError
-from .models import ModelCfg, load_backbone, resolve_backbone
+from .models import ModelCfg, load_backbone, resolve_backbone, weights_identity
 
 __all__ = [
     "Device",
@@ -109,6 +112,8 @@ class Encoder:
     the worker): what a call returns comes from that call's forward alone.
     """
 
+    built = 0  # encoders built in this process, models loaded (tests use it)
+
     def __init__(
         self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str
     ) -> None:
@@ -117,6 +122,7 @@ class Encoder:
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.weights_hash = weights_hash(model)  # of the weights as loaded, before any cast
+        Encoder.built += 1
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         self.forward_count = 0  # number of model forward passes run (tests use it)
         # The last blocks' CLS tokens are caught by hooks as the blocks run, rather than
@@ -239,22 +245,44 @@ def load_encoder(
     cache_dir: str | None = None,
     offline: bool | None = None,
     background: bool = False,
+    hashes: Path | None = None,
+    lazy: bool = False,
 ) -> Encoder:
     """Load ``spec`` (registry name or HF checkpoint directory) for inference.
 
     ``background``: find the weights and read the config here (so a model that cannot be
     had fails at once), and build the module on a thread of its own: the encoder returned
     (a :class:`LoadingEncoder`) knows its ``cfg`` at once, anything else waits for the
-    weights. Kinds whose config needs the module (MM-DINOv2) load here as usual."""
+    weights. Kinds whose config needs the module (MM-DINOv2) load here as usual.
+
+    ``hashes``: a JSON file remembering weights hashes by :func:`.models.weights_identity`
+    (files' path, size, mtime); a loaded model's hash is written there. With ``lazy`` and
+    the hash remembered, the encoder returned knows ``cfg``, ``weights_hash``,
+    ``precision`` and ``device`` (all a cache key needs) and loads the weights only when
+    something else is asked of it: answering cache hits costs no model load."""
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
-    if background:
+    if background or hashes is not None:
         resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
         if resolved is not None and not resolved[0].multi_sequence:
             cfg, build = resolved
-            return cast(
-                Encoder, LoadingEncoder(cfg, lambda: _ready(Encoder(cfg, build(), dev, prec)))
+            memo = (
+                _HashMemo(hashes, weights_identity(spec, cfg, cache_dir=cache_dir, offline=offline))
+                if hashes
+                else None
             )
+
+            def make() -> Encoder:
+                enc = _ready(Encoder(cfg, build(), dev, prec))
+                if memo is not None:
+                    memo.remember(enc.weights_hash)
+                return enc
+
+            known = memo.recall() if memo is not None and (lazy or background) else None
+            if background or known is not None:
+                key = None if known is None else (known, prec, dev)
+                return cast(Encoder, LoadingEncoder(cfg, make, start=background, key=key))
+            return make()
     cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
     return _ready((MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec))
 
@@ -264,20 +292,76 @@ def _ready(enc: Encoder) -> Encoder:
     return enc
 
 
+class _HashMemo:
+    """One checkpoint's entry in the remembered weights hashes (a small JSON file)."""
+
+    def __init__(self, path: Path, identity: str) -> None:
+        self.path = path.expanduser()
+        self.key = xxhash.xxh3_128_hexdigest(identity.encode())
+
+    def _read(self) -> dict[str, str]:
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}  # none yet, or unreadable: the hash is computed again
+        return data if isinstance(data, dict) else {}
+
+    def recall(self) -> str | None:
+        value = self._read().get(self.key)
+        return value if isinstance(value, str) else None
+
+    def remember(self, weights_hash: str) -> None:
+        data = self._read()
+        if data.get(self.key) == weights_hash:
+            return
+        data[self.key] = weights_hash
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(data, indent=1))
+            os.replace(tmp, self.path)
+        except OSError as exc:  # a read-only home: the next run loads the model again
+            log.warning("could not remember the weights hash in %s: %s", self.path, exc)
+
+
 class LoadingEncoder:
     """An :class:`Encoder` whose weights are being built on a thread of its own: ``cfg``
     at once, every other attribute once they are (an error of the build is raised by each
-    use, and named by :attr:`failure`)."""
+    use, and named by :attr:`failure`). With ``start=False`` the build starts on the first
+    use that needs the weights; ``key`` (weights hash, precision, device: what a cache key
+    needs) is known at once where given."""
 
-    def __init__(self, cfg: ModelCfg, build: Callable[[], Encoder]) -> None:
+    weights_hash: str
+    precision: str
+    device: torch.device
+
+    def __init__(
+        self,
+        cfg: ModelCfg,
+        build: Callable[[], Encoder],
+        *,
+        start: bool = True,
+        key: tuple[str, str, torch.device] | None = None,
+    ) -> None:
         self.cfg = cfg
+        if key is not None:
+            self.weights_hash, self.precision, self.device = key
         self._built: Encoder | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
         self._thread = threading.Thread(
             target=self._build, args=(build,), name="radcache-model", daemon=True
         )
-        self._thread.start()
+        self._start = threading.Lock()
+        self._started = False
+        if start:
+            self._begin()
+
+    def _begin(self) -> None:
+        with self._start:
+            if not self._started:
+                self._started = True
+                self._thread.start()
 
     def _build(self, build: Callable[[], Encoder]) -> None:
         try:
@@ -299,7 +383,9 @@ class LoadingEncoder:
         return None if self._error is None else str(self._error) or type(self._error).__name__
 
     def wait(self) -> Encoder:
-        """The loaded encoder (waits for the build; raises what it raised)."""
+        """The loaded encoder (starts the build if need be, waits for it; raises what it
+        raised)."""
+        self._begin()
         self._done.wait()
         if self._built is None:
             if isinstance(self._error, ModelError):

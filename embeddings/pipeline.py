@@ -105,11 +105,17 @@ class Pipeline:
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, *, encoder: Encoder | None = None, background: bool = False
+        cls,
+        settings: Settings,
+        *,
+        encoder: Encoder | None = None,
+        background: bool = False,
+        lazy: bool = False,
     ) -> Pipeline:
         """The pipeline the settings describe: model (loaded here unless given; its weights
-        on a thread of their own with ``background``, see :func:`.encode.load_encoder`),
-        store, pseudonym secret, recipe and output choices."""
+        on a thread of their own with ``background``, or only once a cache miss needs them
+        with ``lazy``, see :func:`.encode.load_encoder`), store, pseudonym secret, recipe
+        and output choices."""
         from .encode import load_encoder
         from .recipe import load_recipe
         from .store import open_store
@@ -122,6 +128,8 @@ class Pipeline:
             cache_dir=settings.hf_cache_dir,
             offline=settings.offline,
             background=background,
+            hashes=settings.weights_hash_file,
+            lazy=lazy,
         )
         return cls(
             enc,

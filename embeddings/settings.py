@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     offline: bool | None = Field(
         None, description="never download weights (default: HF_HUB_OFFLINE)"
     )
+    weights_hash_file: Path = Field(
+        Path("~/.cache/radcache/weights-hashes.json"),
+        description="remembered weights hashes of checkpoints, by their files' path, size and "
+        "mtime: a fully cached `radcache embed` answers without loading the model",
+    )
     # --- the search index ---
     index_dir: Path | None = Field(
         None, description="where indexes are saved (default: <store>/indexes)"

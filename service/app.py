@@ -12,13 +12,22 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
-from fastapi import FastAPI
+import fastapi_offline
+from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
+from fastapi.responses import HTMLResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -175,7 +184,10 @@ def create_app(
         summary="DINOv2-family embeddings of radiology studies, cached.",
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
+        docs_url=None,  # served from the package's own assets: _self_hosted_docs
+        redoc_url=None,
     )
+    _self_hosted_docs(app)
     problems.install(app)
     _document_models(app, SearchRequest)
     for router in ROUTERS:
@@ -195,6 +207,47 @@ def create_app(
     # outermost: a body that stalls is cut off whatever the route does with it
     app.add_middleware(BodyIdleTimeout, idle_s=s.body_idle_timeout_s)
     return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _self_hosted_docs(app: FastAPI) -> None:
+    """``/docs`` (Swagger UI) and ``/redoc`` with their scripts, styles and icon served by
+    this app from the ``fastapi-offline`` package's copies (no CDN: they work on a network
+    without internet), by FastAPI's self-hosting recipe (``docs_url=None``,
+    ``get_swagger_ui_html`` with local URLs, ``StaticFiles``)."""
+    assets = Path(fastapi_offline.__file__).parent / "static"
+    app.mount(DOCS_ASSETS, StaticFiles(directory=assets), name="docs-assets")
+    redirect = app.swagger_ui_oauth2_redirect_url or "/docs/oauth2-redirect"
+
+    def local(request: Request, name: str) -> str:  # behind a proxy's root path too
+        return f"{request.scope.get('root_path', '')}{name}"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=local(request, str(app.openapi_url)),
+            title=f"{app.title} - Swagger UI",
+            oauth2_redirect_url=local(request, redirect),
+            swagger_js_url=local(request, f"{DOCS_ASSETS}/swagger-ui-bundle.js"),
+            swagger_css_url=local(request, f"{DOCS_ASSETS}/swagger-ui.css"),
+            swagger_favicon_url=local(request, f"{DOCS_ASSETS}/favicon.png"),
+        )
+
+    @app.get(redirect, include_in_schema=False)
+    async def swagger_ui_redirect() -> HTMLResponse:
+        return get_swagger_ui_oauth2_redirect_html()
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> HTMLResponse:
+        return get_redoc_html(
+            openapi_url=local(request, str(app.openapi_url)),
+            title=f"{app.title} - ReDoc",
+            redoc_js_url=local(request, f"{DOCS_ASSETS}/redoc.standalone.js"),
+            redoc_favicon_url=local(request, f"{DOCS_ASSETS}/favicon.png"),
+            with_google_fonts=False,
+        )
 
 
 class _CountRequests:

@@ -48,8 +48,9 @@ from radcache.embeddings.consistency import (
 from radcache.embeddings.consistency import check as check_store
 from radcache.embeddings.store.integrity import StoreState, finding
 
+from .catalog_tables import CatalogEntry, CatalogRef, CatalogSpace, entry_rows
 from .dicom.hold import HOLD_DIR
-from .entry_catalog import CatalogEntry, CatalogRef, CatalogSpace, Cursor, EntryCatalog, _rows
+from .entry_catalog import Cursor, EntryCatalog
 from .jobs import FINISHED, EntryRow, JobRow, JobStore
 from .runner import dispose_upload, fail_job
 
@@ -97,7 +98,7 @@ class CatalogPart:
         for key, attrs in sorted(truth.items()):
             if key in pending:
                 continue
-            row, want = _rows(key, attrs)
+            row, want = entry_rows(key, attrs)
             expected = {(r["study"], r["series"], r["part"], r["tenant"]) for r in want}
             if key not in rows:
                 out["catalog-missing"].append(key)

@@ -10,10 +10,7 @@ It is kept in step with the store three ways: a finished job records what it sto
 :meth:`EntryCatalog.sync` (the index keeper's refresh) follows each table's appended rows
 and tombstones, for entries written by other processes (``radcache embed``, replicas).
 
-Tables (migration ``0003``): ``catalog_entries`` (one row per entry: key, space, its own
-study, series and part, modality, patient pseudonym, created, and the metadata an answer
-shows), ``catalog_refs`` (every (study, series, part) that names an entry: its own and
-its aliases') and ``catalog_spaces`` (how far each table has been followed).
+Its tables, and the rows an entry makes in them, are :mod:`.catalog_tables`'.
 """
 
 from __future__ import annotations
@@ -26,15 +23,12 @@ import re
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Index,
-    Integer,
-    String,
+    ColumnElement,
     Text,
+    and_,
     cast,
     delete,
     func,
@@ -42,69 +36,27 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.orm import Mapped, Session, mapped_column
+from sqlalchemy.orm import InstrumentedAttribute, Session
 
 from radcache.embeddings import EmbeddingStore, EntryInfo
 from radcache.embeddings.errors import AmbiguousReferenceError, InvalidFieldError, NotFoundError
 from radcache.embeddings.pseudonyms import DEFAULT_TENANT
 
-from .jobs import Base, EntryRow, JobStore, json_loads
+from .catalog_tables import CatalogEntry, CatalogRef, CatalogSpace, entry_rows
+from .jobs import EntryRow, JobStore, json_loads
 
-__all__ = ["CatalogEntry", "CatalogRef", "CatalogSpace", "EntryCatalog", "Page"]
+__all__ = ["MIN_PREFIX", "CatalogEntry", "CatalogRef", "CatalogSpace", "EntryCatalog", "Page"]
 
 log = logging.getLogger(__name__)
 
 _BATCH = 500  # keys per IN (...) clause
 _REBUILD_LOCK = 0x7261_6464  # "radd": PostgreSQL advisory lock of a catalog rebuild
-#: The entry metadata a catalog row keeps (what the answers about entries show).
-_VOLUME_FIELDS = ("study", "series", "part", "modality", "patient", "body_part")
-_FIELDS = ("n_slices", "recipe_hash", "precision", "space", "kinds", "created", "complete")
-_SHOWN = ("labels", "collections", "geometry", "recipe", "aliases")
-
-
-class CatalogEntry(Base):
-    __tablename__ = "catalog_entries"
-
-    key: Mapped[str] = mapped_column(String(32), primary_key=True)
-    space: Mapped[str] = mapped_column(String(200), index=True)
-    study: Mapped[str] = mapped_column(String(128))
-    series: Mapped[str] = mapped_column(String(128))
-    part: Mapped[str] = mapped_column(String(128))
-    modality: Mapped[str | None] = mapped_column(String(16), nullable=True)
-    patient: Mapped[str | None] = mapped_column(String(128), nullable=True, index=True)
-    created: Mapped[str] = mapped_column(String(40))
-    doc: Mapped[dict[str, Any]] = mapped_column(JSON)  # the metadata answers show
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
-
-
-class CatalogRef(Base):
-    """One (study, series, part) that names an entry; the primary key orders studies. The
-    tenant is the entry's (an entry, and every name of it, belongs to one tenant)."""
-
-    __tablename__ = "catalog_refs"
-    __table_args__ = (
-        Index("ix_catalog_refs_series", "series", "tenant", "part"),
-        # with the key, a page of studies finds its entries from this index alone
-        Index("ix_catalog_refs_tenant_study", "tenant", "study", "key"),
-    )
-
-    study: Mapped[str] = mapped_column(String(128), primary_key=True)
-    series: Mapped[str] = mapped_column(String(128), primary_key=True)
-    part: Mapped[str] = mapped_column(String(128), primary_key=True)
-    key: Mapped[str] = mapped_column(String(32), primary_key=True, index=True)
-    tenant: Mapped[str] = mapped_column(String(64), default=DEFAULT_TENANT)
-
-
-class CatalogSpace(Base):
-    """How far a table has been followed: its identity, generation, rows and tombstones."""
-
-    __tablename__ = "catalog_spaces"
-
-    space: Mapped[str] = mapped_column(String(200), primary_key=True)
-    table_id: Mapped[str] = mapped_column(String(64))
-    generation: Mapped[int] = mapped_column(Integer)
-    rows: Mapped[int] = mapped_column(BigInteger)
-    deleted: Mapped[int] = mapped_column(BigInteger)
+#: The fewest leading characters of an entry key or a hex pseudonym that stand for it whole
+#: (as git takes a commit's): shown ids can be typed back.
+MIN_PREFIX = 4
+_HEX_PREFIX = re.compile(rf"[0-9a-f]{{{MIN_PREFIX},}}")
+_CANDIDATES = 20  # listed at most, when a reference matches several
+_PLURAL = {"key": "entry keys", "study": "studies", "series": "series"}
 
 
 @dataclass(frozen=True)
@@ -153,42 +105,6 @@ def decode_cursor(cursor: str) -> str:
         ) from None
 
 
-def _doc(attrs: Mapping[str, Any]) -> dict[str, Any]:
-    """The part of an entry's metadata a catalog row keeps."""
-    vol = attrs.get("volume", {})
-    model = attrs.get("model", {})
-    return {
-        "volume": {k: vol.get(k) for k in _VOLUME_FIELDS if k in vol},
-        "model": {k: model.get(k) for k in ("name", "dim", "weights_hash")},
-        **{k: attrs[k] for k in (*_FIELDS, *_SHOWN) if k in attrs},
-    }
-
-
-def _rows(key: str, attrs: Mapping[str, Any]) -> tuple[dict[str, Any], list[dict[str, str]]]:
-    """The catalog_entries row and catalog_refs rows of one entry."""
-    doc = _doc(attrs)
-    vol = doc["volume"]
-    primary = {k: str(vol.get(k) or "") for k in ("study", "series", "part")}
-    refs = {(primary["study"], primary["series"], primary["part"])}
-    for a in attrs.get("aliases", []):
-        refs.add((str(a.get("study", "")), str(a.get("series", "")), str(a.get("part", ""))))
-    tenant = str(attrs.get("tenant") or DEFAULT_TENANT)
-    row = {
-        "key": key,
-        "tenant": tenant,
-        "space": str(attrs.get("space", "")),
-        **primary,
-        "modality": vol.get("modality") or None,
-        "patient": vol.get("patient") or None,
-        "created": str(attrs.get("created", "")),
-        "doc": doc,
-    }
-    return row, [
-        {"study": s, "series": r, "part": p, "key": key, "tenant": tenant}
-        for s, r, p in sorted(refs)
-    ]
-
-
 def _info(row: CatalogEntry) -> EntryInfo:
     return EntryInfo.from_attrs(row.key, row.doc)
 
@@ -206,6 +122,17 @@ def _by_study(rows: Iterable[tuple[str, str, str]]) -> dict[str, list[EntryInfo]
 def _chunks(items: list[str]) -> Iterator[list[str]]:
     for i in range(0, len(items), _BATCH):
         yield items[i : i + _BATCH]
+
+
+def _starts(column: InstrumentedAttribute[str], prefix: str) -> ColumnElement[bool]:
+    """``column`` begins with ``prefix``, as a range an index answers in O(log n)."""
+    return and_(column >= prefix, column < prefix[:-1] + chr(ord(prefix[-1]) + 1))
+
+
+def _prefix(ref: str) -> str | None:
+    """``ref`` as a prefix to look up (lower case), or None where it cannot be one."""
+    low = ref.lower()
+    return low if _HEX_PREFIX.fullmatch(low) else None
 
 
 class EntryCatalog:
@@ -284,8 +211,9 @@ class EntryCatalog:
         self, ref: str, store: EmbeddingStore | None = None, tenant: str | None = None
     ) -> EntryInfo:
         """An entry by key, or by series name (``series`` or ``series#part``) of any study
-        that sent it. A key the catalog does not know yet (written by another process
-        since the last sync) is looked up in ``store``."""
+        that sent it; by a unique prefix (``MIN_PREFIX`` hex characters or more) of either
+        where nothing has the name whole. A key the catalog does not know yet (written by
+        another process since the last sync) is looked up in ``store``."""
         if re.fullmatch(r"[0-9a-f]{32}", ref):
             found = self.get(ref, tenant)
             if found is None and store is not None and (late := store.get(ref)) is not None:
@@ -293,26 +221,69 @@ class EntryCatalog:
             if found is not None:
                 return found
         series, _, part = ref.partition("#")
-        q = select(CatalogEntry).join(CatalogRef, CatalogRef.key == CatalogEntry.key)
-        q = q.where(CatalogRef.series == series)
-        if tenant is not None:
-            q = q.where(CatalogRef.tenant == tenant)
-        if part:
-            q = q.where(CatalogRef.part == part)
         with self._session() as s:
-            hits = {r.key: r for r in s.scalars(q.order_by(CatalogEntry.key).limit(20))}
+            hits = self._entries(s, [CatalogRef.series == series], part, tenant)
+            if not hits and (pre := _prefix(series)) is not None:
+                hits = self._entries(s, [_starts(CatalogEntry.key, pre)], part, tenant)
+                hits |= self._entries(s, [_starts(CatalogRef.series, pre)], part, tenant)
         if not hits:
             raise NotFoundError(f"no cached series or entry {ref!r}; GET /v1/studies lists them.")
         if len(hits) > 1:
             listing = "; ".join(
-                f"{e.key} ({e.model}, recipe {e.recipe_hash}, part {e.part or '-'})"
-                for e in map(_info, hits.values())
+                f"{e.key} (series {e.series}, {e.model}, recipe {e.recipe_hash}, "
+                f"part {e.part or '-'})"
+                for e in map(_info, sorted(hits.values(), key=lambda r: r.key)[:_CANDIDATES])
             )
-            many = f"{len(hits)}" if len(hits) < 20 else "20 or more"
+            many = f"{len(hits)}" if len(hits) <= _CANDIDATES else f"over {_CANDIDATES}"
             raise AmbiguousReferenceError(
-                f"{ref!r} matches {many} entries: {listing}. Pass an entry key or series#part."
+                f"{ref!r} matches {many} entries: {listing}. Pass an entry key (or more of "
+                "its characters) or series#part."
             )
         return _info(next(iter(hits.values())))
+
+    @staticmethod
+    def _entries(
+        s: Session, where: list[ColumnElement[bool]], part: str, tenant: str | None
+    ) -> dict[str, CatalogEntry]:
+        """Up to ``_CANDIDATES + 1`` entries a reference matching ``where`` names, by key."""
+        q = select(CatalogEntry).join(CatalogRef, CatalogRef.key == CatalogEntry.key)
+        q = q.where(*where)
+        if tenant is not None:
+            q = q.where(CatalogRef.tenant == tenant)
+        if part:
+            q = q.where(CatalogRef.part == part)
+        q = q.order_by(CatalogEntry.key).limit(_CANDIDATES + 1)
+        return {r.key: r for r in s.scalars(q)}
+
+    def expand(
+        self, what: Literal["key", "study", "series"], ref: str, tenant: str | None = None
+    ) -> str:
+        """The entry key, study or series name that ``ref`` begins: ``ref`` itself where
+        something has it whole, where it is no hex prefix of ``MIN_PREFIX`` characters or
+        more, or where nothing begins with it (the caller's lookup then says not-found).
+        :class:`AmbiguousReferenceError` listing the candidates where several begin with it."""
+        pre = _prefix(ref)
+        if pre is None:
+            return ref
+        column, owner = {
+            "key": (CatalogEntry.key, CatalogEntry.tenant),
+            "study": (CatalogRef.study, CatalogRef.tenant),
+            "series": (CatalogRef.series, CatalogRef.tenant),
+        }[what]
+        q = select(column).where(_starts(column, pre))
+        if tenant is not None:
+            q = q.where(owner == tenant)
+        with self._session() as s:
+            found = list(s.scalars(q.distinct().order_by(column).limit(_CANDIDATES + 1)))
+        if not found or ref in found:
+            return ref
+        if len(found) == 1:
+            return found[0]
+        many = f"{len(found)}" if len(found) <= _CANDIDATES else f"over {_CANDIDATES}"
+        raise AmbiguousReferenceError(
+            f"{ref!r} begins {many} {_PLURAL[what]}: {', '.join(found[:_CANDIDATES])}. "
+            "Pass more of its characters."
+        )
 
     def has_patient(self, patient: str, tenant: str) -> bool:
         """Whether ``tenant`` has an entry of ``patient``."""
@@ -343,7 +314,7 @@ class EntryCatalog:
 
     def _write(self, attrs: Mapping[str, Mapping[str, Any]]) -> None:
         keys = sorted(attrs)
-        rows = [_rows(k, attrs[k]) for k in keys]
+        rows = [entry_rows(k, attrs[k]) for k in keys]
         with self._session() as s:
             self._put(s, rows, replace=True)
 
@@ -467,7 +438,7 @@ class EntryCatalog:
         for space in spaces:
             cursors[space] = Cursor.of(store.table_meta(space))
             attrs.update(store.entry_attrs(store.table_keys(space)))
-        rows = [_rows(k, attrs[k]) for k in sorted(attrs)]
+        rows = [entry_rows(k, attrs[k]) for k in sorted(attrs)]
         with self._sync, self._session() as s:
             if not self.jobs.sqlite:  # one rebuild at a time across processes
                 s.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _REBUILD_LOCK})

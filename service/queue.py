@@ -30,7 +30,7 @@ from typing import Any
 from radcache.embeddings.errors import QueueFullError, QueueUnavailableError
 
 from .jobs import JobRow, JobStore
-from .runner import OnDone, fail_job, log_failure, purge_quarantine, run_job
+from .runner import OnDone, error_code, fail_job, log_failure, log_job, purge_quarantine, run_job
 from .settings import ServiceSettings
 
 __all__ = ["QUEUE", "RedisQueue", "make_broker", "run_worker"]
@@ -156,7 +156,8 @@ class RedisQueue:
         except Exception as exc:
             with self._lock:
                 self._queued.pop(job_id, None)
-            fail_job(self.jobs, job_id, "failed", f"could not be queued: {exc}")
+            failure = f"could not be queued: {exc}"
+            fail_job(self.jobs, job_id, "failed", failure, code=QueueUnavailableError.code)
             raise QueueUnavailableError(
                 f"the job queue at {self.settings.queue} did not take the job ({exc}); "
                 "nothing was accepted, send it again."
@@ -213,11 +214,12 @@ def _job_states(jobs: JobStore, quarantine: Path | None = None) -> Any:
             cause = getattr(exception, "cause", exception)  # what the job raised
             why = f"{type(cause).__name__}: {cause}"
             tries = message.options.get("retries", 0)
+            code = error_code(cause)
             if message.failed:
-                fail_job(
-                    jobs, job_id, "dead", f"gave up after {tries} deliveries: {why}", quarantine
-                )
+                failure = f"gave up after {tries} deliveries: {why}"
+                fail_job(jobs, job_id, "dead", failure, quarantine, code=code, deliveries=tries)
             else:
+                log_job("retry", job_id, code, delivery=tries)
                 jobs.update(
                     job_id,
                     state="queued",
@@ -263,7 +265,15 @@ def run_worker(
         row = jobs.get(job_id)
         if row is not None and row.state == "running" and (row.attempts or 0) >= limit:
             failure = f"delivered {row.attempts + 1} times and never finished"
-            fail_job(jobs, job_id, "dead", failure, quarantine)
+            fail_job(
+                jobs,
+                job_id,
+                "dead",
+                failure,
+                quarantine,
+                code="never-finished",
+                deliveries=row.attempts + 1,
+            )
             return
         try:
             run_job(pipeline, jobs, job_id, worker=name, quarantine=quarantine, vault=vault)

@@ -27,18 +27,22 @@ from pathlib import Path
 from typing import Any
 
 from radcache.embeddings import EmbeddingStore, EmbedReport, Pipeline
+from radcache.embeddings.errors import RadcacheError
 
 from .entry_catalog import EntryCatalog
-from .jobs import JobState, JobStore
+from .jobs import JobState, JobStore, kind_of
 from .options import JobOptions
 from .uid_vault import UidVault, read_originals
+from .uploads import client_names
 
 __all__ = [
     "OnDone",
     "dispose_upload",
+    "error_code",
     "fail_job",
     "finish_job",
     "log_failure",
+    "log_job",
     "public_report",
     "purge_quarantine",
     "report_state",
@@ -55,18 +59,23 @@ def report_state(report: EmbedReport) -> JobState:
     return "partially_failed" if report.series else "failed"
 
 
-def _unplaced(text: str, upload: Path) -> str:
-    """``text`` with the upload's server path cut back to the names the client uploaded."""
-    return text.replace(str(upload) + "/", "").replace(str(upload), "")
+def _unplaced(text: str, upload: Path, names: dict[str, str] | None = None) -> str:
+    """``text`` with the upload's server path cut back to the names the client uploaded
+    (``names``: the client's name of each file, by the name it was saved under)."""
+    text = text.replace(str(upload) + "/", "").replace(str(upload), "")
+    for saved, name in (names or {}).items():
+        text = text.replace(saved, name)
+    return text
 
 
 def public_report(report: EmbedReport, upload: Path) -> dict[str, Any]:
     """The report with server paths cut back to the names the client uploaded."""
     out = report.to_dict()
+    names = client_names(upload)
     for item in (*out["errors"], *out["skipped"]):
         for field in ("path", "message", "reason"):
             if isinstance(item.get(field), str):
-                item[field] = _unplaced(item[field], upload)
+                item[field] = _unplaced(item[field], upload, names)
     return out
 
 
@@ -115,20 +124,37 @@ def log_failure(job_id: str, exc: BaseException) -> None:
     log.error("job %s failed: %s\n%s", job_id, type(exc).__name__, where)
 
 
+def error_code(exc: BaseException) -> str:
+    """An error's stable code (a :class:`RadcacheError`'s), else its type's name."""
+    return exc.code if isinstance(exc, RadcacheError) else type(exc).__name__
+
+
+def log_job(event: str, job_id: str, code: str, kind: str = "embed", **counts: int) -> None:
+    """One structured line (``key=value``) in the server log for a job that failed, is
+    retried or went dead: its id, kind, error code and counts, never a file name, header
+    value or message (those stay in the job's record, for its tenant)."""
+    extra = "".join(f" {k}={v}" for k, v in counts.items())
+    log.warning("job_event=%s job=%s kind=%s code=%s%s", event, job_id, kind, code, extra)
+
+
 def fail_job(
     jobs: JobStore,
     job_id: str,
     state: JobState,
     failure: str,
     quarantine: Path | None = None,
+    code: str = "unknown",
+    **counts: int,
 ) -> None:
     """End a job without a report: ``failed`` (it raised, or was never queued) or ``dead``
-    (the queue gave up on it). ``failure`` is recorded without server paths, and the upload
-    is deleted or quarantined."""
+    (the queue gave up on it), logged with ``code`` and ``counts`` (:func:`log_job`).
+    ``failure`` is recorded without server paths, and the upload is deleted or
+    quarantined."""
     row = jobs.get(job_id)
+    log_job(state, job_id, code, kind_of(row) if row is not None else "embed", **counts)
     upload = Path(row.upload) if row is not None else None
     if upload is not None:
-        failure = _unplaced(failure, upload)
+        failure = _unplaced(failure, upload, client_names(upload))
     if row is not None and row.options and _without_refs(row.options) != row.options:
         jobs.update(job_id, options=_without_refs(row.options))
     jobs.finish(job_id, state, None, failure=failure[:2000])
@@ -231,6 +257,10 @@ def finish_job(
     if on_done is not None:
         on_done(seconds, out["series"])
     state = report_state(report)
+    if state != "done":
+        code = report.errors[0].code if report.errors else "unknown"
+        n = {k: len(out[k]) for k in ("series", "errors", "skipped")}
+        log_job(state, job_id, code, series=n["series"], errors=n["errors"], skipped=n["skipped"])
     jobs.finish(job_id, state, out)
     dispose_upload(upload, job_id, state, quarantine)
 

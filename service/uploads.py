@@ -10,6 +10,11 @@ Content-Length is held to it too). A body that breaks its own framing (cut short
 closing boundary, a part longer or shorter than its Content-Length, headers without end)
 is refused with 400 ``bad-multipart``; one with nothing in it with 400 ``empty-upload``.
 
+A form part is saved under a safe name of its own (``00001-MR_truncated.dcm``); the name the
+client gave it (``mr_folder/MR_truncated.dcm``) is kept beside the files, in
+:data:`NAMES_FILE` (a hidden directory, never read as input), for the job's report
+(:func:`client_names`): it lives and leaves with the upload.
+
 The event loop only receives the body. Parsing and file writes run in a worker thread,
 :data:`BATCH` bytes at a time: a part is a file opened, written and closed, so a body of
 many small instances (a STOW-RS of 189 slices) is real work per chunk.
@@ -17,6 +22,7 @@ many small instances (a STOW-RS of 189 slices) is real work per chunk.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -45,7 +51,9 @@ __all__ = [
     "BATCH",
     "BODY_TYPES",
     "MAX_FILES",
+    "NAMES_FILE",
     "Budget",
+    "client_names",
     "related_boundary",
     "save_related",
     "save_upload",
@@ -58,6 +66,9 @@ MAX_FILES = 100_000
 _MAX_FIELDS = 50
 _MAX_FIELD_BYTES = 1 << 20
 _MAX_HEAD_BYTES = 16384  # the headers of one part
+#: Where an upload keeps the names its client gave its files, by the names they were saved
+#: under (a hidden directory: input walks skip it).
+NAMES_FILE = Path(".radcache") / "names.json"
 
 _BODY_TYPES = {
     "application/zip": "upload.zip",
@@ -90,6 +101,22 @@ class Budget:
 def _safe_name(name: str | None, index: int) -> str:
     base = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name or "").name).strip("._") or "file"
     return f"{index:05d}-{base}"[:200]
+
+
+def client_names(upload: Path) -> dict[str, str]:
+    """The names the client gave the upload's files, by their saved names ({} if none)."""
+    try:
+        names = json.loads((upload / NAMES_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {str(k): str(v) for k, v in names.items()} if isinstance(names, dict) else {}
+
+
+def _keep_names(upload: Path, names: dict[str, str]) -> None:
+    renamed = {saved: name for saved, name in names.items() if saved != name}
+    if renamed:
+        (upload / NAMES_FILE).parent.mkdir(exist_ok=True)
+        (upload / NAMES_FILE).write_text(json.dumps(renamed))
 
 
 def _text(raw: bytes) -> str:
@@ -244,6 +271,7 @@ class _FormParts(_Parts):
         super().__init__(dest)
         self.wanted = wanted
         self.fields: dict[str, str] = {}
+        self.names: dict[str, str] = {}  # saved name -> the client's
         self._field: tuple[str, bytearray] | None = None
         self._n_fields = 0
 
@@ -255,7 +283,10 @@ class _FormParts(_Parts):
                 "files as multipart/form-data fields (curl -F files=@…)."
             )
         if b"filename" in params:
-            self.open(self.dest / _safe_name(_text(params[b"filename"]), len(self.paths)))
+            name = _text(params[b"filename"])
+            saved = _safe_name(name, len(self.paths))
+            self.open(self.dest / saved)
+            self.names[saved] = name
             return
         self._n_fields += 1
         if self._n_fields > _MAX_FIELDS:
@@ -325,6 +356,7 @@ async def save_upload(
             )
         form = _FormParts(dest, fields)
         await _parse(request, boundary.decode("latin-1"), form, limit)
+        await run_in_threadpool(_keep_names, dest, form.names)
         count, form_fields = len(form.paths), form.fields
     elif ctype in _BODY_TYPES:
         body = await run_in_threadpool(_File, dest / _BODY_TYPES[ctype])

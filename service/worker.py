@@ -25,7 +25,7 @@ from radcache.embeddings.errors import QueueFullError
 
 from .entry_catalog import EntryCatalog
 from .jobs import JobStore
-from .runner import OnDone, fail_job, log_failure, purge_quarantine, run_job
+from .runner import OnDone, error_code, fail_job, log_failure, purge_quarantine, run_job
 from .uid_vault import UidVault
 
 __all__ = ["IndexKeeper", "Worker"]
@@ -98,7 +98,7 @@ class Worker:
         try:
             self.check_capacity()
         except QueueFullError as exc:
-            fail_job(self.jobs, job_id, "failed", f"could not be queued: {exc}")
+            fail_job(self.jobs, job_id, "failed", f"could not be queued: {exc}", code=exc.code)
             raise
         self.queue.put(job_id)
 
@@ -127,7 +127,8 @@ class Worker:
             )
         except Exception as exc:  # a bug or a broken model: the job fails, the worker goes on
             log_failure(job_id, exc)
-            fail_job(self.jobs, job_id, "failed", f"{type(exc).__name__}: {exc}", self.quarantine)
+            why = f"{type(exc).__name__}: {exc}"
+            fail_job(self.jobs, job_id, "failed", why, self.quarantine, code=error_code(exc))
 
     @property
     def alive(self) -> bool:

@@ -198,11 +198,13 @@ def test_tenants_cannot_see_each_other(service: Service, tmp_path: Path) -> None
         assert not sa & sb and not entries_a & entries_b
         assert jb[0]["series"][0]["cache"] == "miss"  # A's cache never answers B
 
-        # another tenant's ids are 404, never 403
+        # another tenant's ids (and their prefixes) are 404, never 403
         for path in (
             f"/v1/studies/{next(iter(sb))}",
+            f"/v1/studies/{next(iter(sb))[:12]}",
             f"/v1/series/{jb[0]['series'][0]['series']}",
             f"/v1/series/{jb[0]['series'][0]['entry']}",
+            f"/v1/series/{jb[0]['series'][0]['entry'][:12]}",
             f"/v1/series/{jb[0]['series'][0]['entry']}/embeddings",
             f"/v1/jobs/{jb[0]['id']}",
         ):

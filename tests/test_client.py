@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -162,6 +163,29 @@ def test_client_cli(server: tuple[str, Path], tmp_path: Path) -> None:
     assert down.returncode == 2 and "error" in json.loads(down.stdout)
 
 
+def test_get_takes_back_the_ids_tables_show(server: tuple[str, Path], tmp_path: Path) -> None:
+    """`radcache get` takes the 12 characters `submit` shows of a series (or an entry key's
+    first ones); fewer than 4 is not-found, exit 2."""
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    url, _ = server
+    gen = write_series(tmp_path / "ct", phantom(3, 16, 16, seed=74))
+    shown = CliRunner().invoke(main, ["submit", str(gen.directory), "--url", url])
+    with RadcacheClient(url) as rc:
+        (s,) = rc.submit([gen.directory], wait=False).series  # cached: answered at once
+        want = rc.embeddings(s.entry, "cls")
+    assert shown.exit_code == 0 and s.series[:12] in shown.stdout, shown.output
+    for i, ref in enumerate((s.series[:12], s.entry[:6])):
+        npy = tmp_path / f"{i}.npy"
+        r = CliRunner().invoke(main, ["get", ref, "--kind", "cls", "-o", str(npy), "--url", url])
+        assert r.exit_code == 0, r.output
+        np.testing.assert_array_equal(np.load(npy), want)
+    r = CliRunner().invoke(main, ["get", s.entry[:3], "-o", str(tmp_path / "x.npy"), "--url", url])
+    assert r.exit_code == 2 and "not-found" in r.output, r.output
+
+
 def test_submit_and_jobs_keep_ids_whole_in_80_columns_and_warn(
     server: tuple[str, Path], tmp_path: Path
 ) -> None:
@@ -227,12 +251,14 @@ def test_search_and_classify_from_client_and_cli(server: tuple[str, Path], tmp_p
             names[:1], support=[(n, "a" if i % 2 else "b") for i, n in enumerate(names)]
         )
         assert set(pred.predictions[0].probabilities) == {"a", "b"}
-        assert any(i.space == space for i in rc.indexes())
+        (ix,) = [i for i in rc.indexes() if i.space == space]
+        assert ix.modalities == ["CT"] and ix.recipe.startswith("ct-windows"), ix
+        assert ix.description.startswith(f"{ix.model} · CT · ct-windows") and ix.entries >= 4
     p = run("search", "--series", names[0], "-k", "2", "--url", url, "--json")
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["results"][0]["hits"]) == 2
     p = run("search", str(gens[3].directory), "-k", "1", "--include-same-study", "--url", url)
-    assert p.returncode == 0 and names[3][:16] in p.stdout, p.stdout + p.stderr
+    assert p.returncode == 0 and names[3][:12] in p.stdout, p.stdout + p.stderr
     p = run(
         "classify",
         names[1],
@@ -275,3 +301,32 @@ def test_studies_page_by_page(server: tuple[str, Path], tmp_path: Path) -> None:
             return [s.study for s in (*page.studies, *nxt.studies)]
 
     assert asyncio.run(first_two()) == everything[:2]
+
+
+def test_slice_search_by_series_prints_one_table_over_the_query_slices(
+    server: tuple[str, Path], tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    url, _ = server
+    vols = [phantom(6, 16, 16, seed=s) for s in (90, 91)]
+    with RadcacheClient(url) as rc:
+        jobs = [
+            rc.submit([write_series(tmp_path / f"v{i}", v).directory], wait=True, timeout=60)
+            for i, v in enumerate(vols)
+        ]
+    target = jobs[0].series[0].series
+    query = write_series(tmp_path / "q", vols[0]).directory  # the same pixels, a new study
+    args = ["search", str(query), "--level", "slice", "--group-by-series", "-k", "2"]
+    args += ["--include-same-study", "--url", url]
+    r = CliRunner().invoke(main, args, env={"COLUMNS": "200"})
+    assert r.exit_code == 0, r.output
+    assert r.output.count("best series over its 6 slices") == 1, r.output
+    (first,) = [ln for ln in r.output.splitlines() if ln.startswith("│ 1 ")]
+    assert target[:12] in first and "│ 6/6 " in first, r.output
+    pair = re.search(r"(\d) → (\d) \((1\.0000|0\.99\d\d)\)", first)
+    assert pair is not None and pair[1] == pair[2], first  # a slice matched with itself
+    r = CliRunner().invoke(main, [*args, "--per-slice"], env={"COLUMNS": "200"})
+    assert r.exit_code == 0 and r.output.count("· slice level") == 6, r.output

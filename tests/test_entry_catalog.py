@@ -88,6 +88,38 @@ def test_pages_lookups_and_aliases(jobs: JobStore, store_path: Path) -> None:
         cat.page(3, "bogus!")
 
 
+def test_unique_prefixes_resolve_and_shared_ones_list_the_candidates(
+    jobs: JobStore, store_path: Path
+) -> None:
+    """A key, series or study is found by its first 4 or more hex characters (any case);
+    a prefix two keys share (made so) is ambiguous-reference naming both."""
+    st = EmbeddingStore(store_path)
+    a, b = "abcd1" + "0" * 27, "abcd2" + "0" * 27
+    for i, (key, study, series) in enumerate(((a, "c0ffee01", "5e0f1"), (b, "c0ff9e02", "5e0f2"))):
+        attrs = _entry(i, 2)
+        attrs["volume"] = {**attrs["volume"], "study": study, "series": series + "a" * 27}
+        st.write(key, attrs, _vectors(i, 2))
+    cat = EntryCatalog(jobs)
+    cat.rebuild(st)
+    assert cat.resolve("abcd1").key == a and cat.resolve("ABCD2").key == b
+    assert cat.resolve("5e0f2a").key == b  # a prefix of a series name
+    assert cat.resolve("5e0f1").key == a
+    for shared in ("abcd", "5e0f"):  # two keys, two series
+        with pytest.raises(AmbiguousReferenceError) as exc:
+            cat.resolve(shared)
+        assert exc.value.code == "ambiguous-reference" and a in str(exc.value)
+        assert b in str(exc.value)
+    for unknown in ("abc", "abce", "abcd3"):  # too short to be a prefix; no such key
+        with pytest.raises(NotFoundError):
+            cat.resolve(unknown)
+    assert cat.expand("study", "c0ffe") == "c0ffee01"
+    assert cat.expand("study", "c0ff9e02") == "c0ff9e02"  # whole
+    assert cat.expand("key", "abcd2", tenant="other") == "abcd2"  # not that tenant's
+    assert cat.expand("series", "not-hex") == "not-hex"
+    with pytest.raises(AmbiguousReferenceError, match="c0ff9e02, c0ffee01"):
+        cat.expand("study", "C0FF")
+
+
 def test_a_study_stored_between_pages_is_listed_once(jobs: JobStore, store_path: Path) -> None:
     st = EmbeddingStore(store_path)
     for i in range(0, 12, 2):  # study0 … study5

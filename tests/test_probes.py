@@ -469,3 +469,50 @@ def test_an_official_split_column_is_used_and_checked() -> None:
     f.rows[7]["labels"]["split"] = "holdout"
     with pytest.raises(InputError, match=r"'split' of se7 is 'holdout'"):
         column_split(f, "split")
+
+
+@pytest.fixture(scope="module")
+def ct_mr_store(
+    tmp_path_factory: pytest.TempPathFactory, tiny_fp32: Encoder, pseudo: Pseudonymizer
+) -> EmbeddingStore:
+    """One CT and one MR series: two spaces (their recipes resolve differently)."""
+    tmp = tmp_path_factory.mktemp("ctmr")
+    store = EmbeddingStore(tmp / "store.zarr")
+    pipe = Pipeline(tiny_fp32, store, pseudo, patch_tokens=False)
+    for i, mod in enumerate(("CT", "MR")):
+        gen = write_series(tmp / mod, lesion_phantom(i, False, n=2, size=48), modality=mod)
+        pipe.embed([gen.directory])
+    return store
+
+
+def test_spaces_are_described_and_chosen_by_modality(
+    ct_mr_store: EmbeddingStore, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from radcache.service.cli import main
+
+    store = ct_mr_store
+    assert len(store.spaces()) == 2
+    base = ["export", "--store", store.url, "--level", "slice", "--format", "npz"]
+    r = CliRunner().invoke(main, [*base, "-o", str(tmp_path / "f.npz")])
+    assert r.exit_code != 0
+    text = " ".join(r.output.split())
+    assert "--space" in text and "space=" not in text, r.output
+    for sp in store.spaces():  # each listed with model, modality, recipe and entry count
+        assert sp in text
+    assert "· CT · ct-windows" in text and "· MR · percentile" in text, r.output
+    assert "1 entry" in text
+    r = CliRunner().invoke(main, [*base, "--modality", "ct", "-o", str(tmp_path / "ct.npz")])
+    assert r.exit_code == 0, r.output
+    with np.load(tmp_path / "ct.npz", allow_pickle=True) as z:
+        assert z["x"].shape[0] == 2  # the CT series' two slices
+    r = CliRunner().invoke(main, [*base, "--modality", "PT", "-o", str(tmp_path / "pt.npz")])
+    assert r.exit_code != 0 and "0 spaces match --modality PT" in " ".join(r.output.split())
+    for cmd in (["show", "--spaces", store.url], ["index", "list", "--store", store.url]):
+        r = CliRunner().invoke(main, cmd, env={"COLUMNS": "80"})
+        assert r.exit_code == 0 and all(sp in r.output for sp in store.spaces()), r.output
+        assert "CT" in r.output and "MR" in r.output
+    r = CliRunner().invoke(main, ["index", "list", "--store", store.url, "--json"])
+    listed = {s["modalities"][0]: s for s in json.loads(r.output)}
+    assert listed["CT"]["entries"] == 1 and listed["MR"]["recipe"].startswith("percentile")

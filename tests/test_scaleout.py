@@ -296,6 +296,11 @@ def test_a_job_that_keeps_failing_is_dead_lettered_and_listed(cluster: dict[str,
     jobs.close()
     assert job["state"] == "dead" and "gave up after 2 deliveries" in job["failure"], job
     assert listed[row.id] == "dead"
+    # one structured line per retry and per dead letter, nothing identifying
+    lines = [ln for ln in (root / "w1.log").read_text().splitlines() if f"job={row.id}" in ln]
+    events = [ln.split("job_event=", 1)[1].split()[0] for ln in lines if "job_event=" in ln]
+    assert events == ["retry", "dead"], lines
+    assert "delivery=1" in lines[-2] and "deliveries=2" in lines[-1] and "diagonal" not in lines[-1]
 
 
 def test_a_replica_counts_each_job_it_queued_once(cluster: dict[str, Any]) -> None:

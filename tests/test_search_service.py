@@ -226,6 +226,23 @@ def test_classify_by_label_field_and_support(cached) -> None:
     assert r.status_code == 422 and r.json()["code"] == "invalid-request"
 
 
+def test_ids_as_shown_are_taken_back_as_prefixes(cached) -> None:
+    """The 12 characters a table shows of an entry key, series or study name it on every
+    path and in search; fewer than 4 is no prefix (not-found)."""
+    c, series, _ = cached
+    s = series[1]
+    for ref in (s["entry"][:12], s["series"][:12], s["entry"][:4].upper()):
+        got = c.get(f"/v1/series/{ref}")
+        assert got.status_code == 200 and got.json()["entry"] == s["entry"], got.text
+    arr = c.get(f"/v1/series/{s['series'][:12]}/embeddings", params={"kind": "cls"}).json()
+    assert arr["entry"] == s["entry"]
+    assert c.get(f"/v1/studies/{s['study'][:12]}").json()["study"] == s["study"]
+    for query in ({"entry": s["entry"][:12]}, {"series": s["series"][:12]}):
+        (res,) = _search(c, query=query, k=1, exclude_same_study=False)["results"]
+        assert res["hits"][0]["entry"] == s["entry"], res
+    assert c.get(f"/v1/series/{s['entry'][:3]}").json()["code"] == "not-found"
+
+
 def test_deleted_study_never_comes_back(cached) -> None:
     c, series, _ = cached
     target = series[4]  # a CT series, alone in its study

@@ -5,12 +5,14 @@ from __future__ import annotations
 import datetime as dt
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -231,7 +233,7 @@ def test_bad_files_fail_alone(client: TestClient, tmp_path: Path) -> None:
     ]
     job = _wait(client, client.post("/v1/studies", files=files).headers["location"])
     assert job["state"] == "partially_failed" and len(job["series"]) == 1
-    codes = {e["path"].split("-", 1)[1]: e["code"] for e in job["errors"]}
+    codes = {e["path"]: e["code"] for e in job["errors"]}
     assert codes == {"notes.txt": "not-dicom", "cut.dcm": "truncated-file"}
     assert all("/uploads/" not in e["path"] for e in job["errors"])  # no server paths
     bad = _wait(
@@ -321,6 +323,34 @@ def test_other_problems_and_openapi(client: TestClient) -> None:
     ), [n for n, s in ours.items() if "examples" not in s]
     models = client.get("/v1/models").json()
     assert [m["name"] for m in models if m["loaded"]] == ["dinov2-tiny-random"]
+
+
+@pytest.mark.parametrize(
+    ("page", "assets"),
+    [
+        ("/docs", {"swagger-ui-bundle.js": "javascript", "swagger-ui.css": "text/css"}),
+        ("/redoc", {"redoc.standalone.js": "javascript"}),
+    ],
+)
+def test_docs_pages_use_only_local_assets(
+    client: TestClient, page: str, assets: dict[str, str]
+) -> None:
+    """/docs and /redoc work offline: every script, style and icon comes from this server."""
+    r = client.get(page)
+    assert r.status_code == 200
+    html = r.text
+    urls = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+    assert urls, html
+    assert not [u for u in urls if "//" in u], urls  # no CDN, no absolute URL at all
+    assert "cdn" not in html.lower() and "https://" not in html
+    wanted = {**assets, "favicon.png": "image/png"}
+    for name, kind in wanted.items():
+        url = next(u for u in urls if u.endswith(f"/{name}"))
+        got = client.get(url)
+        assert got.status_code == 200, url
+        assert kind in got.headers["content-type"], (url, got.headers["content-type"])
+        assert len(got.content) > 1000, url
+    assert "/openapi.json" in urls
 
 
 def test_upload_limit(tmp_path: Path, tiny: Encoder) -> None:
@@ -637,3 +667,49 @@ def test_the_catalog_is_built_at_start_up_and_follows_the_store_after(
     with TestClient(create_app(resources=build_resources(settings, encoder=tiny))) as c:
         assert [s["study"] for s in c.get("/v1/studies").json()] == ["study1", "study2", "study3"]
         assert c.get("/v1/series/series0").status_code == 404
+
+
+def test_job_reports_name_skipped_objects_and_the_client_s_paths(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An RT plan is a done job with a skipped item and its reason; an error names the
+    file as the client sent it; a failed job leaves one structured line in the log."""
+    plan = Path(get_testdata_file("rtplan.dcm")).read_bytes()
+    r = client.post(
+        "/v1/studies", files=[("files", ("plan/rtplan.dcm", plan, "application/dicom"))]
+    )
+    job = _wait(client, r.headers["location"])
+    assert job["state"] == "done" and job["series"] == []
+    assert job["skipped"] == [{"path": "plan/rtplan.dcm", "reason": "RT plan object, no image"}]
+    cut = Path(get_testdata_file("MR_truncated.dcm")).read_bytes()
+    name = "mr_folder/MR_truncated.dcm"
+    with caplog.at_level(logging.WARNING, logger="radcache.service"):
+        r = client.post("/v1/studies", files=[("files", (name, cut, "application/dicom"))])
+        job = _wait(client, r.headers["location"])
+    assert job["state"] == "failed"
+    assert [(e["path"], e["code"]) for e in job["errors"]] == [(name, "truncated-file")]
+    lines = [m for m in caplog.messages if "job_event=" in m]
+    assert lines == [
+        f"job_event=failed job={job['id']} kind=embed code=truncated-file "
+        "series=0 errors=1 skipped=0"
+    ]
+
+
+def test_copies_of_one_file_in_a_zip_are_recognised_as_cached(client: TestClient) -> None:
+    """Four copies of one instance: embedded once, then answered from the cache (200),
+    both answers noting the duplicates."""
+    data = Path(get_testdata_file("MR_small.dcm")).read_bytes()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i in range(4):
+            z.writestr(f"copy{i}/MR_small.dcm", data)
+    post = {"content": buf.getvalue(), "headers": {"content-type": "application/zip"}}
+    first = client.post("/v1/studies", **post)
+    assert first.status_code == 202
+    job = _wait(client, first.headers["location"])
+    again = client.post("/v1/studies", **post)
+    assert again.status_code == 200, again.json()
+    for answer in (job, again.json()):
+        (series,) = answer["series"]
+        assert "3 duplicate instance(s)" in " ".join(series["warnings"])
+    assert again.json()["series"][0]["cache"] == "hit"

@@ -268,6 +268,10 @@ class IndexOut(BaseModel):
                     "weights_hash": "1f2e3d4c5b6a79880f1e2d3c4b5a6978",
                     "recipe_hash": "7cd06edd2c1f0a43",
                     "dim": 768,
+                    "modalities": ["CT"],
+                    "recipe": "ct-windows 40/400, model size",
+                    "description": "dinov2-base · CT · ct-windows 40/400, model size · 1200 "
+                    "entries",
                     "entries": 1200,
                     "levels": {
                         "series": {"factory": "Flat", "kind": "exact", "vectors": 1200},
@@ -289,5 +293,10 @@ class IndexOut(BaseModel):
     weights_hash: str | None
     recipe_hash: str | None
     dim: int
+    modalities: list[str] = Field([], description="modalities of the space's entries")
+    recipe: str = Field("", description="the recipe in short: intensity policy, input size")
+    description: str = Field(
+        "", description="model · modalities · recipe · entries, for telling spaces apart"
+    )
     entries: int
     levels: dict[str, dict[str, Any]]

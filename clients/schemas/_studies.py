@@ -79,6 +79,17 @@ class ErrorOut(BaseModel):
     message: str
 
 
+class SkippedOut(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"path": "plan/RP1.dcm", "reason": "RT plan object, no image"}]
+        }
+    )
+
+    path: str = Field(description="the uploaded file that was left out")
+    reason: str = Field(description="why: a valid object that holds no image to embed")
+
+
 class Progress(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{"done": 96, "total": 150}]})
 
@@ -124,6 +135,9 @@ class JobOut(BaseModel):
     progress: Progress
     series: list[SeriesOut] = []
     errors: list[ErrorOut] = []
+    skipped: list[SkippedOut] = Field(
+        [], description="valid objects left out (SR, RT plan, localizer…), with the reason"
+    )
     failure: str | None = Field(None, description="why the whole job failed, if it did")
 
 

@@ -24,6 +24,7 @@ from typing import Any, cast
 import numpy as np
 
 from ..errors import SearchIndexError
+from ..store.spaces import describe_space, recipe_summary
 from ._vectors import LEVELS, Level, normalise
 from .catalog import Catalog, Filters, Record
 from .catalog_arrays import from_arrays, to_arrays
@@ -171,17 +172,25 @@ class SpaceIndex:
     def info(self, tenant: str | None = None) -> dict[str, Any]:
         """What the space holds; for a ``tenant``, only its own entries and vector counts
         (nothing that another tenant's data changes: memory, training, tombstones)."""
+        cat = self.catalog
+        mine = None if tenant is None else cat.ordinals("tenant", tenant)
+        recs = cat.records if mine is None else [cat.record(o) for o in mine]
+        mods = sorted({r.modality.upper() for r in recs if r is not None and r.modality})
+        recipe = recipe_summary(self.meta.get("recipe"))
+        n = len(cat) if mine is None else len(mine)
         head = {
             "space": self.space,
             "model": self.meta.get("model"),
             "weights_hash": self.meta.get("weights_hash"),
             "recipe_hash": self.meta.get("recipe_hash"),
             "dim": self.dim,
+            "modalities": mods,
+            "recipe": recipe,
+            "description": describe_space(str(self.meta.get("model")), mods, recipe, n),
         }
-        if tenant is None:
+        if mine is None:
             levels = {lv: li.info() for lv, li in self.levels.items()}
-            return {**head, "entries": len(self.catalog), "levels": levels}
-        mine = self.catalog.ordinals("tenant", tenant)
+            return {**head, "entries": n, "levels": levels}
         counts = {
             "series": len(mine),
             "slice": sum(self.catalog.record(o).n_slices for o in mine),

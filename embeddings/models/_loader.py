@@ -32,6 +32,7 @@ __all__ = [
     "register_arch_loader",
     "register_dir_loader",
     "resolve_backbone",
+    "weights_identity",
 ]
 
 log = logging.getLogger(__name__)
@@ -137,6 +138,29 @@ def _unavailable(hf_id: str, why: str) -> ModelUnavailableError:
         "and model.safetensors. For a smoke run without weights use --model dinov2-tiny-random "
         "(random weights, not for real use)."
     )
+
+
+def weights_identity(
+    spec: str, cfg: ModelCfg, *, cache_dir: str | None = None, offline: bool | None = None
+) -> str:
+    """What the weights of ``spec`` (resolved to ``cfg``) are made from, cheaply, without
+    loading them: a checkpoint's directory and each of its files' name, size and mtime; for
+    a random-weight model its config, seed and the torch and transformers versions that
+    draw it. Equal identities give equal :func:`radcache.embeddings.encode.weights_hash`."""
+    from importlib.metadata import version
+
+    path = Path(spec).expanduser()
+    if spec not in REGISTRY and path.is_dir():
+        folder = path.resolve()
+    elif cfg.random_weights:
+        libs = f"torch {version('torch')}, transformers {version('transformers')}"
+        return f"random {cfg!r} seed {RANDOM_SEED} {libs}"
+    else:
+        assert cfg.hf_id is not None
+        folder = _resolve_hub(cfg.hf_id, cache_dir, _offline(offline)).resolve()
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    stats = [(p.relative_to(folder).as_posix(), p.stat()) for p in files]
+    return "\n".join([str(folder), *(f"{n} {st.st_size} {st.st_mtime_ns}" for n, st in stats)])
 
 
 def load_backbone(

@@ -16,9 +16,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ..errors import InputError, NotFoundError
+from ..errors import InputError
 from ..pseudonyms import DEFAULT_TENANT
 from ..store import EmbeddingStore
+from ..store.spaces import choose_space
 
 __all__ = ["KINDS", "Features", "Kind", "Level", "features", "pool_slices", "read_labels"]
 
@@ -71,20 +72,6 @@ class Features:
         return self.take([i for i, v in enumerate(self.labels(name)) if v is not None])
 
 
-def _space(store: EmbeddingStore, space: str | None) -> str:
-    spaces = store.spaces()
-    if space is not None:
-        if space not in spaces:
-            raise NotFoundError(f"no space {space!r} in {store.url}; it has {', '.join(spaces)}.")
-        return space
-    if len(spaces) != 1:
-        raise InputError(
-            f"{store.url} holds {len(spaces)} spaces ({', '.join(spaces) or 'none'}); name one "
-            "with space= (features of different models or recipes are not comparable)."
-        )
-    return spaces[0]
-
-
 def read_labels(path: str | Path) -> dict[str, dict[str, Any]]:
     """Labels from a CSV or Parquet file (by suffix ``.parquet``) keyed by its first column
     (an entry key, ``series``, ``series#part`` or ``study``; with a ``slice`` column,
@@ -133,6 +120,8 @@ def features(
     space: str | None = None,
     labels: Mapping[str, Mapping[str, Any]] | None = None,
     tenant: str | None = None,
+    model: str | None = None,
+    modality: str | None = None,
 ) -> Features:
     """Every entry of one space (of one ``tenant``, when given) as features, read in one
     pass over the store.
@@ -145,10 +134,11 @@ def features(
     MohammedSB/DINOv2ForRadiology). Series level averages per-slice kinds over the volume.
     A model with fewer than 4 blocks gives all it has (``meta["cls_blocks"]`` says how
     many). ``labels`` (from :func:`read_labels`) override labels stored at submission.
+    Without ``space``, the one space matching ``model`` and ``modality`` is read.
     """
     if kind not in KINDS:
         raise InputError(f"unknown feature kind {kind!r}; expected one of {', '.join(KINDS)}.")
-    name = _space(store, space)
+    name = choose_space(store, space, model=model, modality=modality)
     table = store.table(name)
     attrs = store.entry_attrs(table.keys)
     xs: list[np.ndarray] = []

@@ -4,6 +4,7 @@ an identifier, and the options several commands declare."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from collections.abc import Callable, Collection, Iterable, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_KEY",
+    "SHORT_ID",
     "STORE",
     "URL",
     "api_fail",
@@ -32,6 +34,7 @@ __all__ = [
     "err",
     "fail",
     "fit_table",
+    "id_width",
     "job_store",
     "need_server",
     "out",
@@ -44,6 +47,20 @@ Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 err = Console(stderr=True)
 out = Console()
+
+#: The fewest characters of an id (an entry key, a study or series pseudonym) a table shows;
+#: commands and the service take any unique prefix of one back.
+SHORT_ID = 12
+
+
+def id_width(values: Iterable[str]) -> int:
+    """How many leading characters tell ``values`` apart: ``SHORT_ID`` or, where two of
+    them share that many, one more than they share."""
+    width = SHORT_ID
+    for a, b in itertools.pairwise(sorted(set(values))):  # neighbours share the most
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), None)
+        width = max(width, (min(len(a), len(b)) if same is None else same) + 1)
+    return width
 
 
 def settings(**overrides: Any) -> ServiceSettings:
@@ -118,7 +135,7 @@ def series_warnings(series: Iterable[Any]) -> None:
     for r in series:
         for w in r.warnings:
             err.print(
-                f"[yellow]warning[/] series {r.series[:12]}"
+                f"[yellow]warning[/] series {r.series[:SHORT_ID]}"
                 f"{'#' + r.part if r.part else ''}: {escape(w)}",
                 highlight=False,
             )

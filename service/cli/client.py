@@ -20,6 +20,7 @@ from ._common import (
     api_fail,
     err,
     fit_table,
+    id_width,
     out,
     series_warnings,
     service_access,
@@ -81,12 +82,15 @@ def submit(
         table = Table(title=f"job {job.id} · {job.state}", title_justify="left")
         for col in ("series", "part", "modality", "slices", "cache", "entry"):
             table.add_column(col)
+        w = id_width(s.series for s in job.series)
         for s in job.series:
             table.add_row(
-                s.series[:12], s.part or "-", s.modality or "-", str(s.slices), s.cache, s.entry
+                s.series[:w], s.part or "-", s.modality or "-", str(s.slices), s.cache, s.entry
             )
         out.print(fit_table(table, ids=("series", "entry"), lesser=("part", "cache", "slices")))
         series_warnings(job.series)
+        for sk in job.skipped:
+            err.print(f"[dim]skipped[/] {escape(sk.path)}: {escape(sk.reason)}", highlight=False)
         for e in job.errors:
             err.print(
                 f"[bold red]error[/] {escape(f'[{e.code}] {e.path}: {e.message}')}", highlight=False
@@ -152,7 +156,8 @@ def jobs(url: str | None, api_key: str | None, limit: int, as_json: bool) -> Non
 def get(
     series: str, url: str | None, api_key: str | None, kind: str, slices: str | None, output: str
 ) -> None:
-    """Fetch an embedding array of a cached series as a .npy file."""
+    """Fetch an embedding array of a cached series as a .npy file. SERIES is a series
+    name, series#part or entry key, or a unique prefix (4 characters or more) of one."""
     import httpx
     import numpy as np
 

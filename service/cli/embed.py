@@ -23,6 +23,7 @@ from ._common import (
     err,
     fail,
     fit_table,
+    id_width,
     need_server,
     out,
     series_warnings,
@@ -145,7 +146,7 @@ def embed(
         )
         mapping = dict(_pair(x) for x in sequences)
         refs = s.pseudonymizer().refs(patient=patient, study=study)  # before the model loads
-        pipe = Pipeline.from_settings(s)
+        pipe = Pipeline.from_settings(s, lazy=True)  # weights only once a cache miss needs them
         if named is not None or box is not None:
             pipe = pipe.variant(recipe=(named or pipe.recipe).with_roi(box))
         pipe.check_refs(inputs, refs)
@@ -168,18 +169,22 @@ def embed(
             f"[yellow]warning[/] {encoder.cfg.label}: embeddings are meaningless, for tests only."
         )
     show_bar = not as_json and err.is_terminal
-    if show_bar:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=err,
-            transient=True,
-        ) as p:
-            report = run(progress=_Bar(p))
-    else:
-        report = run()
+    try:
+        if show_bar:
+            with Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            ) as p:
+                report = run(progress=_Bar(p))
+        else:
+            report = run()
+    except RadcacheError as exc:  # the model, loaded for the first cache miss
+        fail(exc, as_json)
+        return
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
@@ -191,10 +196,12 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
     table = Table(title=f"{model} · {precision} · {store}", title_justify="left")
     for col in ("study", "series", "part", "modality", "slices", "cache", "seconds"):
         table.add_column(col, justify="right" if col in ("slices", "seconds") else "left")
+    w_study = id_width(r.study for r in report.series)
+    w_series = id_width(r.series for r in report.series)
     for r in report.series:
         table.add_row(
-            r.study[:12],
-            r.series[:12],
+            r.study[:w_study],
+            r.series[:w_series],
             r.part or "-",
             r.modality or "-",
             str(r.slices),
@@ -253,11 +260,19 @@ def models(as_json: bool) -> None:
 @click.command()
 @click.argument("store", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def show(store: str | None, as_json: bool) -> None:
+@click.option(
+    "--spaces", "by_space", is_flag=True, help="List its spaces (model, modality, recipe)."
+)
+def show(store: str | None, as_json: bool, by_space: bool) -> None:
     """List what a store holds (default: RADCACHE_STORE)."""
     need_server("show")
     from radcache.embeddings import open_store
 
+    if by_space:
+        from .index import print_spaces
+
+        print_spaces(store, as_json)
+        return
     try:
         st = open_store(store or settings().store)
         entries = st.series()
@@ -301,10 +316,11 @@ def show(store: str | None, as_json: bool) -> None:
         "created",
     ):
         table.add_column(col)
+    w_key, w_series = id_width(e.key for e in entries), id_width(e.series for e in entries)
     for e in entries:
         table.add_row(
-            e.key[:12],
-            e.series[:12],
+            e.key[:w_key],
+            e.series[:w_series],
             e.part or "-",
             e.modality or "-",
             str(e.n_slices),

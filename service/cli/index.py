@@ -1,4 +1,4 @@
-"""``radcache index info|rebuild|compact|rebuild-catalog``: the FAISS search indexes of a
+"""``radcache index list|info|rebuild|compact|rebuild-catalog``: the FAISS search indexes of a
 store, its tables and the entry catalog, worked on directly (no service)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from rich.table import Table
 
 from radcache.embeddings.errors import RadcacheError
 
-from ._common import STORE, fail, need_server, out, settings
+from ._common import STORE, fail, fit_table, need_server, out, settings
 
 __all__ = ["index"]
 
@@ -30,6 +30,39 @@ def _open(store: str | None, factory: str | None, **kw: Any) -> Any:
     return IndexSet(
         open_store(s.store, mode="r"), **{**opts, **kw, "factory": factory or opts["factory"]}
     )
+
+
+def print_spaces(store: str | None, as_json: bool) -> None:
+    """Print each space of a store: name, model, modalities, recipe summary, entries."""
+    from radcache.embeddings import open_store
+    from radcache.embeddings.store.spaces import space_summaries
+
+    try:
+        st = open_store(settings(store=store).store, mode="r")
+        spaces = space_summaries(st)
+    except RadcacheError as exc:
+        fail(exc, as_json)
+        return
+    if as_json:
+        click.echo(json.dumps([s.as_dict() for s in spaces], indent=1))
+        return
+    n = len(spaces)
+    table = Table(title=f"{st.url}: {n} space{'' if n == 1 else 's'}", title_justify="left")
+    for col in ("space", "model", "modality", "recipe", "entries"):
+        table.add_column(col)
+    for s in spaces:
+        mods = "/".join(s.modalities) or "-"
+        table.add_row(s.space, s.model, mods, s.recipe, str(s.entries))
+    out.print(fit_table(table, ids=("space",), lesser=("model", "recipe")))
+
+
+@index.command("list")
+@STORE
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def index_list(store: str | None, as_json: bool) -> None:
+    """The store's spaces (one index each): model, modalities, recipe summary, entries."""
+    need_server("index")
+    print_spaces(store, as_json)
 
 
 @index.command("info")

@@ -17,6 +17,10 @@ from ._common import STORE, err, fail, need_server, out, settings
 __all__ = ["export", "probe"]
 
 _SPACE = click.option("--space", help="Which (model, recipe) space, if the store holds several.")
+_MODEL = click.option("--model", help="Without --space: the space of this model, if only one.")
+_MODALITY = click.option(
+    "--modality", help="Without --space: the space holding this modality (CT, MR), if only one."
+)
 _TENANT = click.option("--tenant", help="Only this tenant's entries. [default: every entry]")
 _LEVEL = click.option(
     "--level", type=click.Choice(["series", "slice"]), default="series", show_default=True
@@ -49,6 +53,8 @@ def _features(
     space: str | None,
     labels: str | None,
     tenant: str | None = None,
+    model: str | None = None,
+    modality: str | None = None,
 ) -> Any:
     from radcache.embeddings import open_store
     from radcache.embeddings.probes import features, read_labels
@@ -62,6 +68,8 @@ def _features(
         space=space,
         labels=given,
         tenant=tenant,
+        model=model,
+        modality=modality,
     )
 
 
@@ -79,6 +87,8 @@ def _probe_options(fn: F) -> F:
         [
             STORE,
             _SPACE,
+            _MODEL,
+            _MODALITY,
             _TENANT,
             _LEVEL,
             click.option(
@@ -156,6 +166,8 @@ def _run(protocol: str, opts: dict[str, Any], extra: dict[str, Any]) -> None:
             opts["space"],
             opts["labels"],
             opts["tenant"],
+            opts["model"],
+            opts["modality"],
         )
         if opts["pool"] != "none":
             f = probes.pool_slices(f, opts["pool"])
@@ -355,6 +367,8 @@ def probe_seg(
 @click.command()
 @STORE
 @_SPACE
+@_MODEL
+@_MODALITY
 @_TENANT
 @_LEVEL
 @_KIND
@@ -365,6 +379,8 @@ def probe_seg(
 def export(
     store: str | None,
     space: str | None,
+    model: str | None,
+    modality: str | None,
     tenant: str | None,
     level: str,
     kind: str,
@@ -377,7 +393,7 @@ def export(
     from radcache.embeddings.probes import export_features
 
     try:
-        f = _features(store, level, kind, space, None, tenant)
+        f = _features(store, level, kind, space, None, tenant, model, modality)
         path = export_features(f, output, fmt)  # type: ignore[arg-type]
     except RadcacheError as exc:
         fail(exc, False)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.table import Table
 
-from ._common import API_KEY, URL, api_fail, out, service_access
+from ._common import API_KEY, URL, api_fail, fit_table, id_width, out, service_access
+
+if TYPE_CHECKING:
+    from radcache.clients.schemas import QueryResult, SearchHit
 
 __all__ = ["classify", "search"]
 
@@ -31,13 +35,21 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
 
 @click.command()
 @click.argument("files", nargs=-1, type=click.Path(exists=True))
-@click.option("--series", help="Search with a cached series (name, series#part).")
-@click.option("--study", help="Search with every series of a cached study.")
-@click.option("--entry", help="Search with a cache entry key.")
+@click.option("--series", help="Search with a cached series (name, series#part, or a prefix).")
+@click.option("--study", help="Search with every series of a cached study (name or a prefix).")
+@click.option("--entry", help="Search with a cache entry key (or a unique prefix of one).")
 @click.option("--slice", "slice_", type=click.IntRange(0), help="One slice of --series/--entry.")
 @click.option("-k", type=click.IntRange(1, 1000), default=10, show_default=True)
 @click.option("--level", type=click.Choice(["series", "slice"]), help="Default: series.")
-@click.option("--group-by-series", is_flag=True, help="Slice level: one hit per series.")
+@click.option(
+    "--group-by-series",
+    is_flag=True,
+    help="Slice level: one hit per series; a many-slice query gives one table, the series "
+    "that match best over its slices.",
+)
+@click.option(
+    "--per-slice", is_flag=True, help="With --group-by-series: one table per query slice."
+)
 @click.option("--filter-modality", multiple=True, help="Only these modalities.")
 @click.option("--body-part", multiple=True, help="Only these body parts.")
 @click.option("--description", help="Series description contains this (any case).")
@@ -64,6 +76,7 @@ def search(
     k: int,
     level: str | None,
     group_by_series: bool,
+    per_slice: bool,
     filter_modality: Sequence[str],
     body_part: Sequence[str],
     description: str | None,
@@ -124,17 +137,23 @@ def search(
     if as_json:
         click.echo(found.model_dump_json())
         return
+    if found.level == "slice" and group_by_series and not per_slice:
+        _print_by_series(found.results, k)
+        return
+    w = id_width(h.series for r in found.results for h in r.hits)
     for r in found.results:
-        name = r.query.get("series") or r.query.get("upload") or r.query.get("entry", "vector")
-        where = f" slice {r.query['slice']}" if r.query.get("slice") is not None else ""
-        table = Table(title=f"{str(name)[:16]}{where} · {found.level} level", title_justify="left")
+        q = r.query
+        ident = q.get("series") or q.get("entry")  # cut as the hits' series are
+        name = str(ident)[:w] if ident else q.get("upload", "vector")
+        where = f" slice {q['slice']}" if q.get("slice") is not None else ""
+        table = Table(title=f"{name}{where} · {found.level} level", title_justify="left")
         for col in ("rank", "score", "series", "slice", "modality", "description", "labels"):
             table.add_column(col)
         for h in r.hits:
             table.add_row(
                 str(h.rank),
                 f"{h.score:.4f}",
-                h.series[:16] + (f"#{h.part}" if h.part else ""),
+                h.series[:w] + (f"#{h.part}" if h.part else ""),
                 "-" if h.slice is None else str(h.slice),
                 h.modality or "-",
                 (h.series_description or "-")[:28],
@@ -200,3 +219,76 @@ def classify(
         where = f" slice {p.query['slice']}" if p.query.get("slice") is not None else ""
         table.add_row(f"{q}{where}"[:24], p.label or "-", probs, str(p.support))
     out.print(table)
+
+
+@dataclass
+class SeriesMatch:
+    """One series found by a many-slice query: ``total`` sums its best score per query
+    slice (0 where a slice did not find it), ``hit`` is its best slice pair."""
+
+    hit: SearchHit
+    query_slice: int | None
+    total: float = 0.0
+    found_by: int = 0
+
+
+def by_series(results: Sequence[QueryResult]) -> list[tuple[QueryResult, int, list[SeriesMatch]]]:
+    """Slice-level results pooled per query volume and space: (first result, number of
+    query slices, the series ranked by mean best score over the query's slices)."""
+    groups: dict[tuple[str, str], list[QueryResult]] = {}
+    for r in results:
+        q = {k: v for k, v in r.query.items() if k != "slice"}
+        groups.setdefault((json.dumps(q, sort_keys=True, default=str), r.space), []).append(r)
+    pooled = []
+    for rs in groups.values():
+        matches: dict[str, SeriesMatch] = {}
+        for r in rs:
+            best: dict[str, SearchHit] = {}
+            for h in r.hits:
+                if h.entry not in best or h.score > best[h.entry].score:
+                    best[h.entry] = h
+            for entry, h in best.items():
+                m = matches.setdefault(entry, SeriesMatch(h, r.query.get("slice")))
+                m.total += h.score
+                m.found_by += 1
+                if h.score > m.hit.score:
+                    m.hit, m.query_slice = h, r.query.get("slice")
+        ranked = sorted(matches.values(), key=lambda m: (-m.total, -m.hit.score, m.hit.entry))
+        pooled.append((rs[0], len(rs), ranked))
+    return pooled
+
+
+def _print_by_series(results: Sequence[QueryResult], k: int) -> None:
+    """One table per query volume: its ``k`` best series over all its slices."""
+    pooled = by_series(results)
+    w = id_width(m.hit.series for _, _, ranked in pooled for m in ranked)
+    for first, n, ranked in pooled:
+        q = first.query
+        ident = q.get("series") or q.get("entry")
+        name = str(ident)[:w] if ident else q.get("upload", "vector")
+        table = Table(
+            title=f"{name} · best series over its {n} slices (--per-slice: a table per slice)",
+            title_justify="left",
+        )
+        for col in (
+            "rank",
+            "score",
+            "slices found",
+            "best pair",
+            "series",
+            "modality",
+            "description",
+        ):
+            table.add_column(col)
+        for rank, m in enumerate(ranked[:k], 1):
+            h = m.hit
+            table.add_row(
+                str(rank),
+                f"{m.total / n:.4f}",
+                f"{m.found_by}/{n}",
+                f"{m.query_slice} → {h.slice} ({h.score:.4f})",
+                h.series[:w] + (f"#{h.part}" if h.part else ""),
+                h.modality or "-",
+                (h.series_description or "-")[:28],
+            )
+        out.print(fit_table(table, ids=("series",), lesser=("description", "modality")))

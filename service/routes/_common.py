@@ -79,6 +79,7 @@ def job_out(row: JobRow) -> JobOut:
             "progress": {"done": row.slices_done, "total": row.slices_total},
             "series": report.get("series", []),
             "errors": report.get("errors", []),
+            "skipped": report.get("skipped", []),
         }
     )
 

@@ -34,9 +34,10 @@ from radcache.embeddings.search import QueryHits
 
 from ..auth import Read, Search
 from ..deps import Resources, ResourcesDep
+from ..entry_catalog import EntryCatalog
 from ..keys import Principal
 from ..uploads import save_upload
-from ._common import ERRORS
+from ._common import ERRORS, catalog
 
 __all__ = ["router"]
 
@@ -63,11 +64,16 @@ _SEARCH_BODY: dict[str, Any] = {
 }
 
 
-def _query(q: SearchQuery) -> Query:
+def _query(q: SearchQuery, cat: EntryCatalog, tenant: str) -> Query:
+    """The query, its entry key, series and study whole where given by a unique prefix."""
+    series = None
+    if q.series is not None:
+        name, sep, part = q.series.partition("#")
+        series = cat.expand("series", name, tenant) + sep + part
     return Query(
-        entry=q.entry,
-        series=q.series,
-        study=q.study,
+        entry=q.entry and cat.expand("key", q.entry, tenant),
+        series=series,
+        study=q.study and cat.expand("study", q.study, tenant),
         slice=q.slice,
         vector=tuple(q.vector) if q.vector is not None else None,
     )
@@ -163,7 +169,7 @@ async def search(request: Request, res: ResourcesDep, who: Search) -> Response:
     req = _parse(SearchRequest, await request.body())
     if req.query is None:
         raise InputError("a JSON search needs `query` (or upload files as multipart/form-data).")
-    query = _query(req.query)
+    query = await run_in_threadpool(_query, req.query, catalog(res), who.tenant)
     level = req.level or ("slice" if query.slice is not None else "series")
     results = await run_in_threadpool(
         res.searcher.search,
@@ -206,9 +212,12 @@ def _kos(res: Resources, tenant: str, results: list[QueryHits]) -> Response:
     summary="Few-shot classification: kNN vote (T = 0.07) or class prototypes",
 )
 def classify(req: ClassifyRequest, res: ResourcesDep, who: Search) -> ClassifyOut:
-    support = [(_query(s.query), s.label) for s in req.support] if req.support else None
+    cat = catalog(res)
+    support = (
+        [(_query(s.query, cat, who.tenant), s.label) for s in req.support] if req.support else None
+    )
     out = res.searcher.classify(
-        [_query(q) for q in req.queries],
+        [_query(q, cat, who.tenant) for q in req.queries],
         support=support,
         label_field=req.label_field,
         k=req.k,

@@ -25,7 +25,8 @@ router = APIRouter()
     "/v1/series/{series}", response_model=EntryOut, responses=ERRORS, summary="A cached series"
 )
 def get_series(series: str, res: ResourcesDep, who: Read) -> EntryOut:
-    """``series`` is a series name, ``series#part``, or an entry key."""
+    """``series`` is a series name, ``series#part``, or an entry key, or a unique prefix
+    (4 characters or more) of a series name or entry key."""
     return entry_out(catalog(res).resolve(series, res.store, who.tenant))
 
 

@@ -129,7 +129,10 @@ def list_studies(
     "/v1/studies/{study}", response_model=StudyOut, responses=ERRORS, summary="One cached study"
 )
 def get_study(study: str, res: ResourcesDep, who: Read) -> StudyOut:
-    entries = catalog(res).study(study, who.tenant)
+    """``study`` is a study name or a unique prefix of one (4 characters or more)."""
+    cat = catalog(res)
+    study = cat.expand("study", study, who.tenant)
+    entries = cat.study(study, who.tenant)
     if not entries:
         raise NotFoundError(f"no cached study {study!r}; GET /v1/studies lists them.")
     return study_out(study, entries)

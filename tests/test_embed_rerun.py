@@ -1,0 +1,68 @@
+"""A fully cached re-run of `radcache embed` answers from the store without loading the
+model: the weights hash is remembered by the checkpoint's identity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from click.testing import CliRunner
+
+from radcache.embeddings.encode import Encoder, LoadingEncoder, load_encoder
+from radcache.service.cli import main
+from tests.dicomgen import phantom, write_nifti, write_series
+
+
+def _embed(store: Path, hashes: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+    args = ["embed", *map(str, inputs), "--model", "dinov2-tiny-random", "--store", str(store)]
+    env = {"RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
+    r = CliRunner().invoke(main, [*args, *extra, "--json"], env=env)
+    assert r.exit_code == 0, r.output
+    return dict(json.loads(r.stdout))
+
+
+def test_a_cached_rerun_loads_no_model_and_a_miss_still_does(tmp_path: Path) -> None:
+    write_series(tmp_path / "ct", phantom(3, 16, 16))
+    write_nifti(tmp_path / "mr.nii.gz", phantom(3, 16, 16, seed=4))
+    store, hashes = tmp_path / "s.zarr", tmp_path / "hashes.json"
+    nifti = (tmp_path / "mr.nii.gz", ("--modality", "MR"))
+
+    built = Encoder.built
+    first = _embed(store, hashes, tmp_path / "ct")
+    assert Encoder.built == built + 1 and {s["cache"] for s in first["series"]} == {"miss"}
+    assert len(json.loads(hashes.read_text())) == 1  # remembered once loaded
+
+    again = _embed(store, hashes, tmp_path / "ct")  # recognised by file digests
+    assert Encoder.built == built + 1, "a fully cached re-run loaded the model"
+    assert [s["cache"] for s in again["series"]] == ["hit"]
+    assert again["series"][0]["entry"] == first["series"][0]["entry"]
+
+    new = _embed(store, hashes, nifti[0], extra=nifti[1])  # a miss: the model loads now
+    assert Encoder.built == built + 2 and [s["cache"] for s in new["series"]] == ["miss"]
+    nifti_again = _embed(store, hashes, nifti[0], extra=nifti[1])  # decoded, not loaded
+    assert Encoder.built == built + 2 and [s["cache"] for s in nifti_again["series"]] == ["hit"]
+
+
+def test_a_lazy_encoder_knows_its_cache_key_and_loads_on_first_use(tmp_path: Path) -> None:
+    hashes = tmp_path / "h.json"
+    spec = {"device": "cpu", "precision": "fp32", "hashes": hashes, "lazy": True}
+    eager = load_encoder("dinov2-tiny-random", **spec)  # type: ignore[arg-type]
+    assert not isinstance(eager, LoadingEncoder)  # nothing remembered yet: loaded now
+    built = Encoder.built
+    lazy = cast(Any, load_encoder("dinov2-tiny-random", **spec))  # type: ignore[arg-type]
+    assert isinstance(lazy, LoadingEncoder) and not lazy.loaded
+    assert (lazy.weights_hash, lazy.precision) == (eager.weights_hash, "fp32")
+    assert Encoder.built == built
+    assert lazy.cfg.dim == eager.cfg.dim and Encoder.built == built
+    assert lazy.dtype is not None and Encoder.built == built + 1  # built by this first use
+
+
+@pytest.mark.parametrize("content", ["", "[1, 2]", "{not json"])
+def test_an_unreadable_hash_file_only_costs_a_load(tmp_path: Path, content: str) -> None:
+    hashes = tmp_path / "h.json"
+    hashes.write_text(content)
+    enc = load_encoder("dinov2-tiny-random", device="cpu", hashes=hashes, lazy=True)
+    assert not isinstance(enc, LoadingEncoder)
+    assert json.loads(hashes.read_text()) != {}
