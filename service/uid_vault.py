@@ -1,5 +1,6 @@
-"""The UID vault (opt-in): each stored series' original Study, Series and SOP Instance UIDs,
-encrypted at rest, so that similar cases can be named to a PACS in a Key Object Selection
+"""The UID vault (opt-in): each stored series' original Study, Series and SOP Instance UIDs
+(and its Patient ID, so that a PACS files the document under the right patient), encrypted
+at rest, so that similar cases can be named to a PACS in a Key Object Selection
 document (:func:`kos_document`) while the store and the index hold pseudonyms only.
 
 The key comes from the settings (``RADCACHE_UID_VAULT_KEY``, like the pseudonym secret)
@@ -41,7 +42,7 @@ __all__ = [
 
 _NONCE = 12  # bytes: AES-GCM's standard nonce, random per seal
 _INFO = b"radcache uid vault v1"
-_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID")
+_TAGS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "PatientID")
 
 
 class VaultRow(Base):
@@ -56,19 +57,20 @@ class VaultRow(Base):
 @dataclass
 class OriginalUids:
     """The original UIDs of one series: its study, itself and its instances
-    (SOP Class UID, SOP Instance UID)."""
+    (SOP Class UID, SOP Instance UID), and the original Patient ID ("" when unknown)."""
 
     study: str
     series: str
     instances: list[tuple[str, str]] = field(default_factory=list)
+    patient_id: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps([self.study, self.series, self.instances]).encode()
+        return json.dumps([self.study, self.series, self.instances, self.patient_id]).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> OriginalUids:
-        study, series, instances = json.loads(raw)
-        return cls(study, series, [(str(c), str(i)) for c, i in instances])
+        study, series, instances, *patient = json.loads(raw)  # rows sealed before: no ID
+        return cls(study, series, [(str(c), str(i)) for c, i in instances], *patient)
 
 
 def read_originals(upload: Path, pseudo: Pseudonymizer) -> dict[tuple[str, str], OriginalUids]:
@@ -89,7 +91,7 @@ def read_originals(upload: Path, pseudo: Pseudonymizer) -> dict[tuple[str, str],
         if not (study and series and sop and cls):
             continue
         names = (pseudo.name("study", study), pseudo.name("series", series))
-        uids = out.setdefault(names, OriginalUids(study, series))
+        uids = out.setdefault(names, OriginalUids(study, series, [], str(ds.get("PatientID", ""))))
         if (cls, sop) not in uids.instances:
             uids.instances.append((cls, sop))
     return out
@@ -172,8 +174,9 @@ class UidVault:
 
 
 def kos_document(query: OriginalUids, similar: list[OriginalUids], description: str) -> bytes:
-    """A Key Object Selection document (highdicom) in ``query``'s study that references
-    every instance of the ``similar`` series, as Part 10 bytes."""
+    """A Key Object Selection document (highdicom) in ``query``'s study, under its original
+    Patient ID (no other patient attribute), that references every instance of the
+    ``similar`` series, as Part 10 bytes."""
     from io import BytesIO
 
     import highdicom as hd
@@ -185,7 +188,8 @@ def kos_document(query: OriginalUids, similar: list[OriginalUids], description: 
         ds = Dataset()
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPClassUID, ds.SOPInstanceUID = cls, sop
-        ds.PatientID, ds.PatientName, ds.PatientBirthDate, ds.PatientSex = "", "", "", ""
+        ds.PatientID, ds.PatientName = query.patient_id, ""
+        ds.PatientBirthDate, ds.PatientSex = "", ""
         ds.StudyID, ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "", "", "", ""
         ds.ReferringPhysicianName = ""
         ds.Rows = ds.Columns = 0  # marks an image: referenced as IMAGE content items

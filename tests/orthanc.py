@@ -1,5 +1,5 @@
 """A throwaway Orthanc with its DICOMweb plugin on loopback, for tests that make it push to
-radcache over STOW-RS.
+radcache over STOW-RS or C-STORE, and receive a Key Object Selection document back.
 
 Orthanc and the plugin come from Debian (``apt-get install orthanc orthanc-dicomweb``).
 Without them the tests that need them skip, except under CI=true, where they fail:
@@ -78,21 +78,37 @@ def dicomweb_server(url: str, *, username: str = "", password: str = "") -> dict
     return entry
 
 
-def _config(root: Path, install: OrthancInstall, servers: dict[str, dict[str, Any]]) -> Path:
+def dicom_modality(ae: str, port: int, host: str = "127.0.0.1") -> dict[str, Any]:
+    """A ``DicomModalities`` entry: Orthanc sends to ``ae`` at ``host:port`` and accepts
+    C-STORE from that AE title at that host only (nothing else may store)."""
+    return {"AET": ae, "Host": host, "Port": port, "AllowStore": True}
+
+
+def _config(
+    root: Path,
+    install: OrthancInstall,
+    servers: dict[str, dict[str, Any]],
+    modalities: dict[str, dict[str, Any]],
+    dicom_port: int | None,
+) -> Path:
     http_port = free_port()
-    dicom_port = free_port()
-    while dicom_port == http_port:
+    while dicom_port in (None, http_port):
         dicom_port = free_port()
     config = {
         "Name": "radcache-test",
         "StorageDirectory": str(root / "storage"),
         "IndexDirectory": str(root / "storage"),
         "HttpPort": http_port,
-        # Orthanc's DICOM listener cannot be bound to loopback and these tests speak
-        # DICOMweb only, so it stays off; its port is still a free one, never 4242.
-        "DicomServerEnabled": False,
+        # Orthanc 1.10's DICOM listener cannot be bound to loopback: it is on only when
+        # asked for, on a free port (never 4242), storing from the listed modalities only
+        # (AE title and host checked), and answering nothing else.
+        "DicomServerEnabled": bool(modalities),
         "DicomPort": dicom_port,
-        "DicomAet": "RADCACHETEST",
+        "DicomAet": "ORTHANC",
+        "DicomModalities": modalities,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowStore": False,
+        "DicomCheckModalityHost": True,
         "RemoteAccessAllowed": False,  # loopback only, so its own REST needs no password
         "AuthenticationEnabled": False,
         "SaveJobs": False,
@@ -107,12 +123,19 @@ def _config(root: Path, install: OrthancInstall, servers: dict[str, dict[str, An
 
 
 @contextlib.contextmanager
-def running_orthanc(root: Path, servers: dict[str, dict[str, Any]]) -> Iterator[str]:
+def running_orthanc(
+    root: Path,
+    servers: dict[str, dict[str, Any]],
+    modalities: dict[str, dict[str, Any]] | None = None,
+    dicom_port: int | None = None,
+) -> Iterator[str]:
     """Start Orthanc (storage, config and log under ``root``) knowing the DICOMweb
-    ``servers``; wait until ``/system`` answers. Yields its base URL."""
+    ``servers`` and the DICOM ``modalities`` (:func:`dicom_modality`; with any, its DICOM
+    listener is on at ``dicom_port``, AE title ORTHANC); wait until ``/system`` answers.
+    Yields its base URL."""
     install = require_orthanc()
     root.mkdir(parents=True, exist_ok=True)
-    config = _config(root, install, servers)
+    config = _config(root, install, servers, modalities or {}, dicom_port)
     url = f"http://127.0.0.1:{json.loads(config.read_text())['HttpPort']}"
     log = root / "orthanc.log"
     with log.open("a") as out:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 from rich.table import Table
 
-from ._common import API_KEY, URL, api_fail, fit_table, id_width, out, service_access
+from ._common import API_KEY, URL, api_fail, fit_table, id_width, out, service_access, settings
 
 if TYPE_CHECKING:
     from radcache.clients.schemas import QueryResult, SearchHit
@@ -31,6 +31,19 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
         except ValueError:
             out[key] = value
     return out
+
+
+def _send(document: bytes, destination: str) -> None:
+    """C-STORE ``document`` to ``destination`` (AE@HOST:PORT); a refusal is a usage error."""
+    from radcache.embeddings.errors import ConfigError
+    from radcache.service.dicom.send import parse_destination, send
+
+    try:
+        ae, host, port = parse_destination(destination)
+        send(document, host, port, ae, calling_ae=settings().ae_title)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"sent it to {destination}")
 
 
 @click.command()
@@ -66,6 +79,11 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
     type=click.Path(dir_okay=False, writable=True),
     help="Write the hits as a DICOM Key Object Selection document (needs the UID vault).",
 )
+@click.option(
+    "--send-to",
+    metavar="AE@HOST:PORT",
+    help="With --kos: also C-STORE the document there, calling as RADCACHE_AE_TITLE.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
     files: Sequence[str],
@@ -89,11 +107,13 @@ def search(
     url: str | None,
     api_key: str | None,
     kos: str | None,
+    send_to: str | None,
     as_json: bool,
 ) -> None:
     """Similar cases from a running service: `radcache search --series ID -k 10`, or
     `radcache search FILE -k 10` (the file is embedded on the fly, not stored); `--kos
-    OUT.dcm` writes them as a Key Object Selection document a DICOM viewer shows."""
+    OUT.dcm` writes them as a Key Object Selection document a DICOM viewer shows, and
+    `--send-to AE@HOST:PORT` sends it to a PACS by C-STORE."""
     import httpx
 
     from radcache.clients import RadcacheAPIError, RadcacheClient
@@ -103,6 +123,8 @@ def search(
         raise click.UsageError("give FILES, or one of --series, --study or --entry.")
     if kos and files:
         raise click.UsageError("--kos takes a cached query (--series, --study or --entry).")
+    if send_to and not kos:
+        raise click.UsageError("--send-to sends the --kos document: give --kos OUT.dcm too.")
     fields: dict[str, Any] = {
         "series": series,
         "study": study,
@@ -127,8 +149,11 @@ def search(
         url, key = service_access(url, api_key)
         with RadcacheClient(url, api_key=key) as rc:
             if kos:
-                Path(kos).write_bytes(rc.search_kos(**fields))
+                document = rc.search_kos(**fields)
+                Path(kos).write_bytes(document)
                 click.echo(f"wrote {kos}")
+                if send_to:
+                    _send(document, send_to)
                 return
             found = rc.search(list(files) or None, **fields)
     except (RadcacheAPIError, httpx.HTTPError) as exc:
