@@ -10,18 +10,22 @@ from __future__ import annotations
 import json
 import logging
 import os
+import platform
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
-import torch
 import xxhash
 
 from .errors import ConfigError, ModelError
-from .models import ModelCfg, load_backbone, resolve_backbone, weights_identity
+from .models import ModelCfg, plain_cfg, weights_identity
+
+if TYPE_CHECKING:  # torch loads with the first model (a cached re-run imports none)
+    import torch
 
 __all__ = [
     "Device",
@@ -37,10 +41,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 Device = Literal["auto", "cpu", "cuda"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _dtype(precision: str) -> torch.dtype:
+    import torch
+
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    dtype: torch.dtype = getattr(torch, names[precision])
+    return dtype
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
@@ -54,6 +68,8 @@ def resolve_device(device: str) -> torch.device:
 
 def cpu_has_fast_bf16() -> bool:
     """True when oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX)."""
+    import torch
+
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
@@ -61,7 +77,9 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in ("auto", *_DTYPES):
+    import torch
+
+    if precision not in ("auto", *_PRECISIONS):
         raise ConfigError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16.")
     if precision != "auto":
         return precision
@@ -90,6 +108,8 @@ def weights_hash(model: torch.nn.Module) -> str:
 
     A model whose outputs changed for the same weights declares an ``output_version``
     (MM-DINOv2 does); it is hashed too, so its cache keys and spaces change with it."""
+    import torch
+
     h = xxhash.xxh3_128()
     version = getattr(model, "output_version", None)
     if version is not None:
@@ -120,7 +140,7 @@ class Encoder:
         self.cfg = cfg
         self.device = device
         self.precision = precision
-        self.dtype = _DTYPES[precision]
+        self.dtype = _dtype(precision)
         self.weights_hash = weights_hash(model)  # of the weights as loaded, before any cast
         Encoder.built += 1
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
@@ -145,6 +165,8 @@ class Encoder:
 
     def forward(self, pixels: torch.Tensor, *, last_n: int = 0) -> tuple[torch.Tensor, ...]:
         """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
+        import torch
+
         x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         caught: list[torch.Tensor] = []
         self._capture.caught, self._capture.last_n = (caught if last_n > 0 else None), last_n
@@ -185,6 +207,8 @@ class Encoder:
         With ``on_batch``, each batch's outputs are handed over as they come (row offset,
         outputs) and patch grids are not kept in memory: a consumer streams them away.
         """
+        import torch
+
         cls_l, mean_l, patch_l, last_l = [], [], [], []
         start = 0
         for pixels in batches:
@@ -224,6 +248,8 @@ class MMEncoder(Encoder):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, S, 3, H, W)`` pixels and ``(B, S)`` presence → CLS ``(B, D)`` and patch
         grids ``(B, S, h, w, D)``."""
+        import torch
+
         x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
         with torch.inference_mode():
             out = self.model(x, present.to(self.device))
@@ -259,9 +285,19 @@ def load_encoder(
     (files' path, size, mtime); a loaded model's hash is written there. With ``lazy`` and
     the hash remembered, the encoder returned knows ``cfg``, ``weights_hash``,
     ``precision`` and ``device`` (all a cache key needs) and loads the weights only when
-    something else is asked of it: answering cache hits costs no model load."""
+    something else is asked of it: answering cache hits costs no model load. Where the
+    device and precision this machine resolves ``auto`` to are remembered too (they are,
+    once a model has loaded here), it is returned without importing torch."""
+    if hashes is not None and lazy and not background:
+        recalled = _recall(spec, device, precision, hashes, cache_dir, offline)
+        if recalled is not None:
+            return recalled
+    from .models import load_backbone, resolve_backbone
+
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
+    if hashes is not None:
+        _Placement(hashes, device, precision).remember(str(dev), prec)
     if background or hashes is not None:
         resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
         if resolved is not None and not resolved[0].multi_sequence:
@@ -280,11 +316,40 @@ def load_encoder(
 
             known = memo.recall() if memo is not None and (lazy or background) else None
             if background or known is not None:
-                key = None if known is None else (known, prec, dev)
+                key = None if known is None else (known, prec, str(dev))
                 return cast(Encoder, LoadingEncoder(cfg, make, start=background, key=key))
             return make()
     cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
     return _ready((MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec))
+
+
+def _recall(
+    spec: str,
+    device: str,
+    precision: str,
+    hashes: Path,
+    cache_dir: str | None,
+    offline: bool | None,
+) -> Encoder | None:
+    """A :class:`LoadingEncoder` of ``spec`` not started, from what ``hashes`` remembers
+    (weights hash; device and precision for ``auto``), without importing torch or
+    transformers; None where something is not remembered (or ``spec`` is MM-DINOv2)."""
+    cfg = plain_cfg(spec, cache_dir=cache_dir, offline=offline)
+    if cfg is None:
+        return None
+    placed = _Placement(hashes, device, precision).recall()
+    identity = weights_identity(spec, cfg, cache_dir=cache_dir, offline=offline)
+    known = _HashMemo(hashes, identity).recall()
+    if placed is None or known is None:
+        return None
+    dev, prec = placed
+
+    def build() -> Encoder:
+        return load_encoder(
+            spec, device=dev, precision=prec, cache_dir=cache_dir, offline=offline, hashes=hashes
+        )
+
+    return cast(Encoder, LoadingEncoder(cfg, build, start=False, key=(known, prec, dev)))
 
 
 def _ready(enc: Encoder) -> Encoder:
@@ -324,6 +389,31 @@ class _HashMemo:
             log.warning("could not remember the weights hash in %s: %s", self.path, exc)
 
 
+class _Placement:
+    """The device and precision ``device``/``precision`` resolve to on this machine, as
+    remembered in the weights-hash file: what ``auto`` gives depends on the host, the
+    torch build and the GPUs visible, so those name the entry. Explicit ``cpu`` with an
+    explicit precision needs no memory."""
+
+    def __init__(self, hashes: Path, device: str, precision: str) -> None:
+        self.asked = (device, precision)
+        gpus = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        host = f"{platform.node()} torch {version('torch')} gpus {gpus} visible {visible}"
+        self.memo = _HashMemo(hashes, f"placement {device} {precision} on {host}")
+
+    def recall(self) -> tuple[str, str] | None:
+        device, precision = self.asked
+        if device == "cpu" and precision in _PRECISIONS:
+            return device, precision
+        dev, _, prec = (self.memo.recall() or "").partition(" ")
+        return (dev, prec) if dev in ("cpu", "cuda") and prec in _PRECISIONS else None
+
+    def remember(self, device: str, precision: str) -> None:
+        if self.asked != ("cpu", precision):
+            self.memo.remember(f"{device} {precision}")
+
+
 class LoadingEncoder:
     """An :class:`Encoder` whose weights are being built on a thread of its own: ``cfg``
     at once, every other attribute once they are (an error of the build is raised by each
@@ -333,7 +423,6 @@ class LoadingEncoder:
 
     weights_hash: str
     precision: str
-    device: torch.device
 
     def __init__(
         self,
@@ -341,11 +430,12 @@ class LoadingEncoder:
         build: Callable[[], Encoder],
         *,
         start: bool = True,
-        key: tuple[str, str, torch.device] | None = None,
+        key: tuple[str, str, str] | None = None,
     ) -> None:
         self.cfg = cfg
+        self._device: str | None = None
         if key is not None:
-            self.weights_hash, self.precision, self.device = key
+            self.weights_hash, self.precision, self._device = key
         self._built: Encoder | None = None
         self._error: BaseException | None = None
         self._done = threading.Event()
@@ -371,6 +461,15 @@ class LoadingEncoder:
             log.error("the model %s could not be loaded: %s", self.cfg.label, exc)
         finally:
             self._done.set()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (known at once with ``key``; torch is imported to say it)."""
+        if self._device is None:
+            return self.wait().device
+        import torch
+
+        return torch.device(self._device)
 
     @property
     def loaded(self) -> bool:

@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -28,8 +28,6 @@ from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, InvalidFieldError, RadcacheError
 from .ingest import Candidate, InputItem, Limits, dicom_among, expand, scan, sniff
-from .multiseq import Fusion, embed_study
-from .preprocess import prepare
 from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import (
@@ -52,6 +50,9 @@ from .store import (
     space_id,
 )
 from .volume import Volume
+
+if TYPE_CHECKING:  # torch loads with them, at the first volume to encode
+    from .multiseq import Fusion
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "__version__"]
 
@@ -219,6 +220,8 @@ class Pipeline:
         fusion of per-sequence CLS tokens. ``mapping`` names sequences by series or file
         name; the rest are guessed (:mod:`.sequences`). ``refs`` name the patient and study
         of NIfTI sequences (as for :meth:`embed`). See :mod:`.multiseq`."""
+        from .multiseq import embed_study
+
         inputs = list(inputs)
         self.check_refs(inputs, refs)
         return embed_study(
@@ -252,6 +255,8 @@ class Pipeline:
                     cls = self.store.read(key, "cls")
                     out.append(Transient(key, space, meta, self.store.read(key, "pooled"), cls))
                     continue
+                from .preprocess import prepare
+
                 prepared = prepare(volume, recipe, self.encoder.cfg)
                 emb = self.encoder.encode(
                     prepared.batches(self.batch_size), patch_tokens=False, last_n=0
@@ -450,6 +455,8 @@ class Pipeline:
         self, volume: Volume, key: str, recipe: Recipe, progress: Progress | None
     ) -> EntryInfo:
         """Encode ``volume`` and store it under ``key``, patch grids streamed as they come."""
+        from .preprocess import prepare
+
         prepared = prepare(volume, recipe, self.encoder.cfg)
         n, d, (h, w) = prepared.n, self.encoder.cfg.dim, prepared.grid
         layout: dict[str, tuple[tuple[int, ...], Any]] = {

@@ -4,6 +4,10 @@ model: the weights hash is remembered by the checkpoint's identity."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, cast
 
@@ -15,12 +19,27 @@ from radcache.service.cli import main
 from tests.dicomgen import phantom, write_nifti, write_series
 
 
+def _args(store: Path, *inputs: Path) -> list[str]:
+    return ["embed", *map(str, inputs), "--model", "dinov2-tiny-random", "--store", str(store)]
+
+
 def _embed(store: Path, hashes: Path, *inputs: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
-    args = ["embed", *map(str, inputs), "--model", "dinov2-tiny-random", "--store", str(store)]
     env = {"RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
-    r = CliRunner().invoke(main, [*args, *extra, "--json"], env=env)
+    r = CliRunner().invoke(main, [*_args(store, *inputs), *extra, "--json"], env=env)
     assert r.exit_code == 0, r.output
     return dict(json.loads(r.stdout))
+
+
+# The CLI in a fresh interpreter: what a cached re-run imports (torch is what costs).
+_RERUN = """import sys
+from radcache.service.cli import main
+try:
+    main(sys.argv[1:])
+except SystemExit as exit:
+    assert exit.code == 0, exit.code
+heavy = sorted({"torch", "transformers"} & set(sys.modules))
+assert not heavy, f"a cached re-run imported {heavy}"
+"""
 
 
 def test_a_cached_rerun_loads_no_model_and_a_miss_still_does(tmp_path: Path) -> None:
@@ -32,12 +51,18 @@ def test_a_cached_rerun_loads_no_model_and_a_miss_still_does(tmp_path: Path) -> 
     built = Encoder.built
     first = _embed(store, hashes, tmp_path / "ct")
     assert Encoder.built == built + 1 and {s["cache"] for s in first["series"]} == {"miss"}
-    assert len(json.loads(hashes.read_text())) == 1  # remembered once loaded
+    remembered = json.loads(hashes.read_text()).values()  # once loaded: and where auto runs
+    assert len([v for v in remembered if re.fullmatch("[0-9a-f]{32}", v)]) == 1
 
     again = _embed(store, hashes, tmp_path / "ct")  # recognised by file digests
     assert Encoder.built == built + 1, "a fully cached re-run loaded the model"
     assert [s["cache"] for s in again["series"]] == ["hit"]
     assert again["series"][0]["entry"] == first["series"][0]["entry"]
+    env = {**os.environ, "RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
+    cmd = [sys.executable, "-c", _RERUN, *_args(store, tmp_path / "ct"), "--json"]
+    fresh = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert fresh.returncode == 0, fresh.stderr
+    assert json.loads(fresh.stdout)["series"][0]["cache"] == "hit"
 
     new = _embed(store, hashes, nifti[0], extra=nifti[1])  # a miss: the model loads now
     assert Encoder.built == built + 2 and [s["cache"] for s in new["series"]] == ["miss"]

@@ -7,10 +7,18 @@ itself; its model in ``_mm_model``, its checkpoints in ``_mm_checkpoint``).
 
 from typing import TYPE_CHECKING, Any
 
-from ._loader import build_random, weights_identity
+from ._loader import build_random, plain_cfg, weights_identity
 from ._registry import DEFAULT_MODEL, REGISTRY, ModelCfg, get_cfg
 
-__all__ = ["DEFAULT_MODEL", "REGISTRY", "ModelCfg", "build_random", "get_cfg", "weights_identity"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "REGISTRY",
+    "ModelCfg",
+    "build_random",
+    "get_cfg",
+    "plain_cfg",
+    "weights_identity",
+]
 
 # Names that need torch load on first use (PEP 562), so the registry above stays importable
 # without torch. ``load_backbone`` and ``resolve_backbone`` are among them: reaching them

@@ -13,7 +13,7 @@ from typing import Any
 from ..errors import ModelError
 from ._registry import IMAGENET_MEAN, IMAGENET_STD, ModelCfg
 
-__all__ = ["read_config"]
+__all__ = ["is_mm_checkpoint", "read_config"]
 
 _SUPPORTED_TYPES = {"dinov2": "dinov2", "dinov2_with_registers": "dinov2-reg"}
 
@@ -65,6 +65,14 @@ def read_config(path: Path, expected: str) -> dict[str, Any]:
             f"{path} has no readable config.json ({exc}); expected {expected}."
         ) from exc
     return config
+
+
+def is_mm_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is an MM-DINOv2 directory (its ``config.json`` has ``mm_dinov2``)."""
+    try:
+        return "mm_dinov2" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def _cfg_from_checkpoint(path: Path, base: ModelCfg | None) -> ModelCfg:

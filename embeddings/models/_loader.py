@@ -22,12 +22,13 @@ if TYPE_CHECKING:
     import torch
 
 from ..errors import ModelError, ModelUnavailableError
-from ._config import _SUPPORTED_TYPES, _cfg_from_checkpoint, _hf_config
+from ._config import _SUPPORTED_TYPES, _cfg_from_checkpoint, _hf_config, is_mm_checkpoint
 from ._registry import REGISTRY, ModelCfg, get_cfg
 
 __all__ = [
     "build_random",
     "load_backbone",
+    "plain_cfg",
     "quiet_progress",
     "register_arch_loader",
     "register_dir_loader",
@@ -121,6 +122,7 @@ def _resolve_hub(hf_id: str, cache_dir: str | None, offline: bool) -> Path:
                 f"not in the local cache ({type(cached_exc).__name__}), "
                 "and downloads are off (offline mode)",
             ) from cached_exc
+    quiet_progress()  # before a download
     try:
         return Path(snapshot_download(hf_id, cache_dir=cache_dir, allow_patterns=patterns))
     except Exception as exc:
@@ -205,22 +207,18 @@ def quiet_progress() -> None:
             enable_progress_bars()
 
 
-def resolve_backbone(
+def plain_cfg(
     spec: str, *, cache_dir: str | None = None, offline: bool | None = None
-) -> tuple[ModelCfg, Callable[[], torch.nn.Module]] | None:
-    """The config of ``spec`` and how to build its module, where the config is known
-    without building it: registry entries with random weights or Hugging Face weights (found
-    in the cache, or downloaded, here), plain DINOv2 checkpoint directories. None for the
-    kinds registered loaders build (MM-DINOv2): :func:`load_backbone` loads those.
-    Third-party progress bars go first (:func:`quiet_progress`)."""
-    quiet_progress()
+) -> ModelCfg | None:
+    """The config of ``spec`` where it is a plain DINOv2 (registry entry, checkpoint
+    directory), read without torch or transformers (Hugging Face weights are found in the
+    cache, or downloaded, here). None for the kinds registered loaders build (MM-DINOv2)."""
     path = Path(spec).expanduser()
     if spec not in REGISTRY and path.is_dir():
-        if any(is_mine(path) for is_mine, _ in _DIR_LOADERS.values()):
-            return None
-        return _cfg_from_checkpoint(path, None), lambda: _strict_load(path)
+        claimed = any(is_mine(path) for is_mine, _ in _DIR_LOADERS.values())
+        return None if claimed or is_mm_checkpoint(path) else _cfg_from_checkpoint(path, None)
     cfg = get_cfg(spec)
-    if cfg.arch in _ARCH_LOADERS:
+    if cfg.multi_sequence or cfg.arch in _ARCH_LOADERS:
         return None
     if cfg.arch not in _SUPPORTED_TYPES.values():
         raise ModelError(
@@ -228,8 +226,27 @@ def resolve_backbone(
             "radcache.embeddings.models.load_backbone, which registers every architecture."
         )
     if cfg.random_weights:
+        return cfg
+    assert cfg.hf_id is not None
+    return _cfg_from_checkpoint(_resolve_hub(cfg.hf_id, cache_dir, _offline(offline)), cfg)
+
+
+def resolve_backbone(
+    spec: str, *, cache_dir: str | None = None, offline: bool | None = None
+) -> tuple[ModelCfg, Callable[[], torch.nn.Module]] | None:
+    """The config of ``spec`` and how to build its module, where the config is known
+    without building it (:func:`plain_cfg`). None for the kinds registered loaders build
+    (MM-DINOv2): :func:`load_backbone` loads those. Third-party progress bars go first
+    (:func:`quiet_progress`)."""
+    quiet_progress()
+    cfg = plain_cfg(spec, cache_dir=cache_dir, offline=offline)
+    if cfg is None:
+        return None
+    path = Path(spec).expanduser()
+    if spec not in REGISTRY and path.is_dir():
+        return cfg, lambda: _strict_load(path)
+    if cfg.random_weights:
         return cfg, lambda: build_random(cfg)
     assert cfg.hf_id is not None
-    local = _resolve_hub(cfg.hf_id, cache_dir, _offline(offline))
-    hub_cfg = _cfg_from_checkpoint(local, cfg)
-    return hub_cfg, lambda: _as_released(hub_cfg, _strict_load(local))
+    local = _resolve_hub(cfg.hf_id, cache_dir, _offline(offline))  # found in the cache now
+    return cfg, lambda: _as_released(cfg, _strict_load(local))

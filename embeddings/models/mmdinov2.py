@@ -14,11 +14,10 @@ radcache runs the model frozen; training is out of scope.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from ._config import _cfg_from_checkpoint
+from ._config import _cfg_from_checkpoint, is_mm_checkpoint
 from ._loader import RANDOM_SEED, load_backbone, register_arch_loader, register_dir_loader
 from ._mm_checkpoint import (
     CHECKPOINT_PREFIXES,
@@ -48,13 +47,6 @@ __all__ = [
     "save_converted",
     "save_training_checkpoint",
 ]
-
-
-def _is_mm(path: Path) -> bool:
-    try:
-        return "mm_dinov2" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def _mm_fields(cfg: ModelCfg) -> dict[str, Any]:
@@ -90,5 +82,5 @@ def _load_mm_entry(
     return dataclasses.replace(base_cfg, **_mm_fields(cfg)), mm
 
 
-register_dir_loader(_is_mm, _load_mm_dir)
+register_dir_loader(is_mm_checkpoint, _load_mm_dir)
 register_arch_loader("mm-dinov2", _load_mm_entry)
