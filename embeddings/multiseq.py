@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,13 +41,10 @@ from .preprocess import Prepared, prepare
 from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import EmbedReport, Progress, SeriesResult, entry_attrs, series_result
-from .sequences import Study, assemble_study
+from .sequences import FUSIONS, Fusion, Study, assemble_study
 from .store import REF_FIELDS, EmbeddingStore, EntryInfo, space_id
 
 __all__ = ["FUSIONS", "Fusion", "StudyEmbedder", "embed_study"]
-
-Fusion = Literal["mm", "concat", "mean"]
-FUSIONS: tuple[Fusion, ...] = ("mm", "concat", "mean")
 
 
 class StudyEmbedder(Protocol):

@@ -19,7 +19,7 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +39,7 @@ from .results import (
     series_result,
     unknown_modality,
 )
+from .sequences import Fusion
 from .settings import Settings
 from .store import (
     REF_FIELDS,
@@ -50,9 +51,6 @@ from .store import (
     space_id,
 )
 from .volume import Volume
-
-if TYPE_CHECKING:  # torch loads with them, at the first volume to encode
-    from .multiseq import Fusion
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "__version__"]
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -34,14 +34,20 @@ from .errors import InputError
 from .volume import Geometry, Volume
 
 __all__ = [
+    "FUSIONS",
     "SEQUENCES",
     "Decision",
+    "Fusion",
     "Study",
     "assemble_study",
     "description_sequence",
     "guess_sequence",
     "resample_onto",
 ]
+
+#: How a study's sequences become one embedding (:mod:`.multiseq`).
+Fusion = Literal["mm", "concat", "mean"]
+FUSIONS: tuple[Fusion, ...] = ("mm", "concat", "mean")
 
 SEQUENCES = ("t1", "t1c", "t2", "flair")
 
