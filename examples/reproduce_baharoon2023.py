@@ -57,12 +57,15 @@ from radcache.embeddings.probes import (
     Features,
     Kind,
     Method,
+    ci_cell,
     column_split,
     features,
     fewshot,
     knn,
     linear,
+    md_table,
     overlays,
+    pm_cell,
     seg,
     seg_data,
     write_report,
@@ -245,28 +248,6 @@ def random_note(encoder: Encoder) -> str | None:
     return None
 
 
-def _ci(cell: Mapping[str, Any] | float | None) -> str:
-    """``value [low, high]``, or a bare figure."""
-    if not isinstance(cell, Mapping):
-        return f"{cell:.3f}" if cell is not None and np.isfinite(cell) else "n/a"
-    if not np.isfinite(cell.get("value", np.nan)):
-        return "n/a"
-    lo, hi = cell.get("low", np.nan), cell.get("high", np.nan)
-    bounds = f" [{lo:.3f}, {hi:.3f}]" if np.isfinite(lo) and np.isfinite(hi) else ""
-    return f"{cell['value']:.3f}{bounds}"
-
-
-def _pm(cell: Mapping[str, Any] | None) -> str:
-    if not cell or not np.isfinite(cell.get("mean", np.nan)):
-        return "n/a"
-    return f"{cell['mean']:.3f} ± {cell['std']:.3f}"
-
-
-def _rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = [header, ["---"] * len(header), *rows]
-    return "\n".join("| " + " | ".join(r) + " |" for r in lines)
-
-
 CLASSIFY_METRICS = (("accuracy", "accuracy"), ("macro_auroc", "AUROC"))
 MULTILABEL_METRICS = (("macro_auroc", "macro AUROC"), ("mean_ap", "mAP"))
 
@@ -284,27 +265,27 @@ def paper_table(
         fg = [str(c) for c in result["classes"][1:]]
         per = result.get("dice_per_class") or {}
         header = ["Model", f"{dataset} Dice", *(f"{c} Dice" for c in fg)]
-        row = [model, _ci(result.get("dice")), *(_ci(per.get(c)) for c in fg)]
+        row = [model, ci_cell(result.get("dice")), *(ci_cell(per.get(c)) for c in fg)]
         note = f"learning rate {result.get('lr')} chosen on the validation slices"
-        return f"{_rows(header, [row])}\n\nDice pooled over the test pixels; {note}."
+        return f"{md_table(header, [row])}\n\nDice pooled over the test pixels; {note}."
     if protocol == "fewshot":
         by = result["by_shots"]
         heads = {"kNN (k = n)": "knn k={n}", "linear": "linear"}
         names = [f"{dataset} {h} {name}" for h in heads for _, name in metrics]
         rows = [
-            [model, n, *(_pm(by[n].get(h.format(n=n), {}).get(m)) for h in heads.values()
+            [model, n, *(pm_cell(by[n].get(h.format(n=n), {}).get(m)) for h in heads.values()
                          for m, _ in metrics)]
             for n in by
         ]  # fmt: skip
         return (
-            f"{_rows(['Model', 'shots', *names], rows)}\n\nn rows per class for kNN, mean ± "
+            f"{md_table(['Model', 'shots', *names], rows)}\n\nn rows per class for kNN, mean ± "
             "std over the draws; n rows in total for the linear head, one draw (std 0). "
             "kNN at other k ≤ n: the report above and result.json."
         )
     header = ["Model", *(f"{dataset} {name}" for _, name in metrics)]
-    row = [model, *(_ci(result["test"].get(m)) for m, _ in metrics)]
+    row = [model, *(ci_cell(result["test"].get(m)) for m, _ in metrics)]
     return (
-        f"{_rows(header, [row])}\n\nTest split, 95 % bootstrap intervals; "
+        f"{md_table(header, [row])}\n\nTest split, 95 % bootstrap intervals; "
         f"{chosen_setting(result)}, chosen by "
         f"{result.get('selected_by', 'the validation split')}."
     )

@@ -33,13 +33,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from sqlalchemy import DateTime, String, or_, select
+from sqlalchemy import String, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
 from radcache.embeddings.errors import InvalidFieldError, NotFoundError, UnauthenticatedError
 
-from .jobs import Base, JobStore
+from .jobs import Base, JobStore, UtcDateTime
 
 __all__ = [
     "CACHE_S",
@@ -68,13 +68,6 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _utc(value: dt.datetime | None) -> dt.datetime | None:
-    """A database time as aware UTC (SQLite gives back naive times; they were written UTC)."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=dt.UTC)
-
-
 class ApiKeyRow(Base):
     __tablename__ = "api_keys"
 
@@ -83,10 +76,10 @@ class ApiKeyRow(Base):
     scopes: Mapped[str] = mapped_column(String(100))  # comma-joined
     salt: Mapped[str] = mapped_column(String(32))  # hex of 16 random bytes
     digest: Mapped[str] = mapped_column(String(64))  # hex of HMAC-SHA256(salt, token)
-    created: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True))
-    last_used: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    expires: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    revoked: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created: Mapped[dt.datetime] = mapped_column(UtcDateTime())
+    last_used: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    expires: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    revoked: Mapped[dt.datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 @dataclass(frozen=True)
@@ -133,10 +126,10 @@ class KeyInfo:
             prefix=row.prefix,
             tenant=row.tenant,
             scopes=tuple(s for s in row.scopes.split(",") if s),
-            created=_utc(row.created) or row.created,
-            last_used=_utc(row.last_used),
-            expires=_utc(row.expires),
-            revoked=_utc(row.revoked),
+            created=row.created,
+            last_used=row.last_used,
+            expires=row.expires,
+            revoked=row.revoked,
         )
 
 

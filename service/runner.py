@@ -273,11 +273,11 @@ def _without_refs(options: dict[str, Any] | None) -> dict[str, Any]:
 
 def _uploaded_names(upload: Path, mapping: dict[str, str] | None) -> dict[str, str] | None:
     """A sequence mapping by the client's file names, extended to the names the upload's
-    files were saved under (``00003-flair.nii.gz``)."""
+    files were saved under (``00003-flair.nii.gz``: :func:`.uploads.client_names`)."""
     if not mapping:
         return mapping
-    saved = {p.name: p.name.split("-", 1)[-1] for p in upload.iterdir()} if upload.is_dir() else {}
-    return {**mapping, **{name: mapping[orig] for name, orig in saved.items() if orig in mapping}}
+    sent = {saved: Path(name).name for saved, name in client_names(upload).items()}
+    return {**mapping, **{saved: mapping[name] for saved, name in sent.items() if name in mapping}}
 
 
 def _space(store: EmbeddingStore, key: str) -> str:

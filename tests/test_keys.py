@@ -278,7 +278,7 @@ def test_last_used_is_written_at_most_once_a_minute(ks: KeyStore, jobs: JobStore
     old = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=61)
     _set(jobs, info.prefix, last_used=old)
     KeyStore(jobs).verify(token)
-    later = keys_module._utc(_row(jobs, info.prefix).last_used)
+    later = _row(jobs, info.prefix).last_used  # aware UTC: the column type makes it so
     assert later is not None and later > old + dt.timedelta(seconds=60)
     assert ks.list()[0].last_used == later
 

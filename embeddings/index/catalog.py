@@ -262,6 +262,12 @@ class Catalog:
             self._columns = (self.version, cols)
         return self._columns[1]
 
+    def modalities(self, tenant: str | None = None) -> list[str]:
+        """The modalities of the live entries (``tenant``'s alone when given), from the
+        filter columns and mask searches use (cached per version: no walk per call)."""
+        live = self.mask("series", Filters(tenant=tenant))
+        return sorted(set(self._cols()["modality"][: live.size][live].tolist()) - {""})
+
     def mask(self, level: Level, filters: Filters) -> np.ndarray:
         """Bool mask over the level's ids: live and passing ``filters`` (cached per version)."""
         base = filters.without_exclusions()

@@ -174,8 +174,7 @@ class SpaceIndex:
         (nothing that another tenant's data changes: memory, training, tombstones)."""
         cat = self.catalog
         mine = None if tenant is None else cat.ordinals("tenant", tenant)
-        recs = cat.records if mine is None else [cat.record(o) for o in mine]
-        mods = sorted({r.modality.upper() for r in recs if r is not None and r.modality})
+        mods = cat.modalities(tenant)
         recipe = recipe_summary(self.meta.get("recipe"))
         n = len(cat) if mine is None else len(mine)
         head = {

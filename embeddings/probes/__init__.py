@@ -45,7 +45,7 @@ from .export import export_features, save_json
 from .featureset import KINDS, Features, Kind, Level, features, pool_slices, read_labels
 from .neighbours import SMOOTHING, ml_knn, softmax_knn
 from .protocols import C_GRID, KNN_KS, METHODS, REFERENCE_KINDS, SHOTS, Method, fewshot, knn, linear
-from .report import Overlay, write_report
+from .report import Overlay, ci_cell, md_table, pm_cell, write_report
 from .scoring import Metric, scores, scores_multilabel
 from .sgd import LR_GRID, SGDHead
 from .splits import column_split, hash_split, patient_split, unknown_patients
@@ -95,6 +95,7 @@ __all__ = [
     "SegHead",
     "SegVolume",
     "SliceDataset",
+    "ci_cell",
     "column_split",
     "dice",
     "dice_loss",
@@ -104,9 +105,11 @@ __all__ = [
     "hash_split",
     "knn",
     "linear",
+    "md_table",
     "ml_knn",
     "overlays",
     "patient_split",
+    "pm_cell",
     "pool_slices",
     "pooled_dice",
     "read_labels",

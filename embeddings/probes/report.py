@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from numpy.typing import ArrayLike
 
-__all__ = ["Overlay", "write_report"]
+__all__ = ["Overlay", "ci_cell", "md_table", "pm_cell", "write_report"]
 
 DPI = 110
 SIZE = (5.0, 4.0)
@@ -74,23 +74,25 @@ def _fmt(v: Any) -> str:
     return f"{f:.3f}" if math.isfinite(f) else "n/a"
 
 
-def _ci(cell: Mapping[str, Any] | None) -> str:
-    """A ``{value, low, high}`` cell as ``v [lo, hi]`` (``n/a`` for what is missing)."""
-    cell = cell or {}
+def ci_cell(cell: Mapping[str, Any] | float | None) -> str:
+    """A ``{value, low, high}`` cell (or a bare figure) as ``v [lo, hi]`` (``n/a`` for what
+    is missing)."""
+    cell = cell if isinstance(cell, Mapping) else {"value": cell}
     v = _fmt(cell.get("value"))
     if v == "n/a" or not all(math.isfinite(_num(cell.get(b))) for b in _BOUNDS[1:]):
         return v
     return f"{v} [{_fmt(cell['low'])}, {_fmt(cell['high'])}]"
 
 
-def _pm(cell: Mapping[str, Any] | None) -> str:
+def pm_cell(cell: Mapping[str, Any] | None) -> str:
     """A ``{mean, std}`` cell as ``m ± s``."""
     cell = cell or {}
     m, s = _fmt(cell.get("mean")), _fmt(cell.get("std"))
     return m if "n/a" in (m, s) else f"{m} ± {s}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table."""
     lines = [header, ["---"] * len(header), *rows]
     return "\n".join("| " + " | ".join(r) + " |" for r in lines)
 
@@ -202,7 +204,7 @@ def _knn(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     test = result.get("test") or {}
     metrics = _metrics([test])
     chosen = _num(result.get("k"))
-    table = _table(["metric", "test [95 % CI]"], [[m, _ci(test.get(m))] for m in metrics])
+    table = md_table(["metric", "test [95 % CI]"], [[m, ci_cell(test.get(m))] for m in metrics])
     by_k = _by_number(result.get("val_by_k") or {})
     if not by_k:
         return table, _prediction_plots(result, directory)
@@ -224,7 +226,7 @@ def _knn(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     ax.set_ylabel("validation score")
     _legend(ax)
     plots = [("Validation metrics vs k", _save(fig, directory, "knn_k_sweep.png"))]
-    sweep = _table(["k", *(f"validation {m}" for m in metrics)], rows)
+    sweep = md_table(["k", *(f"validation {m}" for m in metrics)], rows)
     text = f"Chosen k: {chosen:g} ({result.get('selected_by', 'validation')}).\n\n{table}"
     return f"{text}\n\n{sweep}", plots + _prediction_plots(result, directory)
 
@@ -234,7 +236,7 @@ def _fewshot(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     heads = list(dict.fromkeys(h for _, s in by_shots for h in s))
     shown = {"balanced_accuracy": "balanced accuracy", "macro_auroc": "macro AUROC"}
     rows = [
-        [f"{n:g}", h, *(_pm(s.get(h, {}).get(m)) for m in shown)]
+        [f"{n:g}", h, *(pm_cell(s.get(h, {}).get(m)) for m in shown)]
         for n, s in by_shots
         for h in heads
         if h in s or not s
@@ -252,20 +254,22 @@ def _fewshot(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
         _legend(ax)
     fig.suptitle(f"Few-shot: {result.get('label', '')}")
     plots = [("Few-shot curves", _save(fig, directory, "fewshot_curve.png"))]
-    return _table(["shots", "head", *shown.values()], rows), plots
+    return md_table(["shots", "head", *shown.values()], rows), plots
 
 
 def _linear(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     key = next((k for k in result if k.startswith("val_") and k.endswith("_by_c")), None)
     name = "score" if key is None else key[4:-5].replace("_", " ")
     test = result.get("test") or {}
-    table = _table(["metric", "test [95 % CI]"], [[m, _ci(test.get(m))] for m in _metrics([test])])
+    table = md_table(
+        ["metric", "test [95 % CI]"], [[m, ci_cell(test.get(m))] for m in _metrics([test])]
+    )
     grid = next((v for k, v in result.items() if k.endswith("_by_setting")), None)
     if isinstance(result.get("setting"), Mapping) and grid is not None:
         chosen = ", ".join(f"{k} {v}" for k, v in result["setting"].items())
         rows = [[s, _fmt(v)] for s, v in grid.items()]
         metric = (result.get("head") or {}).get("val_metric", "score")
-        sweep = _table(["setting", f"validation {metric}"], rows) if rows else ""
+        sweep = md_table(["setting", f"validation {metric}"], rows) if rows else ""
         text = f"Chosen setting: {chosen} (best validation {metric}).\n\n{table}"
         return f"{text}\n\n{sweep}".rstrip(), _prediction_plots(result, directory)
     c = _num(result.get("c"))
@@ -290,7 +294,7 @@ def _linear(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
 def _seg(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
     d2, d3 = result.get("dice_2d") or {}, result.get("dice_3d") or {}
     names = [str(c) for c in result.get("classes", [])[1:]] or _metrics([d2, d3])
-    rows = [[n, _ci(d2.get(n)), _ci(d3.get(n))] for n in names]
+    rows = [[n, ci_cell(d2.get(n)), ci_cell(d3.get(n))] for n in names]
     fig, ax = _figure()
     x, w = np.arange(len(names)), 0.38
     for shift, label, dice in ((-w / 2, "2D (per slice)", d2), (w / 2, "3D (per volume)", d3)):
@@ -311,16 +315,16 @@ def _seg(result: Mapping[str, Any], directory: Path) -> tuple[str, Plots]:
         ax.grid(alpha=0.3)
         plots.append(("Training loss", _save(fig, directory, "loss.png")))
     header = ["class", "Dice 2D (per slice)", "Dice 3D (per volume)"]
-    table = _table(header, rows)
+    table = md_table(header, rows)
     if isinstance(result.get("dice"), Mapping):  # method baharoon2023: the reference's figure
         by_lr = [[lr, _fmt(v)] for lr, v in (result.get("val_dice") or {}).items()]
         head = (
             f"Dice pooled over the test slices on the model's canvas, macro over the "
-            f"foreground classes (as the reference scores): {_ci(result['dice'])}; learning "
+            f"foreground classes (as the reference scores): {ci_cell(result['dice'])}; learning "
             f"rate {result.get('lr')} chosen on {result.get('n_val_slices', 0)} validation "
             f"slices, retrained on {result.get('trained_on', 'train')}."
         )
-        sweep = _table(["learning rate", "validation Dice"], by_lr) if by_lr else ""
+        sweep = md_table(["learning rate", "validation Dice"], by_lr) if by_lr else ""
         caveats = "\n".join(f"- {c}" for c in result.get("caveats") or ())
         table = "\n\n".join(t for t in (head, sweep, table, caveats) if t)
     return table, plots
