@@ -27,7 +27,7 @@ from ._version import __version__
 from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, SliceEmbeddings
 from .errors import InputError, InvalidFieldError, RadcacheError
-from .ingest import Candidate, InputItem, Limits, dicom_among, expand, scan, sniff
+from .ingest import Candidate, InputItem, Limits, dicom_among, expand, scan, sniff, upload_notes
 from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import (
@@ -334,7 +334,8 @@ class Pipeline:
             return None
         self.store.ensure_indexed(info)
         self.store.add_alias(info.key, refs)
-        return series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
+        notes = upload_notes(rec.get("warnings", ()), cand.resent)
+        return series_result(info, "hit", t0, notes, refs)
 
     def _embed_candidate(self, cand: Candidate, progress: Progress | None) -> SeriesResult:
         volume = cand.load()
@@ -349,7 +350,7 @@ class Pipeline:
                 "photometric": m.photometric,
                 "n_files": len(cand.files),
                 "n_slices": volume.n_slices,
-                "warnings": list(m.warnings),
+                "warnings": list(upload_notes(m.warnings, 0)),  # this upload's count: not kept
             }
             self.store.remember_files(self.content_of(volume), cand.files, record)
         return result
@@ -365,7 +366,7 @@ class Pipeline:
         names the files' own study.
         """
         t0 = time.perf_counter()
-        groups: dict[str, set[str]] = {}
+        groups: dict[str, list[str]] = {}  # volume: the digests of its files, copies included
         known = self.store.file_index()
         for item in expand(inputs, limits=self.limits):
             if isinstance(item, InputError):
@@ -380,10 +381,11 @@ class Pipeline:
             content = known.get(digest)
             if content is None or content == SHARED_FILE:  # new, or part of several volumes
                 return None
-            groups.setdefault(content, set()).add(digest)
-        found: list[tuple[EntryInfo, dict[str, Any], dict[str, Any]]] = []
+            groups.setdefault(content, []).append(digest)
+        found: list[tuple[EntryInfo, tuple[str, ...], dict[str, Any]]] = []
         cfg, enc = self.encoder.cfg, self.encoder
-        for content, files in groups.items():
+        for content, sent in groups.items():
+            files = set(sent)
             rec = self.store.volume_record(content)
             if rec is None or int(rec.get("n_files", -1)) != len(files):
                 return None
@@ -394,15 +396,14 @@ class Pipeline:
             )
             if info is None or refs is None or not _names(info, refs):
                 return None
-            found.append((info, rec, refs))
+            notes = upload_notes(rec.get("warnings", ()), len(sent) - len(files))
+            found.append((info, notes, refs))
         if not found:
             return None
         report = EmbedReport()
-        for info, rec, refs in found:
+        for info, notes, refs in found:
             self.store.ensure_indexed(info)
-            report.series.append(
-                series_result(info, "hit", t0, tuple(rec.get("warnings", ())), refs)
-            )
+            report.series.append(series_result(info, "hit", t0, notes, refs))
         return report
 
     @property

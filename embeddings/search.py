@@ -4,10 +4,10 @@ Entry point :class:`Searcher`. A :class:`Query` names a study, series, entry or 
 already indexed, or carries a raw vector; an upload is embedded by the pipeline without
 being stored (:meth:`Searcher.search_upload`). References are resolved through the
 index catalog; the query's own study is excluded by default (and, on request, every
-study of the same patient pseudonym), so a case never finds itself. Given a ``tenant``,
-every step stays inside it: queries resolve only to its entries, and the FAISS search
-itself is confined to its ids (the id bitmap), so another tenant's vectors are never
-returned, scored or counted.
+study of the same patient pseudonym), so a case never finds itself; a query without hits
+says why. Given a ``tenant``, every step stays inside it: queries resolve only to its
+entries, and the FAISS search is confined to its ids (the id bitmap), so another tenant's
+vectors are never returned, scored or counted.
 
 Few-shot classification follows the protocol of the DINOv2-on-radiology study
 (Baharoon et al. 2023): cosine similarity, the k nearest support vectors vote with
@@ -63,9 +63,11 @@ class QueryHits:
     query: dict[str, Any]
     space: str
     hits: list[Hit]
+    note: str | None = None  # why there are no hits
 
     def to_dict(self) -> dict[str, Any]:
-        return {"query": self.query, "space": self.space, "hits": [h.to_dict() for h in self.hits]}
+        d = {"query": self.query, "space": self.space, "hits": [h.to_dict() for h in self.hits]}
+        return d if self.note is None else {**d, "note": self.note}
 
 
 @dataclass
@@ -145,7 +147,6 @@ class Searcher:
         self.indexes = indexes
         self.pipeline = pipeline  # embeds uploads; None: uploads refused
 
-    # -- resolving queries --
     def _spaces(
         self, space: str | None, model: str | None, tenant: str | None = None
     ) -> list[SpaceIndex]:
@@ -294,7 +295,10 @@ class Searcher:
             exclude_patients=f.exclude_patients | (r.patients if same_patient else set()),
         )
         hits = r.space.search(level, r.vectors, k, f, group_by_series=group)
-        return [QueryHits(n, r.space.space, h) for n, h in zip(r.names, hits, strict=True)]
+        return [
+            QueryHits(n, r.space.space, h, None if h else r.space.why_empty(level, f))
+            for n, h in zip(r.names, hits, strict=True)
+        ]
 
     def embed_upload(
         self,

@@ -259,6 +259,8 @@ def test_search_and_classify_from_client_and_cli(server: tuple[str, Path], tmp_p
     assert len(json.loads(p.stdout)["results"][0]["hits"]) == 2
     p = run("search", str(gens[3].directory), "-k", "1", "--include-same-study", "--url", url)
     assert p.returncode == 0 and names[3][:12] in p.stdout, p.stdout + p.stderr
+    p = run("search", "--series", names[0], "--filter-modality", "XA", "--url", url)
+    assert p.returncode == 0 and "no hits; none of the" in p.stdout, p.stdout + p.stderr
     p = run(
         "classify",
         names[1],

@@ -338,6 +338,21 @@ def test_search_by_reference_excludes_own_study_and_optionally_patient(store_pat
     slices = searcher.search(Query(series="series5", slice=1), k=3, group_by_series=True)
     assert len({h.record.series for h in slices[0].hits}) == 3
     assert open_store(store_path).series()  # the store is untouched by searching
+    assert all(r.note is None for r in slices)
+
+
+def test_a_query_without_hits_says_why(store_path: Path) -> None:
+    st_ = EmbeddingStore(store_path)
+    _fill(st_, range(2))  # one study: series0 and series1
+    searcher = Searcher(open_index(st_))
+    (own,) = searcher.search(Query(series="series0"))
+    assert own.hits == [] and "query's own study" in (own.note or "")
+    assert "include_same_study" in own.to_dict()["note"]
+    nothing = Filters.make(modality=["XA"])
+    (res,) = searcher.search(Query(series="series0"), filters=nothing, exclude_same_study=False)
+    assert res.hits == [] and "none of the 2 series" in (res.note or "")
+    (res,) = searcher.search(Query(series="series0"), exclude_same_study=False)
+    assert res.hits and res.note is None and "note" not in res.to_dict()
 
 
 # -- saved formats and memory-mapped loads -------------------------------------------------

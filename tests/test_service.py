@@ -697,7 +697,7 @@ def test_job_reports_name_skipped_objects_and_the_client_s_paths(
 
 def test_copies_of_one_file_in_a_zip_are_recognised_as_cached(client: TestClient) -> None:
     """Four copies of one instance: embedded once, then answered from the cache (200),
-    both answers noting the duplicates."""
+    both answers noting the duplicates; a later upload notes its own duplicates only."""
     data = Path(get_testdata_file("MR_small.dcm")).read_bytes()
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as z:
@@ -713,3 +713,11 @@ def test_copies_of_one_file_in_a_zip_are_recognised_as_cached(client: TestClient
         (series,) = answer["series"]
         assert "3 duplicate instance(s)" in " ".join(series["warnings"])
     assert again.json()["series"][0]["cache"] == "hit"
+    one = client.post("/v1/studies", files=[("files", ("a.dcm", data, "application/dicom"))])
+    assert one.status_code == 200, one.json()
+    assert not any("duplicate" in w for w in one.json()["series"][0]["warnings"])
+    two = client.post(
+        "/v1/studies", files=[("files", (n, data, "application/dicom")) for n in "ab"]
+    )
+    assert two.status_code == 200, two.json()
+    assert "1 duplicate instance(s)" in " ".join(two.json()["series"][0]["warnings"])

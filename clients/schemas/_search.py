@@ -170,6 +170,7 @@ class QueryResult(BaseModel):
     query: dict[str, Any] = Field(description="which query vector (entry, series, slice)")
     space: str
     hits: list[SearchHit]
+    note: str | None = Field(None, description="why there are no hits, when there are none")
 
 
 class SearchOut(BaseModel):

@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -107,6 +107,28 @@ class SpaceIndex:
                 fetch *= 4  # distinct series wanted: ask deeper until k are found
             out.append(hits[:k])
         return out
+
+    def why_empty(self, level: Level, filters: Filters) -> str:
+        """Why a search of this space with ``filters`` found nothing, in words one can act on."""
+        count = self.catalog.allowed
+        unit = "series" if level == "series" else "slices"
+        total = count(level, Filters(tenant=filters.tenant))[2]
+        if total == 0:
+            return f"space {self.space} holds no {unit}; embed studies with its model and recipe."
+        kept = count(
+            level, replace(filters, exclude_studies=frozenset(), exclude_patients=frozenset())
+        )[2]
+        if kept == 0:
+            return (
+                f"none of the {total} {unit} of space {self.space} match the filters; loosen them."
+            )
+        if count(level, filters)[2] == 0:
+            return (
+                f"the {kept} matching {unit} of space {self.space} are the query's own study or "
+                "patient, which are left out; let them match with include_same_study (CLI "
+                "--include-same-study), or without exclude_same_patient."
+            )
+        return f"the approximate index of space {self.space} found none of the allowed {unit}."
 
     def _hits(self, level: Level, d: np.ndarray, ids: np.ndarray, group: bool) -> list[Hit]:
         cat = self.catalog

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from ..errors import InputError, NotDicomError
 from ..pseudonyms import InputRefs, Pseudonymizer
 from ..volume import Volume
-from ._dicom_assemble import DicomSeries, assemble
+from ._dicom_assemble import DicomSeries, assemble, upload_notes
 from ._dicom_decode import errors_for
 from ._dicom_read import Frame, Skipped, read_frames
 from ._dicom_volume import to_volume
@@ -53,6 +53,7 @@ __all__ = [
     "load_volumes",
     "scan",
     "sniff",
+    "upload_notes",
 ]
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class Candidate:
     part: str
     loader: Callable[[], Volume] = field(repr=False)
     files: frozenset[str] = frozenset()  # keyed digests of the DICOM files it came from
+    resent: int = 0  # its instances this upload sent more than once
 
     def load(self) -> Volume:
         """Read and decode the pixels (each call reads the files again and keeps nothing);
@@ -191,6 +193,7 @@ def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
         part=series.part,
         loader=functools.partial(to_volume, series, pseudo),
         files=frozenset(f.digest for f in series.frames),
+        resent=series.resent,
     )
 
 

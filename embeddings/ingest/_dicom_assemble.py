@@ -38,6 +38,7 @@ class DicomSeries:
     frames: list[Frame]
     part: str
     notes: list[str] = field(default_factory=list)
+    resent: int = 0  # instances of this upload sent more than once (ignored)
 
     @property
     def name(self) -> str:
@@ -102,12 +103,20 @@ def assemble(frames: Iterable[Frame]) -> list[DicomSeries]:
         keys = sorted(groups, key=str)
         for key in keys:
             for stack in _split_duplicates(groups[key], _part_label(keys, key)):
-                if resent:
-                    stack.notes.append(
-                        f"{resent} duplicate instance(s) (same SOP Instance UID) ignored"
-                    )
+                stack.resent = resent
+                stack.notes.extend(upload_notes((), resent))
                 out.append(stack)
     return out
+
+
+_RESENT = " duplicate instance(s) (same SOP Instance UID) ignored"
+
+
+def upload_notes(recorded: Iterable[str], resent: int) -> tuple[str, ...]:
+    """A series' warnings for one upload: those recorded for its volume, without the count
+    of duplicates another upload sent, and this upload's own count."""
+    kept = tuple(w for w in recorded if not w.endswith(_RESENT))
+    return (*kept, f"{resent}{_RESENT}") if resent else kept
 
 
 def _natural(value: Any) -> tuple[int, float, str]:

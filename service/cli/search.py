@@ -171,6 +171,9 @@ def search(
         ident = q.get("series") or q.get("entry")  # cut as the hits' series are
         name = str(ident)[:w] if ident else q.get("upload", "vector")
         where = f" slice {q['slice']}" if q.get("slice") is not None else ""
+        if not r.hits:
+            click.echo(f"{name}{where}: no hits; {r.note or 'nothing matched'}")
+            continue
         table = Table(title=f"{name}{where} · {found.level} level", title_justify="left")
         for col in ("rank", "score", "series", "slice", "modality", "description", "labels"):
             table.add_column(col)
@@ -291,6 +294,9 @@ def _print_by_series(results: Sequence[QueryResult], k: int) -> None:
         q = first.query
         ident = q.get("series") or q.get("entry")
         name = str(ident)[:w] if ident else q.get("upload", "vector")
+        if not ranked:
+            click.echo(f"{name}: no hits; {first.note or 'nothing matched'}")
+            continue
         table = Table(
             title=f"{name} · best series over its {n} slices (--per-slice: a table per slice)",
             title_justify="left",
