@@ -516,3 +516,23 @@ def test_spaces_are_described_and_chosen_by_modality(
     r = CliRunner().invoke(main, ["index", "list", "--store", store.url, "--json"])
     listed = {s["modalities"][0]: s for s in json.loads(r.output)}
     assert listed["CT"]["entries"] == 1 and listed["MR"]["recipe"].startswith("percentile")
+
+
+def test_spaces_are_described_from_table_metadata_alone(
+    ct_mr_store: EmbeddingStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listing reads each table's metadata, not every entry's (one pass over the entries
+    only for tables written before they kept their modalities)."""
+    from radcache.embeddings.store.spaces import space_summaries
+
+    store = ct_mr_store
+    seen = [s.as_dict() for s in space_summaries(store)]
+    assert sorted(s["modalities"][0] for s in seen) == ["CT", "MR"]
+    read = store.iter_entries
+    monkeypatch.setattr(store, "iter_entries", lambda: pytest.fail("read every entry"))
+    assert [s.as_dict() for s in space_summaries(store)] == seen
+    meta = store.table_meta
+    old = lambda name: {k: v for k, v in meta(name).items() if k != "modalities"}  # noqa: E731
+    monkeypatch.setattr(store, "table_meta", old)
+    monkeypatch.setattr(store, "iter_entries", read)
+    assert [s.as_dict() for s in space_summaries(store)] == seen

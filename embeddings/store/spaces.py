@@ -79,26 +79,27 @@ class SpaceSummary:
 
 
 def space_summaries(store: EmbeddingStore) -> list[SpaceSummary]:
-    """Every space of ``store`` described (one pass over its entries' metadata)."""
+    """Every space of ``store`` described from its table's metadata (live rows, the
+    modalities it was given); tables written before they kept modalities are described from
+    their entries' metadata, in one pass."""
+    metas = {name: store.table_meta(name) for name in store.spaces()}
     mods: dict[str, set[str]] = defaultdict(set)
-    counts: dict[str, int] = defaultdict(int)
-    for e in store.iter_entries():
-        counts[e.space] += 1
-        if e.modality:
-            mods[e.space].add(e.modality.upper())
-    out = []
-    for name in store.spaces():
-        meta = store.table_meta(name)
-        out.append(
-            SpaceSummary(
-                space=name,
-                model=str(meta.get("model") or "?"),
-                modalities=tuple(sorted(mods[name])),
-                recipe=recipe_summary(meta.get("recipe")),
-                entries=counts[name],
-            )
+    for name, meta in metas.items():
+        mods[name].update(meta.get("modalities", ()))
+    if any("modalities" not in meta for meta in metas.values()):
+        for e in store.iter_entries():
+            if e.modality and "modalities" not in metas.get(e.space, {"modalities": ()}):
+                mods[e.space].add(e.modality.upper())
+    return [
+        SpaceSummary(
+            space=name,
+            model=str(meta.get("model") or "?"),
+            modalities=tuple(sorted(mods[name])),
+            recipe=recipe_summary(meta.get("recipe")),
+            entries=int(meta.get("count", 0)) - int(meta.get("deleted", 0)),
         )
-    return out
+        for name, meta in metas.items()
+    ]
 
 
 def choose_space(

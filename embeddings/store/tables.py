@@ -134,6 +134,7 @@ def _table_group(root: zarr.Group, info: EntryInfo, dim: int) -> zarr.Group:
         "recipe": recipe,
         "level": "series+slice",
         "table_id": uuid.uuid4().hex,  # tells an index this table from a re-created one
+        "modalities": [],  # every modality a row was added for (listings read it, not entries)
     }
     return g
 
@@ -156,6 +157,8 @@ def append_row(root: zarr.Group, info: EntryInfo, pooled: np.ndarray, cls: np.nd
     keys_a.resize((n + 1, 2))
     keys_a[n] = np.asarray(_key_words(info.key), dtype=np.uint64)
     meta.update(count=n + 1, slices=s + m)
+    if info.modality and "modalities" in meta:  # older tables: read from their entries
+        meta["modalities"] = sorted({*meta["modalities"], info.modality.upper()})
     g.attrs["radcache"] = meta  # the commit point
     return n
 
