@@ -513,6 +513,8 @@ def test_spaces_are_described_and_chosen_by_modality(
         r = CliRunner().invoke(main, cmd, env={"COLUMNS": "80"})
         assert r.exit_code == 0 and all(sp in r.output for sp in store.spaces()), r.output
         assert "CT" in r.output and "MR" in r.output
+    r = CliRunner().invoke(main, ["index", "info", "--store", store.url], env={"COLUMNS": "80"})
+    assert r.exit_code == 0 and all(sp in r.output for sp in store.spaces()), r.output
     r = CliRunner().invoke(main, ["index", "list", "--store", store.url, "--json"])
     listed = {s["modalities"][0]: s for s in json.loads(r.output)}
     assert listed["CT"]["entries"] == 1 and listed["MR"]["recipe"].startswith("percentile")

@@ -98,7 +98,7 @@ def index_info(store: str | None, as_json: bool) -> None:
                 json.dumps(li["params"]) if li["params"] else "-",
                 f"{li['memory_bytes'] / 2**20:.1f} MiB",
             )
-    out.print(table)
+    out.print(fit_table(table, ids=("space",), lesser=("params", "memory", "recall@10")))
 
 
 @index.command("rebuild")

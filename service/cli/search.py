@@ -187,7 +187,7 @@ def search(
                 (h.series_description or "-")[:28],
                 json.dumps(h.labels) if h.labels else "-",
             )
-        out.print(table)
+        out.print(fit_table(table, ids=("series",), lesser=("labels", "description")))
 
 
 @click.command()
