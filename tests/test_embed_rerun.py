@@ -30,15 +30,19 @@ def _embed(store: Path, hashes: Path, *inputs: Path, extra: tuple[str, ...] = ()
     return dict(json.loads(r.stdout))
 
 
-# The CLI in a fresh interpreter: what a cached re-run imports (torch is what costs).
-_RERUN = """import sys
+# The CLI in a fresh interpreter, once per argument list: what cached re-runs import. The
+# model (torch, transformers) is not loaded; pydicom is not needed to recognise re-sent
+# DICOM files by their digests, nor to read a NIfTI; only the command run is imported.
+_RERUN = """import json, sys
 from radcache.service.cli import main
-try:
-    main(sys.argv[1:])
-except SystemExit as exit:
-    assert exit.code == 0, exit.code
-heavy = sorted({"torch", "transformers"} & set(sys.modules))
-assert not heavy, f"a cached re-run imported {heavy}"
+for args in json.loads(sys.argv[1]):
+    try:
+        main(args)
+    except SystemExit as exit:
+        assert exit.code == 0, exit.code
+unwanted = {"torch", "transformers", "pydicom", "radcache.service.cli.serve"}
+heavy = sorted(unwanted & set(sys.modules))
+assert not heavy, f"cached re-runs imported {heavy}"
 """
 
 
@@ -58,16 +62,19 @@ def test_a_cached_rerun_loads_no_model_and_a_miss_still_does(tmp_path: Path) -> 
     assert Encoder.built == built + 1, "a fully cached re-run loaded the model"
     assert [s["cache"] for s in again["series"]] == ["hit"]
     assert again["series"][0]["entry"] == first["series"][0]["entry"]
-    env = {**os.environ, "RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
-    cmd = [sys.executable, "-c", _RERUN, *_args(store, tmp_path / "ct"), "--json"]
-    fresh = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    assert fresh.returncode == 0, fresh.stderr
-    assert json.loads(fresh.stdout)["series"][0]["cache"] == "hit"
 
     new = _embed(store, hashes, nifti[0], extra=nifti[1])  # a miss: the model loads now
     assert Encoder.built == built + 2 and [s["cache"] for s in new["series"]] == ["miss"]
     nifti_again = _embed(store, hashes, nifti[0], extra=nifti[1])  # decoded, not loaded
     assert Encoder.built == built + 2 and [s["cache"] for s in nifti_again["series"]] == ["hit"]
+
+    env = {**os.environ, "RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
+    runs = [[*_args(store, tmp_path / "ct")], [*_args(store, nifti[0]), *nifti[1]]]
+    cmd = [sys.executable, "-c", _RERUN, json.dumps([[*a, "--json"] for a in runs])]
+    fresh = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert fresh.returncode == 0, fresh.stderr
+    answers = [json.loads(line)["series"] for line in fresh.stdout.splitlines()]
+    assert [[s["cache"] for s in a] for a in answers] == [["hit"], ["hit"]]
 
 
 def test_a_lazy_encoder_knows_its_cache_key_and_loads_on_first_use(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import click
 import httpx
 import pytest
 import sqlalchemy as sa
@@ -443,5 +444,6 @@ def test_client_commands_send_the_key(
     assert "other-key" not in refused.output
     assert seen[-1] == "Bearer other-key"
     for name in ("submit", "jobs", "get", "search", "classify", "backfill"):
-        command = main.commands[name]
+        command = main.get_command(click.Context(main), name)
+        assert command is not None, name
         assert "--api-key" in [o for p in command.params for o in p.opts], name

@@ -26,18 +26,24 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_names
 from ..errors import InputError, NotDicomError
 from ..pseudonyms import InputRefs, Pseudonymizer
 from ..volume import Volume
 from ._dicom_assemble import DicomSeries, assemble, upload_notes
-from ._dicom_decode import errors_for
-from ._dicom_read import Frame, Skipped, read_frames
-from ._dicom_volume import to_volume
 from ._limits import Budget, Limits
 from ._sources import InputItem, Source, expand, expand_within, sniff
 from ._volumes import open_itk, open_nifti
-from .instances import InstanceIds, cut_short, instance_ids
+
+# pydicom (about 0.3 s to import) loads with the first DICOM file read, not before: a
+# NIfTI input, or a re-sent DICOM study recognised from its files' digests, never needs it.
+if TYPE_CHECKING:
+    from ._dicom_read import Frame
+    from .instances import InstanceIds, cut_short, instance_ids
+
+_WHERE = {"InstanceIds": "instances", "cut_short": "instances", "instance_ids": "instances"}
 
 __all__ = [
     "Candidate",
@@ -81,6 +87,8 @@ class Candidate:
         except InputError:
             raise
         except Exception as exc:
+            from ._dicom_decode import errors_for
+
             raise errors_for(exc, self.name) from exc
 
 
@@ -119,7 +127,12 @@ def scan(
         try:
             kind = sniff(item)
             if kind == "dicom":
-                frames.extend(read_frames(item, pseudonymizer))  # digested, header parsed
+                from ._dicom_read import Skipped, read_frames
+
+                try:
+                    frames.extend(read_frames(item, pseudonymizer))  # digested, header parsed
+                except Skipped as note:
+                    skipped.append((item.name, str(note)))
             elif kind in ("nifti", "itk"):
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
                 claimed.update(vf.data_files)
@@ -136,8 +149,6 @@ def scan(
                             loader=functools.partial(_named, vf.load, t, names),
                         )
                     )
-        except Skipped as note:
-            skipped.append((item.name, str(note)))
         except InputError as exc:
             errors.append(exc)
     for series in assemble(frames):
@@ -183,6 +194,8 @@ def dicom_among(inputs: Iterable[InputItem], limits: Limits | None = None) -> st
 
 
 def _dicom_candidate(series: DicomSeries, pseudo: Pseudonymizer) -> Candidate:
+    from ._dicom_volume import to_volume
+
     f0 = series.frames[0]
     return Candidate(
         name=series.name,
@@ -215,3 +228,6 @@ def load_volumes(
         except InputError as exc:
             errors.append(exc)
     return volumes, errors
+
+
+__getattr__, __dir__ = lazy_names(__name__, _WHERE, __all__)

@@ -20,11 +20,12 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._dicom_read import Frame
+if TYPE_CHECKING:  # annotations only: assembling needs no pydicom
+    from ._dicom_read import Frame
 
 __all__ = ["DicomSeries", "assemble"]
 
