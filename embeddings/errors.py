@@ -40,6 +40,9 @@ The tree::
     │   ├── QueueFullError            queue-full
     │   └── QueueUnavailableError     queue-unavailable
     ├── ConfigError                   invalid-config
+    │   ├── VaultOffError             uid-vault-off
+    │   └── DestinationUnsetError     kos-destination-unset
+    ├── SendFailedError               kos-send-failed  (a DICOM peer did not take a document)
     ├── AccessError                   access-denied
     │   ├── UnauthenticatedError      unauthenticated
     │   └── ForbiddenError            forbidden
@@ -60,6 +63,7 @@ __all__ = [
     "ConfigError",
     "DecodeError",
     "DecompressedTooLargeError",
+    "DestinationUnsetError",
     "EmptyUploadError",
     "ForbiddenError",
     "InconsistentSeriesError",
@@ -83,6 +87,7 @@ __all__ = [
     "RadcacheError",
     "RecipeError",
     "SearchIndexError",
+    "SendFailedError",
     "StoreBusyError",
     "StoreError",
     "StoreMismatchError",
@@ -235,6 +240,20 @@ class VaultOffError(ConfigError):
 
     code = "uid-vault-off"
     title = "UID vault off"
+
+
+class DestinationUnsetError(ConfigError):
+    """A KOS answer asked to be sent, of a service with no KOS destination configured."""
+
+    code = "kos-destination-unset"
+    title = "No KOS destination configured"
+
+
+class SendFailedError(RadcacheError):
+    """A DICOM peer (C-STORE or STOW-RS) refused a document radcache sent, or did not answer."""
+
+    code = "kos-send-failed"
+    title = "The document could not be sent"
 
 
 class EmptyUploadError(InputError):

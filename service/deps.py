@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Request
 
@@ -19,7 +19,13 @@ from .settings import ServiceSettings
 from .uid_vault import UidVault
 from .worker import IndexKeeper, Worker
 
-__all__ = ["Resources", "ResourcesDep", "get_resources", "model_loaded"]
+__all__ = ["Receiver", "Resources", "ResourcesDep", "get_resources", "model_loaded"]
+
+
+class Receiver(Protocol):
+    """The DICOM receiver, as readiness sees it (:class:`.dicom.scp.DicomReceiver`)."""
+
+    def state(self) -> tuple[bool, str]: ...
 
 
 @dataclass
@@ -38,6 +44,7 @@ class Resources:
     keeper: IndexKeeper
     keys: KeyStore
     vault: UidVault | None = None  # the UID vault; None: off
+    receiver: Receiver | None = None  # the DICOM receiver, once started (dicom_port set)
 
     def ready(self) -> tuple[bool, str]:
         """Worker and index keeper alive, store writable, the model not failed — or why
@@ -55,7 +62,17 @@ class Resources:
             return False, "the index keeper thread is not running"
         if self.store.local_path is not None and not os.access(self.store.local_path, os.W_OK):
             return False, f"the store {self.store.url} is not writable"
+        if self.settings.dicom_port is not None:
+            listening, why = self.dicom_state()
+            if not listening:
+                return False, f"the DICOM receiver is not ready: {why}"
         return True, "ok"
+
+    def dicom_state(self) -> tuple[bool, str]:
+        """The DICOM receiver's state (``dicom_port`` set): listening, or why not."""
+        if self.receiver is None:
+            return False, "it is not started"
+        return self.receiver.state()
 
     def job_done(self, seconds: float, series: list[dict[str, Any]]) -> None:
         """A job of this process finished: count it, and make what it stored searchable

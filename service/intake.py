@@ -97,7 +97,17 @@ def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
     res.jobs.update(row.id, slices_done=slices, slices_total=slices)
     seconds = time.monotonic() - t0
     finish_job(
-        res.jobs, res.store, row.id, known, upload, seconds, res.job_done, None, res.vault, pipeline
+        res.jobs,
+        res.store,
+        row.id,
+        known,
+        upload,
+        seconds,
+        res.job_done,
+        None,
+        res.vault,
+        pipeline,
+        supersede=options.supersede or (),
     )
     done = res.jobs.get(row.id)
     assert done is not None

@@ -50,6 +50,8 @@ class JobOptions(BaseModel):
     patient: str | None = None  # pseudonym of the sender's patient reference (non-DICOM)
     study: str | None = None  # pseudonym of the sender's study reference (non-DICOM)
     _recipe: Recipe | None = PrivateAttr(None)
+    # series (names) the DICOM receiver re-sent whole: their earlier entries in their study go
+    supersede: list[str] | None = None
 
     @property
     def refs(self) -> InputRefs | None:

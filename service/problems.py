@@ -64,6 +64,8 @@ STATUS: dict[str, int] = {
     "queue-unavailable": 503,
     "invalid-config": 500,
     "uid-vault-off": 409,
+    "kos-destination-unset": 409,
+    "kos-send-failed": 502,
     "access-denied": 403,
     "unauthenticated": 401,
     "forbidden": 403,

@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ __all__ = [
     "purge_quarantine",
     "report_state",
     "run_job",
+    "supersede_series",
 ]
 
 log = logging.getLogger(__name__)
@@ -227,7 +228,19 @@ def run_job(
         )
     progress.flush()
     seconds = time.monotonic() - t0
-    finish_job(jobs, pipe.store, job_id, report, upload, seconds, on_done, quarantine, vault, pipe)
+    finish_job(
+        jobs,
+        pipe.store,
+        job_id,
+        report,
+        upload,
+        seconds,
+        on_done,
+        quarantine,
+        vault,
+        pipe,
+        supersede=options.supersede or (),
+    )
     if options.refs:  # needed while the job runs; its report names what it stored
         jobs.update(job_id, options=_without_refs(row.options))
 
@@ -243,14 +256,21 @@ def finish_job(
     quarantine: Path | None = None,
     vault: UidVault | None = None,
     pipeline: Pipeline | None = None,
+    *,
+    supersede: Collection[str] = (),
 ) -> None:
     """Record what a job stored (the job database's note, the entry catalog and, with a
-    ``vault``, the original UIDs of its DICOM series under ``pipeline``'s pseudonyms), tell
-    ``on_done`` (before the job reads done: then what it stored is searchable when a client
-    sees it), finish the job and drop its upload (or quarantine it, unless done)."""
+    ``vault``, the original UIDs of its DICOM series under ``pipeline``'s pseudonyms),
+    remove the earlier entries of the ``supersede`` series it stored again whole
+    (:func:`supersede_series`), tell ``on_done`` (before the job reads done: then what it
+    stored, and not what it replaced, is searchable when a client sees it), finish the job
+    and drop its upload (or quarantine it, unless done)."""
     out = public_report(report, upload)
     jobs.record_entries(job_id, out["series"], lambda key: _space(store, key))
     EntryCatalog(jobs).record(store, [s["entry"] for s in out["series"]])
+    if supersede and pipeline is not None:
+        tenant = pipeline.pseudonymizer.tenant
+        supersede_series(jobs, store, vault, tenant, out["series"], supersede)
     if vault is not None and pipeline is not None and out["series"]:
         pseudo = pipeline.pseudonymizer
         vault.keep(pseudo.tenant, out["series"], read_originals(upload, pseudo))
@@ -263,6 +283,48 @@ def finish_job(
         log_job(state, job_id, code, series=n["series"], errors=n["errors"], skipped=n["skipped"])
     jobs.finish(job_id, state, out)
     dispose_upload(upload, job_id, state, quarantine)
+
+
+def supersede_series(
+    jobs: JobStore,
+    store: EmbeddingStore,
+    vault: UidVault | None,
+    tenant: str,
+    stored: list[dict[str, Any]],
+    series: Collection[str],
+) -> list[str]:
+    """Remove, as a deletion of their study would, the entries that name ``stored``'s
+    series of ``series`` (study, series, part) in the same space, other than the stored
+    ones: the DICOM receiver re-embeds a series whole when an instance of it comes late,
+    and its study keeps the whole series' entry alone. An entry that another study also
+    delivered stays, named by that study. Returns the keys removed."""
+    catalog = EntryCatalog(jobs)
+    new = {s["entry"] for s in stored}
+    gone: list[str] = []
+    for s in (s for s in stored if s["series"] in series):
+        space = _space(store, s["entry"])
+        names = (s["study"], s["series"], s.get("part") or "")
+        earlier = set(catalog.study_keys(s["study"], tenant)) - new
+        old = [
+            key
+            for key, attrs in store.entry_attrs(earlier).items()
+            if any(
+                (r.get("study"), r.get("series"), r.get("part") or "") == names
+                for r in (attrs.get("volume") or {}, *attrs.get("aliases", []))
+            )
+            and _space(store, key) == space
+        ]
+        if not old:
+            continue
+        removed = store.delete_study(s["study"], keys=old)
+        catalog.forget(removed)
+        catalog.record(store, sorted(set(old) - set(removed)))  # named by another study now
+        if vault is not None:
+            vault.forget(tenant, s["study"], entries=old)
+        gone += removed
+    if gone:
+        log.info("%d earlier entries of series embedded again whole removed", len(gone))
+    return gone
 
 
 def _without_refs(options: dict[str, Any] | None) -> dict[str, Any]:

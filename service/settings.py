@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +20,9 @@ if TYPE_CHECKING:
     from .uid_vault import UidVault
 
 __all__ = ["ServiceSettings", "get_settings"]
+
+# a KOS destination: AE@HOST:PORT (an AE title has no backslash), or a DICOMweb base URL
+_DESTINATION = re.compile(r"[^\\@]{1,16}@[^\s:@]+:\d{1,5}|https?://\S+")
 
 
 class ServiceSettings(Settings):
@@ -114,6 +118,17 @@ class ServiceSettings(Settings):
         description="key of the UID vault (≥16 chars; never stored beside the data); "
         "unset: the vault is off and no original UID is kept",
     )
+    kos_destination: str | None = Field(
+        None,
+        description="where a KOS answer asked with `send` goes: a C-STORE peer AE@HOST:PORT "
+        "(called as ae_title), or a DICOMweb base URL http(s)://… (STOW-RS to its /studies); "
+        "None: `send` is refused (kos-destination-unset)",
+    )
+    kos_destination_auth: SecretStr | None = Field(
+        None,
+        description="credentials for a STOW-RS kos_destination (and `radcache search --send-to "
+        "URL`): USER:PASSWORD (HTTP Basic) or 'Bearer TOKEN'",
+    )
     # --- scale-out: a Redis queue and radcache worker processes ---
     queue: str | None = Field(
         None, description="Redis URL of the job queue; None: the embedded in-process worker"
@@ -148,6 +163,16 @@ class ServiceSettings(Settings):
     api_key: SecretStr | None = Field(
         None, description="API key the client commands send (RADCACHE_API_KEY)"
     )
+
+    @field_validator("kos_destination")
+    @classmethod
+    def _destination(cls, v: str | None) -> str | None:
+        if v is None or _DESTINATION.fullmatch(v.strip()):
+            return v.strip() if v is not None else None
+        raise ValueError(
+            "expected AE@HOST:PORT (a C-STORE peer, e.g. PACS@10.0.0.5:104) or an http(s):// "
+            "DICOMweb base URL (STOW-RS, e.g. https://pacs/dicom-web)"
+        )
 
     @field_validator("upload_dir")
     @classmethod

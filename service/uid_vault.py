@@ -160,9 +160,12 @@ class UidVault:
             ) from None
         return OriginalUids.from_json(raw)
 
-    def forget(self, tenant: str, study: str) -> int:
-        """Delete the rows of ``tenant``'s ``study``; returns how many."""
+    def forget(self, tenant: str, study: str, entries: Iterable[str] | None = None) -> int:
+        """Delete the rows of ``tenant``'s ``study`` (only those of ``entries`` when given);
+        returns how many."""
         stmt = delete(VaultRow).where(VaultRow.tenant == tenant, VaultRow.study == study)
+        if entries is not None:
+            stmt = stmt.where(VaultRow.entry.in_(sorted(set(entries))))
         with self.jobs._session() as sess:
             return int(getattr(sess.execute(stmt), "rowcount", 0) or 0)
 

@@ -833,3 +833,27 @@ def pixel_holders(objs: Sequence[Any]) -> list[str]:
         elif isinstance(o, np.ndarray) and o.nbytes > 1024:
             found.append(f"an array of shape {o.shape}")
     return found
+
+
+def dciodvfy(path: Path) -> tuple[list[str], list[str]]:
+    """dicom3tools' IOD check of the file at ``path``: its (errors, warnings) lines. Skips
+    the test where dciodvfy is not installed (fails it under CI=true: .ci/run installs
+    dicom3tools)."""
+    import os
+    import shutil
+    import subprocess
+
+    import pytest
+
+    exe = shutil.which("dciodvfy")
+    if exe is None:
+        reason = "dciodvfy is not installed (apt-get install dicom3tools): IOD not checked"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{reason}, and CI=true requires it: .ci/run installs dicom3tools.")
+        print(reason)
+        pytest.skip(reason)
+    out = subprocess.run([exe, str(path)], capture_output=True, text=True, timeout=60, check=False)
+    lines = (out.stdout + out.stderr).splitlines()
+    return [ln for ln in lines if ln.startswith("Error")], [
+        ln for ln in lines if ln.startswith("Warning")
+    ]

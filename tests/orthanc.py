@@ -90,8 +90,9 @@ def _config(
     servers: dict[str, dict[str, Any]],
     modalities: dict[str, dict[str, Any]],
     dicom_port: int | None,
+    http_port: int | None = None,
 ) -> Path:
-    http_port = free_port()
+    http_port = http_port or free_port()
     while dicom_port in (None, http_port):
         dicom_port = free_port()
     config = {
@@ -128,14 +129,15 @@ def running_orthanc(
     servers: dict[str, dict[str, Any]],
     modalities: dict[str, dict[str, Any]] | None = None,
     dicom_port: int | None = None,
+    http_port: int | None = None,
 ) -> Iterator[str]:
     """Start Orthanc (storage, config and log under ``root``) knowing the DICOMweb
     ``servers`` and the DICOM ``modalities`` (:func:`dicom_modality`; with any, its DICOM
-    listener is on at ``dicom_port``, AE title ORTHANC); wait until ``/system`` answers.
-    Yields its base URL."""
+    listener is on at ``dicom_port``, AE title ORTHANC; its HTTP port ``http_port``, or a
+    free one); wait until ``/system`` answers. Yields its base URL."""
     install = require_orthanc()
     root.mkdir(parents=True, exist_ok=True)
-    config = _config(root, install, servers, modalities or {}, dicom_port)
+    config = _config(root, install, servers, modalities or {}, dicom_port, http_port)
     url = f"http://127.0.0.1:{json.loads(config.read_text())['HttpPort']}"
     log = root / "orthanc.log"
     with log.open("a") as out:

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import JPEGLSLossless, generate_uid
 
-from radcache.embeddings import Pseudonymizer
+from radcache.embeddings import Encoder, Pseudonymizer
 from radcache.service.auth import OPEN
 from radcache.service.dicom.access import AeAccess
 from radcache.service.jobs import JobStore
@@ -41,6 +42,7 @@ pytestmark = pytest.mark.timeout(300)
 
 TENANT, WEB = "modality-a", "web"
 NAMES = Pseudonymizer(TEST_SECRET.encode()).for_tenant(TENANT)
+MAX_INSTANCE = 4 << 20  # the receiver's instance limit: every test series is far below
 
 
 @functools.cache
@@ -99,6 +101,7 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     env = {
         "RADCACHE_DICOM_CALLING_AES": json.dumps(calling),
         "RADCACHE_DICOM_IDLE_S": "0.5",
+        "RADCACHE_DICOM_MAX_INSTANCE_BYTES": str(MAX_INSTANCE),
     }
     args = ("--dicom-port", str(port), "--ae-title", "RADCACHE")
     with running_server(root, *args, db=db, **env) as (url, log):
@@ -179,6 +182,9 @@ def test_echo_succeeds_and_unknown_aes_are_rejected(site: Site) -> None:
         assert "Calling AE Title Not Recognized" in no.stdout + no.stderr, no.stderr
     wrong = run("MODALITY", "ELSEWHERE")
     assert "Called AE Title Not Recognized" in wrong.stdout + wrong.stderr, wrong.stderr
+    ready = httpx.get(f"{site.url}/readyz", timeout=10)
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["dicom"] == f"listening on 127.0.0.1:{site.port} as RADCACHE"
     log = site.log.read_text()
     assert "AE 'STRANGER' refused: not on the calling-AE allow-list" in log
     assert "AE 'VIEWER' refused: its API key" in log and "lacks the submit scope" in log
@@ -289,6 +295,59 @@ def test_a_broken_instance_is_refused_and_the_receiver_goes_on(site: Site, tmp_p
     assert _received(site, gen)["slices"] == 3  # and it goes on
 
 
+def _server_rss(port: int) -> Callable[[], int]:
+    """The resident memory (bytes) of the `radcache serve` whose receiver is on ``port``."""
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"serve" in args and b"--dicom-port" in args and str(port).encode() in args:
+            status = cmdline.with_name("status")
+            return lambda: int(status.read_text().split("VmRSS:")[1].split()[0]) * 1024
+    raise AssertionError("the radcache serve process was not found")
+
+
+def test_an_instance_over_the_limit_is_refused_as_it_streams(site: Site, tmp_path: Path) -> None:
+    """A 32 MiB instance against the 4 MiB limit: refused with 0xA700 once sent, its bytes
+    past the limit never kept (on disk or in memory), recorded as a failed job; the
+    receiver goes on."""
+    gen = write_series(tmp_path / "ct", phantom(2, 32, 32, seed=950))
+    big = tmp_path / "big.dcm"
+    ds = dcmread(gen.files[0])
+    ds.Rows = ds.Columns = 4096
+    ds.PixelData = bytes(4096 * 4096 * 2)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.save_as(big)
+    size = big.stat().st_size
+    rss = _server_rss(site.port)
+    before_rss, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample)
+    with site.http() as http:
+        before = _job_ids(http)
+        sampler.start()
+        try:
+            sent = site.storescu("-v", str(big))
+        finally:
+            done.set()
+            sampler.join()
+        assert "Refused: OutOfResources" in sent.stdout + sent.stderr, sent.stderr
+        job = _failed_job(http, before)
+    (error,) = job["errors"]
+    assert error["code"] == "payload-too-large" and "0xA700" in error["message"], error
+    assert f"{MAX_INSTANCE} the receiver takes" in error["message"]
+    # pynetdicom alone would hold the whole instance (twice) before the handler saw it
+    assert peak[0] - before_rss < size // 4, (peak[0] - before_rss, size)
+    assert not list((site.hold / ".incoming").iterdir())
+    assert _received(site, gen)["slices"] == 2  # and it goes on
+
+
 def test_an_aborted_association_loses_nothing_acknowledged(site: Site, tmp_path: Path) -> None:
     from pynetdicom import AE
     from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
@@ -325,8 +384,29 @@ def test_a_late_instance_embeds_its_series_again_alone(site: Site, tmp_path: Pat
     ((series,),) = [late["series"]]  # series A, whole; B is not embedded again
     assert (series["series"], series["slices"]) == (NAMES.name("series", a.series_uid), 5)
 
-    # the kept instances leave with the study (a consent deletion)
+    # the study keeps one entry per series: A's partial entry went as a deletion would
     study = NAMES.name("study", a.study_uid)
+    (partial,) = [s["entry"] for s in first["series"] if s["slices"] == 4]
+    (b_entry,) = [s["entry"] for s in first["series"] if s["slices"] == 3]
+    with site.http() as http:
+        listed = http.get(f"/v1/studies/{study}").json()["series"]
+        assert sorted((s["entry"], s["slices"]) for s in listed) == sorted(
+            [(series["entry"], 5), (b_entry, 3)]
+        ), listed
+        assert http.get(f"/v1/series/{partial}/embeddings").status_code == 404
+    with site.http(site.admin_key) as admin:
+        query = {"query": {"entry": b_entry}, "k": 10, "exclude_same_study": False}
+        r = admin.post("/v1/search", json=query)
+        assert r.status_code == 200, r.text
+        hits = r.json()["results"][0]["hits"]
+        assert series["entry"] in {h["entry"] for h in hits}
+        assert partial not in {h["entry"] for h in hits}  # out of the index too
+        # no KOS destination on this service: `send` is refused before anything is built
+        r = admin.post("/v1/search", json={**query, "as": "kos", "send": True})
+        assert (r.status_code, r.json()["code"]) == (409, "kos-destination-unset"), r.text
+        assert "RADCACHE_KOS_DESTINATION" in r.json()["detail"]
+
+    # the kept instances leave with the study (a consent deletion)
     kept = site.hold / TENANT / study / "kept"
     assert sorted(len(list(d.iterdir())) for d in kept.iterdir()) == [3, 5]
     with site.http(site.admin_key) as admin:
@@ -382,3 +462,51 @@ def test_a_receiver_off_loopback_needs_keys_and_sane_settings(tmp_path: Path) ->
     ):
         with pytest.raises(ConfigError):
             check_dicom_settings(ServiceSettings(dicom_port=11112, **bad))
+
+
+def test_a_receiver_that_cannot_listen_is_not_ready(
+    site: Site, tmp_path: Path, tiny: Encoder
+) -> None:
+    """Its port taken (by the module's receiver): the HTTP side serves, and /readyz answers
+    503 naming the address and the reason."""
+    from fastapi.testclient import TestClient
+
+    from radcache.service.app import build_resources, create_app
+
+    settings = ServiceSettings(
+        model="dinov2-tiny-random",
+        store=str(tmp_path / "store.zarr"),
+        db=f"sqlite:///{tmp_path / 'jobs.db'}",
+        upload_dir=tmp_path / "uploads",
+        dicom_port=site.port,
+    )
+    with TestClient(create_app(resources=build_resources(settings, encoder=tiny))) as c:
+        ready = c.get("/readyz")
+        assert (ready.status_code, ready.json()["code"]) == (503, "not-ready"), ready.text
+        detail = ready.json()["detail"]
+        assert f"DICOM receiver is not ready: it cannot listen on 127.0.0.1:{site.port}" in detail
+        assert c.get("/healthz").status_code == 200
+
+
+def test_a_kos_that_cannot_be_sent_is_a_502_naming_the_peer(site: Site) -> None:
+    """A peer that refuses the association (this receiver, called by an AE it does not
+    know), a STOW-RS URL where nothing listens: kos-send-failed, naming the peer."""
+    from radcache.embeddings.errors import ConfigError, SendFailedError
+    from radcache.service.dicom.send import deliver
+    from radcache.service.problems import status_of
+    from radcache.service.uid_vault import OriginalUids, kos_document
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    query = OriginalUids(generate_uid(), generate_uid(), [(ct, generate_uid())], "P1")
+    similar = OriginalUids(generate_uid(), generate_uid(), [(ct, generate_uid())], "P2")
+    document = kos_document(query, [similar], "similar cases (radcache)")
+    closed = free_port()
+    for destination, why in (
+        (f"RADCACHE@127.0.0.1:{site.port}", f"RADCACHE@127.0.0.1:{site.port} refused an"),
+        (f"http://127.0.0.1:{closed}/dicom-web", r"did not answer \(ConnectError\)"),
+    ):
+        with pytest.raises(SendFailedError, match=why) as failed:
+            deliver(document, destination, calling_ae="STRANGER")
+        assert (failed.value.code, status_of(failed.value)) == ("kos-send-failed", 502)
+    with pytest.raises(ConfigError, match="expected AE@HOST:PORT"):
+        deliver(document, "PACS@nowhere")

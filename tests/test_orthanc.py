@@ -1,6 +1,7 @@
 """A real Orthanc pushes studies to a real `radcache serve` over DICOMweb STOW-RS and over
-DICOM C-STORE, with API keys on, and files the Key Object Selection document radcache
-sends back by C-STORE in the study it references.
+DICOM C-STORE, with API keys on, and files the Key Object Selection documents radcache
+sends back (by C-STORE from the CLI, by STOW-RS from the service to its configured KOS
+destination) in the studies they reference.
 
 Orthanc (tests/orthanc.py) knows radcache three times: ``radcache`` with the key as the
 HTTP Basic password (the setup docs/ORTHANC.md shows), ``radcache-bad`` with a wrong
@@ -63,7 +64,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
     jobs.close()
     # the right key prefix with a wrong secret: a key radcache knows, a password it refuses
     wrong = pusher[:-4] + ("BBBB" if pusher.endswith("AAAA") else "AAAA")
-    scp, orthanc_dicom = free_port(), free_port()
+    scp, orthanc_dicom, orthanc_http = free_port(), free_port(), free_port()
     receiver = ("--dicom-port", str(scp), "--ae-title", "RADCACHE")
     with running_server(
         root,
@@ -72,6 +73,7 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
         RADCACHE_DICOM_CALLING_AES=json.dumps({"ORTHANC": pushing.prefix}),
         RADCACHE_DICOM_IDLE_S="0.5",
         RADCACHE_UID_VAULT_KEY="uid-vault-key-of-the-orthanc-tests",
+        RADCACHE_KOS_DESTINATION=f"http://127.0.0.1:{orthanc_http}/dicom-web",
     ) as (url, _):
         servers = {
             "radcache": dicomweb_server(url, username="orthanc", password=pusher),
@@ -82,7 +84,9 @@ def sites(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sites]:
             },
         }
         modalities = {"radcache-dicom": dicom_modality("RADCACHE", scp)}
-        with running_orthanc(root / "orthanc", servers, modalities, orthanc_dicom) as orthanc:
+        with running_orthanc(
+            root / "orthanc", servers, modalities, orthanc_dicom, orthanc_http
+        ) as orthanc:
             yield Sites(url, orthanc, admin, orthanc_dicom)
 
 
@@ -214,7 +218,8 @@ def test_orthanc_sends_a_study_by_c_store(sites: Sites, tmp_path: Path) -> None:
 
 def test_a_kos_sent_back_is_filed_in_the_study_it_references(sites: Sites, tmp_path: Path) -> None:
     """Two studies go to radcache by C-STORE; `radcache search --kos … --send-to` sends the
-    KOS of the first one's similar cases to Orthanc, which lists it in that study (same
+    KOS of the first one's similar cases to Orthanc by C-STORE, and the service itself (a
+    search with `send`) the second one's by STOW-RS; Orthanc lists each in its study (same
     patient: the vault keeps the Patient ID, sealed, beside the UIDs)."""
     gens = [write_series(tmp_path / f"s{i}", phantom(4, 16, 16, seed=305 + i)) for i in (0, 1)]
     studies = [_upload(sites.orthanc, gen) for gen in gens]
@@ -238,3 +243,23 @@ def test_a_kos_sent_back_is_filed_in_the_study_it_references(sites: Sites, tmp_p
     assert ko["MainDicomTags"]["SeriesInstanceUID"] == kos.SeriesInstanceUID
     (inst,) = httpx.get(f"{sites.orthanc}/series/{ko['ID']}/instances", timeout=10).json()
     assert inst["MainDicomTags"]["SOPInstanceUID"] == kos.SOPInstanceUID
+
+    # the service sends the second study's KOS itself, by STOW-RS to its configured
+    # destination (Orthanc's DICOMweb), and says so
+    second = names.name("series", gens[1].series_uid)
+    body = {"query": {"series": second}, "k": 1, "as": "kos", "send": True}
+    with _admin(sites) as http:
+        r = http.post("/v1/search", json=body)
+    assert r.status_code == 200, r.text
+    assert r.headers["radcache-sent-to"] == f"STOW-RS {sites.orthanc}/dicom-web"
+    sent = dcmread(io.BytesIO(r.content))
+    assert sent.StudyInstanceUID == gens[1].study_uid
+    series = httpx.get(f"{sites.orthanc}/studies/{studies[1]}/series", timeout=10).json()
+    kos_series = [s for s in series if s["MainDicomTags"]["Modality"] == "KO"]
+    assert [s["MainDicomTags"]["SeriesInstanceUID"] for s in kos_series] == [sent.SeriesInstanceUID]
+
+    # a STOW-RS destination that does not answer: the CLI says so, and fails
+    nowhere = f"http://127.0.0.1:{free_port()}/dicom-web"
+    args = ["search", "--series", second, "--kos", str(out), "--send-to", nowhere]
+    cli = CliRunner().invoke(main, [*args, "--url", sites.radcache, "--api-key", sites.admin])
+    assert cli.exit_code == 1 and f"STOW-RS to {nowhere}/studies did not answer" in cli.output

@@ -135,6 +135,18 @@ class SearchRequest(BaseModel):
         description="kos: a DICOM Key Object Selection document referencing the hits' "
         "original series (application/dicom; needs the UID vault)",
     )
+    send: bool = Field(
+        False,
+        description="with as=kos: also send the document to the service's KOS destination "
+        "(RADCACHE_KOS_DESTINATION: C-STORE or STOW-RS); the answer's Radcache-Sent-To "
+        "header says how and where",
+    )
+
+    @model_validator(mode="after")
+    def _send_needs_kos(self) -> SearchRequest:
+        if self.send and self.as_ != "kos":
+            raise ValueError('`send` sends a KOS answer: ask with "as": "kos" too')
+        return self
 
 
 class SearchHit(BaseModel):

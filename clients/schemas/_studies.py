@@ -260,6 +260,9 @@ class Health(BaseModel):
         None, description="false while the weights still load (submissions wait for them)"
     )
     queue_depth: int | None = None
+    dicom: str | None = Field(
+        None, description="with a DICOM receiver: its state, e.g. 'listening on HOST:PORT as AE'"
+    )
 
 
 # What a patient or study reference may be (a PatientID or UID could be): no control

@@ -34,16 +34,18 @@ def _label_pairs(values: Sequence[str], what: str) -> dict[str, Any]:
 
 
 def _send(document: bytes, destination: str) -> None:
-    """C-STORE ``document`` to ``destination`` (AE@HOST:PORT); a refusal is a usage error."""
-    from radcache.embeddings.errors import ConfigError
-    from radcache.service.dicom.send import parse_destination, send
+    """Send ``document`` to ``destination`` (AE@HOST:PORT by C-STORE, or a DICOMweb URL by
+    STOW-RS with RADCACHE_KOS_DESTINATION_AUTH); a refusal is a usage error."""
+    from radcache.embeddings.errors import RadcacheError
+    from radcache.service.dicom.send import deliver
 
+    s = settings()
+    auth = s.kos_destination_auth.get_secret_value() if s.kos_destination_auth else None
     try:
-        ae, host, port = parse_destination(destination)
-        send(document, host, port, ae, calling_ae=settings().ae_title)
-    except ConfigError as exc:
+        how = deliver(document, destination, auth=auth, calling_ae=s.ae_title)
+    except RadcacheError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"sent it to {destination}")
+    click.echo(f"sent it by {how}")
 
 
 @click.command()
@@ -81,8 +83,9 @@ def _send(document: bytes, destination: str) -> None:
 )
 @click.option(
     "--send-to",
-    metavar="AE@HOST:PORT",
-    help="With --kos: also C-STORE the document there, calling as RADCACHE_AE_TITLE.",
+    metavar="AE@HOST:PORT|URL",
+    help="With --kos: also send the document there: C-STORE to AE@HOST:PORT (calling as "
+    "RADCACHE_AE_TITLE), or STOW-RS to a DICOMweb base URL (RADCACHE_KOS_DESTINATION_AUTH).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def search(
@@ -113,7 +116,7 @@ def search(
     """Similar cases from a running service: `radcache search --series ID -k 10`, or
     `radcache search FILE -k 10` (the file is embedded on the fly, not stored); `--kos
     OUT.dcm` writes them as a Key Object Selection document a DICOM viewer shows, and
-    `--send-to AE@HOST:PORT` sends it to a PACS by C-STORE."""
+    `--send-to AE@HOST:PORT` sends it to a PACS by C-STORE (`--send-to URL`: by STOW-RS)."""
     import httpx
 
     from radcache.clients import RadcacheAPIError, RadcacheClient

@@ -120,10 +120,8 @@ class Hold:
     # --- the associations' side ---
 
     def incoming(self) -> Path:
-        """A new file name to write an arriving instance to, before it is checked."""
-        folder = self.root / _INCOMING
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / f"{uuid.uuid4().hex}.dcm"
+        """The folder arriving instances are written to, before they are checked."""
+        return self.root / _INCOMING
 
     def admit(self, path: Path, tenant: str, ids: InstanceIds, sender: int) -> None:
         """Hold the checked instance at ``path`` (``ids`` from its header) for ``tenant``;
@@ -196,6 +194,11 @@ class Hold:
             )
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the hand-over thread runs."""
+        return self._thread.is_alive()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Stop handing over (what is pending stays on disk for the next start)."""
         self._stop.set()
@@ -257,7 +260,9 @@ class Hold:
         try:
             options = job_options(SubmitOptions(), self.res.encoder.cfg, tenant)
             upload = new_upload(self.res, "dicom-")
-            files, series = self._gather(batch, study / "kept", upload)
+            files, series, again = self._gather(batch, study / "kept", upload)
+            if again:  # their entries from earlier hand-overs are replaced
+                options = options.model_copy(update={"supersede": again})
             taken = accept(self.res, upload, options)  # owns the upload from here
         except Exception as exc:  # the queue full, the job database away: try again
             log.warning(
@@ -276,15 +281,19 @@ class Hold:
         return True
 
     @staticmethod
-    def _gather(batch: Path, kept: Path, upload: Path) -> tuple[int, int]:
+    def _gather(batch: Path, kept: Path, upload: Path) -> tuple[int, int, list[str]]:
         """Link the batch's instances, and the kept ones of its series it does not
-        replace, into ``upload``; returns (instances, series)."""
+        replace, into ``upload``; returns (instances, series, the series that had kept
+        instances: embedded again whole)."""
         files = series = 0
+        again: list[str] = []
         try:
             for part in sorted(p for p in batch.iterdir() if p.is_dir()):
                 dst = upload / part.name
                 dst.mkdir()
                 series += 1
+                if (kept / part.name).is_dir():
+                    again.append(part.name)
                 for src in (kept / part.name, part):  # the batch's copy of an instance wins
                     if src.is_dir():
                         for f in src.iterdir():
@@ -293,7 +302,7 @@ class Hold:
         except BaseException:
             shutil.rmtree(upload, ignore_errors=True)
             raise
-        return files, series
+        return files, series, again
 
     def _keep(self, batch: Path, kept: Path) -> None:
         """Move the handed-over batch into the kept series (or drop it: ``dicom_keep_s``

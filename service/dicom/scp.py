@@ -8,8 +8,10 @@ it, so the instance arrives as it was stored), then the uncompressed ones, then 
 ones (never asking a sender to compress an uncompressed image with loss).
 
 Each C-STORE is answered after its instance is on disk: the encoded data set, as sent,
-behind the file meta information, is written to the hold's incoming folder (its pixels
-are never decoded), checked from its header, and held (:class:`~.hold.Hold`). Refusals
+behind the file meta information, is written to the hold's incoming folder while it
+arrives (:mod:`.spool`: one PDU in memory; past ``dicom_max_instance_bytes`` the rest is
+counted, not kept, and the request answered 0xA700), checked from its header (its pixels
+are never decoded), and held (:class:`~.hold.Hold`). Refusals
 follow PS3.4 Annex B: ``0xA700`` (out of resources: the instance or its study past the
 upload limits, the queue full), ``0xA900`` (the data set does not match its SOP class:
 other SOP UIDs than the request's, no study or series UID), ``0xC000`` (cannot
@@ -44,7 +46,6 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from radcache.embeddings.errors import (
-    ConfigError,
     InvalidHeaderError,
     NotDicomError,
     PayloadTooLargeError,
@@ -58,6 +59,7 @@ from ..deps import Resources
 from ..keys import Principal
 from .access import AeAccess, dicom_host
 from .hold import Hold
+from .spool import Spool, SpoolingDimse, make_server
 
 __all__ = ["DicomReceiver", "transfer_syntaxes"]
 
@@ -135,6 +137,8 @@ class DicomReceiver:
         self._assocs: dict[int, _Association] = {}
         self._lock = threading.Lock()
         self._server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
+        self.failure: str | None = None  # why it could not start
         self.ae = AE(ae_title=s.ae_title.strip())
         self.ae.require_called_aet = True  # A-ASSOCIATE-RJ: called AE title not recognised
         syntaxes = transfer_syntaxes()
@@ -143,7 +147,9 @@ class DicomReceiver:
         self.ae.add_supported_context(Verification, syntaxes)
 
     def start(self) -> None:
-        """Take up the hold, then listen (:class:`ConfigError` when the port is taken)."""
+        """Take up the hold, then listen. A port that cannot be listened on is logged and
+        kept as the receiver's :meth:`state` (``/readyz`` answers 503 with it); the HTTP
+        service goes on."""
         _config.LOG_HANDLER_LEVEL = "none"  # pynetdicom's message logs quote UIDs
         quiet = logging.getLogger("pynetdicom")
         quiet.setLevel(logging.WARNING)
@@ -157,19 +163,37 @@ class DicomReceiver:
             (evt.EVT_CONN_CLOSE, self._closed),
         ]
         try:
-            self._server = self.ae.start_server(self.address, block=False, evt_handlers=handlers)
+            self._server, self._thread = make_server(
+                self.ae, self.address, handlers, self.hold.incoming(), self.max_instance
+            )
         except OSError as exc:
-            self.hold.stop()
-            raise ConfigError(
-                f"the DICOM receiver cannot listen on {self.address[0]}:{self.address[1]} "
-                f"({exc.strerror or exc}); choose another --dicom-port or RADCACHE_DICOM_HOST."
-            ) from None
+            self.failure = (
+                f"it cannot listen on {self.address[0]}:{self.address[1]} "
+                f"({exc.strerror or exc}); choose another --dicom-port or RADCACHE_DICOM_HOST"
+            )
+            log.error("DICOM receiver not started: %s", self.failure)
+            return
         log.info(
             "DICOM receiver %s on %s:%d (%d calling AEs allowed)",
             self.ae.ae_title,
             *self.address,
             len(self.access.allowed),
         )
+
+    def state(self) -> tuple[bool, str]:
+        """Whether the receiver is listening and handing studies over, and what it does
+        (or why it does not)."""
+        if self.failure is not None:
+            return False, self.failure
+        if self._server is None or self._thread is None:
+            return False, "it is not started"
+        sock = self._server.socket
+        if not self._thread.is_alive() or sock is None or sock.fileno() < 0:
+            return False, "its listening thread has stopped"
+        if not self.hold.alive:
+            return False, "its hand-over thread has stopped"
+        host, port = self.address
+        return True, f"listening on {host}:{port} as {self.ae.ae_title}"
 
     def stop(self) -> None:
         """Stop listening and handing over (held instances stay on disk)."""
@@ -217,22 +241,26 @@ class DicomReceiver:
         return 0x0000
 
     def _take(self, event: evt.Event, sent: _Association, sop_instance: str) -> None:
-        """Write, check and hold one instance; raises what refuses it."""
-        data = event.encoded_dataset(include_meta=True)
-        if len(data) > self.max_instance:
-            raise PayloadTooLargeError(
-                f"the instance has {len(data)} bytes, more than the {self.max_instance} the "
-                "receiver takes; raise RADCACHE_DICOM_MAX_INSTANCE_BYTES."
-            )
-        path = self.hold.incoming()
+        """Check and hold one instance, already on disk (:class:`~.spool.Spool`); raises
+        what refuses it."""
+        req = cast(C_STORE, event.request)
+        spool = req.DataSet
+        if not isinstance(spool, Spool):  # never: every association spools
+            raise TruncatedFileError("it was not received as a file.")
         try:
-            path.write_bytes(data)
-            del data
+            path = spool.finished()
+            if spool.over:
+                raise PayloadTooLargeError(
+                    f"the instance has {spool.size} bytes, more than the {self.max_instance} "
+                    "the receiver takes (the rest was not kept); raise "
+                    "RADCACHE_DICOM_MAX_INSTANCE_BYTES."
+                )
+            if path is None:
+                raise NotDicomError("its C-STORE request came without a data set.")
             ids = instance_ids(path)  # NotDicomError: no readable header
             why = cut_short(path)
             if why is not None:
                 raise TruncatedFileError(f"the data set is cut short: {why}.")
-            req = cast(C_STORE, event.request)
             if (ids.sop_class, ids.sop_instance) != (
                 str(req.AffectedSOPClassUID),
                 sop_instance,
@@ -247,7 +275,7 @@ class DicomReceiver:
                 )
             self.hold.admit(path, sent.who.tenant, ids, id(event.assoc))
         finally:
-            path.unlink(missing_ok=True)  # still there: refused
+            spool.discard()  # still there: refused
 
     def _refuse(self, sent: _Association, n: int, sop_class: UID, exc: RadcacheError) -> int:
         """Record a refused instance in the association's failed job; its status."""
@@ -289,6 +317,8 @@ class DicomReceiver:
         self.hold.ended(id(event.assoc), released=True)
 
     def _closed(self, event: evt.Event) -> None:
+        if isinstance(event.assoc.dimse, SpoolingDimse):
+            event.assoc.dimse.discard()  # an instance cut off by an abort: never acknowledged
         with self._lock:
             sent = self._assocs.pop(id(event.assoc), None)
         if sent is None:

@@ -62,13 +62,17 @@ async def healthz() -> Health:
     "/readyz",
     response_model=Health,
     responses=ERRORS,
-    summary="Store, indexes and worker up; the model found (its weights may still load)",
+    summary="Store, indexes, worker (and DICOM receiver) up; the model found (its weights "
+    "may still load)",
 )
 def readyz(res: ResourcesDep) -> Response:
     ok, why = res.ready()
     if not ok:
         return problem(503, "not-ready", "Not ready", why, "/readyz")
     health = Health(
-        model=res.encoder.cfg.label, model_loaded=model_loaded(res), queue_depth=res.worker.depth
+        model=res.encoder.cfg.label,
+        model_loaded=model_loaded(res),
+        queue_depth=res.worker.depth,
+        dicom=res.dicom_state()[1] if res.settings.dicom_port is not None else None,
     )
     return JSONResponse(health.model_dump())

@@ -29,11 +29,18 @@ from radcache.clients.schemas import (
     SearchRequest,
 )
 from radcache.embeddings import Filters, Query
-from radcache.embeddings.errors import ForbiddenError, InputError, NotFoundError, VaultOffError
+from radcache.embeddings.errors import (
+    DestinationUnsetError,
+    ForbiddenError,
+    InputError,
+    NotFoundError,
+    VaultOffError,
+)
 from radcache.embeddings.search import QueryHits
 
 from ..auth import Read, Search
 from ..deps import Resources, ResourcesDep
+from ..dicom.send import deliver
 from ..entry_catalog import EntryCatalog
 from ..keys import Principal
 from ..uploads import save_upload
@@ -42,7 +49,20 @@ from ._common import ERRORS, catalog
 __all__ = ["router"]
 
 router = APIRouter()
+SENT_TO = "Radcache-Sent-To"  # a KOS answer sent on (`send`): how and where
 _SEARCH_BODY: dict[str, Any] = {
+    "responses": {
+        "200": {
+            "content": {"application/dicom": {"schema": {"type": "string", "format": "binary"}}},
+            "headers": {
+                SENT_TO: {
+                    "description": "with as=kos and send: how and where the document was "
+                    "sent (C-STORE AE@HOST:PORT, or STOW-RS URL)",
+                    "schema": {"type": "string"},
+                }
+            },
+        }
+    },
     "requestBody": {
         "required": True,
         "content": {
@@ -60,7 +80,7 @@ _SEARCH_BODY: dict[str, Any] = {
                 }
             },
         },
-    }
+    },
 }
 
 
@@ -169,6 +189,12 @@ async def search(request: Request, res: ResourcesDep, who: Search) -> Response:
     req = _parse(SearchRequest, await request.body())
     if req.query is None:
         raise InputError("a JSON search needs `query` (or upload files as multipart/form-data).")
+    if req.send and res.settings.kos_destination is None:
+        raise DestinationUnsetError(
+            "`send` asks the service to send the KOS to its KOS destination, and none is "
+            "configured; expected RADCACHE_KOS_DESTINATION (AE@HOST:PORT or a DICOMweb URL), "
+            "or ask without `send` and send the document yourself."
+        )
     query = await run_in_threadpool(_query, req.query, catalog(res), who.tenant)
     level = req.level or ("slice" if query.slice is not None else "series")
     results = await run_in_threadpool(
@@ -185,12 +211,13 @@ async def search(request: Request, res: ResourcesDep, who: Search) -> Response:
         tenant=who.tenant,
     )
     if req.as_ == "kos":
-        return await run_in_threadpool(_kos, res, who.tenant, results)
+        return await run_in_threadpool(_kos, res, who.tenant, results, req.send)
     return await run_in_threadpool(_out, req, level, results)
 
 
-def _kos(res: Resources, tenant: str, results: list[QueryHits]) -> Response:
-    """The hits of the first query as a Key Object Selection document in the query's study."""
+def _kos(res: Resources, tenant: str, results: list[QueryHits], send: bool) -> Response:
+    """The hits of the first query as a Key Object Selection document in the query's study;
+    with ``send``, sent to the configured KOS destination first."""
     if res.vault is None:
         raise VaultOffError(
             "a KOS answer names the original UIDs, and the UID vault is off; expected "
@@ -202,7 +229,13 @@ def _kos(res: Resources, tenant: str, results: list[QueryHits]) -> Response:
     study = str((res.store.entry_attrs({entry}).get(entry, {}).get("volume") or {}).get("study"))
     hits = [(str(h.record.study), str(h.record.key)) for h in results[0].hits]
     body = res.vault.kos(tenant, (study, entry), hits)
-    return Response(body, media_type="application/dicom")
+    headers = {}
+    if send:
+        s = res.settings
+        assert s.kos_destination is not None  # checked before searching
+        auth = s.kos_destination_auth.get_secret_value() if s.kos_destination_auth else None
+        headers[SENT_TO] = deliver(body, s.kos_destination, auth=auth, calling_ae=s.ae_title)
+    return Response(body, media_type="application/dicom", headers=headers)
 
 
 @router.post(
