@@ -559,7 +559,7 @@ _STAGES = {
         "load",
     ),
     "key_for (content hash)": (_P, "Pipeline", "key_for"),
-    "prepare (resolve, reslice, statistics)": (_P, None, "prepare"),
+    "prepare (resolve, reslice, statistics)": ("radcache.embeddings.preprocess", None, "prepare"),
     "batch preprocessing (window, resize, normalise)": (
         "radcache.embeddings.preprocess",
         "Prepared",
@@ -706,6 +706,131 @@ def bench_in_process(data: Path, tmp: Path, n: int, repeats: int, retry: Retry) 
 
 
 # ----------------------------------------------------------------------------------------
+# --compare-overlap: the pipeline overlapped (Pipeline.overlap) vs one stage after another
+
+
+def bench_overlap(
+    inputs: dict[str, Path], tmp: Path, n: int, repeats: int, retry: Retry
+) -> dict[str, Any]:
+    """``Pipeline.embed`` with ``overlap`` off and on, interleaved (the order alternates
+    between repeats), on each input; fresh store per run; medians, the stage clock of
+    every run, and the bare forward over as many slices for reference."""
+    from radcache.embeddings import Pipeline, Pseudonymizer, load_encoder, open_store
+    from radcache.embeddings.tuning import reuse_memory, settle
+
+    pseudo = Pseudonymizer(secret=PSEUDONYM_KEY.encode())
+    reuse_memory()
+    encoder = load_encoder(MODEL, precision="auto")
+    settle()
+    import torch
+
+    encoder.forward(torch.randn(BATCH, 3, 224, 224))  # warm-up batch
+
+    def pipeline(store: Path, overlap: bool) -> Any:
+        return Pipeline(
+            encoder,
+            open_store(store, mode="a"),
+            pseudo,
+            batch_size=BATCH,
+            patch_tokens=True,
+            overlap=overlap,
+        )
+
+    for overlap in (False, True):  # untimed warm-up of both paths
+        pipeline(tmp / f"overlap-warmup-{overlap}", overlap).embed([next(iter(inputs.values()))])
+    out: dict[str, Any] = {"precision": encoder.precision, "batch_size": BATCH, "inputs": {}}
+    for name, data in inputs.items():
+        runs: dict[str, list[dict[str, Any]]] = {"sequential": [], "overlapped": []}
+        bares: list[float] = []
+        discarded: list[Any] = []
+        k = 0
+        while len(bares) < repeats:
+            k += 1
+            order = [False, True] if k % 2 else [True, False]
+            pair: dict[str, dict[str, Any]] = {}
+            for overlap in order:
+                label = "overlapped" if overlap else "sequential"
+                pipe = pipeline(tmp / f"overlap-{name}-{k}-{label}", overlap)
+                with Background() as bg:
+                    s = time.perf_counter()
+                    rep = pipe.embed([data])
+                    wall = time.perf_counter() - s
+                assert rep.ok and {r.cache for r in rep.series} == {"miss"}, rep.to_dict()
+                assert sum(r.slices for r in rep.series) == n, rep.to_dict()
+                pair[label] = {
+                    "wall_s": wall,
+                    "profile": pipe.profile.to_dict(),
+                    "background_cores": bg.cores,
+                }
+            with Background() as bg:
+                bare = _bare_forward(encoder, n, last_n=4)
+            print(
+                f"  [{name} {k}] sequential {pair['sequential']['wall_s']:6.2f} s"
+                f" | overlapped {pair['overlapped']['wall_s']:6.2f} s"
+                f" | bare forward (last-4) {bare:6.2f} s"
+                f" | background {_cores(max(r['background_cores'] or 0 for r in pair.values()))}",
+                flush=True,
+            )
+            if _noisy([*pair.values(), {"background_cores": bg.cores}], retry):
+                discarded.append(pair)
+                continue
+            for label, r in pair.items():
+                runs[label].append(r)
+            bares.append(bare)
+        med = {label: median([r["wall_s"] for r in rs]) for label, rs in runs.items()}
+        out["inputs"][name] = {
+            "slices": n,
+            "runs": runs,
+            "bare_forward_last4_runs_s": bares,
+            "discarded_noisy_runs": discarded,
+            "sequential_median_s": med["sequential"],
+            "overlapped_median_s": med["overlapped"],
+            "bare_forward_last4_median_s": median(bares),
+            "overlapped_over_sequential": med["overlapped"] / med["sequential"],
+            "stage_medians_s": {
+                label: {
+                    st: median([r["profile"]["seconds"][st] for r in rs])
+                    for st in rs[0]["profile"]["seconds"]
+                }
+                for label, rs in runs.items()
+            },
+            "busy_fraction_median": {
+                label: median([r["profile"]["encoder_busy_fraction"] for r in rs])
+                for label, rs in runs.items()
+            },
+        }
+    return out
+
+
+def print_overlap(res: dict[str, Any]) -> None:
+    o = res["overlap"]
+    print()
+    print(
+        f"overlapped vs sequential Pipeline.embed: {MODEL}, batch {BATCH}, precision "
+        f"{o['precision']}, medians of {res['repeats']} runs"
+    )
+    print(
+        f"{res['machine']['cpu_model']}, {res['machine']['cores_available']} cores, "
+        f"torch {res['machine']['torch']} ({res['machine']['torch_threads']} threads)"
+    )
+    for name, r in o["inputs"].items():
+        print(
+            f"\n{name}: sequential {r['sequential_median_s']:.2f} s, overlapped "
+            f"{r['overlapped_median_s']:.2f} s -> ratio {r['overlapped_over_sequential']:.3f}; "
+            f"bare forward (last-4) {r['bare_forward_last4_median_s']:.2f} s"
+        )
+        print(f"  {'stage (median s)':<20} {'sequential':>11} {'overlapped':>11}")
+        for st in r["stage_medians_s"]["sequential"]:
+            seq, ovl = (
+                r["stage_medians_s"]["sequential"][st],
+                r["stage_medians_s"]["overlapped"][st],
+            )
+            print(f"  {st:<20} {seq:11.3f} {ovl:11.3f}")
+        b = r["busy_fraction_median"]
+        print(f"  {'encoder busy':<20} {b['sequential']:11.3f} {b['overlapped']:11.3f}")
+
+
+# ----------------------------------------------------------------------------------------
 # Report
 
 
@@ -833,7 +958,16 @@ def main() -> None:
         default=3,
         help="repeats that may be rerun (in all) when other processes disturbed them",
     )
+    ap.add_argument(
+        "--compare-overlap",
+        action="store_true",
+        help="only compare Pipeline.embed overlapped vs sequential (one series of --slices, "
+        "and as many slices in 3 series); results to bench/results/embed_overlap.json",
+    )
     args = ap.parse_args()
+    if args.compare_overlap:
+        compare_overlap(args)
+        return
     try:
         import PIL  # noqa: F401  (the recipe baseline needs it)
     except ImportError:
@@ -896,6 +1030,37 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"\nbenchmark took {res['benchmark_wall_s']:.0f} s; results written to {args.out}")
+
+
+def compare_overlap(args: argparse.Namespace) -> None:
+    """The --compare-overlap run."""
+    quiet = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else None
+    if quiet is not None and quiet >= NOISE_CORES:
+        print(f"warning: other processes use {quiet:.2f} cores; timings will be noisy", flush=True)
+    t_start = time.perf_counter()
+    n = args.slices - args.slices % 3
+    with tempfile.TemporaryDirectory(prefix="radcache-bench-") as td:
+        tmp = Path(td)
+        info = write_series(tmp / "ct", n)
+        for k in range(3):
+            write_series(tmp / "ct3" / f"s{k}", n // 3, seed=11 + k)
+        print(f"wrote {n} CT slices, and {n} more in 3 series", flush=True)
+        inputs = {f"1 series x {n}": tmp / "ct", f"3 series x {n // 3}": tmp / "ct3"}
+        overlap = bench_overlap(inputs, tmp, n, args.repeats, Retry(args.max_retries))
+    res = {
+        "benchmark": "bench/bench_embed.py --compare-overlap",
+        "model": MODEL,
+        "repeats": args.repeats,
+        "data": info,
+        "machine": machine_info(),
+        "overlap": overlap,
+        "benchmark_wall_s": time.perf_counter() - t_start,
+    }
+    print_overlap(res)
+    out = args.out.with_name("embed_overlap.json") if args.out.name == "embed.json" else args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1) + "\n")
+    print(f"\nbenchmark took {res['benchmark_wall_s']:.0f} s; results written to {out}")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,13 @@ DINOv2 model card plus a DICOM tutorial suggest, with nothing tuned:
   identical architecture;
 * CLS tokens saved with ``np.save``.
 
-Usage: ``python bench/naive_recipe.py DICOM_DIR OUT.npy [--batch-size 32] [--timings T.json]``
+With ``--device cuda`` the model runs on the GPU in fp32, its inputs copied there per
+batch, as the model card's ``.to("cuda")`` does; ``--model dinov2-base`` (or any plain
+DINOv2 registry name) stands in the random weights of that geometry
+(bench/bench_gpu.py uses both).
+
+Usage: ``python bench/naive_recipe.py DICOM_DIR OUT.npy [--batch-size 32] [--timings T.json]
+[--device cpu|cuda] [--model dinov2-small-random]``
 """
 
 from __future__ import annotations
@@ -62,11 +68,15 @@ def make_processor():
         return BitImageProcessorPil(**DINOV2_PREPROCESSOR)
 
 
-def load_model() -> torch.nn.Module:
-    """Stands in for ``AutoModel.from_pretrained("facebook/dinov2-small")``."""
+def load_model(name: str = "dinov2-small-random") -> torch.nn.Module:
+    """Stands in for ``AutoModel.from_pretrained("facebook/dinov2-small")`` (or the
+    geometry ``name`` gives, with random weights)."""
+    import dataclasses
+
     from radcache.embeddings.models import build_random, get_cfg
 
-    return build_random(get_cfg("dinov2-small-random")).eval()
+    cfg = dataclasses.replace(get_cfg(name), random_weights=True, hf_id=None)
+    return build_random(cfg).eval()
 
 
 def to_image(ds: pydicom.Dataset) -> Image.Image:
@@ -84,6 +94,8 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--timings", type=Path, help="write a JSON breakdown of where the time went")
+    ap.add_argument("--device", default="cpu", help="where the model runs (cpu, cuda)")
+    ap.add_argument("--model", default="dinov2-small-random", help="geometry of the weights")
     args = ap.parse_args()
     # interpreter start-up and imports = the caller's wall time minus "total"
     t0 = time.perf_counter()
@@ -91,7 +103,7 @@ def main() -> None:
 
     s = time.perf_counter()
     processor = make_processor()
-    model = load_model()
+    model = load_model(args.model).to(args.device)
     t["model_load"] = time.perf_counter() - s
 
     s = time.perf_counter()
@@ -112,8 +124,8 @@ def main() -> None:
         t["processor"] += time.perf_counter() - s
         s = time.perf_counter()
         with torch.no_grad():
-            out = model(**inputs)
-        cls.append(out.last_hidden_state[:, 0].numpy())
+            out = model(**{k: v.to(args.device) for k, v in inputs.items()})
+        cls.append(out.last_hidden_state[:, 0].cpu().numpy())
         t["forward"] += time.perf_counter() - s
 
     s = time.perf_counter()

@@ -1,27 +1,36 @@
 """Encode: model-ready tensors → CLS, patch-token and last-block CLS embeddings.
 
 Entry point :func:`load_encoder` (registry name or checkpoint directory) returning an
-:class:`Encoder`. Precision ``auto`` runs bf16 where the hardware runs it fast (CUDA
-with bf16, or a CPU with AVX-512 BF16/AMX) and fp32 otherwise; the choice is recorded.
+:class:`Encoder`. Devices, the precision rules (``auto``: bf16 on CUDA at compute
+capability ≥ 8.0, fp16 autocast below, bf16 on CPUs with native bf16, else fp32; the
+choice is recorded), host↔device copies and the compiled forward are ``_device``'s.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import platform
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import numpy as np
 import xxhash
 
-from .errors import ConfigError, ModelError
+from ._device import (
+    CompiledForward,
+    HashMemo,
+    Pending,
+    Placement,
+    Transfer,
+    auto_precision,
+    cpu_has_fast_bf16,
+    numerics,
+    resolve_device,
+    resolve_precision,
+)
+from .errors import ModelError
 from .models import ModelCfg, plain_cfg, weights_identity
 
 if TYPE_CHECKING:  # torch loads with the first model (a cached re-run imports none)
@@ -33,59 +42,16 @@ __all__ = [
     "LoadingEncoder",
     "Precision",
     "SliceEmbeddings",
+    "auto_precision",
+    "cpu_has_fast_bf16",
     "load_encoder",
     "resolve_device",
     "resolve_precision",
 ]
 
 log = logging.getLogger(__name__)
-Device = Literal["auto", "cpu", "cuda"]
+Device = str  # auto | cpu | cuda | cuda:N (checked by _device.check_device)
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
-_PRECISIONS = ("fp32", "bf16", "fp16")
-
-
-def _dtype(precision: str) -> torch.dtype:
-    import torch
-
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    dtype: torch.dtype = getattr(torch, names[precision])
-    return dtype
-
-
-def resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device 'cuda' was asked for but torch sees no CUDA device; use --device cpu or auto."
-        )
-    if device not in ("cpu", "cuda"):
-        raise ConfigError(f"unknown device {device!r}; expected auto, cpu or cuda.")
-    return torch.device(device)
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when oneDNN runs bf16 natively on this CPU (AVX-512 BF16 or AMX)."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    import torch
-
-    if precision not in ("auto", *_PRECISIONS):
-        raise ConfigError(f"unknown precision {precision!r}; expected auto, fp32, bf16 or fp16.")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 @dataclass
@@ -135,22 +101,33 @@ class Encoder:
     built = 0  # encoders built in this process, models loaded (tests use it)
 
     def __init__(
-        self, cfg: ModelCfg, model: torch.nn.Module, device: torch.device, precision: str
+        self,
+        cfg: ModelCfg,
+        model: torch.nn.Module,
+        device: torch.device,
+        precision: str,
+        *,
+        compile: bool = False,
     ) -> None:
         self.cfg = cfg
         self.device = device
         self.precision = precision
-        self.dtype = _dtype(precision)
+        self.numerics = numerics(precision, device.type)
+        self.dtype = self.numerics.weights  # of the weights and of the input
         self.weights_hash = weights_hash(model)  # of the weights as loaded, before any cast
         Encoder.built += 1
         self.model = model.eval().requires_grad_(False).to(device=device, dtype=self.dtype)
         self.forward_count = 0  # number of model forward passes run (tests use it)
+        self.transfer = Transfer(device)
+        self.compiled = (
+            CompiledForward(self.model, device) if compile and not cfg.multi_sequence else None
+        )
         # The last blocks' CLS tokens are caught by hooks as the blocks run, rather than
         # asking for every hidden state (all tokens of every block, kept per batch). The
         # hooks stay registered and write into the calling thread's own capture: a hook
-        # fires in the thread whose forward runs the block.
+        # fires in the thread whose forward runs the block. The compiled forward has none.
         self._capture = threading.local()
-        if not cfg.multi_sequence:
+        if not cfg.multi_sequence and self.compiled is None:
             depth = len(self._blocks())
             for i, block in enumerate(self._blocks()):
                 block.register_forward_hook(self._catcher(depth - i))
@@ -167,28 +144,32 @@ class Encoder:
         """One batch → ``(cls, patch_grid, cls_last or empty)`` on the model's device."""
         import torch
 
-        x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        caught: list[torch.Tensor] = []
-        self._capture.caught, self._capture.last_n = (caught if last_n > 0 else None), last_n
-        try:
-            with torch.inference_mode():
-                out = self.model(pixel_values=x)
-        finally:
-            self._capture.caught = None
+        x = self.transfer.upload(pixels, self.dtype)
+        kind = self.device.type
+        if self.compiled is not None:
+            with torch.inference_mode(), self.numerics.context(kind):
+                cls, tokens, last = self.compiled(x, last_n)
+        else:
+            caught: list[torch.Tensor] = []
+            self._capture.caught = caught if last_n > 0 else None
+            self._capture.last_n = last_n
+            try:
+                with torch.inference_mode(), self.numerics.context(kind):
+                    tokens = self.model(pixel_values=x).last_hidden_state
+            finally:
+                self._capture.caught = None
+            cls = tokens[:, 0]
+            if last_n > 0:
+                norm: torch.nn.Module = self.model.layernorm  # type: ignore[assignment]
+                with torch.inference_mode(), self.numerics.context(kind):
+                    last = norm(torch.stack(caught, dim=1))
+            else:
+                last = torch.empty(0)
         self.forward_count += 1
-        tokens = out.last_hidden_state
-        cls = tokens[:, 0]
         patches = tokens[:, 1 + self.cfg.num_registers :]
         n, _, s_h, s_w = x.shape
         h, w = s_h // self.cfg.patch_size, s_w // self.cfg.patch_size
-        grid = patches.reshape(n, h, w, -1)
-        if last_n > 0:
-            norm: torch.nn.Module = self.model.layernorm  # type: ignore[assignment]
-            with torch.inference_mode():
-                last = norm(torch.stack(caught, dim=1))
-        else:
-            last = torch.empty(0)
-        return cls, grid, last
+        return cls, patches.reshape(n, h, w, -1), last
 
     def _blocks(self) -> list[torch.nn.Module]:
         return list(self.model.encoder.layer)  # type: ignore[union-attr, arg-type]
@@ -206,19 +187,22 @@ class Encoder:
 
         With ``on_batch``, each batch's outputs are handed over as they come (row offset,
         outputs) and patch grids are not kept in memory: a consumer streams them away.
+
+        On CUDA a batch's outputs come back on a copy stream while the next batch is
+        prepared and its forward queued: a batch is handed over (and its one wait made)
+        after the next one has started. On a CPU the outputs are the same arrays as ever.
         """
         import torch
 
         cls_l, mean_l, patch_l, last_l = [], [], [], []
         start = 0
-        for pixels in batches:
-            cls, grid, last = self.forward(pixels, last_n=last_n)
-            part = SliceEmbeddings(
-                cls=cls.float().cpu().numpy(),
-                mean_patch=grid.float().mean(dim=(1, 2)).cpu().numpy(),
-                patch=grid.to(torch.float16).cpu().numpy() if patch_tokens else None,
-                cls_last=last.float().cpu().numpy() if last_n > 0 else None,
-            )
+        waiting: tuple[int, Pending] | None = None
+
+        def hand_over(rows: int, pending: Pending) -> None:
+            nonlocal start
+            cls, mean, patch, last = pending.wait()
+            assert cls is not None and mean is not None
+            part = SliceEmbeddings(cls=cls, mean_patch=mean, patch=patch, cls_last=last)
             cls_l.append(part.cls)
             mean_l.append(part.mean_patch)
             if part.patch is not None and on_batch is None:
@@ -227,9 +211,25 @@ class Encoder:
                 last_l.append(part.cls_last)
             if on_batch is not None:
                 on_batch(start, part)
-            start += int(pixels.shape[0])
+            start += rows
             if progress is not None:
-                progress(int(pixels.shape[0]))
+                progress(rows)
+
+        for pixels in batches:
+            cls, grid, last = self.forward(pixels, last_n=last_n)
+            with torch.inference_mode():
+                outputs = [
+                    cls.float(),
+                    grid.float().mean(dim=(1, 2)),
+                    grid.to(torch.float16) if patch_tokens else None,
+                    last.float() if last_n > 0 else None,
+                ]
+            pending = self.transfer.download(outputs)
+            if waiting is not None:
+                hand_over(*waiting)
+            waiting = (int(pixels.shape[0]), pending)
+        if waiting is not None:
+            hand_over(*waiting)
         d = self.cfg.dim
         return SliceEmbeddings(
             cls=np.concatenate(cls_l) if cls_l else np.zeros((0, d), np.float32),
@@ -250,8 +250,8 @@ class MMEncoder(Encoder):
         grids ``(B, S, h, w, D)``."""
         import torch
 
-        x = pixels.to(self.device, dtype=self.dtype, non_blocking=True)
-        with torch.inference_mode():
+        x = self.transfer.upload(pixels, self.dtype)
+        with torch.inference_mode(), self.numerics.context(self.device.type):
             out = self.model(x, present.to(self.device))
         self.forward_count += 1
         return out.cls, out.patch
@@ -273,6 +273,7 @@ def load_encoder(
     background: bool = False,
     hashes: Path | None = None,
     lazy: bool = False,
+    compile: bool = False,
 ) -> Encoder:
     """Load ``spec`` (registry name or HF checkpoint directory) for inference.
 
@@ -287,9 +288,12 @@ def load_encoder(
     ``precision`` and ``device`` (all a cache key needs) and loads the weights only when
     something else is asked of it: answering cache hits costs no model load. Where the
     device and precision this machine resolves ``auto`` to are remembered too (they are,
-    once a model has loaded here), it is returned without importing torch."""
+    once a model has loaded here), it is returned without importing torch.
+
+    ``compile``: the forward is ``torch.compile``d for fixed batch shapes (CUDA graphs on
+    CUDA; ``_device.CompiledForward``); the first batch of each input size compiles."""
     if hashes is not None and lazy and not background:
-        recalled = _recall(spec, device, precision, hashes, cache_dir, offline)
+        recalled = _recall(spec, device, precision, hashes, cache_dir, offline, compile)
         if recalled is not None:
             return recalled
     from .models import load_backbone, resolve_backbone
@@ -297,19 +301,19 @@ def load_encoder(
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     if hashes is not None:
-        _Placement(hashes, device, precision).remember(str(dev), prec)
+        Placement(hashes, device, precision).remember(str(dev), prec)
     if background or hashes is not None:
         resolved = resolve_backbone(spec, cache_dir=cache_dir, offline=offline)
         if resolved is not None and not resolved[0].multi_sequence:
             cfg, build = resolved
             memo = (
-                _HashMemo(hashes, weights_identity(spec, cfg, cache_dir=cache_dir, offline=offline))
+                HashMemo(hashes, weights_identity(spec, cfg, cache_dir=cache_dir, offline=offline))
                 if hashes
                 else None
             )
 
             def make() -> Encoder:
-                enc = _ready(Encoder(cfg, build(), dev, prec))
+                enc = _ready(Encoder(cfg, build(), dev, prec, compile=compile))
                 if memo is not None:
                     memo.remember(enc.weights_hash)
                 return enc
@@ -320,7 +324,8 @@ def load_encoder(
                 return cast(Encoder, LoadingEncoder(cfg, make, start=background, key=key))
             return make()
     cfg, model = load_backbone(spec, cache_dir=cache_dir, offline=offline)
-    return _ready((MMEncoder if cfg.multi_sequence else Encoder)(cfg, model, dev, prec))
+    kind = MMEncoder if cfg.multi_sequence else Encoder
+    return _ready(kind(cfg, model, dev, prec, compile=compile))
 
 
 def _recall(
@@ -330,6 +335,7 @@ def _recall(
     hashes: Path,
     cache_dir: str | None,
     offline: bool | None,
+    compile: bool,
 ) -> Encoder | None:
     """A :class:`LoadingEncoder` of ``spec`` not started, from what ``hashes`` remembers
     (weights hash; device and precision for ``auto``), without importing torch or
@@ -337,16 +343,22 @@ def _recall(
     cfg = plain_cfg(spec, cache_dir=cache_dir, offline=offline)
     if cfg is None:
         return None
-    placed = _Placement(hashes, device, precision).recall()
+    placed = Placement(hashes, device, precision).recall()
     identity = weights_identity(spec, cfg, cache_dir=cache_dir, offline=offline)
-    known = _HashMemo(hashes, identity).recall()
+    known = HashMemo(hashes, identity).recall()
     if placed is None or known is None:
         return None
     dev, prec = placed
 
     def build() -> Encoder:
         return load_encoder(
-            spec, device=dev, precision=prec, cache_dir=cache_dir, offline=offline, hashes=hashes
+            spec,
+            device=dev,
+            precision=prec,
+            cache_dir=cache_dir,
+            offline=offline,
+            hashes=hashes,
+            compile=compile,
         )
 
     return cast(Encoder, LoadingEncoder(cfg, build, start=False, key=(known, prec, dev)))
@@ -355,63 +367,6 @@ def _recall(
 def _ready(enc: Encoder) -> Encoder:
     log.info("loaded %s on %s at %s", enc.cfg.label, enc.device, enc.precision)
     return enc
-
-
-class _HashMemo:
-    """One checkpoint's entry in the remembered weights hashes (a small JSON file)."""
-
-    def __init__(self, path: Path, identity: str) -> None:
-        self.path = path.expanduser()
-        self.key = xxhash.xxh3_128_hexdigest(identity.encode())
-
-    def _read(self) -> dict[str, str]:
-        try:
-            data = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return {}  # none yet, or unreadable: the hash is computed again
-        return data if isinstance(data, dict) else {}
-
-    def recall(self) -> str | None:
-        value = self._read().get(self.key)
-        return value if isinstance(value, str) else None
-
-    def remember(self, weights_hash: str) -> None:
-        data = self._read()
-        if data.get(self.key) == weights_hash:
-            return
-        data[self.key] = weights_hash
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(data, indent=1))
-            os.replace(tmp, self.path)
-        except OSError as exc:  # a read-only home: the next run loads the model again
-            log.warning("could not remember the weights hash in %s: %s", self.path, exc)
-
-
-class _Placement:
-    """The device and precision ``device``/``precision`` resolve to on this machine, as
-    remembered in the weights-hash file: what ``auto`` gives depends on the host, the
-    torch build and the GPUs visible, so those name the entry. Explicit ``cpu`` with an
-    explicit precision needs no memory."""
-
-    def __init__(self, hashes: Path, device: str, precision: str) -> None:
-        self.asked = (device, precision)
-        gpus = sorted(p.name for p in Path("/dev").glob("nvidia[0-9]*"))
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        host = f"{platform.node()} torch {version('torch')} gpus {gpus} visible {visible}"
-        self.memo = _HashMemo(hashes, f"placement {device} {precision} on {host}")
-
-    def recall(self) -> tuple[str, str] | None:
-        device, precision = self.asked
-        if device == "cpu" and precision in _PRECISIONS:
-            return device, precision
-        dev, _, prec = (self.memo.recall() or "").partition(" ")
-        return (dev, prec) if dev in ("cpu", "cuda") and prec in _PRECISIONS else None
-
-    def remember(self, device: str, precision: str) -> None:
-        if self.asked != ("cpu", precision):
-            self.memo.remember(f"{device} {precision}")
 
 
 class LoadingEncoder:

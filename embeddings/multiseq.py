@@ -43,6 +43,7 @@ from .recipe import Recipe
 from .results import EmbedReport, Progress, SeriesResult, entry_attrs, series_result
 from .sequences import FUSIONS, Fusion, Study, assemble_study
 from .store import REF_FIELDS, EmbeddingStore, EntryInfo, space_id
+from .store.patch_codec import encode as encode_patches
 
 __all__ = ["FUSIONS", "Fusion", "StudyEmbedder", "embed_study"]
 
@@ -54,7 +55,7 @@ class StudyEmbedder(Protocol):
     store: EmbeddingStore
     pseudonymizer: Pseudonymizer
     recipe: Recipe
-    patch_tokens: bool
+    patch_storage: str  # fp16 | int8 | pooled:N | none (.store.patch_codec), MM-DINOv2 only
     batch_size: int
     limits: Limits
 
@@ -138,10 +139,11 @@ def _embed_assembled(
     key = entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
     model_name = cfg.name if fusion == "mm" else f"{cfg.name}+{fusion}"
     refs = {k: getattr(ref.meta, k) for k in REF_FIELDS}
-    cached = pipe.store.get(key)
+    patches = pipe.patch_storage if fusion == "mm" else "none"  # a fusion keeps no grids
+    cached = pipe.store.get(key, patches=patches)
     if cached is None:
         with pipe.store.claim(key):
-            cached = pipe.store.get(key)
+            cached = pipe.store.get(key, patches=patches)
             if cached is None:
                 prepared = {s: prepare(v, recipe, cfg) for s, v in study.volumes.items()}
                 n = prepared[study.reference].n
@@ -195,8 +197,7 @@ def _mm(
         "mean_patch": mean_patch,
         "pooled": cls_all.mean(axis=0).astype(np.float32),
     }
-    if pipe.patch_tokens:
-        out["patch"] = patch_all
+    out.update(encode_patches(pipe.patch_storage, patch_all))  # (n, S, h, w, D) grids
     return out
 
 
@@ -241,6 +242,7 @@ def _attrs(
     attrs = entry_attrs(
         enc, ref, p.volume, recipe, p.grid, p.n, cls_last_n=0, tenant=pipe.pseudonymizer.tenant
     )
+    attrs["patch_storage"] = pipe.patch_storage if fusion == "mm" else "none"
     attrs["model"] = {
         **attrs["model"],
         "name": model_name,

@@ -23,11 +23,15 @@ from typing import Any
 
 import numpy as np
 
+from . import _recognise
+from ._overlap import StageTimes
+from ._stream import embed_candidates, encode_prepared
 from ._version import __version__
 from .cache_keys import entry_key, tenant_content
-from .encode import Encoder, SliceEmbeddings
+from .encode import Encoder
 from .errors import InputError, InvalidFieldError, RadcacheError
-from .ingest import Candidate, InputItem, Limits, dicom_among, expand, scan, sniff, upload_notes
+from .ingest import Candidate, InputItem, Limits, dicom_among, scan, upload_notes
+from .patch_forms import DEFAULT_PATCH_STORAGE, parse_storage
 from .pseudonyms import InputRefs, Pseudonymizer
 from .recipe import Recipe
 from .results import (
@@ -43,13 +47,11 @@ from .sequences import Fusion
 from .settings import Settings
 from .store import (
     REF_FIELDS,
-    SHARED_FILE,
     EmbeddingStore,
     EntryInfo,
-    EntryWriter,
-    file_group,
     space_id,
 )
+from .store.patch_codec import patch_layout, put_patches
 from .volume import Volume
 
 __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "__version__"]
@@ -57,24 +59,9 @@ __all__ = ["EmbedReport", "Pipeline", "Progress", "SeriesResult", "Transient", "
 log = logging.getLogger(__name__)
 
 
-def _put_patches(writer: EntryWriter, start: int, part: SliceEmbeddings) -> None:
-    """Stream a batch's patch grids (the bulk of an entry) to the store while the model
-    runs the next batch."""
-    if part.patch is not None:
-        writer.put("patch", start, part.patch, wait=False)
-
-
 def _refs(volume: Volume) -> dict[str, Any]:
     """The names ``volume`` was sent under: an entry's own, or an alias of it."""
     return {k: getattr(volume.meta, k) for k in REF_FIELDS}
-
-
-def _names(info: EntryInfo, refs: Mapping[str, Any]) -> bool:
-    """Entry ``info`` is still named by the study, series and part of ``refs`` (its own
-    names or an alias: a deleted study's are not)."""
-    wanted = tuple(refs.get(k) for k in ("study", "series", "part"))
-    named = (info.attrs.get("volume", {}), *info.attrs.get("aliases", []))
-    return any(tuple(r.get(k) for k in ("study", "series", "part")) == wanted for r in named)
 
 
 class Pipeline:
@@ -87,19 +74,23 @@ class Pipeline:
         pseudonymizer: Pseudonymizer,
         *,
         recipe: Recipe | None = None,
-        patch_tokens: bool = True,
+        patch_storage: str | bool = DEFAULT_PATCH_STORAGE,  # fp16|int8|pooled:N|none: patch_codec
+        patch_tokens: bool | None = None,  # the older flag: True is fp16, False none
         cls_last_n: int = 4,
         batch_size: int = 32,
         limits: Limits | None = None,
+        overlap: bool = False,
     ) -> None:
         self.encoder = encoder
         self.store = store
         self.pseudonymizer = pseudonymizer
         self.recipe = recipe or Recipe()
-        self.patch_tokens = patch_tokens
+        self.patch_storage = parse_storage(patch_storage if patch_tokens is None else patch_tokens)
         self.cls_last_n = min(cls_last_n, encoder.cfg.depth)
         self.batch_size = batch_size
         self.limits = limits or Limits()  # what one submission may declare and inflate to
+        self.overlap = overlap  # decode, preprocessing and forward overlapped: _stream
+        self.profile = StageTimes()  # seconds per stage, every run of this pipeline's
         store.bind_pseudonyms(pseudonymizer.fingerprint())
 
     @classmethod
@@ -129,16 +120,18 @@ class Pipeline:
             background=background,
             hashes=settings.weights_hash_file,
             lazy=lazy,
+            compile=settings.compile,
         )
         return cls(
             enc,
             open_store(settings.store, mode="a", locks=locks),
             settings.pseudonymizer(),
             recipe=load_recipe(settings.recipe),
-            patch_tokens=settings.patch_tokens,
+            patch_storage=settings.patch_storage,
             cls_last_n=settings.cls_last_n,
             batch_size=settings.batch_size,
             limits=Limits(settings.max_voxels, settings.max_decompressed_bytes),
+            overlap=settings.overlap,
         )
 
     def embed(
@@ -165,7 +158,7 @@ class Pipeline:
         """
         inputs = list(inputs)
         self.check_refs(inputs, refs)
-        known = self.recognise(inputs) if recognise and not refs else None
+        known = self.recognise(inputs, modality) if recognise and not refs else None
         if known is not None:
             if progress is not None:
                 progress.total(sum(r.slices for r in known.series))
@@ -268,17 +261,17 @@ class Pipeline:
         self,
         *,
         recipe: Recipe | None = None,
-        patch_tokens: bool | None = None,
+        patch_storage: str | bool | None = None,
         tenant: str | None = None,
     ) -> Pipeline:
-        """The same encoder and store with another recipe, patch-token choice or tenant."""
+        """The same encoder and store with another recipe, patch storage or tenant."""
         other = copy.copy(self)
         if tenant is not None:
             other.pseudonymizer = self.pseudonymizer.for_tenant(tenant)
         if recipe is not None:
             other.recipe = recipe
-        if patch_tokens is not None:
-            other.patch_tokens = patch_tokens
+        if patch_storage is not None:
+            other.patch_storage = parse_storage(patch_storage)
         return other
 
     def _embed(
@@ -295,50 +288,19 @@ class Pipeline:
         if progress is not None:
             progress.total(sum(c.n_slices for c in found.candidates))
         known = self.store.file_index() if by_digest else {}
-        pending = found.candidates  # headers only; each is let go once it is done
-        pending.reverse()
-        while pending:
-            cand = pending.pop()
-            try:
-                result = self._stored_candidate(cand, known)
-                if result is None:
-                    result = self._embed_candidate(cand, progress)
-                elif progress is not None:
-                    progress.advance(cand.n_slices)
-                report.series.append(result)
-            except InputError as exc:
-                report.errors.append(exc)
-                log.info("a series was rejected: %s", exc.code)  # not its file names
-            del cand
+        t0 = time.perf_counter()
+        embed_candidates(self, found.candidates, known, report, progress)
+        slices = sum(r.slices for r in report.series if r.cache == "miss")
+        self.profile.run(time.perf_counter() - t0, slices)
         return report
 
     def _stored_candidate(self, cand: Candidate, known: Mapping[str, str]) -> SeriesResult | None:
-        """The stored entry of a candidate made of exactly the files of a stored volume (a
-        series an earlier, perhaps interrupted, run committed), without reading its pixels;
-        None when it must be loaded."""
-        t0 = time.perf_counter()
-        contents = {known.get(d) for d in cand.files}
-        if len(contents) != 1:
-            return None
-        content = contents.pop()
-        if content is None or content == SHARED_FILE:
-            return None
-        rec = self.store.volume_record(content)
-        refs = (rec or {}).get("groups", {}).get(file_group(cand.files))
-        if rec is None or refs is None or refs["study"] != cand.study:
-            return None  # these files were not recorded under these names: decode them
-        enc = self.encoder
-        recipe = self.recipe.resolve(rec.get("modality"), enc.cfg, photometric=rec["photometric"])
-        info = self.store.get(entry_key(content, enc.weights_hash, recipe.hash(), enc.precision))
-        if info is None:
-            return None
-        self.store.ensure_indexed(info)
-        self.store.add_alias(info.key, refs)
-        notes = upload_notes(rec.get("warnings", ()), cand.resent)
-        return series_result(info, "hit", t0, notes, refs)
+        """A DICOM series' stored entry from its files' digests, or None (:mod:`._recognise`)."""
+        return _recognise.stored_candidate(self, cand, known)
 
-    def _embed_candidate(self, cand: Candidate, progress: Progress | None) -> SeriesResult:
-        volume = cand.load()
+    def _embed_candidate(
+        self, cand: Candidate, progress: Progress | None, volume: Volume
+    ) -> SeriesResult:
         result = self.embed_volume(volume, progress=progress)
         if progress is not None and result.cache == "hit":
             progress.advance(cand.n_slices)
@@ -350,61 +312,18 @@ class Pipeline:
                 "photometric": m.photometric,
                 "n_files": len(cand.files),
                 "n_slices": volume.n_slices,
-                "warnings": list(upload_notes(m.warnings, 0)),  # this upload's count: not kept
+                "warnings": list(upload_notes(result.warnings, 0)),  # not this upload's count
             }
             self.store.remember_files(self.content_of(volume), cand.files, record)
         return result
 
-    def recognise(self, inputs: Iterable[InputItem]) -> EmbedReport | None:
-        """Answer a re-sent submission from file digests alone, or None to take the full path.
-
-        Succeeds only when every input is a DICOM file already seen, the files make up
-        exactly the volumes they made before, each of those is stored under this
-        pipeline's model, recipe and precision, and still named by the study these very
-        files were sent under (files with other UIDs and the same pixels make the same
-        volume under other names): then no file is parsed or decoded, and the answer
-        names the files' own study.
-        """
-        t0 = time.perf_counter()
-        groups: dict[str, list[str]] = {}  # volume: the digests of its files, copies included
-        known = self.store.file_index()
-        for item in expand(inputs, limits=self.limits):
-            if isinstance(item, InputError):
-                return None
-            try:
-                if sniff(item) != "dicom":  # its first bytes only
-                    return None
-                with item.spooled() as f:  # streamed: a large zip member through a file
-                    digest = self.pseudonymizer.file_digest(f)
-            except (InputError, OSError):
-                return None
-            content = known.get(digest)
-            if content is None or content == SHARED_FILE:  # new, or part of several volumes
-                return None
-            groups.setdefault(content, []).append(digest)
-        found: list[tuple[EntryInfo, tuple[str, ...], dict[str, Any]]] = []
-        cfg, enc = self.encoder.cfg, self.encoder
-        for content, sent in groups.items():
-            files = set(sent)
-            rec = self.store.volume_record(content)
-            if rec is None or int(rec.get("n_files", -1)) != len(files):
-                return None
-            refs = rec.get("groups", {}).get(file_group(files))  # None: recorded before groups
-            recipe = self.recipe.resolve(rec.get("modality"), cfg, photometric=rec["photometric"])
-            info = self.store.get(
-                entry_key(content, enc.weights_hash, recipe.hash(), enc.precision)
-            )
-            if info is None or refs is None or not _names(info, refs):
-                return None
-            notes = upload_notes(rec.get("warnings", ()), len(sent) - len(files))
-            found.append((info, notes, refs))
-        if not found:
-            return None
-        report = EmbedReport()
-        for info, notes, refs in found:
-            self.store.ensure_indexed(info)
-            report.series.append(series_result(info, "hit", t0, notes, refs))
-        return report
+    def recognise(
+        self, inputs: Iterable[InputItem], modality: str | None = None
+    ) -> EmbedReport | None:
+        """Answer a re-sent submission from its files' digests alone, or None to take the
+        full path (:func:`._recognise.recognise`: DICOM files, and single-volume NIfTI files
+        sent without references and with the same ``modality``)."""
+        return _recognise.recognise(self, inputs, modality)
 
     @property
     def tenant(self) -> str:
@@ -438,11 +357,11 @@ class Pipeline:
             warning = unknown_modality(meta, self.recipe, self.encoder.cfg)
             meta = dataclasses.replace(meta, warnings=(*meta.warnings, warning))
         refs = _refs(volume)
-        cached = self.store.get(key)
+        cached = self.store.get(key, patches=self.patch_storage)  # None: poorer patches too
         if cached is None:
             with self.store.claim(key):
                 # Another process may have stored it while this one waited for the claim.
-                cached = self.store.get(key)
+                cached = self.store.get(key, patches=self.patch_storage)
                 if cached is None:
                     info = self._write(volume, key, recipe, progress)
                     return series_result(info, "miss", t0, meta.warnings, refs)
@@ -456,7 +375,8 @@ class Pipeline:
         """Encode ``volume`` and store it under ``key``, patch grids streamed as they come."""
         from .preprocess import prepare
 
-        prepared = prepare(volume, recipe, self.encoder.cfg)
+        with self.profile.timed("preprocess"):
+            prepared = prepare(volume, recipe, self.encoder.cfg)
         n, d, (h, w) = prepared.n, self.encoder.cfg.dim, prepared.grid
         layout: dict[str, tuple[tuple[int, ...], Any]] = {
             "cls": ((n, d), np.float32),
@@ -465,21 +385,22 @@ class Pipeline:
             "positions": ((n, 3), np.float64),
             "slice_index": ((n,), np.int32),
         }
-        if self.patch_tokens:
-            layout["patch"] = ((n, h, w, d), np.float16)
+        layout.update(patch_layout(self.patch_storage, (n, h, w, d)))
         if self.cls_last_n:
             layout["cls_last"] = ((n, self.cls_last_n, d), np.float32)
         # Patch grids go to the store batch by batch as they come (never all in memory);
         # the entry stays invisible until commit().
         writer = self.store.begin(key, layout)
-        emb = self.encoder.encode(
-            prepared.batches(self.batch_size),
-            patch_tokens=self.patch_tokens,
+        emb = encode_prepared(
+            self,
+            prepared,
+            patch_tokens=self.patch_storage != "none",
             last_n=self.cls_last_n,
-            progress=progress.advance if progress is not None else None,
-            on_batch=functools.partial(_put_patches, writer),
+            progress=progress,
+            on_batch=functools.partial(put_patches, writer, self.patch_storage),
         )
         # The small per-slice arrays are one chunk each: written once, whole.
+        t_write = time.perf_counter()
         writer.put("cls", 0, emb.cls)
         writer.put("mean_patch", 0, emb.mean_patch)
         if emb.cls_last is not None:
@@ -496,5 +417,8 @@ class Pipeline:
             n,
             self.cls_last_n,
             tenant=self.tenant,
+            patch_storage=self.patch_storage,
         )
-        return writer.commit(attrs, emb.pooled, emb.cls)
+        info = writer.commit(attrs, emb.pooled, emb.cls)
+        self.profile.add("write", time.perf_counter() - t_write)
+        return info

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -237,6 +237,7 @@ class Prepared:
     indices: np.ndarray  # which slices of ``volume`` are embedded
     grid: tuple[int, int]
     _range: tuple[float, float] | None
+    _uploaded: tuple[torch.device, torch.Tensor] | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:
@@ -274,28 +275,47 @@ class Prepared:
         r, c = self.volume.shape[1:3]
         return placement(self.recipe.resize, r, c, self.volume.geometry.spacing[:2])
 
-    def batch(self, start: int, stop: int) -> torch.Tensor:
-        """Model input for embedded slices ``start:stop``: ``(n, 3, S, S)`` float32."""
+    def _on(self, device: torch.device) -> torch.Tensor:
+        """The raw volume on ``device``, uploaded once (non-blocking from pinned memory)."""
+        if self._uploaded is None or self._uploaded[0] != device:
+            host = torch.from_numpy(np.ascontiguousarray(self.volume.voxels))
+            if device.type == "cuda":
+                host = host.pin_memory()
+            self._uploaded = (device, host.to(device, non_blocking=True))
+        return self._uploaded[1]
+
+    def batch(self, start: int, stop: int, *, device: torch.device | None = None) -> torch.Tensor:
+        """Model input for embedded slices ``start:stop``: ``(n, 3, S, S)`` float32, made
+        on ``device`` (default: the CPU) by the same ops; off the CPU the raw volume is
+        uploaded once, at the first batch."""
         idx = self.indices[start:stop]
-        vox = self.volume.voxels
-        sel = vox[idx[0] : idx[-1] + 1] if np.all(np.diff(idx) == 1) else vox[idx]
-        x = torch.from_numpy(np.ascontiguousarray(sel))
+        run = bool(np.all(np.diff(idx) == 1))
+        if device is None or device.type == "cpu":
+            vox = self.volume.voxels
+            x = torch.from_numpy(
+                np.ascontiguousarray(vox[idx[0] : idx[-1] + 1] if run else vox[idx])
+            )
+        else:
+            vol = self._on(device)
+            x = vol[idx[0] : idx[-1] + 1] if run else vol[torch.as_tensor(idx, device=device)]
         x = self._intensity(x)
         x = self.placement().to_canvas(x)
         if self.recipe.rescale == "minmax":
             x = _minmax(x, per_channel=True)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        mean = torch.tensor(self.recipe.mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(self.recipe.std, dtype=x.dtype).view(1, 3, 1, 1)
+        mean = torch.tensor(self.recipe.mean, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.recipe.std, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
         out = torch.sub(x, mean).div_(std)  # a new (n, 3, S, S) tensor, contiguous
         if self.recipe.normalize == "nonzero":
             out.masked_fill_(x == 0, 0.0)
         return out
 
-    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+    def batches(
+        self, batch_size: int, *, device: torch.device | None = None
+    ) -> Iterator[torch.Tensor]:
         for start in range(0, self.n, batch_size):
-            yield self.batch(start, min(start + batch_size, self.n))
+            yield self.batch(start, min(start + batch_size, self.n), device=device)
 
 
 def _minmax(x: torch.Tensor, *, per_channel: bool) -> torch.Tensor:
@@ -309,7 +329,7 @@ def _minmax(x: torch.Tensor, *, per_channel: bool) -> torch.Tensor:
 
 def _slice_percentile(x: torch.Tensor, policy: SlicePercentile) -> torch.Tensor:
     """(n, C, r, c) clipped to each slice's own percentiles (all channels together)."""
-    q = torch.tensor([policy.low / 100, policy.high / 100], dtype=x.dtype)
+    q = torch.tensor([policy.low / 100, policy.high / 100], dtype=x.dtype, device=x.device)
     lo, hi = torch.quantile(x.reshape(x.shape[0], -1), q, dim=1).view(2, -1, 1, 1, 1)
     if policy.below == "zero":  # above high → high, then at or below low → 0
         y = torch.minimum(x, hi)

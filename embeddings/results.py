@@ -129,10 +129,11 @@ def entry_attrs(
     cls_last_n: int,
     *,
     tenant: str,
+    patch_storage: str = "none",
 ) -> dict[str, Any]:
     """The attributes an entry is stored with: the volume's non-identifying metadata, its
-    geometry as embedded, the model, recipe and precision, the space it belongs to and the
-    tenant that owns it."""
+    geometry as embedded, the model, recipe and precision, the form its patch grids are
+    kept in, the space it belongs to and the tenant that owns it."""
     cfg = enc.cfg
     return {
         "tenant": tenant,
@@ -159,6 +160,7 @@ def entry_attrs(
         "device": enc.device.type,
         "grid": list(grid),
         "cls_last_n": cls_last_n,
+        "patch_storage": patch_storage,
         "pooled": "mean of slice CLS tokens",
         "space": space_id(cfg.name, enc.weights_hash, recipe.space_hash()),
         "radcache_version": __version__,

@@ -81,7 +81,7 @@ def build_resources(
             quarantine=settings.quarantine_dir,
             vault=vault,
         )
-    metrics = Metrics(lambda: worker.depth)
+    metrics = Metrics(lambda: worker.depth, stages=pipeline.profile)
     indexes = open_index(store, **settings.index_options())
     catalog = EntryCatalog(jobs)
     if catalog.needs_rebuild(store):  # a new or upgraded job database, a filled store

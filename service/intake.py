@@ -84,7 +84,7 @@ def accept(res: Resources, upload: Path, options: JobOptions) -> Accepted:
         # A multi-sequence study's entry is keyed by all its sequences, and references name
         # non-DICOM files only: no per-file shortcut for either.
         shortcut = not options.multi_sequence and not options.refs
-        known = pipeline.recognise([upload]) if shortcut else None
+        known = pipeline.recognise([upload], options.modality) if shortcut else None
         row = res.jobs.create(str(upload), options=options.stored(), tenant=options.tenant)
     except BaseException:
         shutil.rmtree(upload, ignore_errors=True)

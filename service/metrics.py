@@ -1,19 +1,58 @@
-"""Prometheus metrics of one app: requests, queue depth, job seconds, slices/s, cache hits."""
+"""Prometheus metrics of one app: requests, queue depth, job seconds, slices/s, cache hits,
+and the embedding stages' seconds with the encoder's busy fraction."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 __all__ = ["Metrics"]
 
 
-class Metrics:
-    """One registry per app, so several apps (tests, workers) never share counters."""
+class StageClock(Protocol):
+    """What the pipeline's stage clock (``Pipeline.profile``) tells."""
 
-    def __init__(self, queue_depth: Callable[[], int]) -> None:
+    def seconds(self) -> dict[str, float]: ...
+    def busy_fraction(self) -> float: ...
+    @property
+    def wall(self) -> float: ...
+
+
+class _Stages(Collector):
+    """The pipeline's stage clock, read at each scrape."""
+
+    def __init__(self, clock: StageClock) -> None:
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        stage = CounterMetricFamily(
+            "radcache_stage_seconds",
+            "seconds spent in each embedding stage (decode, preprocess, forward, write) and "
+            "waiting (wait_decode, wait_batch), by the pipeline of this process",
+            labels=["stage"],
+        )
+        for name, seconds in self.clock.seconds().items():
+            stage.add_metric([name], seconds)
+        yield stage
+        yield CounterMetricFamily(
+            "radcache_embed_seconds", "wall time of embedding runs", value=self.clock.wall
+        )
+        yield GaugeMetricFamily(
+            "radcache_encoder_busy_fraction",
+            "fraction of embedding wall time the model forward was running",
+            value=self.clock.busy_fraction(),
+        )
+
+
+class Metrics:
+    """One registry per app, so several apps (tests, workers) never share counters.
+    ``stages``: the pipeline's stage clock, exported as it stands at each scrape."""
+
+    def __init__(self, queue_depth: Callable[[], int], *, stages: StageClock | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -35,6 +74,8 @@ class Metrics:
         self.rate = Gauge(
             "radcache_slices_per_second", "embedded slices per second of the last job", registry=r
         )
+        if stages is not None:
+            r.register(_Stages(stages))
 
     def job(self, seconds: float, series: list[dict[str, Any]]) -> None:
         """Record a finished job's report."""

@@ -38,6 +38,7 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     modality: str | None = None
+    patch_storage: str | None = None  # fp16 | int8 | pooled:N | none; over patch_tokens
     patch_tokens: bool | None = None
     recipe: dict[str, Any] | None = None  # the loaded recipe (or protocol's), dumped
     roi: dict[str, Any] | None = None  # the box every volume is cut to, on any recipe
@@ -49,9 +50,9 @@ class JobOptions(BaseModel):
     tenant: str = DEFAULT_TENANT  # who submitted it: what it stores belongs to them
     patient: str | None = None  # pseudonym of the sender's patient reference (non-DICOM)
     study: str | None = None  # pseudonym of the sender's study reference (non-DICOM)
-    _recipe: Recipe | None = PrivateAttr(None)
     # series (names) the DICOM receiver re-sent whole: their earlier entries in their study go
     supersede: list[str] | None = None
+    _recipe: Recipe | None = PrivateAttr(None)
 
     @property
     def refs(self) -> InputRefs | None:
@@ -71,7 +72,8 @@ class JobOptions(BaseModel):
         recipe = self._recipe
         if self.roi is not None:
             recipe = (recipe or base.recipe).with_roi(load_roi(self.roi))
-        return base.variant(recipe=recipe, patch_tokens=self.patch_tokens, tenant=self.tenant)
+        patches = self.patch_tokens if self.patch_storage is None else self.patch_storage
+        return base.variant(recipe=recipe, patch_storage=patches, tenant=self.tenant)
 
 
 def parse_submit_options(raw: dict[str, Any]) -> SubmitOptions:
@@ -125,6 +127,7 @@ def job_options(
         refs = pseudonymizer.for_tenant(tenant).refs(**options.refs)
     out = JobOptions(
         modality=options.modality,
+        patch_storage=options.patch_storage,
         patch_tokens=options.patch_tokens,
         recipe=recipe.model_dump(mode="json") if recipe is not None else None,
         roi=roi,

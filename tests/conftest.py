@@ -77,3 +77,14 @@ def tiny() -> Encoder:
 @pytest.fixture
 def store_path(tmp_path: Path) -> Path:
     return tmp_path / "store.zarr"
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``gpu`` needs CUDA: skipped, saying why, where torch sees none
+    (``pytest -m gpu`` runs them; bench/bench_gpu.py does on a GPU machine)."""
+    if item.get_closest_marker("gpu") is not None:
+        import torch
+
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            pytest.skip(f"needs a CUDA device; torch {torch.__version__} ({build}) sees none")

@@ -114,6 +114,7 @@ def test_env_settings_and_models_listing(study: Path, tmp_path: Path) -> None:
         "--store",
         "--recipe",
         "--patch-tokens",
+        "--patch-storage",
         "--device",
         "--precision",
         "--batch-size",

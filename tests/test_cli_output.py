@@ -76,3 +76,12 @@ def test_a_volume_without_modality_warns_and_no_progress_bar_is_drawn(tmp_path: 
     named = CliRunner().invoke(main, [*base, "--modality", "CT", "--json"])
     (ct,) = json.loads(named.stdout)["series"]
     assert ct["modality"] == "CT" and not any("modality" in w for w in ct["warnings"])
+
+
+def test_a_bad_setting_is_one_usage_error_naming_it_not_a_traceback(tmp_path: Path) -> None:
+    env = {"RADCACHE_PSEUDONYM_KEY": "short-secret", "RADCACHE_BATCH_SIZE": "many"}
+    r = CliRunner().invoke(main, ["embed", str(tmp_path), "--store", str(tmp_path / "s")], env=env)
+    assert r.exit_code == 2 and r.exception is not None and "Traceback" not in r.output
+    said = " ".join(r.output.split())
+    assert "RADCACHE_PSEUDONYM_KEY (or its flag): RADCACHE_PSEUDONYM_KEY must be at least" in said
+    assert "RADCACHE_BATCH_SIZE (or its flag)" in said and "short-secret" not in said

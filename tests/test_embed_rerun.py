@@ -31,8 +31,8 @@ def _embed(store: Path, hashes: Path, *inputs: Path, extra: tuple[str, ...] = ()
 
 
 # The CLI in a fresh interpreter, once per argument list: what cached re-runs import. The
-# model (torch, transformers) is not loaded; pydicom is not needed to recognise re-sent
-# DICOM files by their digests, nor to read a NIfTI; only the command run is imported.
+# model (torch, transformers) is not loaded; re-sent DICOM and NIfTI files are recognised by
+# their digests (no pydicom, no nibabel); only the command run is imported.
 _RERUN = """import json, sys
 from radcache.service.cli import main
 for args in json.loads(sys.argv[1]):
@@ -40,7 +40,7 @@ for args in json.loads(sys.argv[1]):
         main(args)
     except SystemExit as exit:
         assert exit.code == 0, exit.code
-unwanted = {"torch", "transformers", "pydicom", "radcache.service.cli.serve"}
+unwanted = {"torch", "transformers", "pydicom", "nibabel", "radcache.service.cli.serve"}
 heavy = sorted(unwanted & set(sys.modules))
 assert not heavy, f"cached re-runs imported {heavy}"
 """
@@ -65,8 +65,10 @@ def test_a_cached_rerun_loads_no_model_and_a_miss_still_does(tmp_path: Path) -> 
 
     new = _embed(store, hashes, nifti[0], extra=nifti[1])  # a miss: the model loads now
     assert Encoder.built == built + 2 and [s["cache"] for s in new["series"]] == ["miss"]
-    nifti_again = _embed(store, hashes, nifti[0], extra=nifti[1])  # decoded, not loaded
+    nifti_again = _embed(store, hashes, nifti[0], extra=nifti[1])  # by its digest
     assert Encoder.built == built + 2 and [s["cache"] for s in nifti_again["series"]] == ["hit"]
+    as_ct = _embed(store, hashes, nifti[0], extra=("--modality", "CT"))  # another recipe
+    assert [(s["cache"], s["modality"]) for s in as_ct["series"]] == [("miss", "CT")]
 
     env = {**os.environ, "RADCACHE_WEIGHTS_HASH_FILE": str(hashes)}
     runs = [[*_args(store, tmp_path / "ct")], [*_args(store, nifti[0]), *nifti[1]]]

@@ -78,9 +78,9 @@ def test_a_new_upload_is_recognised_once(
     calls: list[int] = []
     recognise = Pipeline.recognise
 
-    def counted(self: Pipeline, inputs: Any) -> Any:
+    def counted(self: Pipeline, inputs: Any, modality: str | None = None) -> Any:
         calls.append(1)
-        return recognise(self, inputs)
+        return recognise(self, inputs, modality)
 
     monkeypatch.setattr(Pipeline, "recognise", counted)
     gen = write_series(tmp_path / "once", phantom(3, 16, 16, seed=7))
@@ -138,6 +138,15 @@ def test_submit_wait_fetch_and_resubmit(client: TestClient, tmp_path: Path) -> N
         in metrics
     )
     assert "radcache_queue_depth 0.0" in metrics and "radcache_job_seconds_count" in metrics
+    # the worker's pipeline timed its stages: the forward ran, and for part of the wall time
+    stages = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'radcache_stage_seconds_total\{stage="(\w+)"\} (\S+)', metrics)
+    }
+    assert stages.keys() >= {"decode", "preprocess", "forward", "write", "wait_batch"}
+    assert stages["forward"] > 0 and stages["decode"] > 0
+    busy = re.search(r"^radcache_encoder_busy_fraction (\S+)$", metrics, re.M)
+    assert busy is not None and 0 < float(busy.group(1)) <= 1
 
 
 def test_bodies_zip_and_nifti(client: TestClient, tmp_path: Path) -> None:
@@ -185,6 +194,10 @@ def test_a_volume_without_modality_warns_and_answers_carry_offsets(
     (warning,) = series["warnings"]
     assert warning.startswith("no modality given (NIfTI files carry none)")
     assert "percentile low=0.5 high=99.5" in warning and "a CT gets ct-windows" in warning
+    again = client.post(  # recognised by its digest, its warning kept
+        "/v1/studies", content=nii.read_bytes(), headers={"content-type": "application/gzip"}
+    )
+    assert again.status_code == 200 and again.json()["series"][0]["warnings"] == [warning]
     answers = [
         posted.json(),
         job,
@@ -721,3 +734,17 @@ def test_copies_of_one_file_in_a_zip_are_recognised_as_cached(client: TestClient
     )
     assert two.status_code == 200, two.json()
     assert "1 duplicate instance(s)" in " ".join(two.json()["series"][0]["warnings"])
+
+
+def test_patch_storage_is_a_submission_option_and_reads_decode(
+    client: TestClient, tmp_path: Path
+) -> None:
+    gen = write_series(tmp_path / "p", phantom(3, 16, 16, seed=91))
+    bad = client.post("/v1/studies", files=_files(gen.directory), data={"patch_storage": "int4"})
+    assert bad.status_code == 422 and bad.json()["code"] == "invalid-request"
+    r = client.post("/v1/studies", files=_files(gen.directory), data={"patch_storage": "pooled:2"})
+    (series,) = _wait(client, r.headers["location"])["series"]
+    arr = client.get(f"/v1/series/{series['entry']}/embeddings", params={"kind": "patch"}).json()
+    assert arr["shape"][1:3] == [2, 2] and arr["dtype"] == "float16"
+    meta = client.get(f"/v1/series/{series['entry']}").json()
+    assert "patch_scale" not in meta["kinds"]

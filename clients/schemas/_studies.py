@@ -288,7 +288,16 @@ class SubmitOptions(BaseModel):
 
     modality: str | None = Field(None, description="modality of NIfTI inputs", examples=["CT"])
     model: str | None = Field(None, description="must name the loaded model")
-    patch_tokens: bool | None = Field(None, description="keep patch-token grids")
+    patch_storage: str | None = Field(
+        None,
+        pattern=r"^(fp16|int8|none|pooled:[1-9][0-9]*)$",
+        description="how patch-token grids are kept: fp16, int8 (per-token scale), pooled:N "
+        "(area-pooled to N×N) or none [default: the server's]",
+        examples=["int8"],
+    )
+    patch_tokens: bool | None = Field(
+        None, description="older flag, when patch_storage is not given: true is fp16, false none"
+    )
     recipe: dict[str, Any] | None = Field(
         None, description="a preprocessing recipe (JSON object) instead of the server's"
     )

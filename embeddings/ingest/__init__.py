@@ -76,7 +76,8 @@ class Candidate:
     series: str
     part: str
     loader: Callable[[], Volume] = field(repr=False)
-    files: frozenset[str] = frozenset()  # keyed digests of the DICOM files it came from
+    files: frozenset[str] = frozenset()  # keyed digests of the files it came from (DICOM,
+    # or a single-volume NIfTI sent without references)
     resent: int = 0  # its instances this upload sent more than once
 
     def load(self) -> Volume:
@@ -137,6 +138,12 @@ def scan(
                 vf = (open_nifti if kind == "nifti" else open_itk)(item, modality)
                 claimed.update(vf.data_files)
                 names = _file_names(vf.key, pseudonymizer, refs or InputRefs())
+                files: frozenset[str] = (
+                    frozenset()
+                )  # a re-sent NIfTI is recognised by its digest (named
+                if kind == "nifti" and vf.n_volumes == 1 and not refs:  # by its bytes alone)
+                    with item.spooled() as f:
+                        files = frozenset({pseudonymizer.file_digest(f)})
                 for t in range(vf.n_volumes):
                     candidates.append(
                         Candidate(
@@ -147,6 +154,7 @@ def scan(
                             series=names[1],
                             part=f"t={t}" if vf.n_volumes > 1 else "",
                             loader=functools.partial(_named, vf.load, t, names),
+                            files=files,
                         )
                     )
         except InputError as exc:

@@ -17,14 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import importlib.abc
 import itertools
 import math
 import os
 import shutil
-import sys
 import tempfile
-import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -127,37 +124,11 @@ def _nifti_stream(source: Source, *, header_only: bool = False) -> Iterator[IO[b
             yield counted(unzipped, charge)
 
 
-class _NoPydicom(importlib.abc.MetaPathFinder):
-    """Refuses ``import pydicom`` to one thread (others import it as usual)."""
-
-    def __init__(self) -> None:
-        self.thread = threading.get_ident()
-
-    def find_spec(self, name: str, path: Any, target: Any = None) -> None:
-        if name == "pydicom" and threading.get_ident() == self.thread:
-            raise ModuleNotFoundError("not needed to read NIfTI", name=name)
-
-
-def _nibabel() -> Any:
-    """nibabel, imported without pydicom when pydicom is not loaded yet: nibabel imports it
-    only to decode a NIfTI's DICOM header extension (code 2), which radcache never reads,
-    and it costs about 0.3 s. Only this thread's import is refused."""
-    if "nibabel" not in sys.modules and "pydicom" not in sys.modules:
-        finder = _NoPydicom()
-        sys.meta_path.insert(0, finder)
-        try:
-            import nibabel  # noqa: F401  (imported here, without pydicom)
-        finally:
-            sys.meta_path.remove(finder)
-    import nibabel as nib
-
-    return nib
-
-
 def _nifti_image(stream: Any) -> Any:
     """A NIfTI-1 or NIfTI-2 image over ``stream`` (a seekable binary file object): the
     header read, the voxels not yet."""
-    nib = _nibabel()
+    import nibabel as nib
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

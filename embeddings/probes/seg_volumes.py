@@ -136,8 +136,8 @@ def seg_data(
         info = store.resolve(ref)
         if "patch" not in info.kinds:
             raise InputError(
-                f"entry {info.key} ({ref}) has no patch tokens; embed it with --patch-tokens "
-                "for a segmentation probe."
+                f"entry {info.key} ({ref}) has no patch tokens; embed it again with "
+                "--patch-storage fp16, int8 or pooled:N for a segmentation probe."
             )
         if space is not None and info.attrs["space"] != space:
             raise InputError(

@@ -19,13 +19,15 @@ import zarr
 
 from ..cache_keys import tenant_content
 from ..errors import AmbiguousReferenceError, NotFoundError, StoreError, StoreMismatchError
+from ..patch_forms import covers
 from ..pseudonyms import DEFAULT_TENANT
 from ._common import _array, _group, _meta, _now
 from .backend import Backend, open_backend
 from .compaction import compact_table
-from .entries import ARRAY_KINDS, EntryInfo, EntryWriter, Kind
+from .entries import ARRAY_KINDS, EntryInfo, EntryWriter, Kind, carried
 from .files import FileIndex, forget_study, same_ref, volume_record
 from .locks import Locks
+from .patch_codec import decode, stored_form
 from .tables import (
     RowIndex,
     Table,
@@ -129,8 +131,9 @@ class EmbeddingStore:
             return None
         return g if isinstance(g, zarr.Group) else None
 
-    def get(self, key: str) -> EntryInfo | None:
-        """The complete entry ``key``, or None (missing or half-written)."""
+    def get(self, key: str, *, patches: str = "none") -> EntryInfo | None:
+        """The complete entry ``key``, or None (missing, half-written, or its patch grids
+        kept in a form poorer than ``patches``, see :mod:`.patch_codec`)."""
         entries = self._entries()
         if entries is None:
             return None
@@ -139,7 +142,7 @@ class EmbeddingStore:
         except KeyError:
             return None
         attrs = _meta(_group(g))
-        if not attrs.get("complete"):
+        if not attrs.get("complete") or not covers(stored_form(attrs), patches):
             return None
         return EntryInfo.from_attrs(key, attrs)
 
@@ -166,15 +169,20 @@ class EmbeddingStore:
         key = writer.key
         with self._writing():
             existing = self.get(key)
-            if existing is not None:  # another writer finished the same content first
-                self._discard(writer)
+            if existing is not None and covers(stored_form(existing.attrs), stored_form(attrs)):
+                self._discard(writer)  # another writer finished the same content first
                 self.ensure_indexed(existing)
                 return existing
+            # Else new, or replacing an entry whose patch grids are poorer (its row is kept).
+            attrs = carried(existing.attrs if existing else writer.previous, attrs)
             writer.group.attrs["radcache"] = attrs  # the commit point of an in-place write
             if self.backend.supports_staging:  # ...of a staged one: the rename into entries/
+                if existing is not None:
+                    self.backend.remove(self.root, f"entries/{key}")
                 self.backend.publish(self.root, writer.path, key)
             info = EntryInfo.from_attrs(key, attrs)
-            self._append(info, pooled, cls)
+            if (existing or writer.previous) is None or key not in self._live_rows(info.space):
+                self._append(info, pooled, cls)
             return info
 
     def _discard(self, writer: EntryWriter) -> None:
@@ -376,8 +384,10 @@ class EmbeddingStore:
         if kind not in info.kinds:
             raise NotFoundError(
                 f"entry {info.key} has no {kind!r} array (it has {', '.join(info.kinds)}); "
-                "embed with --patch-tokens to keep patch tokens."
+                "embed with --patch-storage fp16, int8 or pooled:N to keep patch tokens."
             )
+        if kind == "patch":  # float16 whatever the stored form
+            return decode(_group(self.root[f"entries/{info.key}"]), info.attrs)
         return np.asarray(_array(self.root[f"entries/{info.key}/{kind}"])[...])
 
     # -- re-sent files (see .files) ---------------------------------------------------

@@ -17,8 +17,9 @@ import numpy as np
 import zarr
 
 from ..errors import StoreError
-from ._common import _now
+from ._common import _group, _meta, _now
 from .backend import Backend
+from .files import REF_FIELDS, same_ref
 
 __all__ = [
     "ARRAY_KINDS",
@@ -28,6 +29,7 @@ __all__ = [
     "EntryWriter",
     "Kind",
     "WritableStore",
+    "carried",
 ]
 
 ARRAY_KINDS = ("cls", "mean_patch", "pooled", "positions", "slice_index", "cls_last", "patch")
@@ -122,6 +124,8 @@ class EntryWriter:
         # A backend that stages writes gives each writer a private group that commit()
         # renames into place, so concurrent writers of one key never see each other's arrays.
         self.path = store.backend.write_path(key)
+        #: What an in-place write overwrites (the entry, if complete), for :func:`carried`.
+        self.previous = None if self.path != f"entries/{key}" else _complete(store.root, key)
         self.group = store.root.create_group(self.path, overwrite=True)
         self.arrays = {
             name: _create(self.group, name, shape, np.dtype(dt))
@@ -168,11 +172,37 @@ class EntryWriter:
         return self.store._commit(self, full, pooled, cls)
 
 
+def _complete(root: zarr.Group, key: str) -> dict[str, Any] | None:
+    try:
+        attrs = _meta(_group(root[f"entries/{key}"]))
+    except KeyError:
+        return None
+    return attrs if attrs.get("complete") else None
+
+
+def carried(old: Mapping[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """The metadata of an entry that replaces ``old`` (the same content embedded again for
+    richer patch grids): the old entry's names, aliases, labels and collections stay, and
+    the names it is now sent under join its aliases."""
+    if old is None:
+        return new
+    aliases = list(old.get("aliases", []))
+    ref = {k: new.get("volume", {}).get(k) for k in REF_FIELDS}
+    if not any(same_ref(a, ref) for a in (old.get("volume", {}), *aliases)):
+        aliases.append(ref)
+    kept = {k: old[k] for k in ("labels", "collections") if k in old}
+    return {**new, **kept, "volume": old.get("volume", new.get("volume")), "aliases": aliases}
+
+
 def _create(
     group: zarr.Group, name: str, shape: tuple[int, ...], dtype: np.dtype[Any]
 ) -> zarr.Array[Any]:
-    if name == "patch":  # one chunk per slice, grouped in shards of up to 32 slices
+    if name in ("patch", "patch_scale"):  # a chunk per slice, in shards of up to 32 slices
         shard = (max(1, min(shape[0], _PATCH_SHARD)), *shape[1:])
+        # MM-DINOv2 entries keep one grid per sequence: (slice, sequence, h, w, D); an int8
+        # grid's per-token scales (patch_scale) have no feature axis.
+        dims = SEQUENCE_PATCH_DIMS if len(shape) == 5 - (name == "patch_scale") else DIMS["patch"]
+        dims = dims[:-1] if name == "patch_scale" else dims
         return group.create_array(
             name,
             shape=shape,
@@ -183,8 +213,7 @@ def _create(
             # Patch tokens are never all fill value: skip zarr's per-chunk emptiness scan,
             # which took three quarters of the write time.
             config={"write_empty_chunks": True},
-            # MM-DINOv2 entries keep one grid per sequence: (slice, sequence, h, w, D).
-            dimension_names=DIMS[name] if len(shape) == 4 else SEQUENCE_PATCH_DIMS,
+            dimension_names=dims,
         )
     return group.create_array(
         name,

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
 
+from radcache.embeddings._device import check_device
 from radcache.embeddings.errors import ConfigError, RadcacheError
 from radcache.embeddings.tuning import reuse_memory
 
@@ -26,6 +27,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "API_KEY",
+    "DEVICE",
+    "PRECISION",
     "SHORT_ID",
     "STORE",
     "URL",
@@ -69,7 +72,17 @@ def settings(**overrides: Any) -> ServiceSettings:
     A command calls it once; a flag left out (None) falls back to its ``RADCACHE_*``
     variable.
     """
-    s = ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    from pydantic import ValidationError
+
+    try:
+        s = ServiceSettings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:  # one line per setting, never the value given
+        said = [
+            f"RADCACHE_{'_'.join(map(str, e['loc'])).upper()} (or its flag): "
+            + str(e["msg"]).removeprefix("Value error, ")
+            for e in exc.errors()
+        ]
+        raise click.UsageError("invalid settings: " + "; ".join(said)) from None
     if s.reuse_memory:
         reuse_memory()
     return s
@@ -204,16 +217,29 @@ STORE: Decorator = click.option(
     "--store", help="Zarr store directory or fsspec URL. [env RADCACHE_STORE]"
 )
 
-_DEVICE: Decorator = click.option(
-    "--device", type=click.Choice(["auto", "cpu", "cuda"]), help="Where the encoder runs."
+
+def _device_name(_ctx: click.Context, _param: click.Parameter, value: str | None) -> str | None:
+    """--device: auto, cpu, cuda or cuda:N (whether GPU N exists is checked at load)."""
+    try:
+        return None if value is None else check_device(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
+DEVICE: Decorator = click.option(
+    "--device",
+    callback=_device_name,
+    metavar="auto|cpu|cuda|cuda:N",
+    help="Where the encoder runs: auto, cpu, cuda or cuda:N. [env RADCACHE_DEVICE]",
 )
-_PRECISION: Decorator = click.option(
+PRECISION: Decorator = click.option(
     "--precision",
     type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-    help="auto: bf16 where fast.",
+    help="auto: bf16 on CUDA at compute capability ≥ 8.0, fp16 below; bf16 on CPUs with "
+    "native bf16, else fp32. [env RADCACHE_PRECISION]",
 )
 
 
 def encoder_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """The encoder's options of `embed` and `serve`: --device, --precision."""
-    return _DEVICE(_PRECISION(fn))
+    """The encoder's options of `embed`, `serve` and `worker`: --device, --precision."""
+    return DEVICE(PRECISION(fn))

@@ -7,11 +7,10 @@ import functools
 import json
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from radcache.embeddings.errors import ConfigError, RadcacheError
@@ -29,6 +28,9 @@ from ._common import (
     series_warnings,
     settings,
 )
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
 
 __all__ = ["embed", "models", "show"]
 
@@ -70,7 +72,15 @@ class _Bar:
     "row, column; half-open) or '{\"mm\": [l0, l1, p0, p1, s0, s1]}' (patient LPS, mm).",
 )
 @click.option(
-    "--patch-tokens/--no-patch-tokens", default=None, help="Keep patch-token grids (fp16)."
+    "--patch-tokens/--no-patch-tokens",
+    default=None,
+    help="Older flag: --patch-tokens is --patch-storage fp16, --no-patch-tokens none.",
+)
+@click.option(
+    "--patch-storage",
+    metavar="FORM",
+    help="Patch-token grids: fp16, int8 (per-token scale), pooled:N (N×N) or none "
+    "[default: RADCACHE_PATCH_STORAGE, else int8].",
 )
 @encoder_options
 @click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
@@ -99,6 +109,12 @@ class _Bar:
     help="Multi-sequence study with a plain DINOv2: concatenate or average per-sequence CLS.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@click.option(
+    "--profile",
+    is_flag=True,
+    help="Time each stage (decode, preprocess, forward, write, waits) and the encoder's busy "
+    'fraction: a table on stderr, or a "profile" key in the --json output.',
+)
 def embed(
     inputs: Sequence[str],
     model: str | None,
@@ -107,6 +123,7 @@ def embed(
     protocol: str | None,
     roi: str | None,
     patch_tokens: bool | None,
+    patch_storage: str | None,
     device: str | None,
     precision: str | None,
     batch_size: int | None,
@@ -116,6 +133,7 @@ def embed(
     sequences: Sequence[str],
     fusion: str | None,
     as_json: bool,
+    profile: bool,
 ) -> None:
     """Embed DICOM files/directories/zips and NIfTI/NRRD/MHA volumes into the store.
 
@@ -140,6 +158,7 @@ def embed(
             store=store,
             recipe=recipe,
             patch_tokens=patch_tokens,
+            patch_storage=patch_storage,
             device=device,
             precision=precision,
             batch_size=batch_size,
@@ -171,6 +190,14 @@ def embed(
     show_bar = not as_json and err.is_terminal
     try:
         if show_bar:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )
+
             with Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),
@@ -186,9 +213,14 @@ def embed(
         fail(exc, as_json)
         return
     if as_json:
-        click.echo(json.dumps(report.to_dict()))
+        shown = report.to_dict()
+        if profile:
+            shown["profile"] = pipe.profile.to_dict()
+        click.echo(json.dumps(shown))
     else:
         _print_report(report, encoder.cfg.label, encoder.precision, s.store)
+        if profile:
+            _print_profile(pipe.profile.to_dict())
     sys.exit(0 if report.ok else 1)
 
 
@@ -218,6 +250,22 @@ def _print_report(report: Any, model: str, precision: str, store: str) -> None:
         )
     hits = sum(r.cache == "hit" for r in report.series)
     out.print(f"{len(report.series)} series ({hits} cached), {len(report.errors)} error(s)")
+
+
+def _print_profile(prof: dict[str, Any]) -> None:
+    """The stage clock of this run, on stderr."""
+    wall = prof["wall_s"]
+    table = Table(
+        title=f"profile: {prof['slices']} slices embedded in {wall:.2f} s, encoder busy "
+        f"{100 * prof['encoder_busy_fraction']:.0f} %",
+        title_justify="left",
+    )
+    for col in ("stage", "seconds", "% of wall"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    for stage, seconds in prof["seconds"].items():
+        share = f"{100 * seconds / wall:.0f}" if wall > 0 else "-"
+        table.add_row(stage, f"{seconds:.3f}", share)
+    err.print(table)
 
 
 def _pair(text: str) -> tuple[str, str]:

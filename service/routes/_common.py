@@ -37,6 +37,7 @@ def _about(name: str) -> str:
 def _submit_query(
     modality: Annotated[str | None, Query(description=_about("modality"), examples=["CT"])] = None,
     model: Annotated[str | None, Query(description=_about("model"))] = None,
+    patch_storage: Annotated[str | None, Query(description=_about("patch_storage"))] = None,
     patch_tokens: Annotated[bool | None, Query(description=_about("patch_tokens"))] = None,
     recipe: Annotated[str | None, Query(description=_about("recipe"))] = None,
     protocol: Annotated[str | None, Query(description=_about("protocol"))] = None,
@@ -49,6 +50,7 @@ def _submit_query(
     given = {
         "modality": modality,
         "model": model,
+        "patch_storage": patch_storage,
         "patch_tokens": patch_tokens,
         "recipe": recipe,
         "protocol": protocol,

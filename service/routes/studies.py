@@ -60,7 +60,8 @@ async def submit_study(
     request: Request, res: ResourcesDep, query: SubmitQuery, who: Submit
 ) -> Response:
     """Upload as ``multipart/form-data`` (any number of files, plus optional fields
-    ``modality``, ``model``, ``patch_tokens``, ``recipe`` (JSON) or ``protocol`` (a paper's
+    ``modality``, ``model``, ``patch_storage`` (or the older ``patch_tokens``), ``recipe``
+    (JSON) or ``protocol`` (a paper's
     preprocessing by name; not both: 422 ``invalid-recipe``, as for an unknown name),
     ``roi`` (JSON: a box every volume is cut to first), ``labels`` (a JSON object recorded
     with every series), ``collection``, ``sequences`` and ``fusion``) or as one body
