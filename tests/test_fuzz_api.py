@@ -14,8 +14,8 @@ or vector" is checked by the service, not said by the schema. The stateful check
 (``use_after_free``, ``ensure_resource_availability``) need the stateful phase, which is
 not run; ``object_level_authorization`` is `tests/test_auth.py`'s subject.
 
-``RADCACHE_FUZZ_EXAMPLES`` sets the examples per operation (default 25: the module takes
-about 25 s on two cores); generation is derandomised, so a failure reproduces.
+``RADCACHE_FUZZ_EXAMPLES`` sets the examples per operation (default 15: the module takes
+about 20 s on two cores); generation is derandomised, so a failure reproduces.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from tests.servers import finished, running_server
 
 pytestmark = pytest.mark.timeout(300)
 
-EXAMPLES = int(os.environ.get("RADCACHE_FUZZ_EXAMPLES") or 25)
+EXAMPLES = int(os.environ.get("RADCACHE_FUZZ_EXAMPLES") or 15)
 CHECKS = [
     st_checks.not_a_server_error,
     st_checks.status_code_conformance,
