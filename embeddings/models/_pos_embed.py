@@ -131,8 +131,9 @@ class OfficialDinov2Embeddings(_OfficialInterpolation, Dinov2Embeddings):  # typ
     """transformers' ``Dinov2Embeddings`` with the official interpolation."""
 
 
-class OfficialDinov2WithRegistersEmbeddings(  # type: ignore[misc]
-    _OfficialInterpolation, Dinov2WithRegistersEmbeddings
+class OfficialDinov2WithRegistersEmbeddings(
+    _OfficialInterpolation,
+    Dinov2WithRegistersEmbeddings,  # type: ignore[misc]  # transformers is not followed
 ):
     """transformers' ``Dinov2WithRegistersEmbeddings`` with the official interpolation."""
 
