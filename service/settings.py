@@ -21,9 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = ["ServiceSettings", "get_settings"]
 
-# a KOS destination: AE@HOST:PORT (an AE title has no backslash), or a DICOMweb base URL
-_DESTINATION = re.compile(r"[^\\@]{1,16}@[^\s:@]+:\d{1,5}|https?://\S+")
-
 
 class ServiceSettings(Settings):
     """radcache configuration: the library's fields and the service's (``RADCACHE_<NAME>``)."""
@@ -110,7 +107,10 @@ class ServiceSettings(Settings):
         "re-embeds its whole series; 0: not held",
     )
     dicom_max_instance_bytes: int = Field(
-        1 << 30, ge=1, description="largest instance the receiver takes (held in memory)"
+        1 << 30,
+        ge=1,
+        description="largest instance the receiver takes (spooled to disk as it arrives, "
+        "refused with 0xA700 once past this)",
     )
     # --- the UID vault (opt-in): original UIDs sealed for KOS answers (service/uid_vault) ---
     uid_vault_key: SecretStr | None = Field(
@@ -167,12 +167,21 @@ class ServiceSettings(Settings):
     @field_validator("kos_destination")
     @classmethod
     def _destination(cls, v: str | None) -> str | None:
-        if v is None or _DESTINATION.fullmatch(v.strip()):
+        """A DICOMweb base URL, or a C-STORE peer as the sender parses it."""
+        from radcache.embeddings.errors import ConfigError
+
+        from .dicom.send import parse_destination
+
+        if v is None or re.match(r"https?://\S+$", v.strip()):
             return v.strip() if v is not None else None
-        raise ValueError(
-            "expected AE@HOST:PORT (a C-STORE peer, e.g. PACS@10.0.0.5:104) or an http(s):// "
-            "DICOMweb base URL (STOW-RS, e.g. https://pacs/dicom-web)"
-        )
+        try:
+            parse_destination(v.strip())
+        except ConfigError as exc:
+            raise ValueError(
+                f"{exc.message} Or give an http(s):// DICOMweb base URL (STOW-RS, e.g. "
+                "https://pacs/dicom-web)."
+            ) from None
+        return v.strip()
 
     @field_validator("upload_dir")
     @classmethod

@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from pydantic import ValidationError
 from pydicom import dcmread
 from pydicom.uid import JPEGLSLossless, generate_uid
 
@@ -510,3 +511,13 @@ def test_a_kos_that_cannot_be_sent_is_a_502_naming_the_peer(site: Site) -> None:
         assert (failed.value.code, status_of(failed.value)) == ("kos-send-failed", 502)
     with pytest.raises(ConfigError, match="expected AE@HOST:PORT"):
         deliver(document, "PACS@nowhere")
+
+
+def test_a_kos_destination_is_checked_as_the_sender_parses_it() -> None:
+    assert ServiceSettings(kos_destination=" PACS@10.0.0.5:104 ").kos_destination == (
+        "PACS@10.0.0.5:104"
+    )
+    assert ServiceSettings(kos_destination="https://pacs/dicom-web").kos_destination
+    for bad in ("PACS@host", "host:104", "PACS@host:99999", "A_TITLE_OF_17_CHR@host:104"):
+        with pytest.raises(ValidationError, match="expected AE@HOST:PORT"):
+            ServiceSettings(kos_destination=bad)

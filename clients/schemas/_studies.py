@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator
 
+from radcache.embeddings.patch_forms import PATCH_STORAGE_PATTERN
+
 __all__ = [
     "EntryOut",
     "ErrorOut",
@@ -290,7 +292,7 @@ class SubmitOptions(BaseModel):
     model: str | None = Field(None, description="must name the loaded model")
     patch_storage: str | None = Field(
         None,
-        pattern=r"^(fp16|int8|none|pooled:[1-9][0-9]*)$",
+        pattern=PATCH_STORAGE_PATTERN,
         description="how patch-token grids are kept: fp16, int8 (per-token scale), pooled:N "
         "(area-pooled to N×N) or none [default: the server's]",
         examples=["int8"],

@@ -22,11 +22,14 @@ def parse_destination(value: str) -> tuple[str, str, int]:
     """``AE@HOST:PORT`` as (AE title, host, port)."""
     ae, at, address = value.partition("@")
     host, colon, port = address.rpartition(":")
-    if not (at and colon and ae.strip() and host and port.isdigit() and 0 < int(port) < 65536):
+    title = ae.strip()
+    ok_title = 0 < len(title) <= 16 and "\\" not in title  # PS3.5: up to 16, no backslash
+    if not (at and colon and ok_title and host and port.isdigit() and 0 < int(port) < 65536):
         raise ConfigError(
-            f"C-STORE destination {value!r}: expected AE@HOST:PORT, e.g. ORTHANC@127.0.0.1:4242."
+            f"C-STORE destination {value!r}: expected AE@HOST:PORT (an AE title of 1 to 16 "
+            "characters, no backslash), e.g. ORTHANC@127.0.0.1:4242."
         )
-    return ae.strip(), host, int(port)
+    return title, host, int(port)
 
 
 def deliver(
