@@ -168,12 +168,12 @@ class ServiceSettings(Settings):
     @classmethod
     def _destination(cls, v: str | None) -> str | None:
         """A DICOMweb base URL, or a C-STORE peer as the sender parses it."""
-        from radcache.embeddings.errors import ConfigError
+        if v is None or re.match(r"https?://\S+$", v.strip()):
+            return v.strip() if v is not None else None
+        from radcache.embeddings.errors import ConfigError  # the DICOM modules only when used
 
         from .dicom.send import parse_destination
 
-        if v is None or re.match(r"https?://\S+$", v.strip()):
-            return v.strip() if v is not None else None
         try:
             parse_destination(v.strip())
         except ConfigError as exc:
