@@ -262,15 +262,19 @@ class CompiledForward:
     hooks), for fixed batch shapes: a batch is padded with zeros to the largest batch seen
     at its input size, so a series' last, shorter batch compiles nothing new. On CUDA the
     graph is captured as CUDA graphs (``reduce-overhead``) and the outputs are cloned out
-    of the graphs' memory before the next replay can overwrite them."""
+    of the graphs' memory before the next replay can overwrite them. ``backend`` is
+    ``torch.compile``'s (inductor generates the kernels; ``aot_eager`` traces the same graph
+    and runs it eagerly, for checks that need no code generation)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(
+        self, model: torch.nn.Module, device: torch.device, backend: str = "inductor"
+    ) -> None:
         import torch
 
         self.cuda = device.type == "cuda"
         self._largest: dict[tuple[int, ...], int] = {}
-        mode = "reduce-overhead" if self.cuda else None
-        self._fn: Core = torch.compile(_core(model), mode=mode, dynamic=False)
+        mode = "reduce-overhead" if self.cuda and backend == "inductor" else None
+        self._fn: Core = torch.compile(_core(model), backend=backend, mode=mode, dynamic=False)
 
     def __call__(
         self, x: torch.Tensor, last_n: int
