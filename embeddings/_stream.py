@@ -136,7 +136,8 @@ def encode_prepared(
     device), handing each batch's outputs to ``on_batch`` (counted as writes); with
     ``pipe.overlap`` the next batch is prepared while the model runs."""
     times, enc = pipe.profile, pipe.encoder
-    batches: Any = _timed_batches(prepared, pipe.batch_size, enc.device, times)
+    size = pipe.batching.for_prepared(enc, prepared)
+    batches: Any = _timed_batches(prepared, size, enc.device, times)
     if pipe.overlap:
         batches = Prefetch(
             batches, depth=1, name="radcache-batches", on_wait=lambda s: times.add("wait_batch", s)

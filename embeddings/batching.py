@@ -2,11 +2,13 @@
 
 :class:`BatchingEncoder` is an :class:`~radcache.embeddings.encode.Encoder` whose
 ``forward`` may be called from many threads (one per job in a worker). One model thread
-takes whatever requests are waiting — up to ``max_batch`` slices of the same input size
-and the same ``last_n`` — concatenates them, runs one forward and hands each caller its
-rows. Nothing waits for a batch to fill: requests that arrive while the model is busy are
-merged into the next forward, so a stream of small studies keeps the device as busy as
-one large study, and a lone job runs as fast as without batching.
+takes whatever requests are waiting — up to ``max_batch`` slices (a number, or a
+:class:`~radcache.embeddings._budget.BatchBudget` sizing it by memory for the input
+size) of the same input size and the same ``last_n`` — concatenates them, runs one
+forward and hands each caller its rows. Nothing waits for a batch to fill: requests that
+arrive while the model is busy are merged into the next forward, so a stream of small
+studies keeps the device as busy as one large study, and a lone job runs as fast as
+without batching.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._budget import BatchBudget
 from .encode import Encoder
 
 __all__ = ["BatchingEncoder"]
@@ -38,7 +41,7 @@ class _Request:
 class BatchingEncoder(Encoder):
     """The same model, cfg, precision and weights hash as ``inner``; forwards merged."""
 
-    def __init__(self, inner: Encoder, max_batch: int) -> None:  # no super(): shares inner's
+    def __init__(self, inner: Encoder, max_batch: int | BatchBudget) -> None:  # shares inner's
         self.__dict__.update(inner.__dict__)
         self.inner = inner
         self.max_batch = max_batch
@@ -79,17 +82,25 @@ class BatchingEncoder(Encoder):
             assert first is not None
             group, n = [first], len(first.pixels)
             skipped: list[_Request] = []
-            while n < self.max_batch:
+            limit = self._limit(first)
+            while n < limit:
                 more = self._next(block=False)
                 if more is None:
                     break
-                if more.fits(first) and n + len(more.pixels) <= self.max_batch:
+                if more.fits(first) and n + len(more.pixels) <= limit:
                     group.append(more)
                     n += len(more.pixels)
                 else:
                     skipped.append(more)
             self._held.extendleft(reversed(skipped))
             self._run(group)
+
+    def _limit(self, first: _Request) -> int:
+        if isinstance(self.max_batch, int):
+            return self.max_batch
+        inner = self.inner
+        size = (int(first.pixels.shape[2]), int(first.pixels.shape[3]))
+        return self.max_batch.slices(inner.cfg, inner.device, inner.dtype.itemsize, size)
 
     def _run(self, group: list[_Request]) -> None:
         try:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import xxhash
 
+from ._budget import BatchBudget
 from .cache_keys import entry_key, tenant_content
 from .encode import Encoder, MMEncoder
 from .errors import InputError, VolumeTooLargeError
@@ -56,7 +57,7 @@ class StudyEmbedder(Protocol):
     pseudonymizer: Pseudonymizer
     recipe: Recipe
     patch_storage: str  # fp16 | int8 | pooled:N | none (.store.patch_codec), MM-DINOv2 only
-    batch_size: int
+    batching: BatchBudget  # slices per forward
     limits: Limits
 
 
@@ -179,8 +180,9 @@ def _mm(
     n = first.n
     present = torch.tensor([s in prepared for s in vocabulary])
     cls_parts, patch_parts = [], []
-    for start in range(0, n, pipe.batch_size):
-        stop = min(start + pipe.batch_size, n)
+    size = pipe.batching.for_prepared(enc, first, per_slice=len(vocabulary))
+    for start in range(0, n, size):
+        stop = min(start + size, n)
         slices = {s: p.batch(start, stop) for s, p in prepared.items()}
         blank = torch.zeros_like(next(iter(slices.values())))
         pixels = torch.stack([slices.get(s, blank) for s in vocabulary], dim=1)
@@ -211,7 +213,8 @@ def _fused(
     enc = pipe.encoder
     per: dict[str, Any] = {}
     for s, p in prepared.items():
-        per[s] = enc.encode(p.batches(pipe.batch_size), patch_tokens=False, last_n=0)
+        size = pipe.batching.for_prepared(enc, p)
+        per[s] = enc.encode(p.batches(size), patch_tokens=False, last_n=0)
         if progress is not None:
             progress.advance(p.n // len(prepared))
     first = next(iter(per.values()))

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from . import _recognise
+from ._budget import BatchBudget
 from ._overlap import StageTimes
 from ._stream import embed_candidates, encode_prepared
 from ._version import __version__
@@ -77,7 +78,8 @@ class Pipeline:
         patch_storage: str | bool = DEFAULT_PATCH_STORAGE,  # fp16|int8|pooled:N|none: patch_codec
         patch_tokens: bool | None = None,  # the older flag: True is fp16, False none
         cls_last_n: int = 4,
-        batch_size: int = 32,
+        batch_size: int | None = None,  # at most; None: 32 on a CPU, 512 on CUDA (_budget)
+        batch_memory: int | None = None,  # bytes one forward may use; None: _budget's auto
         limits: Limits | None = None,
         overlap: bool = False,
     ) -> None:
@@ -87,7 +89,7 @@ class Pipeline:
         self.recipe = recipe or Recipe()
         self.patch_storage = parse_storage(patch_storage if patch_tokens is None else patch_tokens)
         self.cls_last_n = min(cls_last_n, encoder.cfg.depth)
-        self.batch_size = batch_size
+        self.batching = BatchBudget(batch_size, batch_memory)  # slices per forward
         self.limits = limits or Limits()  # what one submission may declare and inflate to
         self.overlap = overlap  # decode, preprocessing and forward overlapped: _stream
         self.profile = StageTimes()  # seconds per stage, every run of this pipeline's
@@ -130,6 +132,7 @@ class Pipeline:
             patch_storage=settings.patch_storage,
             cls_last_n=settings.cls_last_n,
             batch_size=settings.batch_size,
+            batch_memory=settings.batch_memory_bytes,
             limits=Limits(settings.max_voxels, settings.max_decompressed_bytes),
             overlap=settings.overlap,
         )
@@ -250,7 +253,9 @@ class Pipeline:
 
                 prepared = prepare(volume, recipe, self.encoder.cfg)
                 emb = self.encoder.encode(
-                    prepared.batches(self.batch_size), patch_tokens=False, last_n=0
+                    prepared.batches(self.batching.for_prepared(self.encoder, prepared)),
+                    patch_tokens=False,
+                    last_n=0,
                 )
                 out.append(Transient(key, space, meta, emb.pooled, emb.cls))
             except InputError as exc:

@@ -50,7 +50,20 @@ class Settings(BaseSettings):
         description="torch.compile the forward for fixed batch shapes (CUDA graphs on CUDA); "
         "the first batch of each input size compiles (tens of seconds)",
     )
-    batch_size: int = Field(32, ge=1, le=4096, description="slices per forward pass")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="at most this many slices per forward pass; unset: 32 on a CPU, 512 on "
+        "a GPU; fewer where batch_memory_mb needs it",
+    )
+    batch_memory_mb: int | None = Field(
+        None,
+        ge=16,
+        description="memory one forward may use (activations, preprocessing, outputs), in "
+        "MiB: a batch holds as many slices as fit; unset: half the GPU's free memory once "
+        "the model is loaded, or a quarter of the available RAM up to 4 GiB on a CPU",
+    )
     overlap: bool = Field(
         False,
         description="decode the next series and prepare the next batch while the model runs "
@@ -184,6 +197,11 @@ class Settings(BaseSettings):
             "exact_max": self.index_exact_max,
             "recall_target": self.index_recall_target,
         }
+
+    @property
+    def batch_memory_bytes(self) -> int | None:
+        """``batch_memory_mb`` in bytes (None: sized by the device, ``_budget``)."""
+        return None if self.batch_memory_mb is None else self.batch_memory_mb << 20
 
     def pseudonymizer(self) -> Pseudonymizer:
         """The keyed pseudonymizer, from the key setting or the key file (made on first use)."""

@@ -253,7 +253,7 @@ def run_worker(
     pipeline = Pipeline.from_settings(settings)
     settle()
     if threads > 1:  # slices of concurrent jobs share forward batches
-        pipeline.encoder = BatchingEncoder(pipeline.encoder, settings.batch_size)
+        pipeline.encoder = BatchingEncoder(pipeline.encoder, pipeline.batching)
     jobs = JobStore(settings.db)
     vault = settings.uid_vault(jobs)
     quarantine = settings.quarantine_dir

@@ -143,3 +143,23 @@ def test_overlapped_pipeline_equals_sequential_on_cuda(
     assert got[False].keys() == got[True].keys() and got[False]
     for key, cls in got[False].items():
         np.testing.assert_array_equal(cls, got[True][key])
+
+
+@pytest.mark.parametrize("size", [224, 518])
+def test_a_budget_sized_batch_stays_within_its_budget(cuda: torch.device, size: int) -> None:
+    """The per-slice count (_budget.slice_bytes) bounds what a forward and its outputs
+    allocate on the device: a batch sized for 1 GiB peaks under 1 GiB above the model."""
+    from radcache.embeddings._budget import BatchBudget, slice_bytes
+
+    cfg = get_cfg("dinov2-small-random")
+    enc = Encoder(cfg, build_random(cfg), cuda, "bf16")
+    budget = BatchBudget(cap=4096, memory=1 << 30)
+    n = budget.slices(cfg, cuda, 2, (size, size))
+    x = torch.randn(n, 3, size, size)
+    enc.encode([x[:1]], last_n=4)  # kernels chosen, workspaces allocated
+    torch.cuda.synchronize(cuda)
+    base = torch.cuda.memory_allocated(cuda)
+    torch.cuda.reset_peak_memory_stats(cuda)
+    enc.encode([x], last_n=4)
+    peak = torch.cuda.max_memory_allocated(cuda) - base
+    assert peak <= 1 << 30, (n, peak, n * slice_bytes(cfg, (size, size), 2))

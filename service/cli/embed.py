@@ -83,7 +83,12 @@ class _Bar:
     "[default: RADCACHE_PATCH_STORAGE, else int8].",
 )
 @encoder_options
-@click.option("--batch-size", type=click.IntRange(1, 4096), help="Slices per forward pass.")
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 4096),
+    help="At most this many slices per forward pass (default 32 on a CPU, 512 on a GPU; "
+    "fewer where RADCACHE_BATCH_MEMORY_MB needs it).",
+)
 @click.option("--modality", help="Modality of NIfTI/NRRD inputs (they carry none), e.g. CT or MR.")
 @click.option(
     "--patient",
