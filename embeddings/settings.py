@@ -64,6 +64,14 @@ class Settings(BaseSettings):
         "MiB: a batch holds as many slices as fit; unset: half the GPU's free memory once "
         "the model is loaded, or a quarter of the available RAM up to 4 GiB on a CPU",
     )
+    decode_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="processes decoding compressed DICOM pixel data (JPEG 2000, JPEG-LS, "
+        "JPEG, RLE) a few files ahead, in `radcache embed`, `serve` and `worker`; unset: one "
+        "per core (at most 16); 0: in the loading thread",
+    )
     overlap: bool = Field(
         False,
         description="decode the next series and prepare the next batch while the model runs "

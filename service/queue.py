@@ -248,9 +248,11 @@ def run_worker(
 
     from radcache.embeddings import Pipeline
     from radcache.embeddings.batching import BatchingEncoder
+    from radcache.embeddings.ingest import use_decode_workers
     from radcache.embeddings.tuning import settle
 
     pipeline = Pipeline.from_settings(settings)
+    use_decode_workers(settings.decode_workers)  # started with the first compressed file
     settle()
     if threads > 1:  # slices of concurrent jobs share forward batches
         pipeline.encoder = BatchingEncoder(pipeline.encoder, pipeline.batching)

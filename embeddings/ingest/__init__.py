@@ -32,6 +32,7 @@ from .._lazy import lazy_names
 from ..errors import InputError, NotDicomError
 from ..pseudonyms import InputRefs, Pseudonymizer
 from ..volume import Volume
+from ._decode_pool import use_workers as use_decode_workers
 from ._dicom_assemble import DicomSeries, assemble, upload_notes
 from ._limits import Budget, Limits
 from ._sources import InputItem, Source, expand, expand_within, sniff
@@ -60,6 +61,7 @@ __all__ = [
     "scan",
     "sniff",
     "upload_notes",
+    "use_decode_workers",
 ]
 
 log = logging.getLogger(__name__)

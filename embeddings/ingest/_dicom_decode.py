@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -31,7 +32,10 @@ from ..pseudonyms import Pseudonymizer
 from ._dicom_read import Frame, read_dataset
 from ._dicom_values import uint_of
 
-__all__ = ["FilePixels", "errors_for"]
+if TYPE_CHECKING:
+    from ._decode_pool import DecodeJob, DecodePool
+
+__all__ = ["FilePixels", "decode_file", "errors_for"]
 
 _NATIVE_LE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
 #: Most bytes of image one byte of RLE (PackBits) data decodes to: a 2-byte run gives 128.
@@ -65,6 +69,13 @@ def _check_size(ds: Dataset, frame: Frame, series_frames: int) -> None:
         )
     if source.budget is not None:
         source.budget.charge((source, "pixels"), decoded, name)
+
+
+def _worth_a_worker(ds: Dataset) -> bool:
+    """JPEG-family pixel data (JPEG, JPEG-LS, JPEG 2000): slow enough to decode that a
+    worker process gains (RLE decodes faster than its array crosses to this process)."""
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    return tsyntax is not None and tsyntax.is_compressed and tsyntax != RLELossless
 
 
 def _native_pixels(ds: Dataset) -> np.ndarray | None:
@@ -115,7 +126,7 @@ def _pixel_array(ds: Dataset, tsyntax: UID | None) -> np.ndarray:
     raise errors[0]
 
 
-def _decode_file(ds: Dataset, name: str) -> np.ndarray:
+def decode_file(ds: Dataset, name: str) -> np.ndarray:
     """All frames of the file whose dataset is ``ds``."""
     fast = _native_pixels(ds)
     if fast is not None:
@@ -175,28 +186,72 @@ def _frame_of(arr: np.ndarray, ds: Dataset, index: int | None) -> np.ndarray:
 
 class FilePixels:
     """The frames of one series, taken in any order: each file is read and decoded when
-    its first frame is asked for, and let go once its last frame has been taken."""
+    its first frame is asked for, and let go once its last frame has been taken.
 
-    def __init__(self, frames: list[Frame], pseudo: Pseudonymizer) -> None:
+    With a :class:`~._decode_pool.DecodePool`, frames are expected in the order of
+    ``frames``: files are read up to ``2 × workers`` ahead of the one asked for, and
+    compressed ones decoded meanwhile in the pool's processes. A file that cannot be read
+    or decoded fails when its frame is taken, as without the pool."""
+
+    def __init__(
+        self, frames: list[Frame], pseudo: Pseudonymizer, pool: DecodePool | None = None
+    ) -> None:
         self._pseudo = pseudo
         self._n = len(frames)
         self._left = Counter(id(f.file) for f in frames)
         self._open: dict[int, tuple[Dataset, np.ndarray]] = {}
+        self._pool = pool
+        firsts = {id(f.file): f for f in reversed(frames)}  # each file's first frame
+        self._ahead = [firsts[k] for k in dict.fromkeys(id(f.file) for f in frames)]
+        self._next = 0  # files of ``_ahead`` read so far
+        self._pending: dict[int, tuple[Dataset, DecodeJob | None] | Exception] = {}
 
     def take(self, frame: Frame) -> tuple[Dataset, np.ndarray]:
         """The file's dataset and the stored values of ``frame``."""
         key = id(frame.file)
         got = self._open.get(key)
         if got is None:
-            ds = read_dataset(frame, self._pseudo)
-            _check_size(ds, frame, self._n)
-            got = (ds, _decode_file(ds, frame.source))
+            got = self._load(frame) if self._pool is None else self._from_pool(frame)
             self._open[key] = got
         self._left[key] -= 1
         if self._left[key] <= 0:
             del self._open[key]
         ds, arr = got
         return ds, _frame_of(arr, ds, frame.index)
+
+    def _read(self, frame: Frame) -> Dataset:
+        ds = read_dataset(frame, self._pseudo)
+        _check_size(ds, frame, self._n)
+        return ds
+
+    def _load(self, frame: Frame) -> tuple[Dataset, np.ndarray]:
+        ds = self._read(frame)
+        return ds, decode_file(ds, frame.source)
+
+    def _from_pool(self, frame: Frame) -> tuple[Dataset, np.ndarray]:
+        assert self._pool is not None
+        key = id(frame.file)
+        window = 2 * self._pool.workers
+        while self._next < len(self._ahead) and (
+            key not in self._pending or len(self._pending) < window
+        ):
+            first = self._ahead[self._next]
+            self._next += 1
+            try:
+                ds = self._read(first)
+                job = self._pool.submit(ds, first.source) if _worth_a_worker(ds) else None
+                self._pending[id(first.file)] = (ds, job)
+            except Exception as exc:  # raised when its frame is taken, not before
+                self._pending[id(first.file)] = exc
+        pending = self._pending.pop(key, None)
+        if pending is None:  # taken out of order: read it now
+            return self._load(frame)
+        if isinstance(pending, Exception):
+            raise pending
+        ds, job = pending
+        if job is None:
+            return ds, decode_file(ds, frame.source)
+        return ds, self._pool.result(job)
 
 
 def errors_for(exc: Exception, name: str) -> InputError:

@@ -26,6 +26,7 @@ from ..errors import DecodeError, InconsistentSeriesError
 from ..pseudonyms import Pseudonymizer
 from ..sequences import description_sequence
 from ..volume import Volume, VolumeMeta
+from ._decode_pool import shared_pool
 from ._deidentify import body_part, clean_description
 from ._dicom_assemble import _DUP_TOL_MM, DicomSeries, _projections
 from ._dicom_decode import FilePixels
@@ -143,7 +144,7 @@ def _to_volume(series: DicomSeries, pseudo: Pseudonymizer) -> Volume:
     # Geometry first: a series that cannot be stacked is refused before a file is read.
     # A single slice's thickness comes from its file, once read (NaN until then).
     dirs, spacing, origin, positions = _geometry(series, frames, name, float("nan"))
-    pixels = FilePixels(frames, pseudo)
+    pixels = FilePixels(frames, pseudo, shared_pool())
     voxels: np.ndarray | None = None
     voi_applied = False
     for i, f in enumerate(frames):

@@ -152,6 +152,7 @@ def embed(
     """
     need_server("embed")
     from radcache.embeddings import Pipeline
+    from radcache.embeddings.ingest import use_decode_workers
     from radcache.embeddings.presets import recipe_for
     from radcache.embeddings.recipe import load_roi
 
@@ -171,6 +172,7 @@ def embed(
         mapping = dict(_pair(x) for x in sequences)
         refs = s.pseudonymizer().refs(patient=patient, study=study)  # before the model loads
         pipe = Pipeline.from_settings(s, lazy=True)  # weights only once a cache miss needs them
+        use_decode_workers(s.decode_workers)  # started with the first compressed file
         if named is not None or box is not None:
             pipe = pipe.variant(recipe=(named or pipe.recipe).with_roi(box))
         pipe.check_refs(inputs, refs)

@@ -123,6 +123,8 @@ def serve(
     need_server("serve")
     import uvicorn
 
+    from radcache.embeddings.ingest import use_decode_workers
+
     from ..app import build_resources, create_app
     from ..dicom import check_dicom_settings, dicom_host
     from ..limits import uvicorn_limits
@@ -147,6 +149,7 @@ def serve(
         # The weights are found and the config read here (fail with one clear message);
         # they load on a thread of their own while the store and the indexes open.
         resources = build_resources(s, background_model=True)
+        use_decode_workers(s.decode_workers)  # started with the first compressed file
     except RadcacheError as exc:
         fail(exc, False)
         return
