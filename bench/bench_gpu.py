@@ -208,10 +208,17 @@ def end_to_end(args: argparse.Namespace, device: Any, tmp: Path) -> dict[str, An
     from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
     from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer
+    from radcache.embeddings.ingest import _decode_pool, use_decode_workers
 
     enc = make_encoder(MODELS[args.e2e_model], device, args.precision)
     batch = args.batch
-    out: dict[str, Any] = {"model": f"ViT-{args.e2e_model}/14", "batch": batch}
+    use_decode_workers(None)  # as radcache embed, serve and worker: a process per core
+    pool = _decode_pool.shared_pool()
+    out: dict[str, Any] = {
+        "model": f"ViT-{args.e2e_model}/14",
+        "batch": batch,
+        "decode_workers": 0 if pool is None else pool.workers,
+    }
     series = {"uncompressed": ExplicitVRLittleEndian, "jpeg2000": JPEG2000Lossless}
     for kind, syntax in series.items():
         t0 = time.perf_counter()
