@@ -13,8 +13,12 @@ from click.testing import CliRunner
 from radcache.embeddings import EmbeddingStore, Pipeline, Pseudonymizer
 from radcache.embeddings.encode import Encoder
 from radcache.embeddings.models import REGISTRY, build_random, get_cfg
-from radcache.service.cli import main
+from radcache.service.cli import _common, main
 from tests.dicomgen import phantom, write_nifti
+
+# rich fixes a console's width from COLUMNS when the console is made: made here, before a
+# test sets COLUMNS, the CLI's console follows each invocation's width.
+assert _common.out is not None
 
 NARROW = {"COLUMNS": "80"}
 
@@ -85,3 +89,27 @@ def test_a_bad_setting_is_one_usage_error_naming_it_not_a_traceback(tmp_path: Pa
     said = " ".join(r.output.split())
     assert "RADCACHE_PSEUDONYM_KEY (or its flag): RADCACHE_PSEUDONYM_KEY must be at least" in said
     assert "RADCACHE_BATCH_SIZE (or its flag)" in said and "short-secret" not in said
+
+
+def test_a_narrow_table_leaves_a_column_out_rather_than_cut_its_header() -> None:
+    """The search table's headers ("description" was shown as "descripti…" at 80
+    columns): a lesser column whose header does not fit is left out, named."""
+    import io
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from radcache.service.cli._common import fit_table
+
+    table = Table()
+    for col in ("rank", "score", "series", "slice", "modality", "description", "labels"):
+        table.add_column(col)
+    table.add_row("1", "0.93", "f" * 24, "12", "CT", "chest abdomen", "finding")
+    buf = io.StringIO()
+    console = Console(file=buf, width=80, color_system=None)
+    console.print(
+        fit_table(table, ids=("series",), lesser=("labels", "description"), console=console)
+    )
+    _fits(buf.getvalue(), 80)
+    assert "f" * 24 in buf.getvalue() and "left out to fit 80 columns: labels" in buf.getvalue()
+    assert "description" in buf.getvalue().splitlines()[1]

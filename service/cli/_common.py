@@ -168,11 +168,13 @@ def fit_table(
     table: Table, ids: Collection[str], lesser: Sequence[str] = (), console: Console = out
 ) -> Table:
     """``table`` fitted to ``console``'s width without cutting an identifier (the ``ids``
-    columns, by header: names and keys people type back). Those keep each value whole on
-    one line; the ``lesser`` columns are left out, first ones first, until the rest fits,
-    and the caption says which (``--json`` has every field). Identifiers wider than the
-    console on their own wrap onto more lines, never cut."""
+    columns, by header: names and keys people type back) or a header. Identifiers keep
+    each value whole on one line; the ``lesser`` columns are left out, first ones first,
+    until the rest fits, and the caption says which (``--json`` has every field).
+    Identifiers wider than the console on their own wrap onto more lines, never cut."""
     wide = console.options.update_width(1 << 16)
+    for col in table.columns:  # a header is never cut either: its column is left out first
+        col.min_width = max(col.min_width or 0, len(str(col.header)))
     kept = [c for c in table.columns if c.header in ids]
     for col in kept:
         col.no_wrap = True
