@@ -17,15 +17,18 @@ on CUDA; bench/README.md):
 
 The budget, unless set: on CUDA half the device's free memory once the model is loaded
 (the rest for the caching allocator's slack, CUDA graphs and a search-by-upload forward
-beside the worker); on a CPU a quarter of the memory available, at most 4 GiB. The cap,
+beside the worker); on a CPU a quarter of the memory available (the kernel's
+``MemAvailable``, within a container's cgroup limit), at most 4 GiB. The cap,
 unless set: 32 slices on a CPU (larger batches gain nothing there, bench/README.md) and
 512 on CUDA.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ if TYPE_CHECKING:
     from .models import ModelCfg
     from .preprocess import Prepared
 
-__all__ = ["CPU_CAP", "CUDA_CAP", "BatchBudget", "auto_memory", "slice_bytes"]
+__all__ = ["CPU_CAP", "CUDA_CAP", "BatchBudget", "auto_memory", "available_memory", "slice_bytes"]
 
 CPU_CAP, CUDA_CAP = 32, 512
 _CPU_MAX = 4 << 30
@@ -62,6 +65,23 @@ def slice_bytes(
     return 2 * (layer + outputs) + model_input + prep
 
 
+def available_memory() -> int | None:
+    """Bytes this process could still allocate without swapping: the kernel's
+    ``MemAvailable`` (page cache counts as available), within the cgroup's
+    ``memory.max`` where a container sets one; None where neither can be read."""
+    found: list[int] = []
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            found.append(max(0, int(limit) - used))
+    return min(found) if found else None
+
+
 def auto_memory(device: torch.device) -> int:
     """The budget of ``device`` when none is set (module docstring)."""
     if device.type == "cuda":
@@ -69,10 +89,12 @@ def auto_memory(device: torch.device) -> int:
 
         free, _total = torch.cuda.mem_get_info(device)
         return int(free) // 2
-    try:
-        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError):  # not a POSIX system that reports it
-        return _CPU_MAX
+    available = available_memory()
+    if available is None:  # not Linux: the free pages, where the system reports them
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return _CPU_MAX
     return min(available // 4, _CPU_MAX)
 
 
