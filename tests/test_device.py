@@ -25,6 +25,7 @@ from radcache.embeddings._device import (
 )
 from radcache.embeddings.encode import Encoder
 from radcache.embeddings.errors import ConfigError
+from radcache.embeddings.ingest._decode_pool import auto_workers
 from radcache.embeddings.models import build_random
 from radcache.embeddings.settings import Settings
 from radcache.service.cli import _fanout, main
@@ -183,6 +184,11 @@ def test_each_gpu_gets_a_worker_that_sees_only_it() -> None:
         assert argv[4:] == ["--queue=redis://q", "--device", "cuda:0"] and env["PATH"] == "/bin"
     mapped = _fanout.child_commands([1], [], {"CUDA_VISIBLE_DEVICES": "4,6"})
     assert mapped[0][1]["CUDA_VISIBLE_DEVICES"] == "6"  # index 1 of what the parent sees
+    # The cores are shared out among the children's decode pools unless set.
+    share = str(max(1, auto_workers() // 2))
+    assert [env["RADCACHE_DECODE_WORKERS"] for _, env in cmds] == [share, share]
+    given = _fanout.child_commands([0, 1], [], {"RADCACHE_DECODE_WORKERS": "3"})
+    assert [env["RADCACHE_DECODE_WORKERS"] for _, env in given] == ["3", "3"]
 
 
 def test_supervise_runs_each_child_and_stops_the_rest_when_one_fails(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Each child is ``radcache worker`` with the same options, ``CUDA_VISIBLE_DEVICES`` set to
 its one GPU and ``--device cuda:0``: it sees only that GPU, so nothing it does (a CUDA
-context, pinned memory) lands on another. Indices are those this process sees (after
+context, pinned memory) lands on another. Unless ``RADCACHE_DECODE_WORKERS`` is set, the
+cores are shared out among the children's decode pools. Indices are those this process sees (after
 its own ``CUDA_VISIBLE_DEVICES``). SIGTERM/SIGINT are passed on to every child; a child
 that exits with an error stops the others, so the whole set restarts together.
 """
@@ -18,6 +19,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 
 from radcache.embeddings.errors import ConfigError
+from radcache.embeddings.ingest._decode_pool import auto_workers
 
 __all__ = ["child_commands", "parse_gpus", "supervise", "visible_gpus"]
 
@@ -60,11 +62,14 @@ def child_commands(
     parent's, without ``--gpus``/``--device``) plus ``--device cuda:0``, with
     ``CUDA_VISIBLE_DEVICES`` the one GPU, mapped through the parent's own if it has one."""
     mapped = [v.strip() for v in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    # The cores are shared out among the children's decode pools, unless the setting is given.
+    decoders = {"RADCACHE_DECODE_WORKERS": str(max(1, auto_workers() // len(gpus)))}
     out = []
     for gpu in gpus:
         physical = mapped[gpu] if gpu < len(mapped) else str(gpu)
         argv = [sys.executable, "-m", "radcache.service.cli", "worker", *options]
-        out.append(([*argv, "--device", "cuda:0"], {**env, "CUDA_VISIBLE_DEVICES": physical}))
+        child_env = {**decoders, **env, "CUDA_VISIBLE_DEVICES": physical}
+        out.append(([*argv, "--device", "cuda:0"], child_env))
     return out
 
 
