@@ -68,9 +68,9 @@ class Settings(BaseSettings):
         None,
         ge=0,
         le=64,
-        description="processes decoding compressed DICOM pixel data (JPEG 2000, JPEG-LS, "
-        "JPEG, RLE) a few files ahead, in `radcache embed`, `serve` and `worker`; unset: one "
-        "per core (at most 16); 0: in the loading thread",
+        description="processes decoding JPEG, JPEG-LS and JPEG 2000 DICOM pixel data a few "
+        "files ahead, in `radcache embed`, `serve` and `worker`; unset: one per core (at "
+        "most 16); 0: in the loading thread",
     )
     overlap: bool = Field(
         False,

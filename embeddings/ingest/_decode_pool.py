@@ -17,8 +17,9 @@ files that were in flight are tried once more, and the file that kills a worker 
 time fails with a :class:`DecodeError` naming it. The loading process survives what
 would have killed it.
 
-``RADCACHE_DECODE_WORKERS`` sets the pool's size (:func:`use_workers`, called when a
-pipeline is made from the settings); 0 decodes in the loading thread.
+``RADCACHE_DECODE_WORKERS`` sets the pool's size (:func:`use_workers`, called by
+``radcache embed``, ``serve`` and ``worker``; a library caller makes its own call); 0
+decodes in the loading thread.
 """
 
 from __future__ import annotations

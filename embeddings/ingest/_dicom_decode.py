@@ -201,8 +201,8 @@ class FilePixels:
         self._left = Counter(id(f.file) for f in frames)
         self._open: dict[int, tuple[Dataset, np.ndarray]] = {}
         self._pool = pool
-        firsts = {id(f.file): f for f in reversed(frames)}  # each file's first frame
-        self._ahead = [firsts[k] for k in dict.fromkeys(id(f.file) for f in frames)]
+        # A frame of each file, files in the order their first frames come (read ahead).
+        self._ahead = list({id(f.file): f for f in frames}.values()) if pool else []
         self._next = 0  # files of ``_ahead`` read so far
         self._pending: dict[int, tuple[Dataset, DecodeJob | None] | Exception] = {}
 

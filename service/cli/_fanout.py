@@ -3,8 +3,8 @@
 Each child is ``radcache worker`` with the same options, ``CUDA_VISIBLE_DEVICES`` set to
 its one GPU and ``--device cuda:0``: it sees only that GPU, so nothing it does (a CUDA
 context, pinned memory) lands on another. Unless ``RADCACHE_DECODE_WORKERS`` is set, the
-cores are shared out among the children's decode pools. Indices are those this process sees (after
-its own ``CUDA_VISIBLE_DEVICES``). SIGTERM/SIGINT are passed on to every child; a child
+cores are shared out among the children's decode pools. Indices are those this process
+sees (after its own ``CUDA_VISIBLE_DEVICES``). SIGTERM/SIGINT are passed on to every child; a child
 that exits with an error stops the others, so the whole set restarts together.
 """
 
